@@ -1,0 +1,85 @@
+"""The model catalog of the Run API's Baseten endpoint: context windows, reasoning, prices.
+
+Prices are USD per token, kept exact; a price nobody published is None ("unknown"), never zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+PER_MILLION = Decimal(1_000_000)
+FLAT_CALL_PRICE = Decimal("0.01")  # the per-call listing's flat price
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    slug: str
+    context_window: int
+    reasoning_effort: bool  # accepts the reasoning_effort parameter
+    always_reasons: bool  # emits reasoning whatever is asked
+    input_price: Decimal | None  # USD per token
+    output_price: Decimal | None
+
+    @property
+    def priced(self) -> bool:
+        return self.input_price is not None and self.output_price is not None
+
+    @property
+    def reasons(self) -> bool:
+        return self.reasoning_effort or self.always_reasons
+
+
+def _per_token(per_million: str | None) -> Decimal | None:
+    return None if per_million is None else Decimal(per_million) / PER_MILLION
+
+
+def _model(
+    slug: str, context: int, *, effort: bool, always: bool = False, price: tuple[str, str] | None
+) -> ModelInfo:
+    return ModelInfo(
+        slug=slug,
+        context_window=context,
+        reasoning_effort=effort,
+        always_reasons=always,
+        input_price=_per_token(price[0] if price else None),
+        output_price=_per_token(price[1] if price else None),
+    )
+
+
+MODELS: dict[str, ModelInfo] = {
+    m.slug: m
+    for m in (
+        _model("deepseek-ai/DeepSeek-V3-0324", 163_840, effort=True, price=("0.77", "0.77")),
+        _model("deepseek-ai/DeepSeek-V3.1", 163_840, effort=True, price=("0.50", "1.50")),
+        _model("zai-org/GLM-4.6", 200_000, effort=True, price=("0.60", "2.20")),
+        _model("zai-org/GLM-4.7", 200_000, effort=True, price=("0.60", "2.20")),
+        _model("moonshotai/Kimi-K2-Instruct-0905", 131_072, effort=False, price=None),
+        _model("moonshotai/Kimi-K2-Thinking", 262_144, effort=True, always=True, price=None),
+        _model("moonshotai/Kimi-K2.5", 262_144, effort=False, price=("0.60", "3.00")),
+        _model("openai/gpt-oss-120b", 131_072, effort=False, price=("0.10", "0.50")),
+    )
+}
+
+
+def get(slug: str) -> ModelInfo | None:
+    return MODELS.get(slug)
+
+
+def with_prices(
+    base: dict[str, ModelInfo], overrides: dict[str, tuple[Decimal, Decimal]]
+) -> dict[str, ModelInfo]:
+    """A copy of `base` where `overrides` (USD per token) add or replace prices."""
+    merged = dict(base)
+    for slug, (inp, out) in overrides.items():
+        known = merged.get(slug)
+        merged[slug] = ModelInfo(
+            slug=slug,
+            context_window=known.context_window if known else 131_072,
+            reasoning_effort=known.reasoning_effort if known else False,
+            always_reasons=known.always_reasons if known else False,
+            input_price=inp,
+            output_price=out,
+        )
+    return merged

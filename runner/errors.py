@@ -1,0 +1,117 @@
+"""The one exception tree of runner.
+
+    RunnerError                      anything runner raises on purpose
+    ├── JobError                     a job file cannot be used (carries every issue found)
+    ├── ConfigError                  a setting, flag or price file is wrong
+    ├── LedgerError                  the ledger refused an operation
+    │   ├── BudgetNotFound
+    │   ├── BudgetExceeded           a reservation does not fit the budget
+    │   ├── BudgetLimitTooLow        a budget cannot go below spent + reserved
+    │   └── JobChanged               a line changed since its run began
+    └── ProviderError                a provider answered with an error, or could not be reached
+        ├── RetryableError           408, 409, 429, 5xx, connect/read errors: try again
+        ├── RequestFatalError        400, 404, 413, 422: this request will never succeed
+        ├── RunFatalError            401, 402, spend limits: stop the whole run
+        └── OutcomeUnknown           the request may have been billed (read timeout after sending)
+
+Errors carry their context as keyword-only attributes; messages never contain the API key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RunnerError(Exception):
+    """Base of every error runner raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One problem found in a job file, pointing at the file, line and field."""
+
+    file: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class JobError(RunnerError):
+    def __init__(self, msg: str, *, issues: list[Issue], total: int) -> None:
+        super().__init__(msg)
+        self.issues = issues
+        self.total = total
+
+
+class ConfigError(RunnerError):
+    pass
+
+
+class LedgerError(RunnerError):
+    pass
+
+
+class BudgetNotFound(LedgerError):
+    def __init__(self, msg: str, *, budget: str) -> None:
+        super().__init__(msg)
+        self.budget = budget
+
+
+class BudgetExceeded(LedgerError):
+    def __init__(self, msg: str, *, budget: str, shortfall_nanos: int) -> None:
+        super().__init__(msg)
+        self.budget = budget
+        self.shortfall_nanos = shortfall_nanos
+
+
+class BudgetLimitTooLow(LedgerError):
+    pass
+
+
+class JobChanged(LedgerError):
+    pass
+
+
+class ProviderError(RunnerError):
+    def __init__(
+        self,
+        msg: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(msg)
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    @property
+    def error_type(self) -> str:
+        if self.code:
+            return self.code
+        if self.status is not None:
+            return f"http_{self.status}"
+        return type(self).__name__
+
+
+class RetryableError(ProviderError):
+    pass
+
+
+class RequestFatalError(ProviderError):
+    pass
+
+
+class RunFatalError(ProviderError):
+    pass
+
+
+class OutcomeUnknown(ProviderError):
+    pass

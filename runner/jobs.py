@@ -1,0 +1,182 @@
+"""Job files: JSONL streamed line by line into validated ChatRequests.
+
+Three line shapes are accepted:
+  - a chat-completions body `{"model", "messages", ...}` with optional `custom_id` / `metadata`;
+  - an OpenAI Batch line `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`;
+  - a Run API envelope `{"api", "path": "/v1/chat/completions", "body"}` with optional
+    `custom_id` / `metadata`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner import catalog, schema
+from runner.catalog import ModelInfo
+from runner.errors import Issue, JobError
+from runner.models import ChatRequest
+
+CHAT_PATH = "/v1/chat/completions"
+BATCH_KEYS = frozenset({"custom_id", "method", "url", "body", "metadata"})
+ENVELOPE_KEYS = frozenset({"api", "path", "body", "custom_id", "metadata"})
+ISSUES_KEPT = 1000  # a summary keeps this many issues; the count covers them all
+
+LineResult = ChatRequest | list[Issue]
+
+
+def body_sha256(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:
+    """(body, custom_id, metadata, problems) for any of the three line shapes."""
+    problems: list[tuple[str, str]] = []
+    if "url" in obj or "method" in obj:
+        problems += [(k, "unknown field in an OpenAI Batch line") for k in obj.keys() - BATCH_KEYS]
+        if obj.get("method") != "POST":
+            problems.append(("method", f"{obj.get('method')!r} is not POST"))
+        if obj.get("url") != CHAT_PATH:
+            problems.append(("url", f"{obj.get('url')!r} is not {CHAT_PATH}"))
+        if "custom_id" not in obj:
+            problems.append(("custom_id", "is required in an OpenAI Batch line"))
+        return obj.get("body"), obj.get("custom_id"), obj.get("metadata"), problems
+    if "api" in obj or "path" in obj:
+        problems += [(k, "unknown field in a Run API envelope") for k in obj.keys() - ENVELOPE_KEYS]
+        if not isinstance(obj.get("api"), str):
+            problems.append(("api", "the api slug (e.g. 'baseten') is required"))
+        if obj.get("path") != CHAT_PATH:
+            problems.append(("path", f"{obj.get('path')!r} is not {CHAT_PATH}"))
+        return obj.get("body"), obj.get("custom_id"), obj.get("metadata"), problems
+    body = {k: v for k, v in obj.items() if k not in ("custom_id", "metadata")}
+    return body, obj.get("custom_id"), obj.get("metadata"), problems
+
+
+def parse_line(
+    raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo]
+) -> LineResult | None:
+    """One raw line → a ChatRequest, its issues, or None for a blank line."""
+
+    def issue(where: str, message: str) -> list[Issue]:
+        return [Issue(file, line, where, message)]
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return issue("", f"not valid UTF-8 (byte {exc.start} of the line)")
+    if line == 1 and text.startswith("\ufeff"):
+        text = text[1:]
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return issue("", f"not valid JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(obj, dict):
+        return issue("", f"a line must be a JSON object, not {type(obj).__name__}")
+    body, custom_id, metadata, shape_problems = _unwrap(obj)
+    problems = list(shape_problems)
+    if not isinstance(body, dict):
+        problems.append(("body", "a request body object is required"))
+    else:
+        problems += schema.check_body(body, models)
+    if custom_id is not None and (not isinstance(custom_id, str) or not custom_id):
+        problems.append(("custom_id", "must be a non-empty string"))
+    if metadata is not None and not isinstance(metadata, dict):
+        problems.append(("metadata", "must be an object"))
+    if problems:
+        return [Issue(file, line, where, message) for where, message in problems]
+    assert isinstance(body, dict)
+    return ChatRequest(
+        file=file,
+        line=line,
+        custom_id=custom_id if custom_id is not None else str(line),
+        body=body,
+        metadata=metadata or {},
+        sha256=body_sha256(body),
+    )
+
+
+def read_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> Iterator[LineResult]:
+    """Stream a job file: every non-blank line as a ChatRequest or its issues, in file order.
+
+    Duplicate custom_ids and an empty file are reported as issues too.
+    """
+    file = str(path)
+    known = models if models is not None else catalog.MODELS
+    seen: set[str] = set()  # a set, not a dict: a million ids must stay well under 150 MB
+    try:
+        handle = Path(path).open("rb")  # noqa: SIM115 - closed below; a generator holds it open
+    except OSError as exc:
+        yield [Issue(file, 0, "", f"cannot read the job file: {exc.strerror}")]
+        return
+    with handle:
+        count = 0
+        for number, raw in enumerate(handle, start=1):
+            result = parse_line(raw, file=file, line=number, models=known)
+            if result is None:
+                continue
+            count += 1
+            if isinstance(result, ChatRequest):
+                if result.custom_id in seen:
+                    message = f"'{result.custom_id}' is used by an earlier line"
+                    result = [Issue(file, number, "custom_id", message)]
+                else:
+                    seen.add(result.custom_id)
+            yield result
+    if count == 0:
+        yield [Issue(file, 0, "", "the job has no requests (the file is empty)")]
+
+
+@dataclass
+class JobSummary:
+    """What validation found in one job file."""
+
+    file: str
+    per_model: Counter[str] = field(default_factory=Counter)
+    issues: list[Issue] = field(default_factory=list)
+    issue_count: int = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.per_model.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.issue_count == 0
+
+    def raise_for_issues(self) -> None:
+        if not self.ok:
+            msg = f"{self.file}: {self.issue_count} problem(s) found"
+            raise JobError(msg, issues=self.issues, total=self.issue_count)
+
+
+def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> JobSummary:
+    """Validate a whole job file in one streamed pass, collecting every issue."""
+    summary = JobSummary(file=str(path))
+    for result in read_job(path, models):
+        if isinstance(result, ChatRequest):
+            summary.per_model[result.model] += 1
+            continue
+        summary.issue_count += len(result)
+        room = ISSUES_KEPT - len(summary.issues)
+        summary.issues.extend(result[:room])
+    return summary
+
+
+def iter_requests(
+    path: str | Path, models: dict[str, ModelInfo] | None = None
+) -> Iterator[ChatRequest]:
+    """Stream the requests of a job already validated; any issue met raises JobError."""
+    for result in read_job(path, models):
+        if not isinstance(result, ChatRequest):
+            msg = f"{path}: the job changed while it was being read"
+            raise JobError(msg, issues=result, total=len(result))
+        yield result

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GOOD_BODY: dict[str, Any] = {
+    "model": "openai/gpt-oss-120b",
+    "messages": [{"role": "user", "content": "Say hello."}],
+    "max_tokens": 32,
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own ledger and no real credentials."""
+    monkeypatch.setenv("RUNNER_DB", f"sqlite:///{tmp_path / 'ledger.db'}")
+    for name in ("ORTHOGONAL_API_KEY", "OPENAI_API_KEY", "ORTHOGONAL_BASE_URL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def write_job(tmp_path: Path) -> Callable[..., Path]:
+    """Write a job file from objects (dumped as JSON) or raw bytes/str lines."""
+
+    def write(lines: list[Any], name: str = "job.jsonl") -> Path:
+        path = tmp_path / name
+        with path.open("wb") as handle:
+            for line in lines:
+                if isinstance(line, bytes):
+                    handle.write(line)
+                elif isinstance(line, str):
+                    handle.write(line.encode())
+                else:
+                    handle.write(json.dumps(line).encode() + b"\n")
+        return path
+
+    return write

@@ -1,0 +1,211 @@
+"""Job files: the three line shapes and every kind of bad file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.jobs import read_job, validate_job
+from runner.models import ChatRequest
+from tests.conftest import GOOD_BODY
+
+cli = CliRunner()
+
+
+def requests_of(path: Path) -> list[ChatRequest]:
+    results = list(read_job(path))
+    assert all(isinstance(r, ChatRequest) for r in results), results
+    return [r for r in results if isinstance(r, ChatRequest)]
+
+
+def test_plain_body_line(write_job: Callable[..., Path]) -> None:
+    path = write_job([{**GOOD_BODY, "custom_id": "a", "metadata": {"k": 1}}, GOOD_BODY])
+    first, second = requests_of(path)
+    assert (first.custom_id, first.line, first.metadata) == ("a", 1, {"k": 1})
+    assert "custom_id" not in first.body and "metadata" not in first.body
+    assert second.custom_id == "2"  # defaults to the line number
+    assert first.sha256 == second.sha256 and len(first.sha256) == 64
+
+
+def test_openai_batch_line(write_job: Callable[..., Path]) -> None:
+    line = {
+        "custom_id": "req-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": GOOD_BODY,
+    }
+    [request] = requests_of(write_job([line]))
+    assert request.custom_id == "req-1" and request.body == GOOD_BODY
+
+
+def test_run_api_envelope_line(write_job: Callable[..., Path]) -> None:
+    line = {
+        "api": "baseten",
+        "path": "/v1/chat/completions",
+        "body": GOOD_BODY,
+        "metadata": {"x": 1},
+    }
+    [request] = requests_of(write_job([line]))
+    assert request.body == GOOD_BODY and request.metadata == {"x": 1}
+
+
+def test_hash_ignores_key_order(write_job: Callable[..., Path]) -> None:
+    reordered = dict(reversed(list(GOOD_BODY.items())))
+    a, b = requests_of(write_job([GOOD_BODY, reordered]))
+    assert a.sha256 == b.sha256
+
+
+def test_bom_crlf_and_blank_lines(write_job: Callable[..., Path]) -> None:
+    text = json.dumps(GOOD_BODY)
+    path = write_job(["\ufeff" + text + "\r\n", "\r\n", "   \n", text + "\r\n"])
+    assert [r.line for r in requests_of(path)] == [1, 4]
+
+
+BAD_LINES: list[tuple[str, list[Any], str, str]] = [
+    ("invalid json", [b'{"model": \n'], ":1: ", "not valid JSON"),
+    ("not an object", [b"[1, 2]\n"], ":1: ", "must be a JSON object, not list"),
+    ("non utf-8", [b'{"model": "\xff\xfe"}\n'], ":1: ", "not valid UTF-8"),
+    (
+        "unknown field",
+        [{**GOOD_BODY, "temprature": 1}],
+        ":1: temprature: ",
+        "did you mean 'temperature'",
+    ),
+    (
+        "unknown model",
+        [{**GOOD_BODY, "model": "openai/gpt-oss-12b"}],
+        ":1: model: ",
+        "unknown model",
+    ),
+    (
+        "duplicate id",
+        [{**GOOD_BODY, "custom_id": "x"}, {**GOOD_BODY, "custom_id": "x"}],
+        ":2: custom_id: ",
+        "used by an earlier line",
+    ),
+    (
+        "batch wrong url",
+        [{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": GOOD_BODY}],
+        ":1: url: ",
+        "is not /v1/chat/completions",
+    ),
+    (
+        "batch no custom id",
+        [{"method": "POST", "url": "/v1/chat/completions", "body": GOOD_BODY}],
+        ":1: custom_id: ",
+        "required",
+    ),
+    (
+        "envelope no body",
+        [{"api": "baseten", "path": "/v1/chat/completions"}],
+        ":1: body: ",
+        "required",
+    ),
+    (
+        "envelope with dryRun",
+        [{"api": "baseten", "path": "/v1/chat/completions", "body": GOOD_BODY, "dryRun": True}],
+        ":1: dryRun: ",
+        "unknown field",
+    ),
+    ("bad custom id", [{**GOOD_BODY, "custom_id": 7}], ":1: custom_id: ", "non-empty string"),
+    ("bad metadata", [{**GOOD_BODY, "metadata": [1]}], ":1: metadata: ", "must be an object"),
+    (
+        "over-long prompt",
+        [{**GOOD_BODY, "messages": [{"role": "user", "content": "x" * 600_000}]}],
+        ":1: messages: ",
+        "conservative estimate",
+    ),
+    (
+        "temperature",
+        [{**GOOD_BODY, "temperature": 5.2}],
+        ":1: temperature: ",
+        "5.2 is above the maximum 4.0",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "where", "fragment"), BAD_LINES, ids=[c[0] for c in BAD_LINES]
+)
+def test_bad_files_exit_1_with_file_line_and_field(
+    write_job: Callable[..., Path], name: str, lines: list[Any], where: str, fragment: str
+) -> None:
+    path = write_job(lines)
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    matching = [line for line in result.output.splitlines() if line.startswith(f"{path}{where}")]
+    assert any(fragment in line for line in matching), result.output
+
+
+def test_empty_file(write_job: Callable[..., Path]) -> None:
+    path = write_job([])
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}: the job has no requests" in result.output
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    result = cli.invoke(app, ["validate", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 1
+    assert "cannot read the job file" in result.output
+
+
+def test_five_megabyte_line(write_job: Callable[..., Path]) -> None:
+    big = {
+        **GOOD_BODY,
+        "model": "moonshotai/Kimi-K2.5",
+        "messages": [{"role": "user", "content": "y" * 5_000_000}],
+    }
+    path = write_job([GOOD_BODY, big, GOOD_BODY])
+    summary = validate_job(path)
+    assert summary.issue_count == 1 and summary.requests == 2
+    [issue] = summary.issues
+    assert (issue.line, issue.field) == (2, "messages") and "context window" in issue.message
+
+
+def test_every_error_is_collected_and_capped(write_job: Callable[..., Path]) -> None:
+    path = write_job([{**GOOD_BODY, "temperature": 9}] * 30)
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.output.count("temperature: 9 is above the maximum 4.0") == 20
+    assert "… and 10 more" in result.output
+
+
+def test_validate_json_output(write_job: Callable[..., Path]) -> None:
+    good = write_job([GOOD_BODY, {**GOOD_BODY, "model": "zai-org/GLM-4.6"}], name="good.jsonl")
+    bad = write_job([{**GOOD_BODY, "n": 2}], name="bad.jsonl")
+    result = cli.invoke(app, ["validate", "--json", str(good), str(bad)])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    first, second = doc["jobs"]
+    assert first["ok"] and first["requests"] == 2
+    assert first["per_model"] == {"openai/gpt-oss-120b": 1, "zai-org/GLM-4.6": 1}
+    assert not second["ok"]
+    assert second["errors"] == [
+        {"file": str(bad), "line": 1, "field": "n", "message": "2 is not supported: only 1"}
+    ]
+
+
+@pytest.mark.parametrize("job", ["jobs/demo.jsonl", "jobs/openai-batch.jsonl"])
+def test_shipped_jobs_are_valid(job: str) -> None:
+    result = cli.invoke(app, ["validate", job])
+    assert result.exit_code == 0, result.output
+    assert "total" in result.output
+
+
+def test_models_command_lists_the_catalog() -> None:
+    result = cli.invoke(app, ["models", "--json"])
+    assert result.exit_code == 0
+    rows = {row["model"]: row for row in json.loads(result.stdout)}
+    assert len(rows) == 8
+    assert rows["moonshotai/Kimi-K2-Thinking"]["input_per_million"] == "unknown"
+    assert rows["moonshotai/Kimi-K2-Thinking"]["always_reasons"] is True
+    assert rows["openai/gpt-oss-120b"]["input_per_million"] == "$0.10"
