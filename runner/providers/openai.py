@@ -1,0 +1,72 @@
+"""Any OpenAI-compatible endpoint (Baseten direct, vLLM, llama.cpp, OpenAI): quotes from a price table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from runner import catalog, http
+from runner.catalog import ModelInfo
+from runner.models import ChatRequest, Outcome, Quote, Usage
+from runner.providers.base import (
+    HttpProvider,
+    outcome_from,
+    table_quote,
+    usage_price,
+    with_usage_option,
+)
+
+
+class OpenAIProvider(HttpProvider):
+    name = "openai"
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str = "",
+        prices: dict[str, ModelInfo] | None = None,
+        max_connections: int = 256,
+        timeout: httpx.Timeout = http.DEFAULT_TIMEOUT,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        client = http.make_client(
+            base_url.rstrip("/") + "/",
+            headers=headers,
+            max_connections=max_connections,
+            timeout=timeout,
+        )
+        super().__init__(client, http.Secret(api_key))
+        self.prices = prices if prices is not None else catalog.MODELS
+
+    def chat_request(self, request: ChatRequest) -> httpx.Request:
+        return self._client.build_request(
+            "POST", "chat/completions", json=with_usage_option(request.body)
+        )
+
+    async def quote(self, request: ChatRequest) -> Quote:
+        return table_quote(request.body, self.prices.get(request.model))
+
+    def price(self, model: str, usage: Usage) -> Any:
+        return usage_price(usage, self.prices.get(model))
+
+    async def complete(self, request: ChatRequest) -> Outcome:
+        started = time.perf_counter()
+        if request.stream:
+            assembly, _, first = await self._send_stream(self.chat_request(request))
+            completion = assembly.completion()
+            usage = Usage.from_openai(completion.get("usage"))
+            return outcome_from(completion, self.price(request.model, usage), started, first, None)
+        _, payload = await self._send_json(self.chat_request(request), billable=True)
+        usage = Usage.from_openai(payload.get("usage"))
+        return outcome_from(
+            payload, self.price(request.model, usage), started, None, payload.get("id")
+        )
+
+    async def models(self) -> list[str]:
+        _, payload = await self._send_json(
+            self._client.build_request("GET", "models"), billable=False
+        )
+        return sorted(str(m["id"]) for m in payload.get("data", []) if isinstance(m, dict))

@@ -1,0 +1,141 @@
+"""The Orthogonal Run API: `POST /v1/run` with `{api, path, body, dryRun}` → `{success, price, data}`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from runner import catalog, http
+from runner.errors import OutcomeUnknown, ProviderError, RequestFatalError, RunFatalError
+from runner.models import JSON, ChatRequest, Outcome, Quote
+from runner.money import parse_usd
+from runner.providers.base import (
+    HttpProvider,
+    classify,
+    error_message,
+    outcome_from,
+    table_quote,
+    with_usage_option,
+)
+
+DEFAULT_BASE_URL = "https://api.orth.sh"
+DEFAULT_API = "baseten"
+CHAT_PATH = "/v1/chat/completions"
+
+
+def build_run(body: JSON, *, api: str, path: str = CHAT_PATH, dry_run: bool = False) -> JSON:
+    envelope: JSON = {"api": api, "path": path, "body": body}
+    if dry_run:
+        envelope["dryRun"] = True
+    return envelope
+
+
+def parse_envelope(payload: Any, *, status: int = 200) -> JSON:
+    """The envelope of a 2xx reply; success:false raises the classified error."""
+    if not isinstance(payload, dict):
+        msg = f"unexpected Run API reply: {str(payload)[:200]}"
+        raise classify(status, msg, code="UPSTREAM_ERROR")
+    if payload.get("success") is False:
+        message, code = error_message(payload)
+        raise classify(status if status >= 400 else None, message or "request failed", code=code)
+    return payload
+
+
+def parse_price(payload: JSON) -> Any:
+    """`price` as an exact Decimal (a string on the wire; other price fields disagree on units)."""
+    price = payload.get("price")
+    if price is None:
+        return None
+    try:
+        return parse_usd(price if not isinstance(price, float) else repr(price))
+    except ValueError:
+        return None
+
+
+class OrthogonalProvider(HttpProvider):
+    name = "orthogonal"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        api: str = DEFAULT_API,
+        max_connections: int = 256,
+        timeout: httpx.Timeout = http.DEFAULT_TIMEOUT,
+    ) -> None:
+        secret = http.Secret(api_key)
+        client = http.make_client(
+            base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            max_connections=max_connections,
+            timeout=timeout,
+        )
+        super().__init__(client, secret)
+        self.api = api
+
+    def run_request(self, body: JSON, *, dry_run: bool = False) -> httpx.Request:
+        return self._client.build_request(
+            "POST", "/v1/run", json=build_run(body, api=self.api, dry_run=dry_run)
+        )
+
+    async def quote(self, request: ChatRequest) -> Quote:
+        try:
+            _, payload = await self._send_json(
+                self.run_request(request.body, dry_run=True), billable=False
+            )
+            envelope = parse_envelope(payload)
+        except RequestFatalError as exc:
+            # a refused dry run: fall back to the price table, marked as an estimate
+            fallback = table_quote(request.body, catalog.get(request.model))
+            return Quote(fallback.amount, exact=False, source="estimate", reason=str(exc))
+        price = parse_price(envelope)
+        if price is None:
+            fallback = table_quote(request.body, catalog.get(request.model))
+            reason = "the dry run gave no price"
+            return Quote(fallback.amount, exact=False, source="estimate", reason=reason)
+        return Quote(amount=price, exact=True, source="dry_run")
+
+    async def complete(self, request: ChatRequest) -> Outcome:
+        started = time.perf_counter()
+        body = with_usage_option(request.body)
+        if body.get("stream"):
+            assembly, trailer, first = await self._send_stream(self.run_request(body))
+            if trailer.get("success") is False:
+                raise parse_error(trailer)
+            return outcome_from(
+                assembly.completion(),
+                parse_price(trailer),
+                started,
+                first,
+                trailer.get("requestId"),
+            )
+        response, payload = await self._send_json(self.run_request(body), billable=True)
+        envelope = parse_envelope(payload, status=response.status_code)
+        data = envelope.get("data")
+        if not isinstance(data, dict):
+            msg = "the Run API reply has no completion data"
+            raise OutcomeUnknown(msg)
+        return outcome_from(data, parse_price(envelope), started, None, envelope.get("requestId"))
+
+    async def models(self) -> list[str]:
+        req = self._client.build_request(
+            "POST", "/v1/run", json={"api": self.api, "path": "/v1/models", "method": "GET"}
+        )
+        _, payload = await self._send_json(req, billable=False)
+        data = parse_envelope(payload).get("data") or {}
+        return sorted(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict))
+
+    async def balance(self) -> Any:
+        _, payload = await self._send_json(
+            self._client.build_request("GET", "/v1/credits/balance"), billable=False
+        )
+        return parse_usd(str(payload.get("balance")))
+
+
+def parse_error(payload: JSON) -> ProviderError:
+    message, code = error_message(payload)
+    error = classify(None, message or "request failed", code=code)
+    return error if isinstance(error, RunFatalError) else error
