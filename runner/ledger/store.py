@@ -1,0 +1,408 @@
+"""The Ledger: open + migrate, budgets, reservations, settlements, runs and quotes (synchronous).
+
+Every write goes through `transaction()`, which on SQLite starts with BEGIN IMMEDIATE, so a check and
+the write that depends on it cannot interleave with another process. Async code reaches the ledger
+through `runner.ledger.writer.Writer`, which groups writes into one commit per batch in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from runner.errors import BudgetExceeded, BudgetLimitTooLow, BudgetNotFound, LedgerError
+from runner.ledger.tables import Budget, LedgerEntry, QuoteCache, Request, Run, utcnow
+from runner.money import format_usd
+
+BUSY_TIMEOUT_MS = 30_000
+B = Budget.__table__  # type: ignore[attr-defined]
+E = LedgerEntry.__table__  # type: ignore[attr-defined]
+RQ = Request.__table__  # type: ignore[attr-defined]
+RN = Run.__table__  # type: ignore[attr-defined]
+Q = QuoteCache.__table__  # type: ignore[attr-defined]
+
+
+def default_url() -> str:
+    url = os.environ.get("RUNNER_DB")
+    if url:
+        return url
+    folder = Path(platformdirs.user_data_dir("runner"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'ledger.db'}"
+
+
+def migrations_dir() -> Path:
+    packaged = Path(__file__).resolve().parent.parent / "_migrations"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "migrations"
+
+
+def make_engine(url: str, *, immediate: bool) -> Engine:
+    engine = create_engine(url)
+    if engine.dialect.name != "sqlite":
+        return engine
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        dbapi.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives a killed process
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    id: int
+    name: str
+    limit_nanos: int
+    spent_nanos: int
+    reserved_nanos: int
+    possibly_billed_nanos: int
+
+    @property
+    def remaining_nanos(self) -> int:
+        return self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The outcome of one request, written in the transaction that turns its reservation into a charge."""
+
+    request_id: int
+    price_nanos: int
+    fields: dict[str, Any]
+
+
+class Ledger:
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_url()
+        self.engine = make_engine(self.url, immediate=True)
+        self.reader = make_engine(self.url, immediate=False)
+        self.migrate()
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.reader.dispose()
+
+    def migrate(self) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # ---- budgets --------------------------------------------------------------------------
+
+    def create_budget(self, name: str, limit_nanos: int, *, ephemeral: bool = False) -> BudgetView:
+        if limit_nanos < 0:
+            msg = "a budget's limit cannot be negative"
+            raise LedgerError(msg)
+        with self.transaction() as conn:
+            if conn.execute(select(B.c.id).where(B.c.name == name)).first():
+                msg = f"budget '{name}' already exists (use `runner budget raise`)"
+                raise LedgerError(msg)
+            row = {"name": name, "limit_nanos": limit_nanos, "ephemeral": ephemeral, "created_at": utcnow()}
+            budget_id = conn.execute(B.insert().values(**row)).inserted_primary_key[0]  # type: ignore[index]
+            self._entry(conn, budget_id, "create", limit_nanos)
+        return self.budget(name)
+
+    def budget(self, name: str, conn: Connection | None = None) -> BudgetView:
+        query = select(B).where(B.c.name == name)
+        if conn is not None:
+            row = conn.execute(query).first()
+        else:
+            with self.reader.connect() as c:
+                row = c.execute(query).first()
+        if row is None:
+            msg = f"no budget named '{name}' (create it with `runner budget create {name} --limit USD`)"
+            raise BudgetNotFound(msg, budget=name)
+        return _budget_view(row)
+
+    def budget_by_id(self, budget_id: int) -> BudgetView:
+        with self.reader.connect() as c:
+            row = c.execute(select(B).where(B.c.id == budget_id)).one()
+        return _budget_view(row)
+
+    def budgets(self, *, include_ephemeral: bool = False) -> list[BudgetView]:
+        query = select(B).order_by(B.c.name)
+        if not include_ephemeral:
+            query = query.where(B.c.ephemeral.is_(False))
+        with self.reader.connect() as c:
+            return [_budget_view(row) for row in c.execute(query)]
+
+    def set_limit(self, name: str, limit_nanos: int) -> BudgetView:
+        with self.transaction() as conn:
+            current = self.budget(name, conn)
+            committed = current.spent_nanos + current.reserved_nanos + current.possibly_billed_nanos
+            if limit_nanos < committed:
+                msg = (
+                    f"budget '{name}' cannot go below what is spent and reserved "
+                    f"({format_usd(committed)})"
+                )
+                raise BudgetLimitTooLow(msg)
+            conn.execute(update(B).where(B.c.id == current.id).values(limit_nanos=limit_nanos))
+            self._entry(conn, current.id, "raise", limit_nanos - current.limit_nanos)
+        return self.budget(name)
+
+    def history(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
+        budget = self.budget(name)
+        query = (
+            select(E).where(E.c.budget_id == budget.id).order_by(E.c.id.desc()).limit(limit)
+        )
+        with self.reader.connect() as c:
+            return [dict(row._mapping) for row in c.execute(query)]
+
+    @staticmethod
+    def _entry(conn: Connection, budget_id: int, kind: str, amount: int, **ids: Any) -> None:
+        conn.execute(E.insert().values(budget_id=budget_id, kind=kind, amount_nanos=amount, at=utcnow(), **ids))
+
+    # ---- reservations (call inside a transaction; the Writer groups them) -----------------
+
+    def reserve(self, conn: Connection, budget_id: int, run_id: str, request_id: int, amount: int) -> bool:
+        """Hold `amount` for a request; granted only if spent + reserved + amount <= limit."""
+        granted = conn.execute(
+            update(B)
+            .where(B.c.id == budget_id)
+            .where(B.c.spent_nanos + B.c.reserved_nanos + B.c.possibly_billed_nanos + amount <= B.c.limit_nanos)
+            .values(reserved_nanos=B.c.reserved_nanos + amount)
+        ).rowcount
+        if not granted:
+            return False
+        conn.execute(
+            update(RQ).where(RQ.c.id == request_id).values(state="reserved", reserved_nanos=amount)
+        )
+        self._entry(conn, budget_id, "reserve", amount, run_id=run_id, request_id=request_id)
+        return True
+
+    def mark_sending(self, conn: Connection, request_id: int, attempt: int) -> None:
+        """Recorded before each send: a killed process leaves this, and resume reads it as unknown."""
+        values: dict[str, Any] = {"state": "sending", "attempts": attempt}
+        if attempt == 1:
+            values["started_at"] = utcnow()
+        conn.execute(update(RQ).where(RQ.c.id == request_id).values(**values))
+
+    def _held(self, conn: Connection, request_id: int) -> tuple[int, int, str]:
+        row = conn.execute(
+            select(RQ.c.reserved_nanos, RN.c.budget_id, RQ.c.run_id)
+            .join(RN, RN.c.id == RQ.c.run_id)
+            .where(RQ.c.id == request_id)
+        ).one()
+        return int(row[0]), int(row[1]), str(row[2])
+
+    def settle(self, conn: Connection, settlement: Settlement) -> None:
+        """The reservation becomes the real charge, with the response, in one transaction."""
+        held, budget_id, run_id = self._held(conn, settlement.request_id)
+        price = settlement.price_nanos
+        conn.execute(
+            update(B)
+            .where(B.c.id == budget_id)
+            .values(reserved_nanos=B.c.reserved_nanos - held, spent_nanos=B.c.spent_nanos + price)
+        )
+        conn.execute(
+            update(RQ)
+            .where(RQ.c.id == settlement.request_id)
+            .values(state="ok", reserved_nanos=0, price_nanos=price, finished_at=utcnow(), **settlement.fields)
+        )
+        ids = {"run_id": run_id, "request_id": settlement.request_id}
+        self._entry(conn, budget_id, "settle", price, **ids)
+        if held > price:
+            self._entry(conn, budget_id, "release", held - price, **ids)
+
+    def release(self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
+        """Give back an unused reservation (the request failed before anything was billed)."""
+        held, budget_id, run_id = self._held(conn, request_id)
+        conn.execute(update(B).where(B.c.id == budget_id).values(reserved_nanos=B.c.reserved_nanos - held))
+        conn.execute(
+            update(RQ)
+            .where(RQ.c.id == request_id)
+            .values(state=state, reserved_nanos=0, finished_at=utcnow(), **fields)
+        )
+        if held:
+            self._entry(conn, budget_id, "release", held, run_id=run_id, request_id=request_id)
+
+    def mark_possibly_billed(self, conn: Connection, request_id: int, fields: dict[str, Any]) -> None:
+        """An unknown outcome: the reservation stays counted, as possibly billed."""
+        held, budget_id, run_id = self._held(conn, request_id)
+        conn.execute(
+            update(B)
+            .where(B.c.id == budget_id)
+            .values(
+                reserved_nanos=B.c.reserved_nanos - held,
+                possibly_billed_nanos=B.c.possibly_billed_nanos + held,
+            )
+        )
+        conn.execute(
+            update(RQ).where(RQ.c.id == request_id).values(state="possibly_billed", finished_at=utcnow(), **fields)
+        )
+        self._entry(conn, budget_id, "possibly_billed", held, run_id=run_id, request_id=request_id)
+
+    def forgive_possibly_billed(self, conn: Connection, request_id: int) -> None:
+        """The user chose to re-send: the possibly-billed hold becomes an ordinary reservation."""
+        held, budget_id, run_id = self._held(conn, request_id)
+        conn.execute(
+            update(B)
+            .where(B.c.id == budget_id)
+            .values(
+                possibly_billed_nanos=B.c.possibly_billed_nanos - held,
+                reserved_nanos=B.c.reserved_nanos + held,
+            )
+        )
+        conn.execute(update(RQ).where(RQ.c.id == request_id).values(state="reserved"))
+        self._entry(conn, budget_id, "reserve", held, run_id=run_id, request_id=request_id)
+
+    # ---- quotes --------------------------------------------------------------------------
+
+    def cached_quotes(self, keys: Sequence[str]) -> dict[str, tuple[int | None, bool, str, str | None]]:
+        found: dict[str, tuple[int | None, bool, str, str | None]] = {}
+        with self.reader.connect() as c:
+            for start in range(0, len(keys), 500):
+                chunk = keys[start : start + 500]
+                for row in c.execute(select(Q).where(Q.c.key.in_(chunk))):
+                    found[row.key] = (row.amount_nanos, row.exact, row.source, row.reason)
+        return found
+
+    def store_quotes(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        with self.transaction() as conn:
+            keys = [r["key"] for r in rows]
+            conn.execute(Q.delete().where(Q.c.key.in_(keys)))
+            conn.execute(Q.insert(), [{**r, "at": utcnow()} for r in rows])
+
+    # ---- runs ----------------------------------------------------------------------------
+
+    def create_run(self, run_id: str, job_path: str, budget_id: int, provider: str) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                RN.insert().values(
+                    id=run_id,
+                    job_path=job_path,
+                    budget_id=budget_id,
+                    provider=provider,
+                    state="running",
+                    total=0,
+                    created_at=utcnow(),
+                )
+            )
+
+    def add_requests(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            with self.transaction() as conn:
+                conn.execute(RQ.insert(), rows)
+
+    def set_total(self, run_id: str, total: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(update(RN).where(RN.c.id == run_id).values(total=total))
+
+    def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                update(RN).where(RN.c.id == run_id).values(state=state, reason=reason, finished_at=utcnow())
+            )
+
+    def unfinished_run(self, job_path: str, provider: str) -> str | None:
+        query = (
+            select(RN.c.id)
+            .where(RN.c.job_path == job_path, RN.c.provider == provider, RN.c.state != "done")
+            .order_by(RN.c.created_at.desc())
+        )
+        with self.reader.connect() as c:
+            row = c.execute(query).first()
+        return None if row is None else str(row[0])
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        with self.reader.connect() as c:
+            row = c.execute(select(RN).where(RN.c.id.startswith(run_id))).first()
+            if row is None:
+                msg = f"no run '{run_id}' (see `runner runs`)"
+                raise LedgerError(msg)
+            run = dict(row._mapping)
+            counts = c.execute(
+                select(RQ.c.state, func.count(), func.coalesce(func.sum(RQ.c.price_nanos), 0))
+                .where(RQ.c.run_id == run["id"])
+                .group_by(RQ.c.state)
+            ).all()
+        run["states"] = {state: int(n) for state, n, _ in counts}
+        run["spent_nanos"] = sum(int(s) for _, _, s in counts)
+        return run
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self.reader.connect() as c:
+            ids = [row[0] for row in c.execute(select(RN.c.id).order_by(RN.c.created_at.desc()))]
+        return [self.run(run_id) for run_id in ids]
+
+    def request_rows(self, run_id: str, custom_ids: Sequence[str]) -> dict[str, Any]:
+        query = select(
+            RQ.c.id, RQ.c.custom_id, RQ.c.sha256, RQ.c.state, RQ.c.quote_nanos, RQ.c.attempts
+        ).where(RQ.c.run_id == run_id, RQ.c.custom_id.in_(list(custom_ids)))
+        with self.reader.connect() as c:
+            return {row.custom_id: row for row in c.execute(query)}
+
+    def interrupted_sends(self, run_id: str) -> list[int]:
+        """Requests a killed process left as `sending`: their outcome is unknown."""
+        with self.reader.connect() as c:
+            query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "sending")
+            return [int(row[0]) for row in c.execute(query)]
+
+    def stale_reservations(self, run_id: str) -> list[int]:
+        """Reserved but never sent by a process that died: safe to release."""
+        with self.reader.connect() as c:
+            query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "reserved")
+            return [int(row[0]) for row in c.execute(query)]
+
+    def iter_request_rows(self, run_id: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
+        """All request rows of a run, in line order, a batch at a time (memory stays flat)."""
+        last = -1
+        with self.reader.connect() as c:
+            while True:
+                rows = c.execute(
+                    select(RQ).where(RQ.c.run_id == run_id, RQ.c.line > last).order_by(RQ.c.line).limit(batch)
+                ).all()
+                if not rows:
+                    return
+                yield [dict(r._mapping) for r in rows]
+                last = rows[-1].line
+
+
+def _budget_view(row: Any) -> BudgetView:
+    return BudgetView(
+        id=row.id,
+        name=row.name,
+        limit_nanos=row.limit_nanos,
+        spent_nanos=row.spent_nanos,
+        reserved_nanos=row.reserved_nanos,
+        possibly_billed_nanos=row.possibly_billed_nanos,
+    )
+
+
+def metadata_text(metadata: dict[str, Any]) -> str | None:
+    return json.dumps(metadata, ensure_ascii=False, sort_keys=True) if metadata else None
+
+
+__all__ = ["BudgetExceeded", "BudgetView", "Ledger", "Settlement"]

@@ -1,0 +1,122 @@
+"""The ledger's tables (SQLModel). Money columns are integer nano-USD."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def nanos(default: int | None = 0, *, nullable: bool = False) -> int:
+    column = Column(BigInteger, nullable=nullable, default=default)
+    result: int = Field(default=default, sa_column=column)
+    return result
+
+
+class Budget(SQLModel, table=True):
+    __tablename__ = "budgets"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    limit_nanos: int = nanos()
+    spent_nanos: int = nanos()
+    reserved_nanos: int = nanos()
+    possibly_billed_nanos: int = nanos()
+    ephemeral: bool = False  # made for one run by --max-usd
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Run(SQLModel, table=True):
+    __tablename__ = "runs"
+
+    id: str = Field(primary_key=True)
+    job_path: str = Field(index=True)
+    budget_id: int = Field(foreign_key="budgets.id")
+    provider: str
+    state: str = "running"  # running | interrupted | stopped | done
+    reason: str | None = None
+    total: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class Request(SQLModel, table=True):
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("run_id", "custom_id"),
+        Index("ix_requests_run_state", "run_id", "state"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="runs.id")
+    custom_id: str
+    line: int
+    model: str
+    sha256: str
+    # pending | reserved | sending | ok | failed | possibly_billed | skipped
+    state: str = "pending"
+    quote_nanos: int | None = nanos(None, nullable=True)
+    quote_exact: bool = False
+    reserved_nanos: int = nanos()
+    price_nanos: int | None = nanos(None, nullable=True)
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cached_tokens: int | None = None
+    content: str | None = Field(default=None, sa_column=Column(Text))
+    reasoning_content: str | None = Field(default=None, sa_column=Column(Text))
+    tool_calls: str | None = Field(default=None, sa_column=Column(Text))
+    finish_reason: str | None = None
+    response_json: str | None = Field(default=None, sa_column=Column(Text))
+    latency_s: float | None = None
+    first_token_s: float | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    metadata_json: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Attempt(SQLModel, table=True):
+    __tablename__ = "attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: int = Field(foreign_key="requests.id", index=True)
+    number: int
+    outcome: str  # ok | retry | fatal | unknown
+    status: int | None = None
+    error: str | None = None
+    latency_s: float | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class LedgerEntry(SQLModel, table=True):
+    __tablename__ = "ledger_entries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    budget_id: int = Field(foreign_key="budgets.id", index=True)
+    run_id: str | None = None
+    request_id: int | None = None
+    # create | raise | reserve | settle | release | possibly_billed
+    kind: str
+    amount_nanos: int = nanos()
+    at: datetime = Field(default_factory=utcnow)
+
+
+class QuoteCache(SQLModel, table=True):
+    """Quotes keyed by provider + model + request hash: asked once, reused by every later command."""
+
+    __tablename__ = "quotes"
+
+    key: str = Field(primary_key=True)
+    amount_nanos: int | None = nanos(None, nullable=True)
+    exact: bool = False
+    source: str
+    reason: str | None = None
+    at: datetime = Field(default_factory=utcnow)
