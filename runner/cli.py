@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import sys
+import time
+from decimal import Decimal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
+import anyio
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from runner import catalog
+from runner.connect import PROVIDERS, ProviderSettings, connect
+from runner.engine import RunOptions, RunResult, run_job
+from runner.events import Event, Notice, Quoted, RequestFinished
+from runner.export import export_jsonl, export_parquet
+from runner.jobs import iter_requests
+from runner.ledger import BudgetView, Ledger
+from runner.money import parse_usd, to_nanos
+from runner.quote import Estimate, fits, quote_requests
+from runner.report import per_model, run_frame, top_errors
+from runner.simulator import Books, parse_latency, serve
 from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
 from runner.jobs import JobSummary, validate_job
 from runner.money import format_usd
@@ -23,7 +40,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, soft_wrap=True)
 
 EXIT_INVALID = 1
@@ -152,6 +169,483 @@ def models(
             per_million(m.output_price),
         )
     out.print(table)
+
+
+# ---- shared options ------------------------------------------------------------------------
+
+ProviderOpt = Annotated[
+    str, typer.Option("--provider", help="orthogonal | openai | simulator (in-process, offline).")
+]
+BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="The provider's base URL.")]
+DbOpt = Annotated[
+    str | None, typer.Option("--db", help="Ledger location (SQLAlchemy URL); default RUNNER_DB.")
+]
+PriceFileOpt = Annotated[
+    Path | None, typer.Option("--price-file", help="TOML/JSON prices per 1M tokens (openai).")
+]
+SimPricingOpt = Annotated[str, typer.Option("--sim-pricing", help="Simulator: tokens | flat.")]
+
+
+def _settings(
+    provider: str, base_url: str | None, price_file: Path | None, sim_pricing: str
+) -> ProviderSettings:
+    if provider not in PROVIDERS:
+        msg = f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}"
+        raise ConfigError(msg)
+    return ProviderSettings(
+        name=provider, base_url=base_url, price_file=price_file, sim_pricing=sim_pricing
+    )
+
+
+def _usd_arg(text: str, what: str) -> Decimal:
+    try:
+        return parse_usd(text)
+    except ValueError:
+        msg = f"{what}: '{text}' is not an amount in USD (e.g. 25.00)"
+        raise ConfigError(msg) from None
+
+
+# ---- budgets -------------------------------------------------------------------------------
+
+budget_app = typer.Typer(
+    help="Budgets kept in the ledger: a hard stop on spending.", no_args_is_help=True
+)
+app.add_typer(budget_app, name="budget")
+
+
+def _budget_table(views: list[BudgetView], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("budget", "limit", "spent", "reserved", "possibly billed", "remaining"):
+        table.add_column(column, justify="left" if column == "budget" else "right", no_wrap=True)
+    for v in views:
+        table.add_row(
+            v.name,
+            *(
+                format_usd(n)
+                for n in (
+                    v.limit_nanos,
+                    v.spent_nanos,
+                    v.reserved_nanos,
+                    v.possibly_billed_nanos,
+                    v.remaining_nanos,
+                )
+            ),
+        )
+    return table
+
+
+@budget_app.command("create")
+@friendly
+def budget_create(
+    name: str,
+    limit: Annotated[str, typer.Option("--limit", help="USD, e.g. 25.00")],
+    db: DbOpt = None,
+) -> None:
+    """Create a budget with a spending limit."""
+    view = Ledger(db).create_budget(name, to_nanos(_usd_arg(limit, "--limit")))
+    out.print(_budget_table([view], "budget created"))
+
+
+@budget_app.command("list")
+@friendly
+def budget_list(db: DbOpt = None) -> None:
+    """List the budgets."""
+    out.print(_budget_table(Ledger(db).budgets(), "budgets"))
+
+
+@budget_app.command("show")
+@friendly
+def budget_show(name: str, db: DbOpt = None) -> None:
+    """Limit, spent, reserved, possibly billed and remaining money of one budget."""
+    out.print(_budget_table([Ledger(db).budget(name)], f"budget {name}"))
+
+
+@budget_app.command("raise")
+@friendly
+def budget_raise(
+    name: str,
+    to: Annotated[str | None, typer.Option("--to", help="The new limit in USD.")] = None,
+    by: Annotated[str | None, typer.Option("--by", help="USD to add to the limit.")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Change a budget's limit (never below what is already spent and reserved)."""
+    if (to is None) == (by is None):
+        msg = "give exactly one of --to or --by"
+        raise ConfigError(msg)
+    ledger = Ledger(db)
+    current = ledger.budget(name)
+    limit = (
+        to_nanos(_usd_arg(to, "--to"))
+        if to is not None
+        else current.limit_nanos + to_nanos(_usd_arg(by or "0", "--by"))
+    )
+    out.print(_budget_table([ledger.set_limit(name, limit)], f"budget {name}"))
+
+
+@budget_app.command("history")
+@friendly
+def budget_history(name: str, db: DbOpt = None, limit: int = 50) -> None:
+    """A budget's ledger entries, newest first."""
+    table = Table(title=f"history of {name}", title_justify="left")
+    for column in ("when (UTC)", "entry", "amount", "run", "request"):
+        table.add_column(column, no_wrap=True)
+    for e in Ledger(db).history(name, limit):
+        table.add_row(
+            e["at"].strftime("%Y-%m-%d %H:%M:%S"),
+            e["kind"],
+            format_usd(e["amount_nanos"], places=9),
+            e["run_id"] or "",
+            str(e["request_id"] or ""),
+        )
+    out.print(table)
+
+
+# ---- estimate and run ----------------------------------------------------------------------
+
+
+def _estimate_table(estimate: Estimate, remaining: int | None) -> Table:
+    table = Table(title="quote", title_justify="left")
+    for column in ("model", "requests", "quoted", "kind"):
+        table.add_column(
+            column, justify="left" if column in ("model", "kind") else "right", no_wrap=True
+        )
+    for model, q in sorted(estimate.per_model.items()):
+        kind = "exact" if q.exact else "upper bound"
+        if q.unknown:
+            kind += f", {q.unknown} unquoted"
+        table.add_row(model, f"{q.requests:,}", format_usd(q.nanos, places=6), kind)
+    table.add_row(
+        "[b]total[/b]",
+        "",
+        f"[b]{format_usd(estimate.total_nanos, places=6)}[/b]",
+        "exact" if estimate.exact else "upper bound",
+    )
+    if remaining is not None:
+        table.add_row("budget remaining", "", format_usd(remaining, places=6), "")
+    return table
+
+
+class Progress:
+    """Rich progress on a terminal; plain periodic lines otherwise."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.done = self.failed = self.spent = 0
+        self.started = time.monotonic()
+        self.last_line = 0.0
+        self.bar: RichProgress | None = None
+        if err.is_terminal:
+            self.bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
+            self.task = self.bar.add_task(label, total=total, info="")
+
+    def __enter__(self) -> Progress:
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar:
+            self.bar.stop()
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Notice):
+            err.print(event.message, markup=False, highlight=False)
+            return
+        if isinstance(event, Quoted | RequestFinished):
+            self.done += 1
+            if isinstance(event, RequestFinished):
+                self.failed += event.state != "ok"
+                self.spent += event.price_nanos
+        else:
+            return
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        info = (
+            f"{self.failed} failed · {self.done / elapsed:,.0f}/s · {format_usd(self.spent)} spent"
+        )
+        if self.bar:
+            self.bar.update(self.task, completed=self.done, info=info)
+        elif time.monotonic() - self.last_line > 5:
+            self.last_line = time.monotonic()
+            err.print(f"{self.label}: {self.done}/{self.total} · {info}", highlight=False)
+
+
+@app.command()
+@friendly
+def estimate(
+    job: Path,
+    provider: ProviderOpt = "orthogonal",
+    base_url: BaseUrlOpt = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="Compare with this budget.")
+    ] = None,
+    price_file: PriceFileOpt = None,
+    sim_pricing: SimPricingOpt = "tokens",
+    concurrency: int = 32,
+    db: DbOpt = None,
+) -> None:
+    """Validate, then quote every request (dry runs, cached in the ledger); exit 3 if over budget."""
+    summary = validate_job(job)
+    summary.raise_for_issues()
+    ledger = Ledger(db)
+    remaining = ledger.budget(budget).remaining_nanos if budget else None
+    settings = _settings(provider, base_url, price_file, sim_pricing)
+
+    async def work() -> Estimate:
+        async with connect(settings) as conn:
+            with Progress("quoting", summary.requests) as progress:
+                return await quote_requests(
+                    iter_requests(job),
+                    provider=conn.provider,
+                    scope=conn.scope,
+                    ledger=ledger,
+                    concurrency=concurrency,
+                    on_event=progress,
+                )
+
+    result = anyio.run(work)
+    out.print(_estimate_table(result, remaining))
+    out.print(f"quote calls made: {result.quote_calls}", highlight=False)
+    for custom_id, reason in result.unquoted[:ERRORS_SHOWN]:
+        err.print(f"not quoted: {custom_id}: {reason}", markup=False, highlight=False)
+    if remaining is not None:
+        fit, shortfall = fits(result, remaining)
+        if not fit:
+            err.print(f"over budget '{budget}' by {format_usd(shortfall)}", highlight=False)
+            raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+@app.command()
+@friendly
+def run(
+    job: Path,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="The budget to spend from.")
+    ] = None,
+    max_usd: Annotated[
+        str | None, typer.Option("--max-usd", help="A cap of this run's own.")
+    ] = None,
+    provider: ProviderOpt = "orthogonal",
+    base_url: BaseUrlOpt = None,
+    price_file: PriceFileOpt = None,
+    sim_pricing: SimPricingOpt = "tokens",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 64,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most.")] = None,
+    partial: Annotated[bool, typer.Option(help="Run what fits the budget, in file order.")] = False,
+    new: Annotated[bool, typer.Option("--new", help="Start a fresh run, do not resume.")] = False,
+    retry_possibly_billed: Annotated[
+        bool,
+        typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
+    ] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
+    db: DbOpt = None,
+) -> None:
+    """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
+    summary = validate_job(job)
+    summary.raise_for_issues()
+    _print_summary(summary)
+    ledger = Ledger(db)
+    settings = _settings(provider, base_url, price_file, sim_pricing)
+    options = RunOptions(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        partial=partial,
+        new=new,
+        retry_possibly_billed=retry_possibly_billed,
+        handle_signals=True,
+    )
+    cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
+
+    async def work() -> RunResult:
+        async with connect(settings) as conn:
+            with Progress("running", summary.requests) as progress:
+                return await run_job(
+                    job,
+                    conn=conn,
+                    ledger=ledger,
+                    budget=budget,
+                    max_usd=cap,
+                    options=options,
+                    on_event=progress,
+                )
+
+    result = anyio.run(work)
+    path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
+    rows = export_parquet(ledger, result.run_id, path)
+    out.print(_estimate_table(result.estimate, None))
+    _print_report(ledger, result.run_id)
+    out.print(
+        f"run {result.run_id}: {result.state}" + (f" ({result.reason})" if result.reason else ""),
+        highlight=False,
+    )
+    out.print(
+        f"spent {format_usd(result.spent_nanos, places=6)}; {rows} rows written to {path}",
+        highlight=False,
+    )
+    if result.state != "done":
+        raise typer.Exit(EXIT_RUN_STOPPED)
+
+
+# ---- runs, export, report ------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def runs(db: DbOpt = None) -> None:
+    """List runs: job, state, done/failed/total, spent."""
+    table = Table(title="runs", title_justify="left")
+    for column in ("run", "job", "state", "ok", "failed", "possibly billed", "total", "spent"):
+        table.add_column(column, no_wrap=column != "job")
+    for r in Ledger(db).runs():
+        states = r["states"]
+        table.add_row(
+            r["id"],
+            Path(r["job_path"]).name,
+            r["state"],
+            str(states.get("ok", 0)),
+            str(states.get("failed", 0)),
+            str(states.get("possibly_billed", 0)),
+            str(r["total"]),
+            format_usd(r["spent_nanos"], places=6),
+        )
+    out.print(table)
+
+
+@app.command()
+@friendly
+def status(run_id: str, db: DbOpt = None) -> None:
+    """One run: its state, request counts and money."""
+    r = Ledger(db).run(run_id)
+    out.print(f"run {r['id']} · {r['job_path']} · {r['provider']}", highlight=False)
+    out.print(
+        f"state: {r['state']}" + (f" ({r['reason']})" if r["reason"] else ""), highlight=False
+    )
+    for state, count in sorted(r["states"].items()):
+        out.print(f"  {state}: {count}", highlight=False)
+    out.print(f"spent: {format_usd(r['spent_nanos'], places=9)}", highlight=False)
+
+
+@app.command("export")
+@friendly
+def export_cmd(
+    run_id: str,
+    output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="parquet | jsonl (OpenAI Batch output)")
+    ] = "parquet",
+    db: DbOpt = None,
+) -> None:
+    """Write a run's results to Parquet, or to the OpenAI Batch output JSONL shape."""
+    ledger = Ledger(db)
+    run_info = ledger.run(run_id)
+    if fmt not in ("parquet", "jsonl"):
+        msg = f"--format: '{fmt}' is not parquet or jsonl"
+        raise ConfigError(msg)
+    path = output or Path("results") / f"{Path(run_info['job_path']).stem}-{run_info['id']}.{fmt}"
+    writer = export_parquet if fmt == "parquet" else export_jsonl
+    rows = writer(ledger, run_info["id"], path)
+    out.print(f"{rows} rows written to {path}", highlight=False)
+
+
+def _print_report(ledger: Ledger, run_id: str) -> None:
+    df = run_frame(ledger, run_id)
+    table = Table(title="report", title_justify="left")
+    columns = (
+        "model",
+        "ok",
+        "failed",
+        "poss. billed",
+        "prompt tok",
+        "output tok",
+        "reasoning tok",
+        "quoted",
+        "charged",
+        "drift",
+        "p50 s",
+        "p95 s",
+        "$/1k out",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+    for row in per_model(df).iter_rows(named=True):
+        table.add_row(
+            row["model"],
+            str(row["ok"]),
+            str(row["failed"]),
+            str(row["possibly_billed"]),
+            f"{row['prompt_tokens'] or 0:,}",
+            f"{row['completion_tokens'] or 0:,}",
+            f"{row['reasoning_tokens'] or 0:,}",
+            format_usd(row["quoted_usd"], places=6),
+            format_usd(row["charged_usd"], places=6),
+            "-" if row["drift_pct"] is None else f"{row['drift_pct']:+.0f}%",
+            _secs(row["latency_p50"]),
+            _secs(row["latency_p95"]),
+            "-" if row["usd_per_1k_output"] is None else f"${row['usd_per_1k_output']:.5f}",
+        )
+    out.print(table)
+    errors = top_errors(df)
+    for row in errors.iter_rows(named=True) if not errors.is_empty() else []:
+        out.print(
+            f"  {row['count']} × {row['error_type']}: {row['example']}",
+            markup=False,
+            highlight=False,
+        )
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command()
+@friendly
+def report(run_id: str, db: DbOpt = None) -> None:
+    """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output."""
+    ledger = Ledger(db)
+    _print_report(ledger, ledger.run(run_id)["id"])
+
+
+# ---- simulator -----------------------------------------------------------------------------
+
+
+@app.command()
+@friendly
+def simulator(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    latency: Annotated[str, typer.Option(help="Seconds: 0.2, 0.1-0.3 (uniform) or exp:0.2.")] = "0",
+    balance: Annotated[str, typer.Option(help="Starting balance in USD.")] = "100",
+    pricing: Annotated[str, typer.Option(help="tokens | flat ($0.01 a call).")] = "tokens",
+    fault_rate: Annotated[float, typer.Option(help="Share of calls that fail (0..1).")] = 0.0,
+    api_key: Annotated[
+        str | None, typer.Option(help="Accept only this key (default: any).")
+    ] = None,
+) -> None:
+    """Serve the simulated Run API and OpenAI-compatible API (fake answers, real protocol)."""
+    books = Books(
+        pricing=pricing, latency=parse_latency(latency), fault_rate=fault_rate, api_key=api_key
+    )
+    books.configure({"balance": balance})
+
+    async def serve_forever() -> None:
+        async with serve(books, host, port) as url:
+            out.print(
+                f"simulator listening on {url} (Run API at {url}/v1/run, OpenAI at {url}/v1)",
+                highlight=False,
+            )
+            await anyio.sleep_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(serve_forever)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx
@@ -145,3 +146,29 @@ def _duration(text: str | None) -> float | None:
         number = ""
         i += len(unit)
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter and a cap; Retry-After wins when the server gives one."""
+
+    attempts: int = 6
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    max_retry_after_s: float = 300.0
+
+
+_TESTING = {"on": False}
+
+
+def set_testing(on: bool) -> None:
+    """Tests switch backoff off (waits of zero) without changing what is retried."""
+    _TESTING["on"] = on
+
+
+def backoff_s(policy: RetryPolicy, attempt: int, retry_after_s: float | None, rng: Any) -> float:
+    if _TESTING["on"]:
+        return 0.0
+    if retry_after_s is not None:
+        return min(retry_after_s, policy.max_retry_after_s)
+    return float(rng.uniform(0, min(policy.cap_s, policy.base_s * 2 ** (attempt - 1))))

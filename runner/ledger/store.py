@@ -81,7 +81,9 @@ class BudgetView:
 
     @property
     def remaining_nanos(self) -> int:
-        return self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos
+        return (
+            self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,12 @@ class Ledger:
             if conn.execute(select(B.c.id).where(B.c.name == name)).first():
                 msg = f"budget '{name}' already exists (use `runner budget raise`)"
                 raise LedgerError(msg)
-            row = {"name": name, "limit_nanos": limit_nanos, "ephemeral": ephemeral, "created_at": utcnow()}
+            row = {
+                "name": name,
+                "limit_nanos": limit_nanos,
+                "ephemeral": ephemeral,
+                "created_at": utcnow(),
+            }
             budget_id = conn.execute(B.insert().values(**row)).inserted_primary_key[0]  # type: ignore[index]
             self._entry(conn, budget_id, "create", limit_nanos)
         return self.budget(name)
@@ -171,24 +178,31 @@ class Ledger:
 
     def history(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
         budget = self.budget(name)
-        query = (
-            select(E).where(E.c.budget_id == budget.id).order_by(E.c.id.desc()).limit(limit)
-        )
+        query = select(E).where(E.c.budget_id == budget.id).order_by(E.c.id.desc()).limit(limit)
         with self.reader.connect() as c:
             return [dict(row._mapping) for row in c.execute(query)]
 
     @staticmethod
     def _entry(conn: Connection, budget_id: int, kind: str, amount: int, **ids: Any) -> None:
-        conn.execute(E.insert().values(budget_id=budget_id, kind=kind, amount_nanos=amount, at=utcnow(), **ids))
+        conn.execute(
+            E.insert().values(
+                budget_id=budget_id, kind=kind, amount_nanos=amount, at=utcnow(), **ids
+            )
+        )
 
     # ---- reservations (call inside a transaction; the Writer groups them) -----------------
 
-    def reserve(self, conn: Connection, budget_id: int, run_id: str, request_id: int, amount: int) -> bool:
+    def reserve(
+        self, conn: Connection, budget_id: int, run_id: str, request_id: int, amount: int
+    ) -> bool:
         """Hold `amount` for a request; granted only if spent + reserved + amount <= limit."""
         granted = conn.execute(
             update(B)
             .where(B.c.id == budget_id)
-            .where(B.c.spent_nanos + B.c.reserved_nanos + B.c.possibly_billed_nanos + amount <= B.c.limit_nanos)
+            .where(
+                B.c.spent_nanos + B.c.reserved_nanos + B.c.possibly_billed_nanos + amount
+                <= B.c.limit_nanos
+            )
             .values(reserved_nanos=B.c.reserved_nanos + amount)
         ).rowcount
         if not granted:
@@ -226,17 +240,27 @@ class Ledger:
         conn.execute(
             update(RQ)
             .where(RQ.c.id == settlement.request_id)
-            .values(state="ok", reserved_nanos=0, price_nanos=price, finished_at=utcnow(), **settlement.fields)
+            .values(
+                state="ok",
+                reserved_nanos=0,
+                price_nanos=price,
+                finished_at=utcnow(),
+                **settlement.fields,
+            )
         )
         ids = {"run_id": run_id, "request_id": settlement.request_id}
         self._entry(conn, budget_id, "settle", price, **ids)
         if held > price:
             self._entry(conn, budget_id, "release", held - price, **ids)
 
-    def release(self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
+    def release(
+        self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]
+    ) -> None:
         """Give back an unused reservation (the request failed before anything was billed)."""
         held, budget_id, run_id = self._held(conn, request_id)
-        conn.execute(update(B).where(B.c.id == budget_id).values(reserved_nanos=B.c.reserved_nanos - held))
+        conn.execute(
+            update(B).where(B.c.id == budget_id).values(reserved_nanos=B.c.reserved_nanos - held)
+        )
         conn.execute(
             update(RQ)
             .where(RQ.c.id == request_id)
@@ -245,7 +269,9 @@ class Ledger:
         if held:
             self._entry(conn, budget_id, "release", held, run_id=run_id, request_id=request_id)
 
-    def mark_possibly_billed(self, conn: Connection, request_id: int, fields: dict[str, Any]) -> None:
+    def mark_possibly_billed(
+        self, conn: Connection, request_id: int, fields: dict[str, Any]
+    ) -> None:
         """An unknown outcome: the reservation stays counted, as possibly billed."""
         held, budget_id, run_id = self._held(conn, request_id)
         conn.execute(
@@ -257,7 +283,9 @@ class Ledger:
             )
         )
         conn.execute(
-            update(RQ).where(RQ.c.id == request_id).values(state="possibly_billed", finished_at=utcnow(), **fields)
+            update(RQ)
+            .where(RQ.c.id == request_id)
+            .values(state="possibly_billed", finished_at=utcnow(), **fields)
         )
         self._entry(conn, budget_id, "possibly_billed", held, run_id=run_id, request_id=request_id)
 
@@ -277,7 +305,9 @@ class Ledger:
 
     # ---- quotes --------------------------------------------------------------------------
 
-    def cached_quotes(self, keys: Sequence[str]) -> dict[str, tuple[int | None, bool, str, str | None]]:
+    def cached_quotes(
+        self, keys: Sequence[str]
+    ) -> dict[str, tuple[int | None, bool, str, str | None]]:
         found: dict[str, tuple[int | None, bool, str, str | None]] = {}
         with self.reader.connect() as c:
             for start in range(0, len(keys), 500):
@@ -323,7 +353,9 @@ class Ledger:
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         with self.transaction() as conn:
             conn.execute(
-                update(RN).where(RN.c.id == run_id).values(state=state, reason=reason, finished_at=utcnow())
+                update(RN)
+                .where(RN.c.id == run_id)
+                .values(state=state, reason=reason, finished_at=utcnow())
             )
 
     def unfinished_run(self, job_path: str, provider: str) -> str | None:
@@ -376,13 +408,27 @@ class Ledger:
             query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "reserved")
             return [int(row[0]) for row in c.execute(query)]
 
+    def pending_quote_nanos(self, run_id: str) -> int:
+        with self.reader.connect() as c:
+            query = select(func.coalesce(func.sum(RQ.c.quote_nanos), 0)).where(
+                RQ.c.run_id == run_id, RQ.c.state == "pending"
+            )
+            return int(c.execute(query).scalar_one())
+
+    def possibly_billed(self, run_id: str, conn: Connection) -> list[int]:
+        query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "possibly_billed")
+        return [int(row[0]) for row in conn.execute(query)]
+
     def iter_request_rows(self, run_id: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
         """All request rows of a run, in line order, a batch at a time (memory stays flat)."""
         last = -1
         with self.reader.connect() as c:
             while True:
                 rows = c.execute(
-                    select(RQ).where(RQ.c.run_id == run_id, RQ.c.line > last).order_by(RQ.c.line).limit(batch)
+                    select(RQ)
+                    .where(RQ.c.run_id == run_id, RQ.c.line > last)
+                    .order_by(RQ.c.line)
+                    .limit(batch)
                 ).all()
                 if not rows:
                     return

@@ -1,0 +1,478 @@
+"""The run phase: reserve → send → settle, concurrently, inside the budget, resumable.
+
+Per request: a durable reservation (grouped commit) → `sending` recorded → the call, retried through
+tenacity while the provider calls the error retryable → one transaction that settles the charge with
+the response, or releases the reservation, or keeps it as possibly billed when the outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from sqlalchemy import Connection as Db
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from runner import http, schema
+from runner.connect import Connection
+from runner.errors import (
+    BudgetExceeded,
+    ConfigError,
+    JobChanged,
+    OutcomeUnknown,
+    ProviderError,
+    RequestFatalError,
+    RetryableError,
+    RunFatalError,
+)
+from runner.events import Listener, Notice, RequestFinished, Retrying, ignore
+from runner.jobs import iter_requests, validate_job
+from runner.ledger import Ledger, Settlement
+from runner.ledger.store import metadata_text
+from runner.ledger.tables import Attempt, utcnow
+from runner.ledger.writer import Writer
+from runner.limits import AdaptiveLimit, TokenBucket
+from runner.models import ChatRequest, Outcome
+from runner.money import format_usd, from_nanos, to_nanos
+from runner.quote import Estimate, cache_key, quote_requests
+
+A = Attempt.__table__  # type: ignore[attr-defined]
+BATCH = 500
+DONE_STATES = frozenset({"ok", "failed", "skipped"})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    concurrency: int = 64
+    rpm: float | None = None
+    tpm: float | None = None
+    partial: bool = False
+    new: bool = False
+    retry_possibly_billed: bool = False
+    policy: http.RetryPolicy = field(default_factory=http.RetryPolicy)
+    grace_s: float = 30.0
+    handle_signals: bool = False
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    resumed: bool
+    state: str
+    reason: str | None
+    states: dict[str, int]
+    spent_nanos: int
+    estimate: Estimate
+
+
+@dataclass
+class _Plan:
+    run_id: str
+    budget_id: int
+    resumed: bool
+    estimate: Estimate
+
+
+class Engine:
+    def __init__(
+        self, conn: Connection, ledger: Ledger, plan: _Plan, options: RunOptions, on_event: Listener
+    ) -> None:
+        self.provider = conn.provider
+        self.scope = conn.scope
+        self.ledger = ledger
+        self.plan = plan
+        self.options = options
+        self.on_event = on_event
+        self.writer = Writer(ledger)
+        self.limit = AdaptiveLimit(options.concurrency)
+        self.rpm = TokenBucket(options.rpm) if options.rpm else None
+        self.tpm = TokenBucket(options.tpm, burst=options.tpm / 60 * 5) if options.tpm else None
+        self.stopping = anyio.Event()
+        self.reason: str | None = None
+        self.state = "done"
+        self.rng = random.Random()
+
+    def stop(self, state: str, reason: str) -> None:
+        if not self.stopping.is_set():
+            self.state, self.reason = state, reason
+            self.on_event(Notice(reason))
+            self.stopping.set()
+
+    async def run(self, job: Path) -> None:
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.writer.run)
+            if self.options.handle_signals:
+                outer.start_soon(self._watch_signals, outer)
+            try:
+                async with anyio.create_task_group() as tg:
+                    await self._launch_all(job, tg)
+            finally:
+                self.writer.close()
+                if self.options.handle_signals:
+                    outer.cancel_scope.cancel()
+
+    async def _watch_signals(self, outer: TaskGroup) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self.stopping.is_set():
+                    self.on_event(Notice("second interrupt: aborting now"))
+                    outer.cancel_scope.cancel()
+                    return
+                self.stop("interrupted", "interrupted: no new requests; finishing those in flight")
+                outer.start_soon(self._grace_then_cancel, outer)
+
+    async def _grace_then_cancel(self, outer: TaskGroup) -> None:
+        await anyio.sleep(self.options.grace_s)
+        outer.cancel_scope.cancel()
+
+    async def _launch_all(self, job: Path, tg: TaskGroup) -> None:
+        iterator = iter_requests(job)
+        while not self.stopping.is_set():
+            chunk = await anyio.to_thread.run_sync(_take, iterator, BATCH)
+            if not chunk:
+                return
+            rows = await anyio.to_thread.run_sync(
+                self.ledger.request_rows, self.plan.run_id, [r.custom_id for r in chunk]
+            )
+            for request in chunk:
+                row = rows[request.custom_id]
+                if row.state != "pending" or row.quote_nanos is None:
+                    continue
+                await self.limit.acquire()
+                if self.stopping.is_set():
+                    await self.limit.release()
+                    return
+                tg.start_soon(self._request, request, row.id, row.quote_nanos, row.attempts)
+
+    async def _request(
+        self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
+    ) -> None:
+        try:
+            budget_id, run_id = self.plan.budget_id, self.plan.run_id
+            granted = await self.writer.submit(
+                lambda db: self.ledger.reserve(db, budget_id, run_id, row_id, quote)
+            )
+            if not granted:
+                self.stop("stopped", "budget reached: the next reservation did not fit")
+                return
+            await self._send_with_retries(request, row_id, done_attempts)
+        finally:
+            await self.limit.release()
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = exc.retry_after if isinstance(exc, ProviderError) else None
+        wait = http.backoff_s(self.options.policy, state.attempt_number, after, self.rng)
+        self.on_event(Retrying("", state.attempt_number, wait, str(exc)))
+        return wait
+
+    async def _send_with_retries(
+        self, request: ChatRequest, row_id: int, done_attempts: int
+    ) -> None:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.options.policy.attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(RetryableError),
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        number = done_attempts
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if self.stopping.is_set() and number > done_attempts:
+                        await self._finish(row_id, request, "pending", None, number, self.reason)
+                        return
+                    number += 1
+                    outcome = await self._attempt(request, row_id, number)
+            await self._settle(request, row_id, outcome, number)
+        except RetryableError as exc:
+            await self._finish(row_id, request, "failed", exc, number, "retries exhausted")
+        except RequestFatalError as exc:
+            await self._finish(row_id, request, "failed", exc, number, None)
+        except RunFatalError as exc:
+            await self._finish(row_id, request, "pending", exc, number, None)
+            self.stop("stopped", f"the provider stopped the run: {exc}")
+        except OutcomeUnknown as exc:
+            await self._finish(row_id, request, "possibly_billed", exc, number, None)
+
+    async def _attempt(self, request: ChatRequest, row_id: int, number: int) -> Outcome:
+        if self.rpm is not None:
+            await self.rpm.take()
+        if self.tpm is not None:
+            await self.tpm.take(
+                schema.estimate_prompt_tokens(request.body) + schema.max_output_tokens(request.body)
+            )
+        await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
+        started = anyio.current_time()
+        try:
+            return await self.provider.complete(request)
+        except RetryableError as exc:
+            if exc.status == 429 or exc.code == "RATE_LIMITED":
+                self.limit.on_rate_limited()
+            latency = anyio.current_time() - started
+            await self.writer.submit(lambda db: _record(db, row_id, number, "retry", exc, latency))
+            raise
+
+    async def _settle(
+        self, request: ChatRequest, row_id: int, outcome: Outcome, attempts: int
+    ) -> None:
+        self.limit.on_success()
+        message = outcome.message
+        price = None if outcome.price is None else to_nanos(outcome.price)
+        fields: dict[str, Any] = {
+            "attempts": attempts,
+            "prompt_tokens": outcome.usage.prompt_tokens,
+            "completion_tokens": outcome.usage.completion_tokens,
+            "reasoning_tokens": outcome.usage.reasoning_tokens,
+            "cached_tokens": outcome.usage.cached_tokens,
+            "content": message.get("content"),
+            "reasoning_content": message.get("reasoning_content") or message.get("reasoning"),
+            "tool_calls": json.dumps(message["tool_calls"]) if message.get("tool_calls") else None,
+            "finish_reason": outcome.finish_reason,
+            "response_json": json.dumps(outcome.completion),
+            "latency_s": outcome.latency_s,
+            "first_token_s": outcome.first_token_s,
+            "error_type": None if price is not None else "price_unknown",
+            "error_message": None if price is not None else "no price reported; charged the quote",
+        }
+
+        def apply(db: Db) -> None:
+            _record(db, row_id, attempts, "ok", None, outcome.latency_s)
+            charged = price if price is not None else self.ledger._held(db, row_id)[0]  # noqa: SLF001
+            self.ledger.settle(db, Settlement(row_id, charged, fields))
+
+        await self.writer.submit(apply)
+        self.on_event(RequestFinished(request.custom_id, "ok", price or 0))
+
+    async def _finish(
+        self,
+        row_id: int,
+        request: ChatRequest,
+        state: str,
+        exc: ProviderError | None,
+        attempts: int,
+        note: str | None,
+    ) -> None:
+        fields = {
+            "attempts": attempts,
+            "error_type": exc.error_type if exc else None,
+            "error_message": " — ".join(x for x in (note, str(exc) if exc else None) if x) or None,
+        }
+        outcome = {"possibly_billed": "unknown", "failed": "fatal", "pending": "fatal"}[state]
+
+        def apply(db: Db) -> None:
+            if exc is not None:
+                _record(db, row_id, attempts, outcome, exc, None)
+            if state == "possibly_billed":
+                self.ledger.mark_possibly_billed(db, row_id, fields)
+            else:
+                self.ledger.release(db, row_id, state=state, fields=fields)
+
+        with anyio.CancelScope(shield=True):
+            await self.writer.submit(apply)
+        if state != "pending":
+            self.on_event(RequestFinished(request.custom_id, state, 0))
+
+
+def _record(
+    db: Db, row_id: int, number: int, outcome: str, exc: ProviderError | None, latency: float | None
+) -> None:
+    db.execute(
+        A.insert().values(
+            request_id=row_id,
+            number=number,
+            outcome=outcome,
+            status=exc.status if exc else 200,
+            error=str(exc)[:500] if exc else None,
+            latency_s=latency,
+            at=utcnow(),
+        )
+    )
+
+
+def _take(iterator: Any, size: int) -> list[ChatRequest]:
+    chunk: list[ChatRequest] = []
+    for item in iterator:
+        chunk.append(item)
+        if len(chunk) >= size:
+            break
+    return chunk
+
+
+# ---- pre-flight ---------------------------------------------------------------------------------
+
+
+async def _create_rows(ledger: Ledger, job: Path, run_id: str, scope: str) -> int:
+    def work() -> int:
+        total = 0
+        iterator = iter_requests(job)
+        while chunk := _take(iterator, 5000):
+            cached = ledger.cached_quotes([cache_key(scope, r) for r in chunk])
+            rows = []
+            for r in chunk:
+                quote = cached.get(cache_key(scope, r))
+                known = quote is not None and quote[0] is not None
+                rows.append(_row(run_id, r, quote if known else None))
+            ledger.add_requests(rows)
+            total += len(chunk)
+        ledger.set_total(run_id, total)
+        return total
+
+    return await anyio.to_thread.run_sync(work)
+
+
+def _row(run_id: str, request: ChatRequest, quote: Any) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "custom_id": request.custom_id,
+        "line": request.line,
+        "model": request.model,
+        "sha256": request.sha256,
+        "state": "pending" if quote is not None else "skipped",
+        "quote_nanos": quote[0] if quote is not None else None,
+        "quote_exact": bool(quote[1]) if quote is not None else False,
+        "reserved_nanos": 0,
+        "attempts": 0,
+        "error_type": None if quote is not None else "no_quote",
+        "error_message": None if quote is not None else "no price could be quoted",
+        "metadata_json": metadata_text(request.metadata),
+    }
+
+
+async def _check_unchanged(ledger: Ledger, job: Path, run_id: str) -> None:
+    def work() -> None:
+        iterator = iter_requests(job)
+        while chunk := _take(iterator, 1000):
+            rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
+            for r in chunk:
+                row = rows.get(r.custom_id)
+                if row is None or row.sha256 != r.sha256:
+                    what = "is new" if row is None else "changed"
+                    msg = (
+                        f"{job}:{r.line}: custom_id '{r.custom_id}' {what} since run {run_id} began; "
+                        "restore the line, or start a fresh run with --new"
+                    )
+                    raise JobChanged(msg)
+
+    await anyio.to_thread.run_sync(work)
+
+
+async def _recover(ledger: Ledger, run_id: str, retry_possibly_billed: bool) -> None:
+    """After a crash: `sending` rows are unknown outcomes; `reserved` rows were never sent."""
+
+    def work() -> None:
+        unknown = ledger.interrupted_sends(run_id)
+        stale = ledger.stale_reservations(run_id)
+        fields = {
+            "error_type": "interrupted",
+            "error_message": "the process stopped during the request",
+        }
+        with ledger.transaction() as db:
+            for row_id in unknown:
+                ledger.mark_possibly_billed(db, row_id, fields)
+            for row_id in stale:
+                ledger.release(db, row_id, state="pending", fields={})
+            if retry_possibly_billed:
+                for row_id in ledger.possibly_billed(run_id, db):
+                    ledger.forgive_possibly_billed(db, row_id)
+                    ledger.release(db, row_id, state="pending", fields={})
+
+    await anyio.to_thread.run_sync(work)
+
+
+async def run_job(
+    job: Path,
+    *,
+    conn: Connection,
+    ledger: Ledger,
+    budget: str | None = None,
+    max_usd: Decimal | None = None,
+    options: RunOptions | None = None,
+    on_event: Listener = ignore,
+) -> RunResult:
+    """Validate, quote, check the budget, then run (or resume) the job."""
+    options = options or RunOptions()
+    summary = await anyio.to_thread.run_sync(validate_job, job)
+    summary.raise_for_issues()
+    job_key = str(job.resolve())
+    existing = (
+        None
+        if options.new
+        else await anyio.to_thread.run_sync(ledger.unfinished_run, job_key, conn.scope)
+    )
+    if existing:
+        await _check_unchanged(ledger, job, existing)
+        on_event(Notice(f"resuming run {existing} of {job}"))
+    estimate = await quote_requests(
+        iter_requests(job),
+        provider=conn.provider,
+        scope=conn.scope,
+        ledger=ledger,
+        on_event=on_event,
+    )
+    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
+    if existing:
+        await _recover(ledger, existing, options.retry_possibly_billed)
+        needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
+    else:
+        needed = estimate.total_nanos
+    view = ledger.budget_by_id(budget_id)
+    fit, shortfall = fits_nanos(needed, view.remaining_nanos)
+    if not fit and not options.partial:
+        msg = (
+            f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
+            f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
+            "raise the budget, or run what fits with --partial"
+        )
+        raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
+    run_id = existing or uuid.uuid4().hex[:12]
+    if not existing:
+        await anyio.to_thread.run_sync(ledger.create_run, run_id, job_key, budget_id, conn.scope)
+        await _create_rows(ledger, job, run_id, conn.scope)
+    plan = _Plan(run_id, budget_id, bool(existing), estimate)
+    engine = Engine(conn, ledger, plan, options, on_event)
+    await engine.run(job)
+    info = await anyio.to_thread.run_sync(ledger.run, run_id)
+    left = info["states"].get("pending", 0)
+    state = engine.state if (engine.stopping.is_set() or left) else "done"
+    if state == "done" and left:
+        state = "stopped"
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, engine.reason)
+    return RunResult(
+        run_id, bool(existing), state, engine.reason, info["states"], info["spent_nanos"], estimate
+    )
+
+
+def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:
+    return needed <= remaining, from_nanos(max(0, needed - remaining))
+
+
+def _budget_for(
+    ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None
+) -> int:
+    if existing:  # a resumed run keeps the budget it began with
+        budget_id = int(ledger.run(existing)["budget_id"])
+        if budget is not None and ledger.budget(budget).id != budget_id:
+            msg = f"run {existing} belongs to another budget; resume it without --budget, or use --new"
+            raise ConfigError(msg)
+        return budget_id
+    if budget is not None:
+        return ledger.budget(budget).id
+    if max_usd is not None:
+        name = f"max-usd-{uuid.uuid4().hex[:8]}"
+        return ledger.create_budget(name, to_nanos(max_usd), ephemeral=True).id
+    msg = "give a budget: --budget NAME (see `runner budget create`) or --max-usd USD"
+    raise ConfigError(msg)
+
+
+__all__ = ["Engine", "RunOptions", "RunResult", "run_job"]

@@ -1,0 +1,58 @@
+"""Concurrency and rate limits: an AIMD concurrency window and RPM/TPM token buckets."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+
+class AdaptiveLimit:
+    """A concurrency cap that halves on 429 and grows back by one slot per window of successes."""
+
+    def __init__(self, maximum: int, minimum: int = 1) -> None:
+        self.maximum = maximum
+        self.minimum = minimum
+        self.current = float(maximum)
+        self.in_flight = 0
+        self._changed = anyio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            while self.in_flight >= int(self.current):
+                await self._changed.wait()
+            self.in_flight += 1
+
+    async def release(self) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def on_success(self) -> None:
+        self.current = min(self.maximum, self.current + 1 / max(1.0, self.current))
+
+    def on_rate_limited(self) -> None:
+        self.current = max(self.minimum, self.current / 2)
+
+
+class TokenBucket:
+    """`rate` units per minute, bursting up to `burst`; `take` waits until the units are there."""
+
+    def __init__(self, per_minute: float, burst: float | None = None) -> None:
+        self.rate = per_minute / 60.0
+        self.capacity = burst if burst is not None else max(1.0, self.rate)  # about 1 s of burst
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+        self._lock = anyio.Lock()
+
+    async def take(self, amount: float = 1.0) -> None:
+        amount = min(amount, self.capacity)
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.level >= amount:
+                    self.level -= amount
+                    return
+                await anyio.sleep((amount - self.level) / self.rate)

@@ -1,0 +1,143 @@
+"""The dry-run phase: a quote for every request, asked once and kept in the ledger."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from itertools import islice
+
+import anyio
+
+from runner import http
+from runner.errors import RetryableError, RunFatalError
+from runner.events import Listener, Quoted, Retrying, ignore
+from runner.ledger import Ledger
+from runner.models import ChatRequest, Quote
+from runner.money import from_nanos, to_nanos
+from runner.providers.base import Provider
+
+BATCH = 1000
+
+
+@dataclass
+class ModelQuote:
+    requests: int = 0
+    nanos: int = 0
+    exact: bool = True
+    unknown: int = 0
+
+
+@dataclass
+class Estimate:
+    per_model: dict[str, ModelQuote] = field(default_factory=lambda: defaultdict(ModelQuote))
+    unquoted: list[tuple[str, str]] = field(default_factory=list)  # (custom_id, reason), capped
+    unquoted_count: int = 0
+    quote_calls: int = 0
+
+    @property
+    def total_nanos(self) -> int:
+        return sum(m.nanos for m in self.per_model.values())
+
+    @property
+    def exact(self) -> bool:
+        return all(m.exact for m in self.per_model.values())
+
+    def add(self, request: ChatRequest, quote: Quote) -> None:
+        entry = self.per_model[request.model]
+        entry.requests += 1
+        if quote.amount is None:
+            entry.unknown += 1
+            self.unquoted_count += 1
+            if len(self.unquoted) < 100:
+                self.unquoted.append((request.custom_id, quote.reason or "no price known"))
+            return
+        entry.nanos += to_nanos(quote.amount, round_up=True)
+        entry.exact = entry.exact and quote.exact
+
+
+def cache_key(scope: str, request: ChatRequest) -> str:
+    return f"{scope}|{request.model}|{request.sha256}"
+
+
+def _chunks(items: Iterable[ChatRequest], size: int) -> Iterator[list[ChatRequest]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+async def quote_with_retries(
+    provider: Provider, request: ChatRequest, policy: http.RetryPolicy, on_event: Listener
+) -> Quote:
+    rng = random.Random()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await provider.quote(request)
+        except RetryableError as exc:
+            if attempt == policy.attempts:
+                return Quote(None, exact=False, source="dry_run", reason=f"gave up: {exc}")
+            wait = http.backoff_s(policy, attempt, exc.retry_after, rng)
+            on_event(Retrying(request.custom_id, attempt, wait, str(exc)))
+            await anyio.sleep(wait)
+        except RunFatalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a request that cannot be quoted is listed, not fatal
+            return Quote(None, exact=False, source="dry_run", reason=str(exc))
+    raise AssertionError  # pragma: no cover
+
+
+async def quote_requests(
+    requests: Iterable[ChatRequest],
+    *,
+    provider: Provider,
+    scope: str,
+    ledger: Ledger,
+    concurrency: int = 32,
+    policy: http.RetryPolicy | None = None,
+    on_event: Listener = ignore,
+) -> Estimate:
+    """Quote every request (cached quotes reused), store new quotes, and total them per model."""
+    policy = policy or http.RetryPolicy()
+    estimate = Estimate()
+    limiter = anyio.CapacityLimiter(concurrency)
+    for chunk in _chunks(requests, BATCH):
+        keys = [cache_key(scope, r) for r in chunk]
+        cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
+        quotes: dict[str, Quote] = {}
+        for key, (nanos, exact, source, reason) in cached.items():
+            amount = None if nanos is None else from_nanos(nanos)
+            quotes[key] = Quote(amount, exact=exact, source=source, reason=reason or "")
+        missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
+
+        async def ask(key: str, request: ChatRequest) -> None:
+            async with limiter:
+                quotes[key] = await quote_with_retries(provider, request, policy, on_event)
+            estimate.quote_calls += 1
+
+        async with anyio.create_task_group() as tg:
+            for key, request in missing:
+                tg.start_soon(ask, key, request)
+        fresh = [
+            {
+                "key": key,
+                "amount_nanos": None if q.amount is None else to_nanos(q.amount, round_up=True),
+                "exact": q.exact,
+                "source": q.source,
+                "reason": q.reason or None,
+            }
+            for key, _ in missing
+            if (q := quotes[key]).amount is not None  # unknown quotes are asked again next time
+        ]
+        await anyio.to_thread.run_sync(ledger.store_quotes, fresh)
+        for key, request in zip(keys, chunk, strict=True):
+            estimate.add(request, quotes[key])
+            on_event(Quoted(request.custom_id, cached=key in cached, known=quotes[key].known))
+    return estimate
+
+
+def fits(estimate: Estimate, remaining_nanos: int) -> tuple[bool, Decimal]:
+    """Whether the quoted total fits, and the shortfall in USD when it does not."""
+    shortfall = estimate.total_nanos - remaining_nanos
+    return shortfall <= 0, from_nanos(max(0, shortfall))
