@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from runner import http
+from runner.simulator import Books, SimulatorThread
 
 GOOD_BODY: dict[str, Any] = {
     "model": "openai/gpt-oss-120b",
@@ -39,3 +42,23 @@ def write_job(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff() -> Iterator[None]:
+    """Retries keep their logic but wait zero seconds in tests."""
+    http.set_testing(True)
+    yield
+    http.set_testing(False)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    """The real simulator on an ephemeral loopback port."""
+    with SimulatorThread(Books(retry_after_s=0.05, stall_s=5.0)) as server:
+        yield server

@@ -56,10 +56,12 @@ def classify(
     kwargs: dict[str, Any] = {"status": status, "code": code, "retry_after": retry_after}
     if status in RUN_FATAL_STATUS or code in RUN_FATAL_CODES:
         return RunFatalError(message, **kwargs)
-    if code in REQUEST_FATAL_CODES or should_retry is False:
-        return RequestFatalError(message, **kwargs)
-    retryable_status = status is not None and (status in RETRYABLE_STATUS or status >= 500)
-    if retryable_status or code in RETRYABLE_CODES or should_retry is True:
+    if should_retry is not None:
+        return (RetryableError if should_retry else RequestFatalError)(message, **kwargs)
+    if status is not None and status >= 400:  # the status decides; a code only refines 2xx envelopes
+        retryable = status in RETRYABLE_STATUS or status >= 500
+        return (RetryableError if retryable else RequestFatalError)(message, **kwargs)
+    if code in RETRYABLE_CODES:
         return RetryableError(message, **kwargs)
     return RequestFatalError(message, **kwargs)
 

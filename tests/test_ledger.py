@@ -1,0 +1,230 @@
+"""The ledger: migrations, the reservation invariants (property-based), and several processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic import command
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from sqlmodel import SQLModel
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.errors import BudgetLimitTooLow
+from runner.ledger import Ledger, Settlement
+from runner.ledger.store import migrations_dir
+
+cli = CliRunner()
+
+
+def url(tmp_path: Path, name: str = "l.db") -> str:
+    return f"sqlite:///{tmp_path / name}"
+
+
+def add_request(ledger: Ledger, budget_id: int, run_id: str, n: int) -> list[int]:
+    if not ledger.runs() or run_id not in {r["id"] for r in ledger.runs()}:
+        ledger.create_run(run_id, f"/jobs/{run_id}.jsonl", budget_id, "test")
+    rows = [
+        {"run_id": run_id, "custom_id": f"{run_id}-{i}", "line": i + 1, "model": "m", "sha256": "x",
+         "state": "pending", "quote_nanos": 0, "reserved_nanos": 0, "attempts": 0, "quote_exact": True}
+        for i in range(n)
+    ]
+    ledger.add_requests(rows)
+    with ledger.reader.connect() as c:
+        return [r[0] for r in c.exec_driver_sql("SELECT id FROM requests WHERE run_id = ? ORDER BY line", (run_id,))]
+
+
+def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -> None:
+    Ledger(url(tmp_path))
+    db = sqlite3.connect(tmp_path / "l.db")
+    version = db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+    assert version == "0002"
+    columns = {row[1] for row in db.execute("PRAGMA table_info(budgets)")}
+    assert {"limit_nanos", "spent_nanos", "reserved_nanos", "possibly_billed_nanos"} <= columns
+    columns = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
+    assert {"state", "quote_nanos", "price_nanos", "response_json", "sha256"} <= columns
+    types = {row[1]: row[2] for row in db.execute("PRAGMA table_info(ledger_entries)")}
+    assert types["amount_nanos"] == "BIGINT"
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_autogenerate_finds_no_difference(tmp_path: Path) -> None:
+    ledger = Ledger(url(tmp_path))
+    with ledger.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    assert diff == []
+
+
+def test_a_database_of_the_previous_revision_is_upgraded(tmp_path: Path) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url(tmp_path))
+    command.upgrade(config, "0001")
+    db = sqlite3.connect(tmp_path / "l.db")
+    db.execute("INSERT INTO budgets (name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos,"
+               " ephemeral, created_at) VALUES ('old', 5, 0, 0, 0, 0, '2026-01-01')")
+    db.commit()
+    assert "quotes" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    ledger = Ledger(url(tmp_path))
+    assert ledger.budget("old").limit_nanos == 5
+    assert "quotes" in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+
+
+class Books(RuleBasedStateMachine):
+    """Any sequence of reserve / settle / release / possibly_billed keeps the books exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(__import__("tempfile").mkdtemp())
+        self.ledger = Ledger(url(self.tmp))
+        self.limit = 1_000_000
+        self.budget = self.ledger.create_budget("b", self.limit)
+        self.open: dict[int, int] = {}
+        self.free = add_request(self.ledger, self.budget.id, "run", 40)
+        self.spent = self.possibly = 0
+
+    @initialize()
+    def start(self) -> None:
+        pass
+
+    @rule(amount=st.integers(0, 400_000))
+    def reserve(self, amount: int) -> None:
+        if not self.free:
+            return
+        request = self.free.pop()
+        before = self.ledger.budget("b")
+        with self.ledger.transaction() as db:
+            granted = self.ledger.reserve(db, self.budget.id, "run", request, amount)
+        fits = before.spent_nanos + before.reserved_nanos + before.possibly_billed_nanos + amount <= self.limit
+        assert granted == fits
+        if granted:
+            self.open[request] = amount
+
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        if not self.open:
+            return
+        request = data.draw(st.sampled_from(sorted(self.open)))
+        price = data.draw(st.integers(0, self.open.pop(request)))
+        with self.ledger.transaction() as db:
+            self.ledger.settle(db, Settlement(request, price, {}))
+        self.spent += price
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        if self.open:
+            request = data.draw(st.sampled_from(sorted(self.open)))
+            self.open.pop(request)
+            with self.ledger.transaction() as db:
+                self.ledger.release(db, request, state="failed", fields={})
+
+    @rule(data=st.data())
+    def possibly_billed(self, data: st.DataObject) -> None:
+        if self.open:
+            request = data.draw(st.sampled_from(sorted(self.open)))
+            self.possibly += self.open.pop(request)
+            with self.ledger.transaction() as db:
+                self.ledger.mark_possibly_billed(db, request, {})
+
+    @invariant()
+    def books_balance(self) -> None:
+        view = self.ledger.budget("b")
+        assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
+        assert view.spent_nanos == self.spent
+        assert view.reserved_nanos == sum(self.open.values())
+        assert view.possibly_billed_nanos == self.possibly
+        with self.ledger.reader.connect() as c:
+            entries = dict(c.exec_driver_sql(
+                "SELECT kind, COALESCE(SUM(amount_nanos), 0) FROM ledger_entries GROUP BY kind").all())
+        assert entries.get("settle", 0) == self.spent
+        # every reserved nano ends as exactly one of: settled, released, possibly billed, still open
+        assert entries.get("reserve", 0) == (
+            entries.get("settle", 0) + entries.get("release", 0) + entries.get("possibly_billed", 0)
+            + view.reserved_nanos
+        )
+
+    def teardown(self) -> None:
+        self.ledger.close()
+
+
+TestBooks = Books.TestCase
+TestBooks.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
+
+
+def _hammer(db_url: str, run_id: str, seconds: float, out: Any) -> None:
+    ledger = Ledger(db_url)
+    budget = ledger.budget("shared")
+    ids = add_request(ledger, budget.id, run_id, 4000)
+    granted, charged = 0, 0
+    deadline = time.monotonic() + seconds
+    rng = random.Random(run_id)
+    for request in ids:
+        if time.monotonic() > deadline:
+            break
+        amount = rng.randint(1, 5_000)
+        with ledger.transaction() as db:
+            ok = ledger.reserve(db, budget.id, run_id, request, amount)
+        if ok:
+            granted += 1
+            price = rng.randint(0, amount)
+            with ledger.transaction() as db:
+                ledger.settle(db, Settlement(request, price, {}))
+            charged += price
+    out.put((granted, charged))
+
+
+def test_four_processes_never_exceed_one_budget(tmp_path: Path) -> None:
+    db_url = url(tmp_path)
+    Ledger(db_url).create_budget("shared", 2_000_000)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_hammer, args=(db_url, f"p{i}", 3.0, queue)) for i in range(4)]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=60) for _ in workers]
+    for w in workers:
+        w.join(30)
+    view = Ledger(db_url).budget("shared")
+    assert sum(c for _, c in results) == view.spent_nanos
+    assert view.spent_nanos <= view.limit_nanos
+    assert view.reserved_nanos == 0
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        settled = db.execute("SELECT COUNT(*) FROM requests WHERE state = 'ok'").fetchone()[0]
+    assert settled == sum(g for g, _ in results) > 0
+
+
+def test_budget_commands(tmp_path: Path) -> None:
+    db = ["--db", url(tmp_path)]
+    assert cli.invoke(app, ["budget", "create", "eval", "--limit", "25.00", *db]).exit_code == 0
+    result = cli.invoke(app, ["budget", "raise", "eval", "--by", "10", *db])
+    assert result.exit_code == 0 and "$35.0000" in result.output
+    result = cli.invoke(app, ["budget", "show", "eval", *db])
+    assert "$35.0000" in result.output
+    result = cli.invoke(app, ["budget", "history", "eval", *db])
+    assert "raise" in result.output and "create" in result.output
+    result = cli.invoke(app, ["budget", "show", "nope", *db])
+    assert result.exit_code == 1 and "no budget named 'nope'" in result.output
+    result = cli.invoke(app, ["budget", "create", "x", "--limit", "lots", *db])
+    assert result.exit_code == 2 and "not an amount" in result.output
+
+
+def test_a_budget_cannot_go_below_spent_and_reserved(tmp_path: Path) -> None:
+    ledger = Ledger(url(tmp_path))
+    budget = ledger.create_budget("b", 1000)
+    [request] = add_request(ledger, budget.id, "r", 1)
+    with ledger.transaction() as db:
+        assert ledger.reserve(db, budget.id, "r", request, 600)
+    with pytest.raises(BudgetLimitTooLow):
+        ledger.set_limit("b", 500)
+    assert ledger.set_limit("b", 600).limit_nanos == 600

@@ -1,0 +1,330 @@
+"""Providers against mocked HTTP (pure parsing) and against the real loopback simulator."""
+
+from __future__ import annotations
+
+import json
+import logging
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from runner import catalog, http
+from runner.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
+from runner.jobs import body_sha256
+from runner.models import ChatRequest
+from runner.providers.base import classify, error_from_response
+from runner.providers.openai import OpenAIProvider
+from runner.providers.orthogonal import OrthogonalProvider
+from runner.simulator import Books, SimulatorThread
+
+KEY = "sk-test-very-secret-key-123"
+BODY: dict[str, Any] = {
+    "model": "openai/gpt-oss-120b",
+    "messages": [{"role": "user", "content": "Say hello."}],
+    "max_tokens": 40,
+}
+
+
+def chat(body: dict[str, Any] | None = None, custom_id: str = "r1") -> ChatRequest:
+    body = body or BODY
+    return ChatRequest("job.jsonl", 1, custom_id, body, {}, body_sha256(body))
+
+
+# ---- classification and error shapes (no server) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (408, None, RetryableError), (409, None, RetryableError), (429, None, RetryableError),
+        (500, None, RetryableError), (502, None, RetryableError), (503, None, RetryableError),
+        (400, None, RequestFatalError), (404, None, RequestFatalError), (413, None, RequestFatalError),
+        (422, None, RequestFatalError), (401, None, RunFatalError), (402, None, RunFatalError),
+        (None, "INSUFFICIENT_CREDITS", RunFatalError), (None, "UNAUTHORIZED", RunFatalError),
+        (None, "RATE_LIMITED", RetryableError), (None, "NOT_FOUND", RequestFatalError),
+        (200, "UPSTREAM_ERROR", RetryableError),
+    ],
+)
+def test_classification(status: int | None, code: str | None, expected: type) -> None:
+    assert type(classify(status, "x", code=code)) is expected
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "message"),
+    [
+        (402, {"success": False, "error": "no money", "code": "INSUFFICIENT_CREDITS"}, "no money"),
+        (400, {"success": False, "error": "upstream", "data": {"error": "bad temperature"}}, "bad temperature"),
+        (422, {"success": False, "data": {"error": {"type": "x", "message": "bad schema"}}}, "bad schema"),
+        (400, {"error": {"message": "nested", "type": "invalid_request_error", "code": None}}, "nested"),
+        (400, {"object": "error", "message": "flat vllm", "code": 400}, "flat vllm"),
+        (500, {"error": "plain text"}, "plain text"),
+    ],
+)
+def test_error_shapes(status: int, payload: dict[str, Any], message: str) -> None:
+    error = error_from_response(httpx.Response(status, json=payload))
+    assert message in str(error)
+    assert error.status == status
+
+
+def test_html_502_is_retryable_with_a_readable_message() -> None:
+    response = httpx.Response(502, text="<html><body><h1>502 Bad Gateway</h1></body></html>")
+    error = error_from_response(response)
+    assert isinstance(error, RetryableError)
+    assert "non-JSON reply: 502 Bad Gateway" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [({"retry-after-ms": "1500"}, 1.5), ({"retry-after": "7"}, 7.0), ({}, None),
+     ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0)],
+)
+def test_retry_after(headers: dict[str, str], seconds: float | None) -> None:
+    assert http.retry_after(httpx.Headers(headers)) == seconds
+
+
+def test_x_should_retry_overrides_status() -> None:
+    response = httpx.Response(400, json={"error": "x"}, headers={"x-should-retry": "true"})
+    assert isinstance(error_from_response(response), RetryableError)
+    response = httpx.Response(503, json={"error": "x"}, headers={"x-should-retry": "false"})
+    assert isinstance(error_from_response(response), RequestFatalError)
+
+
+def test_rate_limit_headers() -> None:
+    limits = http.RateLimits.from_headers(
+        httpx.Headers({"x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "6m0s"})
+    )
+    assert limits.remaining_requests == 9
+    assert limits.reset_requests_s == 360.0
+
+
+async def test_run_api_envelope_is_built_without_io() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        assert request.headers["authorization"] == f"Bearer {KEY}"
+        return httpx.Response(200, json={"success": True, "price": "0.000123456"})
+
+    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test")
+    provider._client = httpx.AsyncClient(base_url="http://unit.test", transport=httpx.MockTransport(handler),
+                                          headers={"Authorization": f"Bearer {KEY}"})
+    quote = await provider.quote(chat())
+    assert quote.amount == Decimal("0.000123456")
+    assert quote.exact
+    assert seen == [{"api": "baseten", "path": "/v1/chat/completions", "body": BODY, "dryRun": True}]
+    await provider.aclose()
+
+
+async def test_refused_dry_run_falls_back_to_a_marked_estimate() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"success": False, "error": "dryRun not supported"})
+
+    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test")
+    provider._client = httpx.AsyncClient(base_url="http://unit.test", transport=httpx.MockTransport(handler))
+    quote = await provider.quote(chat())
+    assert quote.source == "estimate"
+    assert not quote.exact
+    assert quote.amount is not None and quote.amount > 0
+    await provider.aclose()
+
+
+async def test_openai_quote_is_a_price_table_bound_and_unknown_when_unpriced() -> None:
+    provider = OpenAIProvider(base_url="http://unit.test/v1")
+    quote = await provider.quote(chat())
+    info = catalog.MODELS["openai/gpt-oss-120b"]
+    assert quote.amount is not None and quote.amount >= 40 * info.output_price
+    assert not quote.exact
+    unpriced = await provider.quote(chat({**BODY, "model": "moonshotai/Kimi-K2-Thinking"}))
+    assert unpriced.amount is None
+    assert "no published price" in unpriced.reason
+    await provider.aclose()
+
+
+# ---- against the real loopback simulator ----------------------------------------------------
+
+
+def providers(sim: SimulatorThread) -> list[Any]:
+    return [
+        OrthogonalProvider(api_key=KEY, base_url=sim.base_url, timeout=httpx.Timeout(2.0)),
+        OpenAIProvider(api_key=KEY, base_url=sim.base_url + "/v1", timeout=httpx.Timeout(2.0)),
+    ]
+
+
+FAULTS = [
+    ("429", RetryableError, 429),
+    ("500", RetryableError, 500),
+    ("502", RetryableError, 502),
+    ("503", RetryableError, 503),
+    ("502html", RetryableError, 502),
+    ("reset", OutcomeUnknown, None),
+    ("stall", OutcomeUnknown, None),
+]
+
+
+@pytest.mark.parametrize(("fault", "error", "status"), FAULTS, ids=[f[0] for f in FAULTS])
+async def test_faults_for_both_providers(sim: SimulatorThread, fault: str, error: type, status: int | None) -> None:
+    for provider in providers(sim):
+        sim.books.configure({"script": [{"fault": fault}]})
+        with pytest.raises(error) as caught:
+            await provider.complete(chat())
+        assert caught.value.status == status
+        if fault == "429":
+            assert caught.value.retry_after == pytest.approx(0.05)
+        outcome = await provider.complete(chat())  # the next call is fine
+        assert outcome.price is not None
+        await provider.aclose()
+
+
+async def test_envelope_success_false_is_retryable(sim: SimulatorThread) -> None:
+    [orth, oai] = providers(sim)
+    sim.books.configure({"script": [{"fault": "envelope"}]})
+    with pytest.raises(RetryableError, match="simulated upstream failure"):
+        await orth.complete(chat())
+    await orth.aclose()
+    await oai.aclose()
+
+
+async def test_invalid_request_is_fatal_for_the_request(sim: SimulatorThread) -> None:
+    for provider in providers(sim):
+        with pytest.raises(RequestFatalError, match="temperature"):
+            await provider.complete(chat({**BODY, "temperature": 9}))
+        await provider.aclose()
+
+
+async def test_bad_key_is_fatal_for_the_run_and_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with SimulatorThread(Books(api_key="the-right-key")) as server:
+        for provider in providers(server):
+            with pytest.raises(RunFatalError) as caught:
+                await provider.complete(chat())
+            assert caught.value.status == 401
+            assert KEY not in str(caught.value)
+            assert KEY not in repr(provider)
+            await provider.aclose()
+    assert KEY not in caplog.text
+    assert KEY not in repr(http.Secret(KEY))
+
+
+async def test_balance_exhaustion_is_402(sim: SimulatorThread) -> None:
+    sim.books.configure({"balance": "0.000001"})
+    for provider in providers(sim):
+        with pytest.raises(RunFatalError) as caught:
+            await provider.complete(chat())
+        assert caught.value.status == 402
+        await provider.aclose()
+    assert sim.books.transactions == []
+
+
+async def test_replies_match_the_official_openai_types(sim: SimulatorThread, write_job: Any) -> None:
+    from runner.jobs import read_job
+
+    requests = [r for r in read_job("jobs/demo.jsonl") if isinstance(r, ChatRequest)]
+    orth, oai = providers(sim)
+    for request in requests:
+        plain = {**request.body, "stream": False}
+        plain.pop("stream_options", None)
+        ChatCompletion.model_validate((await oai.complete(chat(plain))).completion)
+        outcome = await orth.complete(chat(plain))
+        ChatCompletion.model_validate(outcome.completion)
+    async with httpx.AsyncClient(base_url=sim.base_url) as client:
+        body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+        async with client.stream("POST", "/v1/chat/completions", json=body,
+                                 headers={"Authorization": "Bearer x"}) as response:
+            chunks = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert chunks[-1] == "[DONE]"
+    parsed = [ChatCompletionChunk.model_validate_json(c) for c in chunks[:-1]]
+    assert parsed[-1].usage is not None and parsed[-1].choices == []
+    await orth.aclose()
+    await oai.aclose()
+
+
+async def test_structured_outputs_tools_and_reasoning(sim: SimulatorThread) -> None:
+    orth, oai = providers(sim)
+    schema_body = {
+        **BODY,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "q", "schema": {
+            "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}}},
+    }
+    content = (await orth.complete(chat(schema_body))).message["content"]
+    parsed = json.loads(content)
+    assert isinstance(parsed["a"], int) and isinstance(parsed["b"], str)
+    tools_body = {
+        **BODY,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "tool_choice": "required",
+    }
+    outcome = await oai.complete(chat(tools_body))
+    assert outcome.finish_reason == "tool_calls"
+    assert outcome.message["tool_calls"][0]["function"]["name"] == "get_weather"
+    reasoning = await orth.complete(chat({**BODY, "model": "zai-org/GLM-4.6", "reasoning_effort": "high"}))
+    assert reasoning.message["reasoning_content"].startswith("[simulated reasoning]")
+    assert reasoning.usage.reasoning_tokens > 0
+    assert reasoning.usage.completion_tokens <= 40
+    await orth.aclose()
+    await oai.aclose()
+
+
+async def test_streaming_is_assembled_with_usage_and_first_token_time(sim: SimulatorThread) -> None:
+    sim.books.configure({"latency": "0.2"})
+    orth, oai = providers(sim)
+    body = {**BODY, "model": "zai-org/GLM-4.6", "stream": True, "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"type": "string"}}}}}], "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    for provider in (orth, oai):
+        outcome = await provider.complete(chat(body))
+        assert outcome.usage.prompt_tokens > 0  # include_usage was added for us
+        assert outcome.first_token_s is not None and 0.05 < outcome.first_token_s < outcome.latency_s
+        assert json.loads(outcome.message["tool_calls"][0]["function"]["arguments"]).keys() == {"x"}
+        assert outcome.message["reasoning_content"]
+        assert outcome.price is not None and outcome.price > 0
+    await orth.aclose()
+    await oai.aclose()
+
+
+async def test_models_balance_and_transactions(sim: SimulatorThread) -> None:
+    orth, oai = providers(sim)
+    assert await orth.models() == sorted(catalog.MODELS)
+    assert await oai.models() == sorted(catalog.MODELS)
+    outcome = await orth.complete(chat())
+    assert await orth.balance() == Decimal(100) - outcome.price
+    assert sim.books.stats()["counters"]["run.models"] == 1
+    await orth.aclose()
+    await oai.aclose()
+
+
+bodies = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(sorted(catalog.MODELS)),
+        "messages": st.lists(
+            st.fixed_dictionaries({"role": st.just("user"), "content": st.text(min_size=1, max_size=300)}),
+            min_size=1, max_size=3,
+        ),
+        "max_tokens": st.integers(min_value=1, max_value=600),
+    },
+    optional={"temperature": st.floats(0, 2), "stop": st.sampled_from(["\n", "ipsum", "e"])},
+)
+
+
+@pytest.mark.parametrize("pricing", ["flat", "tokens"])
+def test_dry_run_price_is_the_charge_or_a_bound(pricing: str) -> None:
+    with SimulatorThread(Books(pricing=pricing)) as server:
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(body=bodies)
+        def check(body: dict[str, Any]) -> None:
+            with httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer k"}) as client:
+                envelope = {"api": "baseten", "path": "/v1/chat/completions", "body": body}
+                quoted = Decimal(client.post("/v1/run", json={**envelope, "dryRun": True}).json()["price"])
+                charged = Decimal(client.post("/v1/run", json=envelope).json()["price"])
+            if pricing == "flat":
+                assert quoted == charged == Decimal("0.01")
+            else:
+                assert 0 < charged <= quoted
+
+        check()
