@@ -7,8 +7,8 @@ import functools
 import json
 import sys
 import time
-from decimal import Decimal
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -22,17 +22,15 @@ from rich.table import Table
 from runner import catalog
 from runner.connect import PROVIDERS, ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
+from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
 from runner.events import Event, Notice, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
-from runner.jobs import iter_requests
+from runner.jobs import JobSummary, iter_requests, validate_job
 from runner.ledger import BudgetView, Ledger
-from runner.money import parse_usd, to_nanos
+from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
 from runner.report import per_model, run_frame, top_errors
 from runner.simulator import Books, parse_latency, serve
-from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
-from runner.jobs import JobSummary, validate_job
-from runner.money import format_usd
 
 app = typer.Typer(
     help="Cost-aware batch runner for LLM chat requests.",
@@ -91,8 +89,7 @@ def _summary_json(summary: JobSummary) -> dict[str, Any]:
         "per_model": dict(sorted(summary.per_model.items())),
         "error_count": summary.issue_count,
         "errors": [
-            {"file": i.file, "line": i.line, "field": i.field, "message": i.message}
-            for i in summary.issues
+            {"file": i.file, "line": i.line, "field": i.field, "message": i.message} for i in summary.issues
         ],
     }
 
@@ -192,9 +189,7 @@ def _settings(
     if provider not in PROVIDERS:
         msg = f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}"
         raise ConfigError(msg)
-    return ProviderSettings(
-        name=provider, base_url=base_url, price_file=price_file, sim_pricing=sim_pricing
-    )
+    return ProviderSettings(name=provider, base_url=base_url, price_file=price_file, sim_pricing=sim_pricing)
 
 
 def _usd_arg(text: str, what: str) -> Decimal:
@@ -207,9 +202,7 @@ def _usd_arg(text: str, what: str) -> Decimal:
 
 # ---- budgets -------------------------------------------------------------------------------
 
-budget_app = typer.Typer(
-    help="Budgets kept in the ledger: a hard stop on spending.", no_args_is_help=True
-)
+budget_app = typer.Typer(help="Budgets kept in the ledger: a hard stop on spending.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
 
 
@@ -306,9 +299,7 @@ def budget_history(name: str, db: DbOpt = None, limit: int = 50) -> None:
 def _estimate_table(estimate: Estimate, remaining: int | None) -> Table:
     table = Table(title="quote", title_justify="left")
     for column in ("model", "requests", "quoted", "kind"):
-        table.add_column(
-            column, justify="left" if column in ("model", "kind") else "right", no_wrap=True
-        )
+        table.add_column(column, justify="left" if column in ("model", "kind") else "right", no_wrap=True)
     for model, q in sorted(estimate.per_model.items()):
         kind = "exact" if q.exact else "upper bound"
         if q.unknown:
@@ -367,9 +358,7 @@ class Progress:
         else:
             return
         elapsed = max(1e-6, time.monotonic() - self.started)
-        info = (
-            f"{self.failed} failed · {self.done / elapsed:,.0f}/s · {format_usd(self.spent)} spent"
-        )
+        info = f"{self.failed} failed · {self.done / elapsed:,.0f}/s · {format_usd(self.spent)} spent"
         if self.bar:
             self.bar.update(self.task, completed=self.done, info=info)
         elif time.monotonic() - self.last_line > 5:
@@ -383,9 +372,7 @@ def estimate(
     job: Path,
     provider: ProviderOpt = "orthogonal",
     base_url: BaseUrlOpt = None,
-    budget: Annotated[
-        str | None, typer.Option("--budget", help="Compare with this budget.")
-    ] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="Compare with this budget.")] = None,
     price_file: PriceFileOpt = None,
     sim_pricing: SimPricingOpt = "tokens",
     concurrency: int = 32,
@@ -426,12 +413,8 @@ def estimate(
 @friendly
 def run(
     job: Path,
-    budget: Annotated[
-        str | None, typer.Option("--budget", help="The budget to spend from.")
-    ] = None,
-    max_usd: Annotated[
-        str | None, typer.Option("--max-usd", help="A cap of this run's own.")
-    ] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="The budget to spend from.")] = None,
+    max_usd: Annotated[str | None, typer.Option("--max-usd", help="A cap of this run's own.")] = None,
     provider: ProviderOpt = "orthogonal",
     base_url: BaseUrlOpt = None,
     price_file: PriceFileOpt = None,
@@ -526,9 +509,7 @@ def status(run_id: str, db: DbOpt = None) -> None:
     """One run: its state, request counts and money."""
     r = Ledger(db).run(run_id)
     out.print(f"run {r['id']} · {r['job_path']} · {r['provider']}", highlight=False)
-    out.print(
-        f"state: {r['state']}" + (f" ({r['reason']})" if r["reason"] else ""), highlight=False
-    )
+    out.print(f"state: {r['state']}" + (f" ({r['reason']})" if r["reason"] else ""), highlight=False)
     for state, count in sorted(r["states"].items()):
         out.print(f"  {state}: {count}", highlight=False)
     out.print(f"spent: {format_usd(r['spent_nanos'], places=9)}", highlight=False)
@@ -539,9 +520,7 @@ def status(run_id: str, db: DbOpt = None) -> None:
 def export_cmd(
     run_id: str,
     output: Annotated[Path | None, typer.Option("--output", "-o")] = None,
-    fmt: Annotated[
-        str, typer.Option("--format", help="parquet | jsonl (OpenAI Batch output)")
-    ] = "parquet",
+    fmt: Annotated[str, typer.Option("--format", help="parquet | jsonl (OpenAI Batch output)")] = "parquet",
     db: DbOpt = None,
 ) -> None:
     """Write a run's results to Parquet, or to the OpenAI Batch output JSONL shape."""
@@ -626,14 +605,10 @@ def simulator(
     balance: Annotated[str, typer.Option(help="Starting balance in USD.")] = "100",
     pricing: Annotated[str, typer.Option(help="tokens | flat ($0.01 a call).")] = "tokens",
     fault_rate: Annotated[float, typer.Option(help="Share of calls that fail (0..1).")] = 0.0,
-    api_key: Annotated[
-        str | None, typer.Option(help="Accept only this key (default: any).")
-    ] = None,
+    api_key: Annotated[str | None, typer.Option(help="Accept only this key (default: any).")] = None,
 ) -> None:
     """Serve the simulated Run API and OpenAI-compatible API (fake answers, real protocol)."""
-    books = Books(
-        pricing=pricing, latency=parse_latency(latency), fault_rate=fault_rate, api_key=api_key
-    )
+    books = Books(pricing=pricing, latency=parse_latency(latency), fault_rate=fault_rate, api_key=api_key)
     books.configure({"balance": balance})
 
     async def serve_forever() -> None:

@@ -152,9 +152,7 @@ class Engine:
                     return
                 tg.start_soon(self._request, request, row.id, row.quote_nanos, row.attempts)
 
-    async def _request(
-        self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
-    ) -> None:
+    async def _request(self, request: ChatRequest, row_id: int, quote: int, done_attempts: int) -> None:
         try:
             budget_id, run_id = self.plan.budget_id, self.plan.run_id
             granted = await self.writer.submit(
@@ -174,9 +172,7 @@ class Engine:
         self.on_event(Retrying("", state.attempt_number, wait, str(exc)))
         return wait
 
-    async def _send_with_retries(
-        self, request: ChatRequest, row_id: int, done_attempts: int
-    ) -> None:
+    async def _send_with_retries(self, request: ChatRequest, row_id: int, done_attempts: int) -> None:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.options.policy.attempts),
             wait=self._wait,
@@ -219,12 +215,11 @@ class Engine:
             if exc.status == 429 or exc.code == "RATE_LIMITED":
                 self.limit.on_rate_limited()
             latency = anyio.current_time() - started
-            await self.writer.submit(lambda db: _record(db, row_id, number, "retry", exc, latency))
+            error = exc
+            await self.writer.submit(lambda db: _record(db, row_id, number, "retry", error, latency))
             raise
 
-    async def _settle(
-        self, request: ChatRequest, row_id: int, outcome: Outcome, attempts: int
-    ) -> None:
+    async def _settle(self, request: ChatRequest, row_id: int, outcome: Outcome, attempts: int) -> None:
         self.limit.on_success()
         message = outcome.message
         price = None if outcome.price is None else to_nanos(outcome.price)
@@ -247,7 +242,7 @@ class Engine:
 
         def apply(db: Db) -> None:
             _record(db, row_id, attempts, "ok", None, outcome.latency_s)
-            charged = price if price is not None else self.ledger._held(db, row_id)[0]  # noqa: SLF001
+            charged = price if price is not None else self.ledger._held(db, row_id)[0]
             self.ledger.settle(db, Settlement(row_id, charged, fields))
 
         await self.writer.submit(apply)
@@ -403,15 +398,11 @@ async def run_job(
     options = options or RunOptions()
     summary = await anyio.to_thread.run_sync(validate_job, job)
     summary.raise_for_issues()
-    job_key = str(job.resolve())
-    existing = (
-        None
-        if options.new
-        else await anyio.to_thread.run_sync(ledger.unfinished_run, job_key, conn.scope)
-    )
+    job_key = str(await anyio.Path(job).resolve())
+    existing = None if options.new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, conn.scope)
     if existing:
         await _check_unchanged(ledger, job, existing)
-        on_event(Notice(f"resuming run {existing} of {job}"))
+        on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
     estimate = await quote_requests(
         iter_requests(job),
         provider=conn.provider,
@@ -457,9 +448,7 @@ def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:
     return needed <= remaining, from_nanos(max(0, needed - remaining))
 
 
-def _budget_for(
-    ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None
-) -> int:
+def _budget_for(ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None) -> int:
     if existing:  # a resumed run keeps the budget it began with
         budget_id = int(ledger.run(existing)["budget_id"])
         if budget is not None and ledger.budget(budget).id != budget_id:

@@ -137,7 +137,5 @@ def batch_line(row: dict[str, Any]) -> dict[str, Any]:
         "response": (
             {"status_code": 200, "request_id": (body or {}).get("id"), "body": body} if ok else None
         ),
-        "error": None
-        if ok
-        else {"code": row["error_type"] or row["state"], "message": row["error_message"]},
+        "error": None if ok else {"code": row["error_type"] or row["state"], "message": row["error_message"]},
     }

@@ -42,9 +42,7 @@ def make_client(
     timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     max_connections: int = 256,
 ) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections
-    )
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     transport = AiohttpTransport(limits=limits)
     return httpx.AsyncClient(
         base_url=base_url, headers=headers, timeout=timeout, transport=transport, limits=limits

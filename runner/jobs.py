@@ -58,9 +58,7 @@ def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:
     return body, obj.get("custom_id"), obj.get("metadata"), problems
 
 
-def parse_line(
-    raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo]
-) -> LineResult | None:
+def parse_line(raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo]) -> LineResult | None:
     """One raw line → a ChatRequest, its issues, or None for a blank line."""
 
     def issue(where: str, message: str) -> list[Issue]:
@@ -171,9 +169,7 @@ def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -
     return summary
 
 
-def iter_requests(
-    path: str | Path, models: dict[str, ModelInfo] | None = None
-) -> Iterator[ChatRequest]:
+def iter_requests(path: str | Path, models: dict[str, ModelInfo] | None = None) -> Iterator[ChatRequest]:
     """Stream the requests of a job already validated; any issue met raises JobError."""
     for result in read_job(path, models):
         if not isinstance(result, ChatRequest):

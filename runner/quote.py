@@ -83,7 +83,7 @@ async def quote_with_retries(
             await anyio.sleep(wait)
         except RunFatalError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a request that cannot be quoted is listed, not fatal
+        except Exception as exc:
             return Quote(None, exact=False, source="dry_run", reason=str(exc))
     raise AssertionError  # pragma: no cover
 
@@ -111,14 +111,14 @@ async def quote_requests(
             quotes[key] = Quote(amount, exact=exact, source=source, reason=reason or "")
         missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
 
-        async def ask(key: str, request: ChatRequest) -> None:
+        async def ask(key: str, request: ChatRequest, into: dict[str, Quote]) -> None:
             async with limiter:
-                quotes[key] = await quote_with_retries(provider, request, policy, on_event)
+                into[key] = await quote_with_retries(provider, request, policy, on_event)
             estimate.quote_calls += 1
 
         async with anyio.create_task_group() as tg:
             for key, request in missing:
-                tg.start_soon(ask, key, request)
+                tg.start_soon(ask, key, request, quotes)
         fresh = [
             {
                 "key": key,

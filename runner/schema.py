@@ -235,11 +235,7 @@ def _check_tool_choice(value: Any, body: dict[str, Any], ctx: Context) -> Iterat
             yield "tool_choice", "'required' needs tools"
         return
     function = value.get("function") if isinstance(value, dict) else None
-    if (
-        not isinstance(value, dict)
-        or value.get("type") != "function"
-        or not isinstance(function, dict)
-    ):
+    if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(function, dict):
         yield "tool_choice", "must be none|auto|required or {'type': 'function', 'function': {...}}"
     elif function.get("name") not in _tool_names(body):
         yield "tool_choice.function.name", f"{_show(function.get('name'))} is not among the tools"

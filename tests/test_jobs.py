@@ -130,9 +130,7 @@ BAD_LINES: list[tuple[str, list[Any], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "lines", "where", "fragment"), BAD_LINES, ids=[c[0] for c in BAD_LINES]
-)
+@pytest.mark.parametrize(("name", "lines", "where", "fragment"), BAD_LINES, ids=[c[0] for c in BAD_LINES])
 def test_bad_files_exit_1_with_file_line_and_field(
     write_job: Callable[..., Path], name: str, lines: list[Any], where: str, fragment: str
 ) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from alembic import command
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -36,13 +36,26 @@ def add_request(ledger: Ledger, budget_id: int, run_id: str, n: int) -> list[int
     if not ledger.runs() or run_id not in {r["id"] for r in ledger.runs()}:
         ledger.create_run(run_id, f"/jobs/{run_id}.jsonl", budget_id, "test")
     rows = [
-        {"run_id": run_id, "custom_id": f"{run_id}-{i}", "line": i + 1, "model": "m", "sha256": "x",
-         "state": "pending", "quote_nanos": 0, "reserved_nanos": 0, "attempts": 0, "quote_exact": True}
+        {
+            "run_id": run_id,
+            "custom_id": f"{run_id}-{i}",
+            "line": i + 1,
+            "model": "m",
+            "sha256": "x",
+            "state": "pending",
+            "quote_nanos": 0,
+            "reserved_nanos": 0,
+            "attempts": 0,
+            "quote_exact": True,
+        }
         for i in range(n)
     ]
     ledger.add_requests(rows)
     with ledger.reader.connect() as c:
-        return [r[0] for r in c.exec_driver_sql("SELECT id FROM requests WHERE run_id = ? ORDER BY line", (run_id,))]
+        return [
+            r[0]
+            for r in c.exec_driver_sql("SELECT id FROM requests WHERE run_id = ? ORDER BY line", (run_id,))
+        ]
 
 
 def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -> None:
@@ -72,8 +85,10 @@ def test_a_database_of_the_previous_revision_is_upgraded(tmp_path: Path) -> None
     config.set_main_option("sqlalchemy.url", url(tmp_path))
     command.upgrade(config, "0001")
     db = sqlite3.connect(tmp_path / "l.db")
-    db.execute("INSERT INTO budgets (name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos,"
-               " ephemeral, created_at) VALUES ('old', 5, 0, 0, 0, 0, '2026-01-01')")
+    db.execute(
+        "INSERT INTO budgets (name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos,"
+        " ephemeral, created_at) VALUES ('old', 5, 0, 0, 0, 0, '2026-01-01')"
+    )
     db.commit()
     assert "quotes" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
     ledger = Ledger(url(tmp_path))
@@ -106,7 +121,9 @@ class Books(RuleBasedStateMachine):
         before = self.ledger.budget("b")
         with self.ledger.transaction() as db:
             granted = self.ledger.reserve(db, self.budget.id, "run", request, amount)
-        fits = before.spent_nanos + before.reserved_nanos + before.possibly_billed_nanos + amount <= self.limit
+        fits = (
+            before.spent_nanos + before.reserved_nanos + before.possibly_billed_nanos + amount <= self.limit
+        )
         assert granted == fits
         if granted:
             self.open[request] = amount
@@ -145,12 +162,17 @@ class Books(RuleBasedStateMachine):
         assert view.reserved_nanos == sum(self.open.values())
         assert view.possibly_billed_nanos == self.possibly
         with self.ledger.reader.connect() as c:
-            entries = dict(c.exec_driver_sql(
-                "SELECT kind, COALESCE(SUM(amount_nanos), 0) FROM ledger_entries GROUP BY kind").all())
+            entries = dict(
+                c.exec_driver_sql(
+                    "SELECT kind, COALESCE(SUM(amount_nanos), 0) FROM ledger_entries GROUP BY kind"
+                ).all()
+            )
         assert entries.get("settle", 0) == self.spent
         # every reserved nano ends as exactly one of: settled, released, possibly billed, still open
         assert entries.get("reserve", 0) == (
-            entries.get("settle", 0) + entries.get("release", 0) + entries.get("possibly_billed", 0)
+            entries.get("settle", 0)
+            + entries.get("release", 0)
+            + entries.get("possibly_billed", 0)
             + view.reserved_nanos
         )
 

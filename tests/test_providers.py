@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from runner import catalog, http
 from runner.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
-from runner.jobs import body_sha256
+from runner.jobs import body_sha256, read_job
 from runner.models import ChatRequest
 from runner.providers.base import classify, error_from_response
 from runner.providers.openai import OpenAIProvider
@@ -41,12 +41,22 @@ def chat(body: dict[str, Any] | None = None, custom_id: str = "r1") -> ChatReque
 @pytest.mark.parametrize(
     ("status", "code", "expected"),
     [
-        (408, None, RetryableError), (409, None, RetryableError), (429, None, RetryableError),
-        (500, None, RetryableError), (502, None, RetryableError), (503, None, RetryableError),
-        (400, None, RequestFatalError), (404, None, RequestFatalError), (413, None, RequestFatalError),
-        (422, None, RequestFatalError), (401, None, RunFatalError), (402, None, RunFatalError),
-        (None, "INSUFFICIENT_CREDITS", RunFatalError), (None, "UNAUTHORIZED", RunFatalError),
-        (None, "RATE_LIMITED", RetryableError), (None, "NOT_FOUND", RequestFatalError),
+        (408, None, RetryableError),
+        (409, None, RetryableError),
+        (429, None, RetryableError),
+        (500, None, RetryableError),
+        (502, None, RetryableError),
+        (503, None, RetryableError),
+        (400, None, RequestFatalError),
+        (404, None, RequestFatalError),
+        (413, None, RequestFatalError),
+        (422, None, RequestFatalError),
+        (401, None, RunFatalError),
+        (402, None, RunFatalError),
+        (None, "INSUFFICIENT_CREDITS", RunFatalError),
+        (None, "UNAUTHORIZED", RunFatalError),
+        (None, "RATE_LIMITED", RetryableError),
+        (None, "NOT_FOUND", RequestFatalError),
         (200, "UPSTREAM_ERROR", RetryableError),
     ],
 )
@@ -58,9 +68,21 @@ def test_classification(status: int | None, code: str | None, expected: type) ->
     ("status", "payload", "message"),
     [
         (402, {"success": False, "error": "no money", "code": "INSUFFICIENT_CREDITS"}, "no money"),
-        (400, {"success": False, "error": "upstream", "data": {"error": "bad temperature"}}, "bad temperature"),
-        (422, {"success": False, "data": {"error": {"type": "x", "message": "bad schema"}}}, "bad schema"),
-        (400, {"error": {"message": "nested", "type": "invalid_request_error", "code": None}}, "nested"),
+        (
+            400,
+            {"success": False, "error": "upstream", "data": {"error": "bad temperature"}},
+            "bad temperature",
+        ),
+        (
+            422,
+            {"success": False, "data": {"error": {"type": "x", "message": "bad schema"}}},
+            "bad schema",
+        ),
+        (
+            400,
+            {"error": {"message": "nested", "type": "invalid_request_error", "code": None}},
+            "nested",
+        ),
         (400, {"object": "error", "message": "flat vllm", "code": 400}, "flat vllm"),
         (500, {"error": "plain text"}, "plain text"),
     ],
@@ -80,8 +102,12 @@ def test_html_502_is_retryable_with_a_readable_message() -> None:
 
 @pytest.mark.parametrize(
     ("headers", "seconds"),
-    [({"retry-after-ms": "1500"}, 1.5), ({"retry-after": "7"}, 7.0), ({}, None),
-     ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0)],
+    [
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after": "7"}, 7.0),
+        ({}, None),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),
+    ],
 )
 def test_retry_after(headers: dict[str, str], seconds: float | None) -> None:
     assert http.retry_after(httpx.Headers(headers)) == seconds
@@ -111,8 +137,11 @@ async def test_run_api_envelope_is_built_without_io() -> None:
         return httpx.Response(200, json={"success": True, "price": "0.000123456"})
 
     provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test")
-    provider._client = httpx.AsyncClient(base_url="http://unit.test", transport=httpx.MockTransport(handler),
-                                          headers={"Authorization": f"Bearer {KEY}"})
+    provider._client = httpx.AsyncClient(
+        base_url="http://unit.test",
+        transport=httpx.MockTransport(handler),
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
     quote = await provider.quote(chat())
     assert quote.amount == Decimal("0.000123456")
     assert quote.exact
@@ -167,7 +196,9 @@ FAULTS = [
 
 
 @pytest.mark.parametrize(("fault", "error", "status"), FAULTS, ids=[f[0] for f in FAULTS])
-async def test_faults_for_both_providers(sim: SimulatorThread, fault: str, error: type, status: int | None) -> None:
+async def test_faults_for_both_providers(
+    sim: SimulatorThread, fault: str, error: type, status: int | None
+) -> None:
     for provider in providers(sim):
         sim.books.configure({"script": [{"fault": fault}]})
         with pytest.raises(error) as caught:
@@ -196,7 +227,9 @@ async def test_invalid_request_is_fatal_for_the_request(sim: SimulatorThread) ->
         await provider.aclose()
 
 
-async def test_bad_key_is_fatal_for_the_run_and_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_key_is_fatal_for_the_run_and_never_shown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.DEBUG)
     with SimulatorThread(Books(api_key="the-right-key")) as server:
         for provider in providers(server):
@@ -221,8 +254,6 @@ async def test_balance_exhaustion_is_402(sim: SimulatorThread) -> None:
 
 
 async def test_replies_match_the_official_openai_types(sim: SimulatorThread, write_job: Any) -> None:
-    from runner.jobs import read_job
-
     requests = [r for r in read_job("jobs/demo.jsonl") if isinstance(r, ChatRequest)]
     orth, oai = providers(sim)
     for request in requests:
@@ -233,8 +264,9 @@ async def test_replies_match_the_official_openai_types(sim: SimulatorThread, wri
         ChatCompletion.model_validate(outcome.completion)
     async with httpx.AsyncClient(base_url=sim.base_url) as client:
         body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
-        async with client.stream("POST", "/v1/chat/completions", json=body,
-                                 headers={"Authorization": "Bearer x"}) as response:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"Authorization": "Bearer x"}
+        ) as response:
             chunks = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
     assert chunks[-1] == "[DONE]"
     parsed = [ChatCompletionChunk.model_validate_json(c) for c in chunks[:-1]]
@@ -247,16 +279,31 @@ async def test_structured_outputs_tools_and_reasoning(sim: SimulatorThread) -> N
     orth, oai = providers(sim)
     schema_body = {
         **BODY,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "q", "schema": {
-            "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}}},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "q",
+                "schema": {
+                    "type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+                },
+            },
+        },
     }
     content = (await orth.complete(chat(schema_body))).message["content"]
     parsed = json.loads(content)
     assert isinstance(parsed["a"], int) and isinstance(parsed["b"], str)
     tools_body = {
         **BODY,
-        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
-            "type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            }
+        ],
         "tool_choice": "required",
     }
     outcome = await oai.complete(chat(tools_body))
@@ -273,9 +320,21 @@ async def test_structured_outputs_tools_and_reasoning(sim: SimulatorThread) -> N
 async def test_streaming_is_assembled_with_usage_and_first_token_time(sim: SimulatorThread) -> None:
     sim.books.configure({"latency": "0.2"})
     orth, oai = providers(sim)
-    body = {**BODY, "model": "zai-org/GLM-4.6", "stream": True, "tools": [
-        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-            "x": {"type": "string"}}}}}], "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    body = {
+        **BODY,
+        "model": "zai-org/GLM-4.6",
+        "stream": True,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "parameters": {"type": "object", "properties": {"x": {"type": "string"}}},
+                },
+            }
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+    }
     for provider in (orth, oai):
         outcome = await provider.complete(chat(body))
         assert outcome.usage.prompt_tokens > 0  # include_usage was added for us
@@ -303,7 +362,8 @@ bodies = st.fixed_dictionaries(
         "model": st.sampled_from(sorted(catalog.MODELS)),
         "messages": st.lists(
             st.fixed_dictionaries({"role": st.just("user"), "content": st.text(min_size=1, max_size=300)}),
-            min_size=1, max_size=3,
+            min_size=1,
+            max_size=3,
         ),
         "max_tokens": st.integers(min_value=1, max_value=600),
     },
@@ -315,7 +375,11 @@ bodies = st.fixed_dictionaries(
 def test_dry_run_price_is_the_charge_or_a_bound(pricing: str) -> None:
     with SimulatorThread(Books(pricing=pricing)) as server:
 
-        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @settings(
+            max_examples=60,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture],
+        )
         @given(body=bodies)
         def check(body: dict[str, Any]) -> None:
             with httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer k"}) as client:

@@ -50,9 +50,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("ledger_entries", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_ledger_entries_budget_id"), ["budget_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_ledger_entries_budget_id"), ["budget_id"], unique=False)
 
     op.create_table(
         "runs",

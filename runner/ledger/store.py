@@ -81,9 +81,7 @@ class BudgetView:
 
     @property
     def remaining_nanos(self) -> int:
-        return (
-            self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos
-        )
+        return self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +165,7 @@ class Ledger:
             current = self.budget(name, conn)
             committed = current.spent_nanos + current.reserved_nanos + current.possibly_billed_nanos
             if limit_nanos < committed:
-                msg = (
-                    f"budget '{name}' cannot go below what is spent and reserved "
-                    f"({format_usd(committed)})"
-                )
+                msg = f"budget '{name}' cannot go below what is spent and reserved ({format_usd(committed)})"
                 raise BudgetLimitTooLow(msg)
             conn.execute(update(B).where(B.c.id == current.id).values(limit_nanos=limit_nanos))
             self._entry(conn, current.id, "raise", limit_nanos - current.limit_nanos)
@@ -185,31 +180,24 @@ class Ledger:
     @staticmethod
     def _entry(conn: Connection, budget_id: int, kind: str, amount: int, **ids: Any) -> None:
         conn.execute(
-            E.insert().values(
-                budget_id=budget_id, kind=kind, amount_nanos=amount, at=utcnow(), **ids
-            )
+            E.insert().values(budget_id=budget_id, kind=kind, amount_nanos=amount, at=utcnow(), **ids)
         )
 
     # ---- reservations (call inside a transaction; the Writer groups them) -----------------
 
-    def reserve(
-        self, conn: Connection, budget_id: int, run_id: str, request_id: int, amount: int
-    ) -> bool:
+    def reserve(self, conn: Connection, budget_id: int, run_id: str, request_id: int, amount: int) -> bool:
         """Hold `amount` for a request; granted only if spent + reserved + amount <= limit."""
         granted = conn.execute(
             update(B)
             .where(B.c.id == budget_id)
             .where(
-                B.c.spent_nanos + B.c.reserved_nanos + B.c.possibly_billed_nanos + amount
-                <= B.c.limit_nanos
+                B.c.spent_nanos + B.c.reserved_nanos + B.c.possibly_billed_nanos + amount <= B.c.limit_nanos
             )
             .values(reserved_nanos=B.c.reserved_nanos + amount)
         ).rowcount
         if not granted:
             return False
-        conn.execute(
-            update(RQ).where(RQ.c.id == request_id).values(state="reserved", reserved_nanos=amount)
-        )
+        conn.execute(update(RQ).where(RQ.c.id == request_id).values(state="reserved", reserved_nanos=amount))
         self._entry(conn, budget_id, "reserve", amount, run_id=run_id, request_id=request_id)
         return True
 
@@ -253,14 +241,10 @@ class Ledger:
         if held > price:
             self._entry(conn, budget_id, "release", held - price, **ids)
 
-    def release(
-        self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]
-    ) -> None:
+    def release(self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
         """Give back an unused reservation (the request failed before anything was billed)."""
         held, budget_id, run_id = self._held(conn, request_id)
-        conn.execute(
-            update(B).where(B.c.id == budget_id).values(reserved_nanos=B.c.reserved_nanos - held)
-        )
+        conn.execute(update(B).where(B.c.id == budget_id).values(reserved_nanos=B.c.reserved_nanos - held))
         conn.execute(
             update(RQ)
             .where(RQ.c.id == request_id)
@@ -269,9 +253,7 @@ class Ledger:
         if held:
             self._entry(conn, budget_id, "release", held, run_id=run_id, request_id=request_id)
 
-    def mark_possibly_billed(
-        self, conn: Connection, request_id: int, fields: dict[str, Any]
-    ) -> None:
+    def mark_possibly_billed(self, conn: Connection, request_id: int, fields: dict[str, Any]) -> None:
         """An unknown outcome: the reservation stays counted, as possibly billed."""
         held, budget_id, run_id = self._held(conn, request_id)
         conn.execute(
@@ -305,9 +287,7 @@ class Ledger:
 
     # ---- quotes --------------------------------------------------------------------------
 
-    def cached_quotes(
-        self, keys: Sequence[str]
-    ) -> dict[str, tuple[int | None, bool, str, str | None]]:
+    def cached_quotes(self, keys: Sequence[str]) -> dict[str, tuple[int | None, bool, str, str | None]]:
         found: dict[str, tuple[int | None, bool, str, str | None]] = {}
         with self.reader.connect() as c:
             for start in range(0, len(keys), 500):
@@ -353,15 +333,14 @@ class Ledger:
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         with self.transaction() as conn:
             conn.execute(
-                update(RN)
-                .where(RN.c.id == run_id)
-                .values(state=state, reason=reason, finished_at=utcnow())
+                update(RN).where(RN.c.id == run_id).values(state=state, reason=reason, finished_at=utcnow())
             )
 
-    def unfinished_run(self, job_path: str, provider: str) -> str | None:
+    def latest_run(self, job_path: str, provider: str) -> str | None:
+        """The job's newest run on this provider: resumed by default (a finished one sends nothing)."""
         query = (
             select(RN.c.id)
-            .where(RN.c.job_path == job_path, RN.c.provider == provider, RN.c.state != "done")
+            .where(RN.c.job_path == job_path, RN.c.provider == provider)
             .order_by(RN.c.created_at.desc())
         )
         with self.reader.connect() as c:
@@ -425,10 +404,7 @@ class Ledger:
         with self.reader.connect() as c:
             while True:
                 rows = c.execute(
-                    select(RQ)
-                    .where(RQ.c.run_id == run_id, RQ.c.line > last)
-                    .order_by(RQ.c.line)
-                    .limit(batch)
+                    select(RQ).where(RQ.c.run_id == run_id, RQ.c.line > last).order_by(RQ.c.line).limit(batch)
                 ).all()
                 if not rows:
                     return

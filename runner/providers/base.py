@@ -94,9 +94,7 @@ def error_message(payload: Any) -> tuple[str | None, str | None]:
     return message, code if isinstance(code, str) else None
 
 
-def error_from_response(
-    response: httpx.Response, secret: http.Secret | None = None
-) -> ProviderError:
+def error_from_response(response: httpx.Response, secret: http.Secret | None = None) -> ProviderError:
     """Classify a non-2xx (or success:false) response; the message never carries the key."""
     text = response.text
     try:
@@ -207,9 +205,7 @@ class HttpProvider:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _send_json(
-        self, request: httpx.Request, *, billable: bool
-    ) -> tuple[httpx.Response, Any]:
+    async def _send_json(self, request: httpx.Request, *, billable: bool) -> tuple[httpx.Response, Any]:
         try:
             response = await self._client.send(request)
         except httpx.TransportError as exc:
@@ -224,9 +220,7 @@ class HttpProvider:
                 raise OutcomeUnknown(str(error), status=response.status_code) from None
             raise RetryableError(str(error), status=response.status_code) from None
 
-    async def _send_stream(
-        self, request: httpx.Request
-    ) -> tuple[StreamAssembly, JSON, float | None]:
+    async def _send_stream(self, request: httpx.Request) -> tuple[StreamAssembly, JSON, float | None]:
         """(assembled chunks, any non-chunk events, time to first token) of an SSE reply."""
         started = time.perf_counter()
         first_token: float | None = None

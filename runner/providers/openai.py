@@ -42,9 +42,7 @@ class OpenAIProvider(HttpProvider):
         self.prices = prices if prices is not None else catalog.MODELS
 
     def chat_request(self, request: ChatRequest) -> httpx.Request:
-        return self._client.build_request(
-            "POST", "chat/completions", json=with_usage_option(request.body)
-        )
+        return self._client.build_request("POST", "chat/completions", json=with_usage_option(request.body))
 
     async def quote(self, request: ChatRequest) -> Quote:
         return table_quote(request.body, self.prices.get(request.model))
@@ -61,12 +59,8 @@ class OpenAIProvider(HttpProvider):
             return outcome_from(completion, self.price(request.model, usage), started, first, None)
         _, payload = await self._send_json(self.chat_request(request), billable=True)
         usage = Usage.from_openai(payload.get("usage"))
-        return outcome_from(
-            payload, self.price(request.model, usage), started, None, payload.get("id")
-        )
+        return outcome_from(payload, self.price(request.model, usage), started, None, payload.get("id"))
 
     async def models(self) -> list[str]:
-        _, payload = await self._send_json(
-            self._client.build_request("GET", "models"), billable=False
-        )
+        _, payload = await self._send_json(self._client.build_request("GET", "models"), billable=False)
         return sorted(str(m["id"]) for m in payload.get("data", []) if isinstance(m, dict))

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from runner import catalog, http
-from runner.errors import OutcomeUnknown, ProviderError, RequestFatalError, RunFatalError
+from runner.errors import OutcomeUnknown, ProviderError, RequestFatalError
 from runner.models import JSON, ChatRequest, Outcome, Quote
 from runner.money import parse_usd
 from runner.providers.base import (
@@ -83,9 +83,7 @@ class OrthogonalProvider(HttpProvider):
 
     async def quote(self, request: ChatRequest) -> Quote:
         try:
-            _, payload = await self._send_json(
-                self.run_request(request.body, dry_run=True), billable=False
-            )
+            _, payload = await self._send_json(self.run_request(request.body, dry_run=True), billable=False)
             envelope = parse_envelope(payload)
         except RequestFatalError as exc:
             # a refused dry run: fall back to the price table, marked as an estimate
@@ -137,5 +135,4 @@ class OrthogonalProvider(HttpProvider):
 
 def parse_error(payload: JSON) -> ProviderError:
     message, code = error_message(payload)
-    error = classify(None, message or "request failed", code=code)
-    return error if isinstance(error, RunFatalError) else error
+    return classify(None, message or "request failed", code=code)

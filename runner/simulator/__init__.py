@@ -24,7 +24,7 @@ async def serve(books: Books, host: str = "127.0.0.1", port: int = 0) -> AsyncIt
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
-    server = site._server  # noqa: SLF001 - aiohttp offers no public way to read the bound port
+    server = site._server
     assert server is not None
     sockets: Any = getattr(server, "sockets", None)
     bound = sockets[0].getsockname()[1]

@@ -17,9 +17,7 @@ from runner.simulator.fakes import Fake, generate, prompt_tokens
 
 BOOKS: web.AppKey[Books] = web.AppKey("books", Books)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-HTML_502 = (
-    "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
-)
+HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -57,9 +55,7 @@ def _completion(body: dict[str, Any], fake: Fake, request_id: str) -> dict[str, 
         "object": "chat.completion",
         "created": int(time.time()),
         "model": body["model"],
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": fake.finish_reason, "logprobs": None}
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": fake.finish_reason, "logprobs": None}],
         "usage": fake.usage(),
     }
 
@@ -123,9 +119,7 @@ async def _fault_reply(
                 429,
                 headers,
             )
-        return _json(
-            {"error": {"message": "rate limited (simulated)", "type": "rate_limit"}}, 429, headers
-        )
+        return _json({"error": {"message": "rate limited (simulated)", "type": "rate_limit"}}, 429, headers)
     if fault in ("500", "502", "503"):
         status = int(fault)
         if run_api:
@@ -140,9 +134,7 @@ async def _fault_reply(
     if fault == "502html":
         return web.Response(text=HTML_502, status=502, content_type="text/html")
     if fault == "envelope":
-        return _json(
-            {"success": False, "error": "simulated upstream failure", "code": "UPSTREAM_ERROR"}
-        )
+        return _json({"success": False, "error": "simulated upstream failure", "code": "UPSTREAM_ERROR"})
     if fault == "402":
         return _run_error(402, "INSUFFICIENT_CREDITS", "insufficient credits (simulated)")
     if fault == "401":
@@ -226,9 +218,7 @@ async def _stream(
     price: Any,
     spread: float,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     chunks = _chunks(body, fake, request_id)
     pause = spread / len(chunks) if spread else 0.0
@@ -274,9 +264,7 @@ async def run_api(request: web.Request) -> web.StreamResponse:
         return _json({"success": True, "price": "0", "data": _models_list()})
     if path != "/v1/chat/completions" or not isinstance(envelope.get("body"), dict):
         return _run_error(404, "NOT_FOUND", f"no such endpoint: {path}")
-    return await _serve_chat(
-        request, envelope["body"], run_api=True, dry_run=bool(envelope.get("dryRun"))
-    )
+    return await _serve_chat(request, envelope["body"], run_api=True, dry_run=bool(envelope.get("dryRun")))
 
 
 async def openai_chat(request: web.Request) -> web.StreamResponse:

@@ -11,10 +11,31 @@ from typing import Any
 from runner import schema
 from runner.catalog import ModelInfo
 
-WORDS = (
-    "simulated reply lorem ipsum tide glacier honey compiler photon orbit river lantern meadow "
-    "quartz ember harbor violet signal canyon pebble thunder copper willow"
-).split()
+WORDS = [
+    "simulated",
+    "reply",
+    "lorem",
+    "ipsum",
+    "tide",
+    "glacier",
+    "honey",
+    "compiler",
+    "photon",
+    "orbit",
+    "river",
+    "lantern",
+    "meadow",
+    "quartz",
+    "ember",
+    "harbor",
+    "violet",
+    "signal",
+    "canyon",
+    "pebble",
+    "thunder",
+    "copper",
+    "willow",
+]
 EFFORT_TOKENS = {"low": 16, "medium": 48, "high": 96}
 BYTES_PER_TOKEN = 4  # the simulator's tokenizer: fewer tokens than runner's conservative estimate
 TOKENS_PER_MESSAGE = 4
@@ -67,7 +88,7 @@ def instance_of(spec: Any, rng: random.Random, depth: int = 0) -> Any:
     """A value that matches a (simple) JSON schema."""
     if not isinstance(spec, dict):
         return "simulated"
-    if "enum" in spec and spec["enum"]:
+    if spec.get("enum"):
         return spec["enum"][0]
     kind = spec.get("type", "object")
     if isinstance(kind, list):
@@ -78,9 +99,7 @@ def instance_of(spec: Any, rng: random.Random, depth: int = 0) -> Any:
             return {}
         return {name: instance_of(sub, rng, depth + 1) for name, sub in props.items()}
     if kind == "array":
-        return [
-            instance_of(spec.get("items") or {"type": "string"}, rng, depth + 1) for _ in range(2)
-        ]
+        return [instance_of(spec.get("items") or {"type": "string"}, rng, depth + 1) for _ in range(2)]
     if kind == "integer":
         return rng.randint(0, 9)
     if kind == "number":

@@ -1,0 +1,245 @@
+"""Estimate and run against the real loopback simulator: money, resume, faults, Parquet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import polars as pl
+import pytest
+from openai.types.chat import ChatCompletion
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.connect import Connection
+from runner.engine import RunOptions, run_job
+from runner.errors import BudgetExceeded, JobChanged
+from runner.export import SCHEMA, export_jsonl, export_parquet
+from runner.ledger import Ledger
+from runner.money import from_nanos, to_nanos
+from runner.providers.orthogonal import OrthogonalProvider
+from runner.simulator import SimulatorThread
+
+cli = CliRunner()
+
+
+def job_lines(n: int, prefix: str = "q", max_tokens: int = 50) -> list[dict[str, Any]]:
+    return [
+        {
+            "custom_id": f"{prefix}{i}",
+            "model": "openai/gpt-oss-120b",
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": f"question {prefix} {i}"}],
+            "metadata": {"i": i},
+        }
+        for i in range(n)
+    ]
+
+
+async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any:
+    provider = OrthogonalProvider(api_key="k", base_url=sim.base_url, timeout=httpx.Timeout(1.0))
+    try:
+        budget = kw.pop("budget", None)
+        max_usd = kw.pop("max_usd", Decimal("1") if budget is None else None)
+        options = RunOptions(**{"concurrency": 8, **kw})
+        return await run_job(
+            job,
+            conn=Connection(provider, "sim"),
+            ledger=ledger,
+            budget=budget,
+            max_usd=max_usd,
+            options=options,
+        )
+    finally:
+        await provider.aclose()
+
+
+async def test_run_settles_every_request_and_matches_the_simulator(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(30))
+    result = await run(sim, job, ledger)
+    assert result.state == "done"
+    assert result.states == {"ok": 30}
+    assert result.spent_nanos == sim.books.charged_nanos
+    path = tmp_path / "out.parquet"
+    assert export_parquet(ledger, result.run_id, path) == 30
+    df = pl.read_parquet(path)
+    assert dict(df.schema) == SCHEMA
+    assert df["price_usd"].sum() == from_nanos(sim.books.charged_nanos)
+    assert df["metadata"].map_elements(
+        lambda m: json.loads(m)["i"], return_dtype=pl.Int64
+    ).sort().to_list() == list(range(30))
+    assert (df["quote_usd"] >= df["price_usd"]).all()
+    assert df["started_at"].dtype == pl.Datetime("us", "UTC")
+
+
+async def test_second_run_resumes_and_sends_nothing(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(10))
+    first = await run(sim, job, ledger)
+    calls = sim.books.counters["run.call"]
+    dry_runs = sim.books.counters["run.dry_run"]
+    again = await run(sim, job, ledger)
+    assert again.run_id == first.run_id or again.state == "done"
+    assert sim.books.counters["run.call"] == calls
+    assert sim.books.counters["run.dry_run"] == dry_runs  # quotes come from the ledger
+
+
+async def test_a_changed_line_is_a_clear_error(sim: SimulatorThread, write_job: Callable[..., Path]) -> None:
+    ledger = Ledger()
+    lines = job_lines(5)
+    job = write_job(lines)
+    sim.books.configure({"balance": "0.0000001"})  # the run stops (402) and stays unfinished
+    result = await run(sim, job, ledger)
+    assert result.state == "stopped"
+    lines[2]["messages"][0]["content"] = "edited"
+    write_job(lines)
+    with pytest.raises(JobChanged, match=r"job.jsonl:3: custom_id 'q2' changed"):
+        await run(sim, job, ledger)
+
+
+async def test_402_stops_the_run_fast_and_resume_finishes_it(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(40))
+    sim.books.configure({"script": [{"fault": "402"}]})
+    sim.books.configure({"latency": "0.05"})
+    result = await run(sim, job, ledger)
+    assert result.state == "stopped"
+    assert "provider stopped the run" in (result.reason or "")
+    assert result.states.get("pending", 0) > 0
+    resumed = await run(sim, job, ledger)
+    assert resumed.run_id == result.run_id
+    assert resumed.state == "done"
+    assert resumed.states == {"ok": 40}
+    assert resumed.spent_nanos == sim.books.charged_nanos
+
+
+@pytest.mark.parametrize(
+    ("faults", "state", "attempts"),
+    [
+        (["429", "429", "429"], "ok", 4),
+        (["500", "502", "503"], "ok", 4),
+        (["502html"], "ok", 2),
+        (["envelope"], "ok", 2),
+        (["reset"], "possibly_billed", 1),
+        (["stall"], "possibly_billed", 1),
+        (["500"] * 6, "failed", 6),
+    ],
+)
+async def test_fault_matrix(
+    sim: SimulatorThread,
+    write_job: Callable[..., Path],
+    faults: list[str],
+    state: str,
+    attempts: int,
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(3))
+    sim.books.configure({"stall_s": 2.0, "script": [{"fault": f, "match": "question q 1"} for f in faults]})
+    result = await run(sim, job, ledger)
+    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(result.run_id) for r in batch}
+    assert rows["q1"]["state"] == state
+    assert rows["q1"]["attempts"] == attempts
+    assert rows["q0"]["state"] == rows["q2"]["state"] == "ok"
+    view = ledger.budget_by_id(ledger.run(result.run_id)["budget_id"])
+    assert view.reserved_nanos == 0
+    held = rows["q1"]["reserved_nanos"] if state == "possibly_billed" else 0
+    assert view.possibly_billed_nanos == held
+    # the simulator charged what the runner settled, plus what is possibly billed
+    settled = sum(r["price_nanos"] or 0 for r in rows.values())
+    assert view.spent_nanos == settled
+    extra = sim.books.charged_nanos - settled
+    assert extra == 0 if state != "possibly_billed" else 0 < extra <= held
+
+
+async def test_over_budget_refuses_and_partial_runs_what_fits(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    ledger.create_budget("small", 60_000)  # $0.00006: a few requests' quotes
+    job = write_job(job_lines(20))
+    with pytest.raises(BudgetExceeded) as caught:
+        await run(sim, job, ledger, budget="small")
+    assert caught.value.shortfall_nanos > 0
+    assert sim.books.counters["run.call"] == 0
+    result = await run(sim, job, ledger, budget="small", partial=True, concurrency=1)
+    view = ledger.budget("small")
+    assert 0 < result.states["ok"] < 20
+    assert view.spent_nanos + view.reserved_nanos <= view.limit_nanos
+    assert result.state == "stopped"
+
+
+def test_estimate_cli_caches_quotes_and_exits_3_over_budget(write_job: Callable[..., Path]) -> None:
+    job = write_job(job_lines(12))
+    assert cli.invoke(app, ["budget", "create", "tiny", "--limit", "0.00001"]).exit_code == 0
+    first = cli.invoke(app, ["estimate", str(job), "--provider", "simulator"])
+    assert first.exit_code == 0, first.output
+    assert "quote calls made: 12" in first.output
+    second = cli.invoke(app, ["estimate", str(job), "--provider", "simulator", "--budget", "tiny"])
+    assert "quote calls made: 0" in second.output  # a fresh simulator saw no dry run at all
+    assert second.exit_code == 3
+    assert "over budget 'tiny' by $" in second.output
+
+
+def test_openai_batch_export_validates_as_chat_completions(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(4))
+    sim.books.configure({"script": [{"fault": "reset", "match": "question q 3"}]})
+    result = anyio.run(lambda: run(sim, job, ledger))
+    path = tmp_path / "out.jsonl"
+    assert export_jsonl(ledger, result.run_id, path) == 4
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        assert set(line) == {"id", "custom_id", "response", "error"}
+        if line["custom_id"] == "q3":
+            assert line["response"] is None and line["error"]["code"]
+        else:
+            assert line["response"]["status_code"] == 200
+            ChatCompletion.model_validate(line["response"]["body"])
+
+
+def test_demo_command_from_the_readme_runs_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "RUNNER_DB": f"sqlite:///{tmp_path / 'demo.db'}"}
+    out = tmp_path / "demo.parquet"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runner",
+            "run",
+            "jobs/demo.jsonl",
+            "--provider",
+            "simulator",
+            "--max-usd",
+            "1.00",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "done" in result.stdout
+    df = pl.read_parquet(out)
+    assert df.height == 22
+    assert (df["status"] == "ok").all()
+    assert to_nanos(df["price_usd"].sum()) > 0
