@@ -18,6 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
+import runner
 from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
@@ -243,3 +244,12 @@ def test_demo_command_from_the_readme_runs_end_to_end(tmp_path: Path) -> None:
     assert df.height == 22
     assert (df["status"] == "ok").all()
     assert to_nanos(df["price_usd"].sum()) > 0
+
+
+def test_python_api_runs_and_reports(tmp_path: Path) -> None:
+    ledger = runner.Ledger()
+    result = anyio.run(runner.run_simulated, "jobs/demo.jsonl", "1.00", ledger)
+    assert result.state == "done"
+    table = runner.per_model(runner.run_frame(ledger, result.run_id))
+    assert table["ok"].sum() == 22
+    assert table["charged_usd"].sum() == from_nanos(result.spent_nanos)
