@@ -1,9 +1,10 @@
 """The one place that makes HTTP clients and reads rate-limit and retry headers.
 
-Transport choice (benchmarks/transport.py, same zero-latency loopback server, one run on this 2-core
-machine): httpx's default transport is the slowest of the three; httpx over the aiohttp transport is
-several times faster, and a bare aiohttp loop faster still but would spread aiohttp's API through the
-code. So the code is written against httpx and runs over `httpx_aiohttp.AiohttpTransport`.
+Transport choice, measured by benchmarks/transport.py (5,000 requests, concurrency 64, one aiohttp
+server process on loopback, this 2-core machine, one run): bare aiohttp 10,872 req/s (baseline),
+httpx's default transport 513 req/s (0.05 x), httpx over httpx-aiohttp's AiohttpTransport 3,041 req/s
+(0.28 x). The code stays written against httpx and runs over AiohttpTransport: six times the default
+transport, and the only place aiohttp shows is here.
 """
 
 from __future__ import annotations
