@@ -132,8 +132,27 @@ def validate(
 @friendly
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document.")] = False,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="Ask this provider for its live list (free).")
+    ] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="The provider's base URL.")] = None,
 ) -> None:
     """List the model catalog: context windows, reasoning support and prices per 1M tokens."""
+    if provider is not None:
+        settings = _settings(provider, base_url, None, "tokens")
+
+        async def live() -> list[str]:
+            async with connect(settings) as conn:
+                return await conn.provider.models()
+
+        slugs = anyio.run(live)
+        if as_json:
+            out.print(json.dumps(slugs, indent=2), markup=False, highlight=False)
+        else:
+            for slug in slugs:
+                known = "" if slug in catalog.MODELS else "  (not in runner's catalog)"
+                out.print(f"{slug}{known}", markup=False, highlight=False)
+        return
     rows = list(catalog.MODELS.values())
 
     def per_million(price: Any) -> str:

@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from typer.testing import CliRunner
 
 from runner import catalog, http
+from runner.cli import app
 from runner.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
 from runner.jobs import body_sha256, read_job
 from runner.models import ChatRequest
@@ -392,3 +394,21 @@ def test_dry_run_price_is_the_charge_or_a_bound(pricing: str) -> None:
                 assert 0 < charged <= quoted
 
         check()
+
+
+def test_models_cli_lists_the_live_models_of_a_provider(
+    sim: SimulatorThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = CliRunner().invoke(app, ["models", "--provider", "simulator", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == sorted(catalog.MODELS)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    result = CliRunner().invoke(
+        app, ["models", "--provider", "openai", "--base-url", sim.base_url + "/v1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == sorted(catalog.MODELS)
+    assert sim.books.counters["openai.models"] == 1
+    result = CliRunner().invoke(app, ["models", "--provider", "orthogonal"])
+    assert result.exit_code == 2
+    assert "ORTHOGONAL_API_KEY" in result.output
