@@ -20,7 +20,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from runner import catalog
-from runner.connect import PROVIDERS, ProviderSettings, connect
+from runner.connect import ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
 from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
 from runner.events import Event, Notice, Quoted, RequestFinished
@@ -205,9 +205,6 @@ SimPricingOpt = Annotated[str, typer.Option("--sim-pricing", help="Simulator: to
 def _settings(
     provider: str, base_url: str | None, price_file: Path | None, sim_pricing: str
 ) -> ProviderSettings:
-    if provider not in PROVIDERS:
-        msg = f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}"
-        raise ConfigError(msg)
     return ProviderSettings(name=provider, base_url=base_url, price_file=price_file, sim_pricing=sim_pricing)
 
 

@@ -242,7 +242,7 @@ class Engine:
 
         def apply(db: Db) -> None:
             _record(db, row_id, attempts, "ok", None, outcome.latency_s)
-            charged = price if price is not None else self.ledger._held(db, row_id)[0]
+            charged = price if price is not None else self.ledger.held(db, row_id)[0]
             self.ledger.settle(db, Settlement(row_id, charged, fields))
 
         await self.writer.submit(apply)

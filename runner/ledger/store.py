@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, select, u
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from runner.errors import BudgetExceeded, BudgetLimitTooLow, BudgetNotFound, LedgerError
+from runner.errors import BudgetLimitTooLow, BudgetNotFound, LedgerError
 from runner.ledger.tables import Budget, LedgerEntry, QuoteCache, Request, Run, utcnow
 from runner.money import format_usd
 
@@ -133,7 +133,7 @@ class Ledger:
                 "created_at": utcnow(),
             }
             budget_id = conn.execute(B.insert().values(**row)).inserted_primary_key[0]  # type: ignore[index]
-            self._entry(conn, budget_id, "create", limit_nanos)
+            self._add_entry(conn, budget_id, "create", limit_nanos)
         return self.budget(name)
 
     def budget(self, name: str, conn: Connection | None = None) -> BudgetView:
@@ -168,7 +168,7 @@ class Ledger:
                 msg = f"budget '{name}' cannot go below what is spent and reserved ({format_usd(committed)})"
                 raise BudgetLimitTooLow(msg)
             conn.execute(update(B).where(B.c.id == current.id).values(limit_nanos=limit_nanos))
-            self._entry(conn, current.id, "raise", limit_nanos - current.limit_nanos)
+            self._add_entry(conn, current.id, "raise", limit_nanos - current.limit_nanos)
         return self.budget(name)
 
     def history(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -177,19 +177,18 @@ class Ledger:
         with self.reader.connect() as c:
             return [dict(row._mapping) for row in c.execute(query)]
 
-    @staticmethod
-    def _entry(conn: Connection, budget_id: int, kind: str, amount: int, **ids: Any) -> None:
-        conn.execute(
-            E.insert().values(budget_id=budget_id, kind=kind, amount_nanos=amount, at=utcnow(), **ids)
-        )
-
     # ---- reservations (call inside a transaction; the Writer groups them) -----------------
     # The hot path speaks plain SQL through exec_driver_sql: the same statements as Core, without
     # its per-statement compile and type-processing cost (benchmarks/ledger.py).
 
     @staticmethod
     def _add_entry(
-        conn: Connection, budget_id: int, kind: str, amount: int, run_id: str, request_id: int
+        conn: Connection,
+        budget_id: int,
+        kind: str,
+        amount: int,
+        run_id: str | None = None,
+        request_id: int | None = None,
     ) -> None:
         conn.exec_driver_sql(
             "INSERT INTO ledger_entries (budget_id, kind, amount_nanos, at, run_id, request_id)"
@@ -224,7 +223,7 @@ class Ledger:
             values["started_at"] = _NOW
         self._update_request(conn, request_id, values)
 
-    def _held(self, conn: Connection, request_id: int) -> tuple[int, int, str]:
+    def held(self, conn: Connection, request_id: int) -> tuple[int, int, str]:
         row = conn.exec_driver_sql(
             "SELECT requests.reserved_nanos, runs.budget_id, requests.run_id FROM requests"
             " JOIN runs ON runs.id = requests.run_id WHERE requests.id = ?",
@@ -234,7 +233,7 @@ class Ledger:
 
     def settle(self, conn: Connection, settlement: Settlement) -> None:
         """The reservation becomes the real charge, with the response, in one transaction."""
-        held, budget_id, run_id = self._held(conn, settlement.request_id)
+        held, budget_id, run_id = self.held(conn, settlement.request_id)
         price = settlement.price_nanos
         conn.exec_driver_sql(
             "UPDATE budgets SET reserved_nanos = reserved_nanos - ?, spent_nanos = spent_nanos + ?"
@@ -249,7 +248,7 @@ class Ledger:
 
     def release(self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
         """Give back an unused reservation (the request failed before anything was billed)."""
-        held, budget_id, run_id = self._held(conn, request_id)
+        held, budget_id, run_id = self.held(conn, request_id)
         conn.exec_driver_sql(
             "UPDATE budgets SET reserved_nanos = reserved_nanos - ? WHERE id = ?", (held, budget_id)
         )
@@ -260,7 +259,7 @@ class Ledger:
 
     def mark_possibly_billed(self, conn: Connection, request_id: int, fields: dict[str, Any]) -> None:
         """An unknown outcome: the reservation stays counted, as possibly billed."""
-        held, budget_id, run_id = self._held(conn, request_id)
+        held, budget_id, run_id = self.held(conn, request_id)
         conn.exec_driver_sql(
             "UPDATE budgets SET reserved_nanos = reserved_nanos - ?,"
             " possibly_billed_nanos = possibly_billed_nanos + ? WHERE id = ?",
@@ -271,7 +270,7 @@ class Ledger:
 
     def forgive_possibly_billed(self, conn: Connection, request_id: int) -> None:
         """The user chose to re-send: the possibly-billed hold becomes an ordinary reservation."""
-        held, budget_id, run_id = self._held(conn, request_id)
+        held, budget_id, run_id = self.held(conn, request_id)
         conn.execute(
             update(B)
             .where(B.c.id == budget_id)
@@ -281,7 +280,7 @@ class Ledger:
             )
         )
         conn.execute(update(RQ).where(RQ.c.id == request_id).values(state="reserved"))
-        self._entry(conn, budget_id, "reserve", held, run_id=run_id, request_id=request_id)
+        self._add_entry(conn, budget_id, "reserve", held, run_id, request_id)
 
     # ---- quotes --------------------------------------------------------------------------
 
@@ -433,4 +432,4 @@ def metadata_text(metadata: dict[str, Any]) -> str | None:
     return json.dumps(metadata, ensure_ascii=False, sort_keys=True) if metadata else None
 
 
-__all__ = ["BudgetExceeded", "BudgetView", "Ledger", "Settlement"]
+__all__ = ["BudgetView", "Ledger", "Settlement"]

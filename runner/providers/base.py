@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import httpx
 from httpx_sse import EventSource
 
-from runner import http
+from runner import http, schema
 from runner.errors import (
     OutcomeUnknown,
     ProviderError,
@@ -275,8 +275,6 @@ def outcome_from(
 
 def table_quote(body: JSON, info: Any) -> Quote:
     """An upper bound from a price table: estimated input tokens × input + max_tokens × output."""
-    from runner import schema  # noqa: PLC0415 - schema imports catalog; keep base import-light
-
     if info is None or not info.priced:
         reason = "model not in the price table" if info is None else "no published price"
         return Quote(amount=None, exact=False, source="price_table", reason=reason)
