@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from sqlalchemy import Connection as Db
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import http, schema
@@ -37,14 +36,13 @@ from runner.events import Listener, Notice, RequestFinished, Retrying, ignore
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text
-from runner.ledger.tables import Attempt, utcnow
+from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
 from runner.limits import AdaptiveLimit, TokenBucket
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, from_nanos, to_nanos
 from runner.quote import Estimate, cache_key, quote_requests
 
-A = Attempt.__table__  # type: ignore[attr-defined]
 BATCH = 500
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
@@ -242,7 +240,7 @@ class Engine:
 
         def apply(db: Db) -> None:
             _record(db, row_id, attempts, "ok", None, outcome.latency_s)
-            charged = price if price is not None else self.ledger.held(db, row_id)[0]
+            charged = price if price is not None else self.ledger.held(db, row_id)
             self.ledger.settle(db, Settlement(row_id, charged, fields))
 
         await self.writer.submit(apply)
@@ -281,17 +279,8 @@ class Engine:
 def _record(
     db: Db, row_id: int, number: int, outcome: str, exc: ProviderError | None, latency: float | None
 ) -> None:
-    db.execute(
-        A.insert().values(
-            request_id=row_id,
-            number=number,
-            outcome=outcome,
-            status=exc.status if exc else 200,
-            error=str(exc)[:500] if exc else None,
-            latency_s=latency,
-            at=utcnow(),
-        )
-    )
+    error = str(exc)[:500] if exc else None
+    db.attempt(row_id, number, outcome, exc.status if exc else 200, error, latency)
 
 
 def _take(iterator: Any, size: int) -> list[ChatRequest]:

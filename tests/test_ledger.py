@@ -6,6 +6,7 @@ import multiprocessing
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ def test_a_database_of_the_previous_revision_is_upgraded(tmp_path: Path) -> None
 
 
 class Books(RuleBasedStateMachine):
-    """Any sequence of reserve / settle / release / possibly_billed keeps the books exact."""
+    """Any sequence of reserve / settle / release / possibly_billed, grouped into transactions of any
+    size (as the Writer groups them), keeps the books exact and never passes the limit."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,24 +110,25 @@ class Books(RuleBasedStateMachine):
         self.open: dict[int, int] = {}
         self.free = add_request(self.ledger, self.budget.id, "run", 40)
         self.spent = self.possibly = 0
+        self.batch: list[Callable[[Any], bool | None]] = []  # ops of the transaction not yet committed
+        self.expected: list[bool | None] = []
 
     @initialize()
     def start(self) -> None:
         pass
+
+    def _queue(self, op: Callable[[Any], bool | None], expected: bool | None = None) -> None:
+        self.batch.append(op)
+        self.expected.append(expected)
 
     @rule(amount=st.integers(0, 400_000))
     def reserve(self, amount: int) -> None:
         if not self.free:
             return
         request = self.free.pop()
-        before = self.ledger.budget("b")
-        with self.ledger.transaction() as db:
-            granted = self.ledger.reserve(db, self.budget.id, "run", request, amount)
-        fits = (
-            before.spent_nanos + before.reserved_nanos + before.possibly_billed_nanos + amount <= self.limit
-        )
-        assert granted == fits
-        if granted:
+        fits = self.spent + sum(self.open.values()) + self.possibly + amount <= self.limit
+        self._queue(lambda db: self.ledger.reserve(db, self.budget.id, "run", request, amount), fits)
+        if fits:
             self.open[request] = amount
 
     @rule(data=st.data())
@@ -134,8 +137,7 @@ class Books(RuleBasedStateMachine):
             return
         request = data.draw(st.sampled_from(sorted(self.open)))
         price = data.draw(st.integers(0, self.open.pop(request)))
-        with self.ledger.transaction() as db:
-            self.ledger.settle(db, Settlement(request, price, {}))
+        self._queue(lambda db: self.ledger.settle(db, Settlement(request, price, {})))
         self.spent += price
 
     @rule(data=st.data())
@@ -143,19 +145,26 @@ class Books(RuleBasedStateMachine):
         if self.open:
             request = data.draw(st.sampled_from(sorted(self.open)))
             self.open.pop(request)
-            with self.ledger.transaction() as db:
-                self.ledger.release(db, request, state="failed", fields={})
+            self._queue(lambda db: self.ledger.release(db, request, state="failed", fields={}))
 
     @rule(data=st.data())
     def possibly_billed(self, data: st.DataObject) -> None:
         if self.open:
             request = data.draw(st.sampled_from(sorted(self.open)))
             self.possibly += self.open.pop(request)
-            with self.ledger.transaction() as db:
-                self.ledger.mark_possibly_billed(db, request, {})
+            self._queue(lambda db: self.ledger.mark_possibly_billed(db, request, {}))
+
+    @rule()
+    def commit(self) -> None:
+        with self.ledger.transaction() as db:
+            results = [op(db) for op in self.batch]
+        assert results == self.expected
+        self.batch, self.expected = [], []
 
     @invariant()
     def books_balance(self) -> None:
+        if self.batch:
+            return  # the books are checked between transactions
         view = self.ledger.budget("b")
         assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
         assert view.spent_nanos == self.spent
@@ -181,7 +190,7 @@ class Books(RuleBasedStateMachine):
 
 
 TestBooks = Books.TestCase
-TestBooks.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
+TestBooks.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
 
 
 def _hammer(db_url: str, run_id: str, seconds: float, out: Any) -> None:

@@ -24,6 +24,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from runner.errors import BudgetLimitTooLow, BudgetNotFound, LedgerError
 from runner.ledger.tables import Budget, LedgerEntry, QuoteCache, Request, Run, utcnow
+from runner.ledger.tx import NOW, Hold, Tx
 from runner.money import format_usd
 
 BUSY_TIMEOUT_MS = 30_000
@@ -112,9 +113,12 @@ class Ledger:
             command.upgrade(config, "head")
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite); what it buffered is written at the end."""
         with self.engine.begin() as conn:
-            yield conn
+            tx = Tx(conn)
+            yield tx
+            tx.flush()
 
     # ---- budgets --------------------------------------------------------------------------
 
@@ -122,7 +126,8 @@ class Ledger:
         if limit_nanos < 0:
             msg = "a budget's limit cannot be negative"
             raise LedgerError(msg)
-        with self.transaction() as conn:
+        with self.transaction() as tx:
+            conn = tx.conn
             if conn.execute(select(B.c.id).where(B.c.name == name)).first():
                 msg = f"budget '{name}' already exists (use `runner budget raise`)"
                 raise LedgerError(msg)
@@ -133,7 +138,7 @@ class Ledger:
                 "created_at": utcnow(),
             }
             budget_id = conn.execute(B.insert().values(**row)).inserted_primary_key[0]  # type: ignore[index]
-            self._add_entry(conn, budget_id, "create", limit_nanos)
+            tx.budget_entry(budget_id, "create", limit_nanos)
         return self.budget(name)
 
     def budget(self, name: str, conn: Connection | None = None) -> BudgetView:
@@ -161,14 +166,15 @@ class Ledger:
             return [_budget_view(row) for row in c.execute(query)]
 
     def set_limit(self, name: str, limit_nanos: int) -> BudgetView:
-        with self.transaction() as conn:
+        with self.transaction() as tx:
+            conn = tx.conn
             current = self.budget(name, conn)
             committed = current.spent_nanos + current.reserved_nanos + current.possibly_billed_nanos
             if limit_nanos < committed:
                 msg = f"budget '{name}' cannot go below what is spent and reserved ({format_usd(committed)})"
                 raise BudgetLimitTooLow(msg)
             conn.execute(update(B).where(B.c.id == current.id).values(limit_nanos=limit_nanos))
-            self._add_entry(conn, current.id, "raise", limit_nanos - current.limit_nanos)
+            tx.budget_entry(current.id, "raise", limit_nanos - current.limit_nanos)
         return self.budget(name)
 
     def history(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
@@ -177,110 +183,79 @@ class Ledger:
         with self.reader.connect() as c:
             return [dict(row._mapping) for row in c.execute(query)]
 
-    # ---- reservations (call inside a transaction; the Writer groups them) -----------------
-    # The hot path speaks plain SQL through exec_driver_sql: the same statements as Core, without
-    # its per-statement compile and type-processing cost (benchmarks/ledger.py).
+    # ---- money (call inside `transaction()`; the Writer groups many into one) ---------------
+    # These only touch the Tx buffer: totals read once per budget, rows written by executemany at
+    # the commit (runner/ledger/tx.py, benchmarks/ledger.py).
 
     @staticmethod
-    def _add_entry(
-        conn: Connection,
-        budget_id: int,
-        kind: str,
-        amount: int,
-        run_id: str | None = None,
-        request_id: int | None = None,
-    ) -> None:
-        conn.exec_driver_sql(
-            "INSERT INTO ledger_entries (budget_id, kind, amount_nanos, at, run_id, request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (budget_id, kind, amount, _now_text(), run_id, request_id),
-        )
-
-    @staticmethod
-    def _update_request(conn: Connection, request_id: int, values: dict[str, Any]) -> None:
-        names = ", ".join(f"{name} = ?" for name in values)
-        params = tuple(_now_text() if v is _NOW else v for v in values.values())
-        sql = f"UPDATE requests SET {names} WHERE id = ?"  # noqa: S608 - the column names are ours
-        conn.exec_driver_sql(sql, (*params, request_id))
-
-    def reserve(self, conn: Connection, budget_id: int, run_id: str, request_id: int, amount: int) -> bool:
-        """Hold `amount` for a request; granted only if spent + reserved + amount <= limit."""
-        granted = conn.exec_driver_sql(
-            "UPDATE budgets SET reserved_nanos = reserved_nanos + ? WHERE id = ?"
-            " AND spent_nanos + reserved_nanos + possibly_billed_nanos + ? <= limit_nanos",
-            (amount, budget_id, amount),
-        ).rowcount
-        if not granted:
+    def reserve(tx: Tx, budget_id: int, run_id: str, request_id: int, amount: int) -> bool:
+        """Hold `amount`: granted only if spent + reserved + possibly billed + amount <= limit."""
+        totals = tx.totals(budget_id)
+        if not totals.fits(amount):
             return False
-        self._update_request(conn, request_id, {"state": "reserved", "reserved_nanos": amount})
-        self._add_entry(conn, budget_id, "reserve", amount, run_id, request_id)
+        totals.reserved += amount
+        hold = Hold(amount, budget_id, run_id)
+        tx.set_hold(request_id, hold)
+        tx.update_request(request_id, {"state": "reserved"})
+        tx.entry("reserve", amount, hold, request_id)
         return True
 
-    def mark_sending(self, conn: Connection, request_id: int, attempt: int) -> None:
+    @staticmethod
+    def mark_sending(tx: Tx, request_id: int, attempt: int) -> None:
         """Recorded before each send: a killed process leaves this, and resume reads it as unknown."""
         values: dict[str, Any] = {"state": "sending", "attempts": attempt}
         if attempt == 1:
-            values["started_at"] = _NOW
-        self._update_request(conn, request_id, values)
+            values["started_at"] = NOW
+        tx.update_request(request_id, values)
 
-    def held(self, conn: Connection, request_id: int) -> tuple[int, int, str]:
-        row = conn.exec_driver_sql(
-            "SELECT requests.reserved_nanos, runs.budget_id, requests.run_id FROM requests"
-            " JOIN runs ON runs.id = requests.run_id WHERE requests.id = ?",
-            (request_id,),
-        ).one()
-        return int(row[0]), int(row[1]), str(row[2])
+    @staticmethod
+    def held(tx: Tx, request_id: int) -> int:
+        return tx.hold(request_id).amount
 
-    def settle(self, conn: Connection, settlement: Settlement) -> None:
+    @staticmethod
+    def settle(tx: Tx, settlement: Settlement) -> None:
         """The reservation becomes the real charge, with the response, in one transaction."""
-        held, budget_id, run_id = self.held(conn, settlement.request_id)
-        price = settlement.price_nanos
-        conn.exec_driver_sql(
-            "UPDATE budgets SET reserved_nanos = reserved_nanos - ?, spent_nanos = spent_nanos + ?"
-            " WHERE id = ?",
-            (held, price, budget_id),
-        )
-        values = {"state": "ok", "reserved_nanos": 0, "price_nanos": price, "finished_at": _NOW}
-        self._update_request(conn, settlement.request_id, {**values, **settlement.fields})
-        self._add_entry(conn, budget_id, "settle", price, run_id, settlement.request_id)
-        if held > price:
-            self._add_entry(conn, budget_id, "release", held - price, run_id, settlement.request_id)
+        request_id, price = settlement.request_id, settlement.price_nanos
+        hold = tx.hold(request_id)
+        totals = tx.totals(hold.budget_id)
+        totals.reserved -= hold.amount
+        totals.spent += price
+        tx.update_request(request_id, {"state": "ok", "price_nanos": price, "finished_at": NOW})
+        tx.update_request(request_id, settlement.fields)
+        tx.set_hold(request_id, Hold(0, hold.budget_id, hold.run_id))
+        tx.entry("settle", price, hold, request_id)
+        if hold.amount > price:
+            tx.entry("release", hold.amount - price, hold, request_id)
 
-    def release(self, conn: Connection, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
+    @staticmethod
+    def release(tx: Tx, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
         """Give back an unused reservation (the request failed before anything was billed)."""
-        held, budget_id, run_id = self.held(conn, request_id)
-        conn.exec_driver_sql(
-            "UPDATE budgets SET reserved_nanos = reserved_nanos - ? WHERE id = ?", (held, budget_id)
-        )
-        values = {"state": state, "reserved_nanos": 0, "finished_at": _NOW}
-        self._update_request(conn, request_id, {**values, **fields})
-        if held:
-            self._add_entry(conn, budget_id, "release", held, run_id, request_id)
+        hold = tx.hold(request_id)
+        tx.totals(hold.budget_id).reserved -= hold.amount
+        tx.update_request(request_id, {"state": state, "finished_at": NOW, **fields})
+        tx.set_hold(request_id, Hold(0, hold.budget_id, hold.run_id))
+        if hold.amount:
+            tx.entry("release", hold.amount, hold, request_id)
 
-    def mark_possibly_billed(self, conn: Connection, request_id: int, fields: dict[str, Any]) -> None:
+    @staticmethod
+    def mark_possibly_billed(tx: Tx, request_id: int, fields: dict[str, Any]) -> None:
         """An unknown outcome: the reservation stays counted, as possibly billed."""
-        held, budget_id, run_id = self.held(conn, request_id)
-        conn.exec_driver_sql(
-            "UPDATE budgets SET reserved_nanos = reserved_nanos - ?,"
-            " possibly_billed_nanos = possibly_billed_nanos + ? WHERE id = ?",
-            (held, held, budget_id),
-        )
-        self._update_request(conn, request_id, {"state": "possibly_billed", "finished_at": _NOW, **fields})
-        self._add_entry(conn, budget_id, "possibly_billed", held, run_id, request_id)
+        hold = tx.hold(request_id)
+        totals = tx.totals(hold.budget_id)
+        totals.reserved -= hold.amount
+        totals.possibly_billed += hold.amount
+        tx.update_request(request_id, {"state": "possibly_billed", "finished_at": NOW, **fields})
+        tx.entry("possibly_billed", hold.amount, hold, request_id)
 
-    def forgive_possibly_billed(self, conn: Connection, request_id: int) -> None:
+    @staticmethod
+    def forgive_possibly_billed(tx: Tx, request_id: int) -> None:
         """The user chose to re-send: the possibly-billed hold becomes an ordinary reservation."""
-        held, budget_id, run_id = self.held(conn, request_id)
-        conn.execute(
-            update(B)
-            .where(B.c.id == budget_id)
-            .values(
-                possibly_billed_nanos=B.c.possibly_billed_nanos - held,
-                reserved_nanos=B.c.reserved_nanos + held,
-            )
-        )
-        conn.execute(update(RQ).where(RQ.c.id == request_id).values(state="reserved"))
-        self._add_entry(conn, budget_id, "reserve", held, run_id, request_id)
+        hold = tx.hold(request_id)
+        totals = tx.totals(hold.budget_id)
+        totals.possibly_billed -= hold.amount
+        totals.reserved += hold.amount
+        tx.update_request(request_id, {"state": "reserved"})
+        tx.entry("reserve", hold.amount, hold, request_id)
 
     # ---- quotes --------------------------------------------------------------------------
 
@@ -297,16 +272,16 @@ class Ledger:
         rows = list(rows)
         if not rows:
             return
-        with self.transaction() as conn:
+        with self.transaction() as tx:
             keys = [r["key"] for r in rows]
-            conn.execute(Q.delete().where(Q.c.key.in_(keys)))
-            conn.execute(Q.insert(), [{**r, "at": utcnow()} for r in rows])
+            tx.conn.execute(Q.delete().where(Q.c.key.in_(keys)))
+            tx.conn.execute(Q.insert(), [{**r, "at": utcnow()} for r in rows])
 
     # ---- runs ----------------------------------------------------------------------------
 
     def create_run(self, run_id: str, job_path: str, budget_id: int, provider: str) -> None:
-        with self.transaction() as conn:
-            conn.execute(
+        with self.transaction() as tx:
+            tx.conn.execute(
                 RN.insert().values(
                     id=run_id,
                     job_path=job_path,
@@ -320,16 +295,16 @@ class Ledger:
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            with self.transaction() as conn:
-                conn.execute(RQ.insert(), rows)
+            with self.transaction() as tx:
+                tx.conn.execute(RQ.insert(), rows)
 
     def set_total(self, run_id: str, total: int) -> None:
-        with self.transaction() as conn:
-            conn.execute(update(RN).where(RN.c.id == run_id).values(total=total))
+        with self.transaction() as tx:
+            tx.conn.execute(update(RN).where(RN.c.id == run_id).values(total=total))
 
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
-        with self.transaction() as conn:
-            conn.execute(
+        with self.transaction() as tx:
+            tx.conn.execute(
                 update(RN).where(RN.c.id == run_id).values(state=state, reason=reason, finished_at=utcnow())
             )
 
@@ -391,9 +366,9 @@ class Ledger:
             )
             return int(c.execute(query).scalar_one())
 
-    def possibly_billed(self, run_id: str, conn: Connection) -> list[int]:
+    def possibly_billed(self, run_id: str, tx: Tx) -> list[int]:
         query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "possibly_billed")
-        return [int(row[0]) for row in conn.execute(query)]
+        return [int(row[0]) for row in tx.conn.execute(query)]
 
     def iter_request_rows(self, run_id: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
         """All request rows of a run, in line order, a batch at a time (memory stays flat)."""
@@ -407,14 +382,6 @@ class Ledger:
                     return
                 yield [dict(r._mapping) for r in rows]
                 last = rows[-1].line
-
-
-_NOW = object()  # stands for "the time of this write" in request updates
-
-
-def _now_text() -> str:
-    """UTC now, in the text form SQLAlchemy's DateTime uses on SQLite."""
-    return utcnow().strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _budget_view(row: Any) -> BudgetView:

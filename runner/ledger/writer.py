@@ -12,9 +12,9 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from sqlalchemy import Connection
 
 from runner.ledger.store import Ledger
+from runner.ledger.tx import Tx
 
 T = TypeVar("T")
 MAX_BATCH = 512
@@ -22,7 +22,7 @@ MAX_BATCH = 512
 
 @dataclass
 class _Op(Generic[T]):
-    apply: Callable[[Connection], T]
+    apply: Callable[[Tx], T]
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -36,9 +36,12 @@ class Writer:
         self._send, self._receive = anyio.create_memory_object_stream[_Op[Any]](MAX_BATCH * 4)
         self.commits = 0
 
-    async def submit(self, apply: Callable[[Connection], T]) -> T:
+    async def submit(self, apply: Callable[[Tx], T]) -> T:
         op: _Op[T] = _Op(apply)
-        await self._send.send(op)
+        try:
+            self._send.send_nowait(op)
+        except anyio.WouldBlock:
+            await self._send.send(op)
         await op.done.wait()
         if op.error is not None:
             raise op.error
@@ -65,9 +68,9 @@ class Writer:
 
     def _commit(self, batch: list[_Op[Any]]) -> None:
         try:
-            with self.ledger.transaction() as conn:
+            with self.ledger.transaction() as tx:
                 for op in batch:
-                    op.result = op.apply(conn)
+                    op.result = op.apply(tx)
             self.commits += 1
         except BaseException as exc:  # every caller of the batch learns the transaction failed
             for op in batch:
