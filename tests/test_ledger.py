@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,14 +103,22 @@ class Books(RuleBasedStateMachine):
     """Any sequence of reserve / settle / release / possibly_billed, grouped into transactions of any
     size (as the Writer groups them), keeps the books exact and never passes the limit."""
 
+    limit = 1_000_000
+    template: tuple[Path, list[int]] | None = None  # a migrated ledger with the budget and 40 requests
+
     def __init__(self) -> None:
         super().__init__()
-        self.tmp = Path(__import__("tempfile").mkdtemp())
+        self.tmp = Path(tempfile.mkdtemp())
+        if Books.template is None:
+            ledger = Ledger(url(self.tmp, "template.db"))
+            budget = ledger.create_budget("b", self.limit)
+            Books.template = (self.tmp / "template.db", add_request(ledger, budget.id, "run", 40))
+            ledger.close()
+        shutil.copy(Books.template[0], self.tmp / "l.db")
         self.ledger = Ledger(url(self.tmp))
-        self.limit = 1_000_000
-        self.budget = self.ledger.create_budget("b", self.limit)
+        self.budget = self.ledger.budget("b")
         self.open: dict[int, int] = {}
-        self.free = add_request(self.ledger, self.budget.id, "run", 40)
+        self.free = list(Books.template[1])
         self.spent = self.possibly = 0
         self.batch: list[Callable[[Any], bool | None]] = []  # ops of the transaction not yet committed
         self.expected: list[bool | None] = []
@@ -121,7 +131,7 @@ class Books(RuleBasedStateMachine):
         self.batch.append(op)
         self.expected.append(expected)
 
-    @rule(amount=st.integers(0, 400_000))
+    @rule(amount=st.integers(0, 700_000))
     def reserve(self, amount: int) -> None:
         if not self.free:
             return
@@ -187,10 +197,11 @@ class Books(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.ledger.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 TestBooks = Books.TestCase
-TestBooks.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestBooks.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 
 
 def _hammer(db_url: str, run_id: str, seconds: float, out: Any) -> None:
