@@ -110,9 +110,10 @@ class Books(RuleBasedStateMachine):
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp())
         if Books.template is None:
-            ledger = Ledger(url(self.tmp, "template.db"))
+            folder = Path(tempfile.mkdtemp())
+            ledger = Ledger(url(folder))
             budget = ledger.create_budget("b", self.limit)
-            Books.template = (self.tmp / "template.db", add_request(ledger, budget.id, "run", 40))
+            Books.template = (folder / "l.db", add_request(ledger, budget.id, "run", 40))
             ledger.close()
         shutil.copy(Books.template[0], self.tmp / "l.db")
         self.ledger = Ledger(url(self.tmp))
