@@ -295,23 +295,47 @@ def _take(iterator: Any, size: int) -> list[ChatRequest]:
 # ---- pre-flight ---------------------------------------------------------------------------------
 
 
-async def _create_rows(ledger: Ledger, job: Path, run_id: str, scope: str) -> int:
-    def work() -> int:
+async def _sync_rows(ledger: Ledger, job: Path, run_id: str, scope: str, *, creating: bool) -> None:
+    """Give every line of the job its row in the run, or check that the rows still match the file.
+
+    A run's rows are written in chunks and `total` is set after the last one, so a process killed
+    half-way leaves a run with `total == 0`: resuming it finishes the rows instead of calling the
+    missing lines "new". Once a run is complete, a new or changed line is an error.
+    """
+
+    def work() -> None:
         total = 0
         iterator = iter_requests(job)
         while chunk := _take(iterator, 5000):
-            cached = ledger.cached_quotes([cache_key(scope, r) for r in chunk])
-            rows = []
+            rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
+            missing = [r for r in chunk if r.custom_id not in rows]
+            if missing and not creating:
+                raise _changed(job, missing[0], run_id, "is new")
             for r in chunk:
-                quote = cached.get(cache_key(scope, r))
-                known = quote is not None and quote[0] is not None
-                rows.append(_row(run_id, r, quote if known else None))
-            ledger.add_requests(rows)
+                row = rows.get(r.custom_id)
+                if row is not None and row.sha256 != r.sha256:
+                    raise _changed(job, r, run_id, "changed")
+            if missing:
+                cached = ledger.cached_quotes([cache_key(scope, r) for r in missing])
+                quotes = [_known(cached.get(cache_key(scope, r))) for r in missing]
+                ledger.add_requests([_row(run_id, r, q) for r, q in zip(missing, quotes, strict=True)])
             total += len(chunk)
-        ledger.set_total(run_id, total)
-        return total
+        if creating:
+            ledger.set_total(run_id, total)
 
-    return await anyio.to_thread.run_sync(work)
+    await anyio.to_thread.run_sync(work)
+
+
+def _known(quote: Any) -> Any:
+    return quote if quote is not None and quote[0] is not None else None
+
+
+def _changed(job: Path, request: ChatRequest, run_id: str, what: str) -> JobChanged:
+    msg = (
+        f"{job}:{request.line}: custom_id '{request.custom_id}' {what} since run {run_id} began; "
+        "restore the line, or start a fresh run with --new"
+    )
+    return JobChanged(msg)
 
 
 def _row(run_id: str, request: ChatRequest, quote: Any) -> dict[str, Any]:
@@ -330,24 +354,6 @@ def _row(run_id: str, request: ChatRequest, quote: Any) -> dict[str, Any]:
         "error_message": None if quote is not None else "no price could be quoted",
         "metadata_json": metadata_text(request.metadata),
     }
-
-
-async def _check_unchanged(ledger: Ledger, job: Path, run_id: str) -> None:
-    def work() -> None:
-        iterator = iter_requests(job)
-        while chunk := _take(iterator, 1000):
-            rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
-            for r in chunk:
-                row = rows.get(r.custom_id)
-                if row is None or row.sha256 != r.sha256:
-                    what = "is new" if row is None else "changed"
-                    msg = (
-                        f"{job}:{r.line}: custom_id '{r.custom_id}' {what} since run {run_id} began; "
-                        "restore the line, or start a fresh run with --new"
-                    )
-                    raise JobChanged(msg)
-
-    await anyio.to_thread.run_sync(work)
 
 
 async def _recover(ledger: Ledger, run_id: str, retry_possibly_billed: bool) -> None:
@@ -390,7 +396,8 @@ async def run_job(
     job_key = str(await anyio.Path(job).resolve())
     existing = None if options.new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, conn.scope)
     if existing:
-        await _check_unchanged(ledger, job, existing)
+        complete = bool((await anyio.to_thread.run_sync(ledger.run, existing))["total"])
+        await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
         on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
     estimate = await quote_requests(
         iter_requests(job),
@@ -417,7 +424,7 @@ async def run_job(
     run_id = existing or uuid.uuid4().hex[:12]
     if not existing:
         await anyio.to_thread.run_sync(ledger.create_run, run_id, job_key, budget_id, conn.scope)
-        await _create_rows(ledger, job, run_id, conn.scope)
+        await _sync_rows(ledger, job, run_id, conn.scope, creating=True)
     plan = _Plan(run_id, budget_id, bool(existing), estimate)
     engine = Engine(conn, ledger, plan, options, on_event)
     await engine.run(job)
