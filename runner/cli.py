@@ -45,6 +45,7 @@ EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_OVER_BUDGET = 3
 EXIT_RUN_STOPPED = 4
+EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 ERRORS_SHOWN = 20
 
 P = ParamSpec("P")
@@ -67,6 +68,9 @@ def friendly(func: Callable[P, R]) -> Callable[P, R]:
         except RunnerError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False)
             raise typer.Exit(exit_code_for(exc)) from None
+        except KeyboardInterrupt:  # before the run phase, which handles Ctrl-C itself
+            err.print("interrupted; the ledger is consistent: run the same command again to continue")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 
@@ -491,6 +495,7 @@ def run(
         highlight=False,
     )
     if result.state != "done":
+        out.print("the run is resumable: run the same command again to continue it", highlight=False)
         raise typer.Exit(EXIT_RUN_STOPPED)
 
 

@@ -94,6 +94,8 @@ class Engine:
         self.rpm = TokenBucket(options.rpm) if options.rpm else None
         self.tpm = TokenBucket(options.tpm, burst=options.tpm / 60 * 5) if options.tpm else None
         self.stopping = anyio.Event()
+        self.aborted = False
+        self._work = anyio.CancelScope()
         self.reason: str | None = None
         self.state = "done"
         self.rng = random.Random()
@@ -105,31 +107,48 @@ class Engine:
             self.stopping.set()
 
     async def run(self, job: Path) -> None:
+        """Launch every pending request; the writer outlives the work so that an abort can be recorded."""
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.writer.run)
-            if self.options.handle_signals:
-                outer.start_soon(self._watch_signals, outer)
             try:
-                async with anyio.create_task_group() as tg:
-                    await self._launch_all(job, tg)
+                async with anyio.create_task_group() as aux:  # signal watcher and grace timer
+                    if self.options.handle_signals:
+                        aux.start_soon(self._watch_signals, aux)
+                    try:
+                        with self._work:
+                            async with anyio.create_task_group() as tg:
+                                await self._launch_all(job, tg)
+                    finally:
+                        aux.cancel_scope.cancel()
             finally:
                 self.writer.close()
-                if self.options.handle_signals:
-                    outer.cancel_scope.cancel()
 
-    async def _watch_signals(self, outer: TaskGroup) -> None:
+    def abort(self, reason: str) -> None:
+        """Cancel in-flight requests now; the run's `sending` rows are then marked possibly billed."""
+        self.aborted = True
+        if self.stopping.is_set():
+            self.on_event(Notice(reason))
+        else:
+            self.stop("interrupted", reason)
+        self._work.cancel()
+
+    async def _watch_signals(self, aux: TaskGroup) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 if self.stopping.is_set():
-                    self.on_event(Notice("second interrupt: aborting now"))
-                    outer.cancel_scope.cancel()
+                    self.abort("second interrupt: aborting; requests in flight are marked possibly billed")
                     return
-                self.stop("interrupted", "interrupted: no new requests; finishing those in flight")
-                outer.start_soon(self._grace_then_cancel, outer)
+                grace = self.options.grace_s
+                self.stop(
+                    "interrupted",
+                    f"interrupted: no new requests; finishing those in flight (up to {grace:g} s, "
+                    "Ctrl-C again to abort)",
+                )
+                aux.start_soon(self._grace_then_abort)
 
-    async def _grace_then_cancel(self, outer: TaskGroup) -> None:
+    async def _grace_then_abort(self) -> None:
         await anyio.sleep(self.options.grace_s)
-        outer.cancel_scope.cancel()
+        self.abort(f"grace period of {self.options.grace_s:g} s over: aborting the requests still in flight")
 
     async def _launch_all(self, job: Path, tg: TaskGroup) -> None:
         iterator = iter_requests(job)
@@ -428,6 +447,9 @@ async def run_job(
     plan = _Plan(run_id, budget_id, bool(existing), estimate)
     engine = Engine(conn, ledger, plan, options, on_event)
     await engine.run(job)
+    if engine.aborted:
+        with anyio.CancelScope(shield=True):
+            await _recover(ledger, run_id, retry_possibly_billed=False)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info["states"].get("pending", 0)
     state = engine.state if (engine.stopping.is_set() or left) else "done"
