@@ -23,7 +23,7 @@ from runner import catalog
 from runner.connect import ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
 from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
-from runner.events import Event, Notice, Quoted, RequestFinished
+from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import JobSummary, iter_requests, validate_job
 from runner.ledger import BudgetView, Ledger
@@ -337,13 +337,11 @@ def _estimate_table(estimate: Estimate, remaining: int | None) -> Table:
 
 
 class Progress:
-    """Rich progress on a terminal; plain periodic lines otherwise."""
+    """Rich progress on a terminal; a plain line every few seconds otherwise (logs, CI, pipes)."""
+
+    LINE_EVERY_S = 5.0
 
     def __init__(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
-        self.done = self.failed = self.spent = 0
-        self.started = time.monotonic()
-        self.last_line = 0.0
         self.bar: RichProgress | None = None
         if err.is_terminal:
             self.bar = RichProgress(
@@ -356,6 +354,16 @@ class Progress:
                 transient=True,
             )
             self.task = self.bar.add_task(label, total=total, info="")
+        self.funds: Funds | None = None
+        self._begin(label, total)
+
+    def _begin(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.done = self.failed = self.spent = 0
+        self.started = time.monotonic()
+        self.last_line = self.started
+        if self.bar:
+            self.bar.reset(self.task, total=total, description=label, info="")
 
     def __enter__(self) -> Progress:
         if self.bar:
@@ -370,20 +378,41 @@ class Progress:
         if isinstance(event, Notice):
             err.print(event.message, markup=False, highlight=False)
             return
-        if isinstance(event, Quoted | RequestFinished):
+        if isinstance(event, Phase):
+            self._begin(event.name, event.total)
+        elif isinstance(event, Funds):
+            self.funds = event
+        elif isinstance(event, Quoted):
             self.done += 1
-            if isinstance(event, RequestFinished):
-                self.failed += event.state != "ok"
-                self.spent += event.price_nanos
+        elif isinstance(event, RequestFinished):
+            self.done += 1
+            self.failed += event.state != "ok"
+            self.spent += event.price_nanos
         else:
             return
-        elapsed = max(1e-6, time.monotonic() - self.started)
-        info = f"{self.failed} failed · {self.done / elapsed:,.0f}/s · {format_usd(self.spent)} spent"
+        self._show()
+
+    def status(self, now: float) -> str:
+        elapsed = max(1e-6, now - self.started)
+        rate = self.done / elapsed
+        parts = [f"{self.failed} failed", f"{rate:,.0f}/s"]
+        if self.label == "running":
+            parts += [f"{format_usd(self.spent)} spent", f"{format_usd(int(self.spent / elapsed * 60))}/min"]
+            if self.funds is not None:
+                parts.append(f"{format_usd(self.funds.reserved_nanos)} reserved")
+                parts.append(f"{format_usd(self.funds.remaining_nanos)} left in the budget")
+        return " · ".join(parts)
+
+    def _show(self) -> None:
+        now = time.monotonic()
         if self.bar:
-            self.bar.update(self.task, completed=self.done, info=info)
-        elif time.monotonic() - self.last_line > 5:
-            self.last_line = time.monotonic()
-            err.print(f"{self.label}: {self.done}/{self.total} · {info}", highlight=False)
+            self.bar.update(self.task, completed=self.done, info=self.status(now))
+        elif now - self.last_line >= self.LINE_EVERY_S:
+            self.last_line = now
+            rate = self.done / max(1e-6, now - self.started)
+            left = self.total - self.done
+            eta = f" · ETA {left / rate:,.0f} s" if rate and left > 0 else ""
+            err.print(f"{self.label}: {self.done}/{self.total} · {self.status(now)}{eta}", highlight=False)
 
 
 @app.command()

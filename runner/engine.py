@@ -32,7 +32,7 @@ from runner.errors import (
     RetryableError,
     RunFatalError,
 )
-from runner.events import Listener, Notice, RequestFinished, Retrying, ignore
+from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text
@@ -44,6 +44,7 @@ from runner.money import format_usd, from_nanos, to_nanos
 from runner.quote import Estimate, cache_key, quote_requests
 
 BATCH = 500
+FUNDS_EVERY_S = 1.0
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
 
@@ -91,7 +92,8 @@ class Engine:
         self.on_event = on_event
         self.writer = Writer(ledger)
         self.limit = AdaptiveLimit(options.concurrency)
-        self.rpm = TokenBucket(options.rpm) if options.rpm else None
+        # RPM starts with one call, not a burst, so no 60 s span of the run exceeds the limit
+        self.rpm = TokenBucket(options.rpm, start=0) if options.rpm else None
         self.tpm = TokenBucket(options.tpm, burst=options.tpm / 60 * 5) if options.tpm else None
         self.stopping = anyio.Event()
         self.aborted = False
@@ -111,7 +113,8 @@ class Engine:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.writer.run)
             try:
-                async with anyio.create_task_group() as aux:  # signal watcher and grace timer
+                async with anyio.create_task_group() as aux:  # funds reports, signal watcher, grace timer
+                    aux.start_soon(self._report_funds)
                     if self.options.handle_signals:
                         aux.start_soon(self._watch_signals, aux)
                     try:
@@ -122,6 +125,14 @@ class Engine:
                         aux.cancel_scope.cancel()
             finally:
                 self.writer.close()
+
+    async def _report_funds(self) -> None:
+        while True:
+            view = await anyio.to_thread.run_sync(self.ledger.budget_by_id, self.plan.budget_id)
+            self.on_event(
+                Funds(view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
+            )
+            await anyio.sleep(FUNDS_EVERY_S)
 
     def abort(self, reason: str) -> None:
         """Cancel in-flight requests now; the run's `sending` rows are then marked possibly billed."""
@@ -418,6 +429,7 @@ async def run_job(
         complete = bool((await anyio.to_thread.run_sync(ledger.run, existing))["total"])
         await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
         on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
+    on_event(Phase("quoting", summary.requests))
     estimate = await quote_requests(
         iter_requests(job),
         provider=conn.provider,
@@ -446,6 +458,8 @@ async def run_job(
         await _sync_rows(ledger, job, run_id, conn.scope, creating=True)
     plan = _Plan(run_id, budget_id, bool(existing), estimate)
     engine = Engine(conn, ledger, plan, options, on_event)
+    pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
+    on_event(Phase("running", pending))
     await engine.run(job)
     if engine.aborted:
         with anyio.CancelScope(shield=True):

@@ -33,7 +33,25 @@ class Notice:
     message: str
 
 
-Event = Quoted | RequestFinished | Retrying | Notice
+@dataclass(frozen=True, slots=True)
+class Phase:
+    """A new phase begins: quoting (every line) or running (the requests still to send)."""
+
+    name: str
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Funds:
+    """The budget as the ledger has it (all processes sharing it), emitted about once a second."""
+
+    spent_nanos: int
+    reserved_nanos: int
+    possibly_billed_nanos: int
+    remaining_nanos: int
+
+
+Event = Quoted | RequestFinished | Retrying | Notice | Phase | Funds
 Listener = Callable[[Event], None]
 
 

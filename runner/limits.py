@@ -38,10 +38,10 @@ class AdaptiveLimit:
 class TokenBucket:
     """`rate` units per minute, bursting up to `burst`; `take` waits until the units are there."""
 
-    def __init__(self, per_minute: float, burst: float | None = None) -> None:
+    def __init__(self, per_minute: float, burst: float | None = None, *, start: float | None = None) -> None:
         self.rate = per_minute / 60.0
         self.capacity = burst if burst is not None else max(1.0, self.rate)  # about 1 s of burst
-        self.level = self.capacity
+        self.level = self.capacity if start is None else min(start, self.capacity)
         self.stamp = time.monotonic()
         self._lock = anyio.Lock()
 

@@ -1,0 +1,55 @@
+"""The progress display: phases, counts, money and ETA, and plain lines when not on a terminal."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from runner import cli
+from runner.events import Funds, Phase, Quoted, RequestFinished
+from runner.money import to_nanos
+
+
+def test_status_shows_counts_rate_money_and_the_budget() -> None:
+    progress = cli.Progress("quoting", 10)
+    assert progress.bar is None  # pytest's stderr is not a terminal
+    for i in range(10):
+        progress(Quoted(f"q{i}", cached=False, known=True))
+    assert progress.done == 10
+
+    progress(Phase("running", 8))  # a new phase starts its counts afresh
+    assert (progress.label, progress.total, progress.done) == ("running", 8, 0)
+    progress(Funds(to_nanos(Decimal(1)), to_nanos(Decimal(2)), 0, to_nanos(Decimal(7))))
+    for state in ("ok", "ok", "ok", "failed"):
+        progress(RequestFinished("x", state, to_nanos(Decimal("0.5")) if state == "ok" else 0))
+    status = progress.status(progress.started + 2.0)
+    assert status.split(" · ") == [
+        "1 failed",
+        "2/s",
+        "$1.5000 spent",
+        "$45.0000/min",
+        "$2.0000 reserved",
+        "$7.0000 left in the budget",
+    ]
+
+
+def test_plain_lines_every_few_seconds_with_an_eta(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    progress = cli.Progress("running", 100)
+    progress(RequestFinished("a", "ok", 0))
+    assert capsys.readouterr().err == ""  # not yet: one line every LINE_EVERY_S
+    clock[0] += progress.LINE_EVERY_S
+    for _ in range(19):
+        progress(RequestFinished("a", "ok", 0))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("running: 2/100 · 0 failed")
+    clock[0] += progress.LINE_EVERY_S
+    progress(RequestFinished("a", "ok", 0))
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("running: 21/100")
+    assert line.endswith("ETA 38 s")  # 79 left at 21 per 10 s
