@@ -183,9 +183,17 @@ class Engine:
     async def _request(self, request: ChatRequest, row_id: int, quote: int, done_attempts: int) -> None:
         try:
             budget_id, run_id = self.plan.budget_id, self.plan.run_id
-            granted = await self.writer.submit(
-                lambda db: self.ledger.reserve(db, budget_id, run_id, row_id, quote)
-            )
+            first = done_attempts + 1
+            await self._pace(request)
+
+            def reserve_and_mark(db: Db) -> bool:
+                # one commit: held, then `sending` (recorded before the call, as every attempt is)
+                if not self.ledger.reserve(db, budget_id, run_id, row_id, quote):
+                    return False
+                self.ledger.mark_sending(db, row_id, first)
+                return True
+
+            granted = await self.writer.submit(reserve_and_mark)
             if not granted:
                 self.stop("stopped", "budget reached: the next reservation did not fit")
                 return
@@ -216,7 +224,7 @@ class Engine:
                         await self._finish(row_id, request, "pending", None, number, self.reason)
                         return
                     number += 1
-                    outcome = await self._attempt(request, row_id, number)
+                    outcome = await self._attempt(request, row_id, number, first=number == done_attempts + 1)
             await self._settle(request, row_id, outcome, number)
         except RetryableError as exc:
             await self._finish(row_id, request, "failed", exc, number, "retries exhausted")
@@ -228,14 +236,19 @@ class Engine:
         except OutcomeUnknown as exc:
             await self._finish(row_id, request, "possibly_billed", exc, number, None)
 
-    async def _attempt(self, request: ChatRequest, row_id: int, number: int) -> Outcome:
+    async def _pace(self, request: ChatRequest) -> None:
+        """Wait for the RPM and TPM buckets (before the reservation, so no hold waits on them)."""
         if self.rpm is not None:
             await self.rpm.take()
         if self.tpm is not None:
             await self.tpm.take(
                 schema.estimate_prompt_tokens(request.body) + schema.max_output_tokens(request.body)
             )
-        await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
+
+    async def _attempt(self, request: ChatRequest, row_id: int, number: int, *, first: bool) -> Outcome:
+        if not first:  # the first attempt was paced and marked `sending` with its reservation
+            await self._pace(request)
+            await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
         started = anyio.current_time()
         try:
             return await self.provider.complete(request)

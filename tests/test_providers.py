@@ -138,12 +138,8 @@ async def test_run_api_envelope_is_built_without_io() -> None:
         assert request.headers["authorization"] == f"Bearer {KEY}"
         return httpx.Response(200, json={"success": True, "price": "0.000123456"})
 
-    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test")
-    provider._client = httpx.AsyncClient(
-        base_url="http://unit.test",
-        transport=httpx.MockTransport(handler),
-        headers={"Authorization": f"Bearer {KEY}"},
-    )
+    mock = httpx.MockTransport(handler)
+    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test", transport=mock)
     quote = await provider.quote(chat())
     assert quote.amount == Decimal("0.000123456")
     assert quote.exact
@@ -155,8 +151,8 @@ async def test_refused_dry_run_falls_back_to_a_marked_estimate() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(400, json={"success": False, "error": "dryRun not supported"})
 
-    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test")
-    provider._client = httpx.AsyncClient(base_url="http://unit.test", transport=httpx.MockTransport(handler))
+    mock = httpx.MockTransport(handler)
+    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test", transport=mock)
     quote = await provider.quote(chat())
     assert quote.source == "estimate"
     assert not quote.exact

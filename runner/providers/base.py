@@ -195,19 +195,19 @@ class HttpProvider:
 
     name = "http"
 
-    def __init__(self, client: httpx.AsyncClient, secret: http.Secret) -> None:
-        self._client = client
+    def __init__(self, endpoint: http.Endpoint, secret: http.Secret) -> None:
+        self._endpoint = endpoint
         self._secret = secret
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base_url={str(self._client.base_url)!r})"
+        return f"{type(self).__name__}(base_url={self._endpoint.base_url!r})"
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._endpoint.aclose()
 
     async def _send_json(self, request: httpx.Request, *, billable: bool) -> tuple[httpx.Response, Any]:
         try:
-            response = await self._client.send(request)
+            response = await self._endpoint.read(request)
         except httpx.TransportError as exc:
             raise transport_error(exc, billable=billable) from None
         if response.status_code >= 400:
@@ -227,7 +227,7 @@ class HttpProvider:
         assembly = StreamAssembly()
         trailer: JSON = {}
         try:
-            response = await self._client.send(request, stream=True)
+            response = await self._endpoint.send(request)
         except httpx.TransportError as exc:
             raise transport_error(exc, billable=True) from None
         try:

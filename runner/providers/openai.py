@@ -30,19 +30,21 @@ class OpenAIProvider(HttpProvider):
         prices: dict[str, ModelInfo] | None = None,
         max_connections: int = 256,
         timeout: httpx.Timeout = http.DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        client = http.make_client(
-            base_url.rstrip("/") + "/",
+        endpoint = http.Endpoint(
+            base_url,
             headers=headers,
             max_connections=max_connections,
             timeout=timeout,
+            transport=transport,
         )
-        super().__init__(client, http.Secret(api_key))
+        super().__init__(endpoint, http.Secret(api_key))
         self.prices = prices if prices is not None else catalog.MODELS
 
     def chat_request(self, request: ChatRequest) -> httpx.Request:
-        return self._client.build_request("POST", "chat/completions", json=with_usage_option(request.body))
+        return self._endpoint.request("POST", "chat/completions", with_usage_option(request.body))
 
     async def quote(self, request: ChatRequest) -> Quote:
         return table_quote(request.body, self.prices.get(request.model))
@@ -62,5 +64,5 @@ class OpenAIProvider(HttpProvider):
         return outcome_from(payload, self.price(request.model, usage), started, None, payload.get("id"))
 
     async def models(self) -> list[str]:
-        _, payload = await self._send_json(self._client.build_request("GET", "models"), billable=False)
+        _, payload = await self._send_json(self._endpoint.request("GET", "models"), billable=False)
         return sorted(str(m["id"]) for m in payload.get("data", []) if isinstance(m, dict))

@@ -65,21 +65,20 @@ class OrthogonalProvider(HttpProvider):
         api: str = DEFAULT_API,
         max_connections: int = 256,
         timeout: httpx.Timeout = http.DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        secret = http.Secret(api_key)
-        client = http.make_client(
-            base_url.rstrip("/"),
+        endpoint = http.Endpoint(
+            base_url,
             headers={"Authorization": f"Bearer {api_key}"},
             max_connections=max_connections,
             timeout=timeout,
+            transport=transport,
         )
-        super().__init__(client, secret)
+        super().__init__(endpoint, http.Secret(api_key))
         self.api = api
 
     def run_request(self, body: JSON, *, dry_run: bool = False) -> httpx.Request:
-        return self._client.build_request(
-            "POST", "/v1/run", json=build_run(body, api=self.api, dry_run=dry_run)
-        )
+        return self._endpoint.request("POST", "/v1/run", build_run(body, api=self.api, dry_run=dry_run))
 
     async def quote(self, request: ChatRequest) -> Quote:
         try:
@@ -119,16 +118,15 @@ class OrthogonalProvider(HttpProvider):
         return outcome_from(data, parse_price(envelope), started, None, envelope.get("requestId"))
 
     async def models(self) -> list[str]:
-        req = self._client.build_request(
-            "POST", "/v1/run", json={"api": self.api, "path": "/v1/models", "method": "GET"}
-        )
+        envelope = {"api": self.api, "path": "/v1/models", "method": "GET"}
+        req = self._endpoint.request("POST", "/v1/run", envelope)
         _, payload = await self._send_json(req, billable=False)
         data = parse_envelope(payload).get("data") or {}
         return sorted(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict))
 
     async def balance(self) -> Any:
         _, payload = await self._send_json(
-            self._client.build_request("GET", "/v1/credits/balance"), billable=False
+            self._endpoint.request("GET", "/v1/credits/balance"), billable=False
         )
         return parse_usd(str(payload.get("balance")))
 
