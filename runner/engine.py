@@ -201,40 +201,61 @@ class Engine:
         finally:
             await self.limit.release()
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
+    def _backoff(self, attempt: int, exc: BaseException | None) -> float:
         after = exc.retry_after if isinstance(exc, ProviderError) else None
-        wait = http.backoff_s(self.options.policy, state.attempt_number, after, self.rng)
-        self.on_event(Retrying("", state.attempt_number, wait, str(exc)))
+        wait = http.backoff_s(self.options.policy, attempt, after, self.rng)
+        self.on_event(Retrying("", attempt, wait, str(exc)))
         return wait
 
-    async def _send_with_retries(self, request: ChatRequest, row_id: int, done_attempts: int) -> None:
+    def _wait(self, state: RetryCallState) -> float:
+        # tenacity counts from the first retry; the first attempt was made before it started
+        return self._backoff(state.attempt_number + 1, state.outcome.exception() if state.outcome else None)
+
+    async def _attempts(self, request: ChatRequest, row_id: int, tries: list[int]) -> Outcome | None:
+        """The first attempt directly (most calls succeed at once), the rest through tenacity:
+        exponential backoff with full jitter, Retry-After honoured, a cap on attempts.
+
+        None means the run is stopping between attempts: the request goes back to pending.
+        """
+        tries[0] += 1
+        try:
+            return await self._attempt(request, row_id, tries[0], first=True)
+        except RetryableError as exc:
+            if self.options.policy.attempts <= 1:
+                raise
+            await anyio.sleep(self._backoff(1, exc))
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.options.policy.attempts),
+            stop=stop_after_attempt(self.options.policy.attempts - 1),
             wait=self._wait,
             retry=retry_if_exception_type(RetryableError),
             sleep=anyio.sleep,
             reraise=True,
         )
-        number = done_attempts
+        async for attempt in retrying:
+            with attempt:
+                if self.stopping.is_set():
+                    return None
+                tries[0] += 1
+                return await self._attempt(request, row_id, tries[0], first=False)
+        raise AssertionError  # pragma: no cover - tenacity returns, retries or re-raises
+
+    async def _send_with_retries(self, request: ChatRequest, row_id: int, done_attempts: int) -> None:
+        tries = [done_attempts]  # attempts made so far, counted across processes
         try:
-            async for attempt in retrying:
-                with attempt:
-                    if self.stopping.is_set() and number > done_attempts:
-                        await self._finish(row_id, request, "pending", None, number, self.reason)
-                        return
-                    number += 1
-                    outcome = await self._attempt(request, row_id, number, first=number == done_attempts + 1)
-            await self._settle(request, row_id, outcome, number)
+            outcome = await self._attempts(request, row_id, tries)
+            if outcome is None:
+                await self._finish(row_id, request, "pending", None, tries[0], self.reason)
+                return
+            await self._settle(request, row_id, outcome, tries[0])
         except RetryableError as exc:
-            await self._finish(row_id, request, "failed", exc, number, "retries exhausted")
+            await self._finish(row_id, request, "failed", exc, tries[0], "retries exhausted")
         except RequestFatalError as exc:
-            await self._finish(row_id, request, "failed", exc, number, None)
+            await self._finish(row_id, request, "failed", exc, tries[0], None)
         except RunFatalError as exc:
-            await self._finish(row_id, request, "pending", exc, number, None)
+            await self._finish(row_id, request, "pending", exc, tries[0], None)
             self.stop("stopped", f"the provider stopped the run: {exc}")
         except OutcomeUnknown as exc:
-            await self._finish(row_id, request, "possibly_billed", exc, number, None)
+            await self._finish(row_id, request, "possibly_billed", exc, tries[0], None)
 
     async def _pace(self, request: ChatRequest) -> None:
         """Wait for the RPM and TPM buckets (before the reservation, so no hold waits on them)."""
