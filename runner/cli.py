@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from runner import catalog
+from runner import catalog, html_report
 from runner.connect import ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
 from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
@@ -637,10 +637,23 @@ def _secs(value: float | None) -> str:
 
 @app.command()
 @friendly
-def report(run_id: str, db: DbOpt = None) -> None:
+def report(
+    run_id: str,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained page.")] = None,
+    db: DbOpt = None,
+) -> None:
     """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output."""
     ledger = Ledger(db)
-    _print_report(ledger, ledger.run(run_id)["id"])
+    run = ledger.run(run_id)
+    _print_report(ledger, run["id"])
+    if html is not None:
+        try:
+            html.parent.mkdir(parents=True, exist_ok=True)
+            html.write_text(html_report.render(run, run_frame(ledger, run["id"])), encoding="utf-8")
+        except OSError as exc:
+            msg = f"{html}: cannot write the report: {exc.strerror}"
+            raise ConfigError(msg) from None
+        out.print(f"HTML report written to {html}", highlight=False)
 
 
 # ---- simulator -----------------------------------------------------------------------------

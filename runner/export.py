@@ -46,6 +46,7 @@ SCHEMA: dict[str, Any] = {
     "metadata": pl.String,
 }
 STATUS = {"ok": "ok", "failed": "failed", "possibly_billed": "possibly_billed"}
+NOT_SENT = "not sent: the run stopped before this request (run the job again to resume)"
 
 
 def _usd(nanos: int | None) -> Decimal | None:
@@ -82,8 +83,8 @@ def _row(row: dict[str, Any], provider: str) -> dict[str, Any]:
         "first_token_s": row["first_token_s"],
         "started_at": _utc(row["started_at"]),
         "finished_at": _utc(row["finished_at"]),
-        "error_type": row["error_type"],
-        "error_message": row["error_message"],
+        "error_type": row["error_type"] or (None if row["state"] in STATUS else "not_sent"),
+        "error_message": row["error_message"] or (None if row["state"] in STATUS else NOT_SENT),
         "request_sha256": row["sha256"],
         "provider": provider,
         "metadata": row["metadata_json"],

@@ -1,0 +1,256 @@
+"""`runner report RUN --html PATH`: one self-contained page, tables and inline SVG charts.
+
+No script, no stylesheet link, no font or image fetched: the page opens from a file with the network
+off. Every text that came from a job, a provider or an error is escaped.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from html import escape
+from typing import Any
+
+import polars as pl
+
+from runner.money import format_usd
+from runner.report import per_model, top_errors
+
+WIDTH, BAR_H, PAD = 720, 22, 8
+STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
+       color: #1d2330; padding: 0 16px; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; }
+.meta { color: #5b6475; } .cards { display: flex; gap: 12px; flex-wrap: wrap; margin: 16px 0; }
+.card { border: 1px solid #dde2ea; border-radius: 8px; padding: 10px 14px; min-width: 120px; }
+.card b { display: block; font-size: 18px; } .card span { color: #5b6475; font-size: 12px; }
+table { border-collapse: collapse; width: 100%; font-size: 13px; }
+th, td { border-bottom: 1px solid #e6e9ef; padding: 5px 7px; text-align: right; white-space: nowrap; }
+.scroll { overflow-x: auto; }
+th:first-child, td:first-child { text-align: left; } th { background: #f5f7fa; }
+td.msg { text-align: left; white-space: normal; }
+svg text { font: 11px system-ui, sans-serif; fill: #3b4252; }
+"""
+
+
+def render(run: dict[str, Any], df: pl.DataFrame) -> str:
+    """The page for one run: `run` as Ledger.run gives it, `df` as report.run_frame gives it."""
+    models = per_model(df)
+    errors = top_errors(df, limit=10)
+    states = run.get("states", {})
+    cards = [
+        ("requests", f"{int(run.get('total') or len(df)):,}"),
+        ("ok", f"{states.get('ok', 0):,}"),
+        ("failed", f"{states.get('failed', 0):,}"),
+        ("possibly billed", f"{states.get('possibly_billed', 0):,}"),
+        ("not sent", f"{sum(v for k, v in states.items() if k in ('pending', 'skipped')):,}"),
+        ("charged", format_usd(int(run.get("spent_nanos", 0)), places=6)),
+    ]
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        f"<title>runner report {escape(run['id'])}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Run {escape(run['id'])}</h1>",
+        f"<div class=meta>{escape(str(run.get('job_path', '')))}"
+        f" · provider {escape(str(run.get('provider')))}"
+        f" · state <b>{escape(str(run.get('state')))}</b>"
+        + (f" ({escape(str(run['reason']))})" if run.get("reason") else "")
+        + f" · started {escape(_when(run.get('created_at')))}</div>",
+        "<div class=cards>"
+        + "".join(f"<div class=card><b>{escape(v)}</b><span>{escape(k)}</span></div>" for k, v in cards)
+        + "</div>",
+        "<h2>Per model</h2>",
+        _models_table(models),
+        "<h2>Cost by model</h2>",
+        _bars([(str(r["model"]), _dec(r["charged_usd"])) for r in _rows(models)]),
+        "<h2>Latency distribution (successful requests)</h2>",
+        _histogram(_latencies(df)),
+        "<h2>Spend over time</h2>",
+        _spend_line(df),
+        "<h2>Top errors</h2>",
+        _errors_table(errors),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+
+def _models_table(models: pl.DataFrame) -> str:
+    head = [
+        "model",
+        "ok",
+        "failed",
+        "possibly&nbsp;billed",
+        "prompt&nbsp;tok",
+        "output&nbsp;tok",
+        "reasoning&nbsp;tok",
+        "quoted",
+        "charged",
+        "drift",
+        "p50&nbsp;s",
+        "p95&nbsp;s",
+        "$/1k&nbsp;out",
+    ]
+    rows = []
+    for r in _rows(models):
+        cells = [
+            escape(str(r["model"])),
+            str(r["ok"]),
+            str(r["failed"]),
+            str(r["possibly_billed"]),
+            f"{r['prompt_tokens'] or 0:,}",
+            f"{r['completion_tokens'] or 0:,}",
+            f"{r['reasoning_tokens'] or 0:,}",
+            format_usd(r["quoted_usd"], places=6),
+            format_usd(r["charged_usd"], places=6),
+            "–" if r["drift_pct"] is None else f"{r['drift_pct']:+.1f}%",
+            _secs(r["latency_p50"]),
+            _secs(r["latency_p95"]),
+            "–" if r["usd_per_1k_output"] is None else f"${r['usd_per_1k_output']:.5f}",
+        ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return "<p class=meta>No requests.</p>"
+    header = "".join(f"<th>{h}</th>" for h in head)
+    return f"<div class=scroll><table><tr>{header}</tr>{''.join(rows)}</table></div>"
+
+
+def _errors_table(errors: pl.DataFrame) -> str:
+    if errors.is_empty():
+        return "<p class=meta>No errors.</p>"
+    rows = "".join(
+        f"<tr><td>{escape(str(r['error_type']))}</td><td>{r['count']:,}</td>"
+        f"<td class=msg>{escape(str(r['example'] or ''))[:300]}</td></tr>"
+        for r in errors.iter_rows(named=True)
+    )
+    return f"<table><tr><th>error</th><th>requests</th><th>example</th></tr>{rows}</table>"
+
+
+# ---- charts (inline SVG) --------------------------------------------------------------------------
+
+
+def _bars(items: list[tuple[str, Decimal]]) -> str:
+    if not items or not any(v > 0 for _, v in items):
+        return "<p class=meta>Nothing charged.</p>"
+    label_w, top = 230, max(v for _, v in items)
+    height = len(items) * (BAR_H + PAD) + PAD
+    body = []
+    for i, (label, value) in enumerate(items):
+        y = PAD + i * (BAR_H + PAD)
+        w = 0 if top == 0 else float(value / top) * (WIDTH - label_w - 110)
+        body.append(
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{escape(label)}</text>'
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{BAR_H}" fill="#4c72b0" rx="3"/>'
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{escape(format_usd(value, places=6))}</text>'
+        )
+    return _svg(height, "".join(body), "cost by model")
+
+
+def _histogram(values: list[float], bins: int = 24) -> str:
+    if not values:
+        return "<p class=meta>No successful requests.</p>"
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, int((v - low) / span * bins))] += 1
+    left, bottom, plot_h = 40, 170, 150
+    bar_w = (WIDTH - left - 10) / bins
+    peak = max(counts)
+    body = [f'<line x1="{left}" y1="{bottom}" x2="{WIDTH - 10}" y2="{bottom}" stroke="#8a93a6"/>']
+    for i, n in enumerate(counts):
+        h = n / peak * plot_h
+        x = left + i * bar_w
+        body.append(
+            f'<rect x="{x + 1:.1f}" y="{bottom - h:.1f}" width="{bar_w - 2:.1f}" height="{h:.1f}"'
+            f' fill="#55a868"><title>{n} requests</title></rect>'
+        )
+    body.append(f'<text x="{left}" y="{bottom + 16}">{low:.3f} s</text>')
+    body.append(f'<text x="{WIDTH - 10}" y="{bottom + 16}" text-anchor="end">{high:.3f} s</text>')
+    body.append(f'<text x="{left - 4}" y="{bottom - plot_h + 4}" text-anchor="end">{peak}</text>')
+    return _svg(bottom + 24, "".join(body), "latency distribution")
+
+
+def _spend_line(df: pl.DataFrame) -> str:
+    if df.is_empty():
+        return "<p class=meta>Nothing charged.</p>"
+    charged = (
+        df.filter(pl.col("price_usd").is_not_null() & pl.col("finished_at").is_not_null())
+        .sort("finished_at")
+        .select("finished_at", "price_usd")
+    )
+    if charged.is_empty():
+        return "<p class=meta>Nothing charged.</p>"
+    times = charged["finished_at"].to_list()
+    total, points = Decimal(0), []
+    for when, price in zip(times, charged["price_usd"].to_list(), strict=True):
+        total += price
+        points.append((when, total))
+    points = _thin(points, 400)
+    start, end = times[0], times[-1]
+    seconds = (end - start).total_seconds()
+    left, bottom, plot_h, right = 70, 170, 150, WIDTH - 10
+    if seconds >= 1:  # by the clock
+        xs = [(t - start).total_seconds() / seconds for t, _ in points]
+        axis = (_when(start), f"{_when(end)} (+{seconds:,.0f} s)")
+    else:  # a run shorter than a second: by completion order
+        xs = [i / max(1, len(points) - 1) for i in range(len(points))]
+        axis = ("first request", f"last request (the run took {seconds:.2f} s)")
+    xy = " ".join(
+        f"{left + x * (right - left):.1f},{bottom - float(v / total) * plot_h:.1f}"
+        for x, (_, v) in zip(xs, points, strict=True)
+    )
+    body = (
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#8a93a6"/>'
+        f'<polyline points="{left},{bottom} {xy}" fill="none" stroke="#c44e52" stroke-width="2"/>'
+        f'<text x="{left - 4}" y="{bottom - plot_h + 4}" text-anchor="end">'
+        f"{escape(format_usd(total, places=6))}</text>"
+        f'<text x="{left - 4}" y="{bottom}" text-anchor="end">$0</text>'
+        f'<text x="{left}" y="{bottom + 16}">{escape(axis[0])}</text>'
+        f'<text x="{right}" y="{bottom + 16}" text-anchor="end">{escape(axis[1])}</text>'
+    )
+    return _svg(bottom + 24, body, "spend over time")
+
+
+def _svg(height: int, body: str, label: str) -> str:
+    return (
+        f'<svg width="{WIDTH}" height="{height}" '
+        f'viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{label}">{body}</svg>'
+    )
+
+
+# ---- small helpers --------------------------------------------------------------------------------
+
+
+def _rows(df: pl.DataFrame) -> list[dict[str, Any]]:
+    return list(df.iter_rows(named=True)) if len(df) else []
+
+
+def _latencies(df: pl.DataFrame) -> list[float]:
+    if df.is_empty():
+        return []
+    ok = df.filter((pl.col("status") == "ok") & pl.col("latency_s").is_not_null())
+    return [float(v) for v in ok["latency_s"].to_list()]
+
+
+def _thin(points: list[Any], most: int) -> list[Any]:
+    """At most `most` points, the last one always kept (a chart needs no more)."""
+    if len(points) <= most:
+        return points
+    step = len(points) / most
+    return [points[int(i * step)] for i in range(most)] + [points[-1]]
+
+
+def _dec(value: Any) -> Decimal:
+    return Decimal(0) if value is None else Decimal(value)
+
+
+def _secs(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return "" if value is None else str(value)
