@@ -276,9 +276,7 @@ def main() -> None:
             if args.rss_requests:
                 print(f"3. peak RSS, {args.rss_requests:,} requests", flush=True)
                 wall, sustained, rss = run_case(folder, server, args.rss_requests, c, "big")
-                print(
-                    f"   runner run                        {wall:8,.0f} req/s whole, {sustained:,.0f} sustained"
-                )
+                print(f"   runner run                        {wall:8,.0f} req/s whole, {sustained:,.0f} sent")
                 print(f"   peak RSS                          {rss:8,} MB (target <= 250 MB)", flush=True)
         finally:
             server.close()
@@ -287,10 +285,8 @@ def main() -> None:
             m = args.latency_requests
             print(f"2. 200 ms latency, {m:,} requests, concurrency 256 (ceiling 1,280 req/s)", flush=True)
             wall, sustained, _ = run_case(folder, slow, m, 256, "slow")
-            print(
-                f"   runner run, sustained send rate   {sustained:8,.0f} req/s  {sustained / 1280:.1%} of 1,280"
-            )
-            print(f"   runner run, whole command         {wall:8,.0f} req/s  {wall / 1280:.1%} of 1,280")
+            print(f"   runner run, sustained send rate   {sustained:8,.0f} req/s  {sustained / 1280:.1%}")
+            print(f"   runner run, whole command         {wall:8,.0f} req/s  {wall / 1280:.1%}")
         finally:
             slow.close()
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterator
-from datetime import UTC
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from runner.ledger import Ledger
-from runner.money import from_nanos
 
 MONEY = pl.Decimal(18, 9)
 TS = pl.Datetime("us", "UTC")
@@ -47,55 +44,73 @@ SCHEMA: dict[str, Any] = {
 }
 STATUS = {"ok": "ok", "failed": "failed", "possibly_billed": "possibly_billed"}
 NOT_SENT = "not sent: the run stopped before this request (run the job again to resume)"
+# what frames() reads from the ledger, in this order (the response JSON is not part of the table)
+COLUMNS: dict[str, Any] = {
+    "run_id": pl.String,
+    "custom_id": pl.String,
+    "line": pl.Int64,
+    "model": pl.String,
+    "state": pl.String,
+    "content": pl.String,
+    "reasoning_content": pl.String,
+    "tool_calls": pl.String,
+    "finish_reason": pl.String,
+    "prompt_tokens": pl.Int64,
+    "completion_tokens": pl.Int64,
+    "reasoning_tokens": pl.Int64,
+    "cached_tokens": pl.Int64,
+    "quote_nanos": pl.Int64,
+    "price_nanos": pl.Int64,
+    "attempts": pl.Int64,
+    "latency_s": pl.Float64,
+    "first_token_s": pl.Float64,
+    "started_at": pl.String,
+    "finished_at": pl.String,
+    "error_type": pl.String,
+    "error_message": pl.String,
+    "sha256": pl.String,
+    "metadata_json": pl.String,
+}
+STORED_TIME = "%Y-%m-%d %H:%M:%S%.f"  # how SQLAlchemy's DateTime (and the ledger's writes) store UTC
 
 
-def _usd(nanos: int | None) -> Decimal | None:
-    return None if nanos is None else from_nanos(int(nanos))
+def _usd(column: str) -> pl.Expr:
+    """Integer nano-USD → decimal(18, 9) USD, exactly (decimal division, no float on the way)."""
+    nanos = pl.col(column).cast(pl.Decimal(38, 9)) / pl.lit(1_000_000_000, dtype=pl.Decimal(38, 0))
+    return nanos.cast(MONEY)
 
 
-def _utc(value: Any) -> Any:
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+def _utc(column: str) -> pl.Expr:
+    return pl.col(column).str.to_datetime(STORED_TIME, time_unit="us", time_zone="UTC")
 
 
-def _row(row: dict[str, Any], provider: str) -> dict[str, Any]:
-    prompt, completion = row["prompt_tokens"], row["completion_tokens"]
-    return {
-        "run_id": row["run_id"],
-        "custom_id": row["custom_id"],
-        "line": row["line"],
-        "model": row["model"],
-        "status": STATUS.get(row["state"], "skipped"),
-        "content": row["content"],
-        "reasoning_content": row["reasoning_content"],
-        "tool_calls": row["tool_calls"],
-        "finish_reason": row["finish_reason"],
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "reasoning_tokens": row["reasoning_tokens"],
-        "cached_tokens": row["cached_tokens"],
-        "total_tokens": None if prompt is None else prompt + (completion or 0),
-        "quote_usd": _usd(row["quote_nanos"]),
-        "price_usd": _usd(row["price_nanos"]),
-        "attempts": row["attempts"],
-        "latency_s": row["latency_s"],
-        "first_token_s": row["first_token_s"],
-        "started_at": _utc(row["started_at"]),
-        "finished_at": _utc(row["finished_at"]),
-        "error_type": row["error_type"] or (None if row["state"] in STATUS else "not_sent"),
-        "error_message": row["error_message"] or (None if row["state"] in STATUS else NOT_SENT),
-        "request_sha256": row["sha256"],
-        "provider": provider,
-        "metadata": row["metadata_json"],
-    }
+def _table(raw: pl.DataFrame, provider: str) -> pl.DataFrame:
+    """Ledger columns → the §5 Parquet schema."""
+    sent = pl.col("state").is_in(list(STATUS))
+    return (
+        raw.with_columns(
+            status=pl.col("state").replace_strict(STATUS, default="skipped"),
+            total_tokens=pl.col("prompt_tokens") + pl.col("completion_tokens").fill_null(0),
+            quote_usd=_usd("quote_nanos"),
+            price_usd=_usd("price_nanos"),
+            started_at=_utc("started_at"),
+            finished_at=_utc("finished_at"),
+            error_type=pl.coalesce("error_type", pl.when(~sent).then(pl.lit("not_sent"))),
+            error_message=pl.coalesce("error_message", pl.when(~sent).then(pl.lit(NOT_SENT))),
+            provider=pl.lit(provider, dtype=pl.String),
+        )
+        .rename({"sha256": "request_sha256", "metadata_json": "metadata"})
+        .select(list(SCHEMA))
+        .cast(pl.Schema(SCHEMA))
+    )
 
 
-def frames(ledger: Ledger, run_id: str, batch: int = 20_000) -> Iterator[pl.DataFrame]:
+def frames(ledger: Ledger, run_id: str, batch: int = 10_000) -> Iterator[pl.DataFrame]:
+    """The run's rows in the §5 schema, a batch at a time, in line order."""
     run = ledger.run(run_id)
     provider = str(run["provider"]).split(":", 1)[0]
-    for rows in ledger.iter_request_rows(run["id"], batch):
-        yield pl.DataFrame([_row(r, provider) for r in rows], schema=SCHEMA, orient="row")
+    for rows in ledger.iter_request_tuples(run["id"], list(COLUMNS), batch):
+        yield _table(pl.DataFrame(rows, schema=COLUMNS, orient="row"), provider)
 
 
 def export_parquet(ledger: Ledger, run_id: str, path: Path) -> int:

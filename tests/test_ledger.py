@@ -65,7 +65,9 @@ def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -
     Ledger(url(tmp_path))
     db = sqlite3.connect(tmp_path / "l.db")
     version = db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-    assert version == "0002"
+    assert version == "0003"
+    indexes = {row[1] for row in db.execute("PRAGMA index_list(requests)")}
+    assert {"ix_requests_run_state", "ix_requests_run_line"} <= indexes
     columns = {row[1] for row in db.execute("PRAGMA table_info(budgets)")}
     assert {"limit_nanos", "spent_nanos", "reserved_nanos", "possibly_billed_nanos"} <= columns
     columns = {row[1] for row in db.execute("PRAGMA table_info(requests)")}
@@ -96,7 +98,8 @@ def test_a_database_of_the_previous_revision_is_upgraded(tmp_path: Path) -> None
     assert "quotes" not in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
     ledger = Ledger(url(tmp_path))
     assert ledger.budget("old").limit_nanos == 5
-    assert "quotes" in {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    assert {"quotes", "ix_requests_run_line"} <= names
 
 
 class Books(RuleBasedStateMachine):

@@ -370,6 +370,23 @@ class Ledger:
         query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "possibly_billed")
         return [int(row[0]) for row in tx.conn.execute(query)]
 
+    def iter_request_tuples(
+        self, run_id: str, columns: Sequence[str], batch: int = 50_000
+    ) -> Iterator[list[tuple[Any, ...]]]:
+        """Some columns of a run's requests as plain tuples, in line order, a batch at a time: the fast
+        path for exports (no row objects; datetimes stay in their stored text form)."""
+        names = ", ".join(columns)  # column names come from the caller's code, never from input
+        sql = f"SELECT line, {names} FROM requests WHERE run_id = ? AND line > ? ORDER BY line LIMIT ?"  # noqa: S608
+        last = -1
+        with self.reader.connect() as c:
+            cursor = c.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            while True:
+                rows = cursor.execute(sql, (run_id, last, batch)).fetchall()
+                if not rows:
+                    return
+                last = rows[-1][0]
+                yield [row[1:] for row in rows]
+
     def iter_request_rows(self, run_id: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
         """All request rows of a run, in line order, a batch at a time (memory stays flat)."""
         last = -1

@@ -50,6 +50,7 @@ class Request(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("run_id", "custom_id"),
         Index("ix_requests_run_state", "run_id", "state"),
+        Index("ix_requests_run_line", "run_id", "line"),  # exports page through a run in line order
     )
 
     id: int | None = Field(default=None, primary_key=True)
