@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import polars as pl
 import pytest
 
+from runner.export import SCHEMA
 from runner.ledger import Ledger
 from runner.money import to_nanos
 
@@ -246,6 +248,16 @@ def test_ctrl_c_drains_in_flight_requests_and_the_run_resumes(
     states = run["states"]
     assert set(states) == {"ok", "pending"}, states  # drained: nothing left sending or possibly billed
     assert states["ok"] == sim.charges()
+
+    # the interrupted run still wrote its Parquet: every line, the unsent ones marked, money exact
+    df = pl.read_parquet(job.with_suffix(".parquet"))
+    assert df.schema == pl.Schema(SCHEMA)
+    assert df.height == 64 and df["line"].to_list() == list(range(1, 65))
+    assert (df["status"] == "ok").sum() == states["ok"]
+    unsent = df.filter(pl.col("status") == "skipped")
+    assert unsent.height == states["pending"] and set(unsent["error_type"]) == {"not_sent"}
+    spent = ledger.run(run["id"])["spent_nanos"]
+    assert to_nanos(df["price_usd"].sum()) == spent == sim.stats()["charged_nanos"]
 
     proc = start_runner(sim, job, db, "--concurrency", "8")
     output, _ = proc.communicate(timeout=60)
