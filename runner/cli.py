@@ -29,7 +29,8 @@ from runner.jobs import JobSummary, iter_requests, validate_job
 from runner.ledger import BudgetView, Ledger
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
-from runner.report import per_model, run_frame, top_errors
+from runner.report import COLUMNS as REPORT_COLUMNS
+from runner.report import cells, per_model, run_frame, top_errors
 from runner.simulator import Books, parse_latency, serve
 
 app = typer.Typer(
@@ -588,39 +589,10 @@ def export_cmd(
 def _print_report(ledger: Ledger, run_id: str) -> None:
     df = run_frame(ledger, run_id)
     table = Table(title="report", title_justify="left")
-    columns = (
-        "model",
-        "ok",
-        "failed",
-        "poss. billed",
-        "prompt tok",
-        "output tok",
-        "reasoning tok",
-        "quoted",
-        "charged",
-        "drift",
-        "p50 s",
-        "p95 s",
-        "$/1k out",
-    )
-    for column in columns:
+    for column in REPORT_COLUMNS:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
     for row in per_model(df).iter_rows(named=True):
-        table.add_row(
-            row["model"],
-            str(row["ok"]),
-            str(row["failed"]),
-            str(row["possibly_billed"]),
-            f"{row['prompt_tokens'] or 0:,}",
-            f"{row['completion_tokens'] or 0:,}",
-            f"{row['reasoning_tokens'] or 0:,}",
-            format_usd(row["quoted_usd"], places=6),
-            format_usd(row["charged_usd"], places=6),
-            "-" if row["drift_pct"] is None else f"{row['drift_pct']:+.0f}%",
-            _secs(row["latency_p50"]),
-            _secs(row["latency_p95"]),
-            "-" if row["usd_per_1k_output"] is None else f"${row['usd_per_1k_output']:.5f}",
-        )
+        table.add_row(*cells(row))
     out.print(table)
     errors = top_errors(df)
     for row in errors.iter_rows(named=True) if not errors.is_empty() else []:
@@ -629,10 +601,6 @@ def _print_report(ledger: Ledger, run_id: str) -> None:
             markup=False,
             highlight=False,
         )
-
-
-def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()

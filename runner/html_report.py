@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from runner.money import format_usd
-from runner.report import per_model, top_errors
+from runner.report import COLUMNS, cells, per_model, top_errors
 
 WIDTH, BAR_H, PAD = 720, 22, 8
 STYLE = """
@@ -77,42 +77,10 @@ def render(run: dict[str, Any], df: pl.DataFrame) -> str:
 
 
 def _models_table(models: pl.DataFrame) -> str:
-    head = [
-        "model",
-        "ok",
-        "failed",
-        "possibly&nbsp;billed",
-        "prompt&nbsp;tok",
-        "output&nbsp;tok",
-        "reasoning&nbsp;tok",
-        "quoted",
-        "charged",
-        "drift",
-        "p50&nbsp;s",
-        "p95&nbsp;s",
-        "$/1k&nbsp;out",
-    ]
-    rows = []
-    for r in _rows(models):
-        cells = [
-            escape(str(r["model"])),
-            str(r["ok"]),
-            str(r["failed"]),
-            str(r["possibly_billed"]),
-            f"{r['prompt_tokens'] or 0:,}",
-            f"{r['completion_tokens'] or 0:,}",
-            f"{r['reasoning_tokens'] or 0:,}",
-            format_usd(r["quoted_usd"], places=6),
-            format_usd(r["charged_usd"], places=6),
-            "–" if r["drift_pct"] is None else f"{r['drift_pct']:+.1f}%",
-            _secs(r["latency_p50"]),
-            _secs(r["latency_p95"]),
-            "–" if r["usd_per_1k_output"] is None else f"${r['usd_per_1k_output']:.5f}",
-        ]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    rows = ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells(r)) + "</tr>" for r in _rows(models)]
     if not rows:
         return "<p class=meta>No requests.</p>"
-    header = "".join(f"<th>{h}</th>" for h in head)
+    header = "".join(f"<th>{escape(h)}</th>" for h in COLUMNS)
     return f"<div class=scroll><table><tr>{header}</tr>{''.join(rows)}</table></div>"
 
 
@@ -244,10 +212,6 @@ def _thin(points: list[Any], most: int) -> list[Any]:
 
 def _dec(value: Any) -> Decimal:
     return Decimal(0) if value is None else Decimal(value)
-
-
-def _secs(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
 
 
 def _when(value: Any) -> str:

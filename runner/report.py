@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import polars as pl
 
 from runner.export import frames
 from runner.ledger import Ledger
+from runner.money import format_usd
+
+COLUMNS = (
+    "model",
+    "ok",
+    "failed",
+    "possibly billed",
+    "prompt tok",
+    "output tok",
+    "reasoning tok",
+    "quoted",
+    "charged",
+    "drift",
+    "p50 s",
+    "p95 s",
+    "$/1k out",
+)
 
 
 def run_frame(ledger: Ledger, run_id: str) -> pl.DataFrame:
@@ -58,3 +77,26 @@ def top_errors(df: pl.DataFrame, limit: int = 5) -> pl.DataFrame:
         .sort("count", descending=True)
         .head(limit)
     )
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """One row of per_model() as the texts of COLUMNS (the terminal and HTML reports both use it)."""
+    return [
+        str(row["model"]),
+        str(row["ok"]),
+        str(row["failed"]),
+        str(row["possibly_billed"]),
+        f"{row['prompt_tokens'] or 0:,}",
+        f"{row['completion_tokens'] or 0:,}",
+        f"{row['reasoning_tokens'] or 0:,}",
+        format_usd(row["quoted_usd"], places=6),
+        format_usd(row["charged_usd"], places=6),
+        "–" if row["drift_pct"] is None else f"{row['drift_pct']:+.1f}%",
+        _secs(row["latency_p50"]),
+        _secs(row["latency_p95"]),
+        "–" if row["usd_per_1k_output"] is None else f"${row['usd_per_1k_output']:.5f}",
+    ]
+
+
+def _secs(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
