@@ -45,6 +45,7 @@ from runner.quote import Estimate, cache_key, quote_requests
 
 BATCH = 500
 FUNDS_EVERY_S = 1.0
+RPM_PACE = 0.995  # share of --rpm actually used
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
 
@@ -92,8 +93,9 @@ class Engine:
         self.on_event = on_event
         self.writer = Writer(ledger)
         self.limit = AdaptiveLimit(options.concurrency)
-        # RPM starts with one call, not a burst, so no 60 s span of the run exceeds the limit
-        self.rpm = TokenBucket(options.rpm, start=0) if options.rpm else None
+        # RPM starts empty (no burst at the start), so no 60 s span of the run exceeds the limit,
+        # and paces 0.5 % under it, so timing jitter on either side cannot push a span over
+        self.rpm = TokenBucket(options.rpm * RPM_PACE, start=0) if options.rpm else None
         self.tpm = TokenBucket(options.tpm, burst=options.tpm / 60 * 5) if options.tpm else None
         self.stopping = anyio.Event()
         self.aborted = False
