@@ -30,7 +30,7 @@ from runner.ledger import BudgetView, Ledger
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
 from runner.report import COLUMNS as REPORT_COLUMNS
-from runner.report import cells, per_model, run_frame, top_errors
+from runner.report import REPORT_NEEDS, cells, per_model, run_frame, top_errors
 from runner.simulator import Books, parse_latency, serve
 
 app = typer.Typer(
@@ -587,7 +587,7 @@ def export_cmd(
 
 
 def _print_report(ledger: Ledger, run_id: str) -> None:
-    df = run_frame(ledger, run_id)
+    df = run_frame(ledger, run_id, REPORT_NEEDS)
     table = Table(title="report", title_justify="left")
     for column in REPORT_COLUMNS:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
@@ -617,7 +617,8 @@ def report(
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)
-            html.write_text(html_report.render(run, run_frame(ledger, run["id"])), encoding="utf-8")
+            page = html_report.render(run, run_frame(ledger, run["id"], REPORT_NEEDS))
+            html.write_text(page, encoding="utf-8")
         except OSError as exc:
             msg = f"{html}: cannot write the report: {exc.strerror}"
             raise ConfigError(msg) from None

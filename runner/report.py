@@ -27,8 +27,26 @@ COLUMNS = (
 )
 
 
-def run_frame(ledger: Ledger, run_id: str) -> pl.DataFrame:
-    parts = list(frames(ledger, run_id))
+# what the per-model report, the errors and the HTML charts read: not the responses themselves
+REPORT_NEEDS = (
+    "model",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "quote_usd",
+    "price_usd",
+    "latency_s",
+    "finished_at",
+    "error_type",
+    "error_message",
+)
+
+
+def run_frame(ledger: Ledger, run_id: str, columns: tuple[str, ...] | None = None) -> pl.DataFrame:
+    """One row per request (polars); `columns` keeps only those, batch by batch, so a report of a
+    million-request run holds its numbers, not its responses."""
+    parts = [f if columns is None else f.select(columns) for f in frames(ledger, run_id)]
     return pl.concat(parts) if parts else pl.DataFrame()
 
 
