@@ -398,7 +398,8 @@ class Progress:
         rate = self.done / elapsed
         parts = [f"{self.failed} failed", f"{rate:,.0f}/s"]
         if self.label == "running":
-            parts += [f"{format_usd(self.spent)} spent", f"{format_usd(int(self.spent / elapsed * 60))}/min"]
+            per_minute = self.spent * 60_000 // max(1, round(elapsed * 1000))  # integer nano-USD
+            parts += [f"{format_usd(self.spent)} spent", f"{format_usd(per_minute)}/min"]
             if self.funds is not None:
                 parts.append(f"{format_usd(self.funds.reserved_nanos)} reserved")
                 parts.append(f"{format_usd(self.funds.remaining_nanos)} left in the budget")
