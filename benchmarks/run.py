@@ -5,12 +5,13 @@
 
 1. Throughput, zero latency: nginx (Debian's package; `apt-get install nginx-light`) answers every
    POST /v1/run with one fixed Run API reply, fast enough not to be the bottleneck; without nginx a
-   small aiohttp server in its own process stands in (and the output says so). Measured in the same
+   small asyncio server in its own process stands in (and the output says so). Measured in the same
    run: a bare aiohttp loop (baseline), a bare httpx loop (default transport), and the real CLI
    `runner run` in its own process, quotes cached beforehand by `runner estimate`. For the runner two
    figures: the wall clock of the whole command (start-up, validation, ledger, export, report) and the
    sustained send rate the server saw from its first to its last call.
-2. Latency-bound: the same reply after 200 ms, concurrency 256; the ceiling is 256 / 0.2 = 1,280 req/s.
+2. Latency-bound: the same reply after 200 ms (a bare asyncio server in its own process), concurrency
+   256; the ceiling is 256 / 0.2 = 1,280 req/s. A bare aiohttp loop against it is the baseline.
 3. Peak RSS of `runner run` (the whole process, from wait4) for a job of --rss-requests lines
    (0 skips it; a million lines take several minutes).
 """
@@ -33,7 +34,6 @@ from typing import Any
 
 import aiohttp
 import httpx
-from aiohttp import web
 
 REPLY = json.dumps(
     {
@@ -73,28 +73,63 @@ def free_port() -> int:
 
 
 def fixed_server(port: int, latency: float) -> None:
-    """A fixed Run API reply after `latency` seconds; GET /stats gives the calls it saw and when."""
+    """A fixed Run API reply after `latency` seconds; GET /stats gives the calls it saw and when.
+
+    A bare asyncio protocol (no framework): at 1,280 delayed replies a second an aiohttp server spent
+    enough of the shared CPU to hold a bare aiohttp client loop to 91 % of the ceiling.
+    """
+    reply = _http_reply(REPLY.encode())
     stamps: list[float] = []
 
-    async def handle(request: web.Request) -> web.Response:
-        await request.read()
-        stamps.append(time.time())
-        if latency:
-            await asyncio.sleep(latency)
-        return web.Response(text=REPLY, content_type="application/json")
+    class Handler(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+            self.buffer = b""
 
-    async def stats(_request: web.Request) -> web.Response:
-        return web.json_response({"calls": len(stamps), "first": stamps[0], "last": stamps[-1]})
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while True:
+                head_end = self.buffer.find(b"\r\n\r\n")
+                if head_end < 0:
+                    return
+                head = self.buffer[:head_end].decode("latin-1")
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                end = head_end + 4 + length
+                if len(self.buffer) < end:
+                    return
+                self.buffer = self.buffer[end:]
+                self.answer(head.split(" ", 2)[1])
 
-    async def reset(_request: web.Request) -> web.Response:
-        stamps.clear()
-        return web.json_response({})
+        def answer(self, path: str) -> None:
+            loop = asyncio.get_running_loop()
+            if path == "/stats":
+                found = {"calls": len(stamps), "first": stamps[0], "last": stamps[-1]}
+                self.transport.write(_http_reply(json.dumps(found).encode()))
+            elif path == "/reset":
+                stamps.clear()
+                self.transport.write(_http_reply(b"{}"))
+            else:
+                stamps.append(time.time())
+                if latency:
+                    loop.call_later(latency, self.transport.write, reply)
+                else:
+                    self.transport.write(reply)
 
-    app = web.Application()
-    app.router.add_post("/v1/run", handle)
-    app.router.add_get("/stats", stats)
-    app.router.add_post("/reset", reset)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096)
+    async def serve() -> None:
+        server = await asyncio.get_running_loop().create_server(Handler, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def _http_reply(body: bytes) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
 
 
 class Server:
@@ -261,7 +296,7 @@ def main() -> None:
         folder = Path(tmp)
         server = Server(folder, 0.0, nginx=use_nginx)
         try:
-            kind = "nginx" if use_nginx else "aiohttp stand-in (nginx not installed)"
+            kind = "nginx" if use_nginx else "asyncio stand-in (nginx not installed)"
             print(f"1. zero latency, {n:,} requests, concurrency {c}, server: {kind}", flush=True)
             base = asyncio.run(bare_aiohttp(server.url, n, c))
             print(f"   bare aiohttp loop (baseline)      {base:8,.0f} req/s", flush=True)
@@ -284,6 +319,10 @@ def main() -> None:
         try:
             m = args.latency_requests
             print(f"2. 200 ms latency, {m:,} requests, concurrency 256 (ceiling 1,280 req/s)", flush=True)
+            slow.reset()
+            asyncio.run(bare_aiohttp(slow.url, m, 256))
+            _, bare = slow.sustained()
+            print(f"   bare aiohttp loop, sustained      {bare:8,.0f} req/s  {bare / 1280:.1%}", flush=True)
             wall, sustained, _ = run_case(folder, slow, m, 256, "slow")
             print(f"   runner run, sustained send rate   {sustained:8,.0f} req/s  {sustained / 1280:.1%}")
             print(f"   runner run, whole command         {wall:8,.0f} req/s  {wall / 1280:.1%}")

@@ -3,8 +3,9 @@
     uv run python benchmarks/transport.py [--requests 5000] [--concurrency 64]
 
 The server is a separate process (aiohttp, a fixed ~400-byte Run API reply), so it does not share the
-client's event loop. Compared: httpx's default transport, httpx over httpx-aiohttp's transport (what
-runner.http uses), and a bare aiohttp loop as the baseline.
+client's event loop. Compared: httpx's default transport, httpx over httpx-aiohttp's transport,
+runner.http.Endpoint (httpx requests over runner's own aiohttp transport), and a bare aiohttp loop
+as the baseline.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import aiohttp
 import httpx
 from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
+
+from runner import http
 
 REPLY = json.dumps(
     {
@@ -94,6 +97,19 @@ async def bench_aiohttp(url: str, total: int, concurrency: int) -> float:
         return await drive(send, total, concurrency)
 
 
+async def bench_endpoint(url: str, total: int, concurrency: int) -> float:
+    endpoint = http.Endpoint(url, max_connections=concurrency)
+
+    async def send() -> None:
+        (await endpoint.read(endpoint.request("POST", "/v1/run", BODY))).json()
+
+    try:
+        await drive(send, 200, concurrency)
+        return await drive(send, total, concurrency)
+    finally:
+        await endpoint.aclose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=5000)
@@ -116,12 +132,14 @@ def main() -> None:
         over_aiohttp = asyncio.run(
             bench_httpx(url, args.requests, args.concurrency, AiohttpTransport(limits=limits))
         )
+        ours = asyncio.run(bench_endpoint(url, args.requests, args.concurrency))
     finally:
         server.terminate()
     print(f"{args.requests} requests, concurrency {args.concurrency}, loopback, one aiohttp server process")
     print(f"bare aiohttp loop (baseline):   {baseline:8,.0f} req/s  1.00 x")
     print(f"httpx default transport:        {default:8,.0f} req/s  {default / baseline:.2f} x")
-    print(f"httpx over AiohttpTransport:    {over_aiohttp:8,.0f} req/s  {over_aiohttp / baseline:.2f} x")
+    print(f"httpx over httpx-aiohttp:       {over_aiohttp:8,.0f} req/s  {over_aiohttp / baseline:.2f} x")
+    print(f"runner.http.Endpoint:           {ours:8,.0f} req/s  {ours / baseline:.2f} x")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ class Engine:
                     continue
                 await self.limit.acquire()
                 if self.stopping.is_set():
-                    await self.limit.release()
+                    self.limit.release()
                     return
                 tg.start_soon(self._request, request, row.id, row.quote_nanos, row.attempts)
 
@@ -201,7 +201,7 @@ class Engine:
                 return
             await self._send_with_retries(request, row_id, done_attempts)
         finally:
-            await self.limit.release()
+            self.limit.release()
 
     def _backoff(self, attempt: int, exc: BaseException | None) -> float:
         after = exc.retry_after if isinstance(exc, ProviderError) else None

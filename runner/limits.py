@@ -15,18 +15,21 @@ class AdaptiveLimit:
         self.minimum = minimum
         self.current = float(maximum)
         self.in_flight = 0
-        self._changed = anyio.Condition()
+        self._freed: anyio.Event | None = None  # set when a slot frees up, for whoever waits
 
     async def acquire(self) -> None:
-        async with self._changed:
-            while self.in_flight >= int(self.current):
-                await self._changed.wait()
-            self.in_flight += 1
+        """Take a slot; returns at once while the window has room (one event loop, no lock needed)."""
+        while self.in_flight >= int(self.current):
+            if self._freed is None:
+                self._freed = anyio.Event()
+            await self._freed.wait()
+        self.in_flight += 1
 
-    async def release(self) -> None:
-        async with self._changed:
-            self.in_flight -= 1
-            self._changed.notify_all()
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
 
     def on_success(self) -> None:
         self.current = min(self.maximum, self.current + 1 / max(1.0, self.current))
