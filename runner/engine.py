@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import http, schema
@@ -164,23 +165,34 @@ class Engine:
         self.abort(f"grace period of {self.options.grace_s:g} s over: aborting the requests still in flight")
 
     async def _launch_all(self, job: Path, tg: TaskGroup) -> None:
+        """Launch the pending lines in file order; the next chunk is read while this one runs."""
+        send, receive = anyio.create_memory_object_stream[list[tuple[ChatRequest, Any]]](1)
+        async with anyio.create_task_group() as reader:
+            reader.start_soon(self._read_pending, job, send)
+            async with receive:
+                async for chunk in receive:
+                    for request, row in chunk:
+                        await self.limit.acquire()
+                        if self.stopping.is_set():
+                            self.limit.release()
+                            break
+                        tg.start_soon(self._request, request, row.id, row.quote_nanos, row.attempts)
+                    if self.stopping.is_set():
+                        break
+            reader.cancel_scope.cancel()
+
+    async def _read_pending(
+        self, job: Path, send: MemoryObjectSendStream[list[tuple[ChatRequest, Any]]]
+    ) -> None:
+        def pending(chunk: list[ChatRequest]) -> list[tuple[ChatRequest, Any]]:
+            rows = self.ledger.request_rows(self.plan.run_id, [r.custom_id for r in chunk])
+            found = ((r, rows[r.custom_id]) for r in chunk)
+            return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
+
         iterator = iter_requests(job)
-        while not self.stopping.is_set():
-            chunk = await anyio.to_thread.run_sync(_take, iterator, BATCH)
-            if not chunk:
-                return
-            rows = await anyio.to_thread.run_sync(
-                self.ledger.request_rows, self.plan.run_id, [r.custom_id for r in chunk]
-            )
-            for request in chunk:
-                row = rows[request.custom_id]
-                if row.state != "pending" or row.quote_nanos is None:
-                    continue
-                await self.limit.acquire()
-                if self.stopping.is_set():
-                    self.limit.release()
-                    return
-                tg.start_soon(self._request, request, row.id, row.quote_nanos, row.attempts)
+        async with send:
+            while chunk := await anyio.to_thread.run_sync(_take, iterator, BATCH):
+                await send.send(await anyio.to_thread.run_sync(pending, chunk))
 
     async def _request(self, request: ChatRequest, row_id: int, quote: int, done_attempts: int) -> None:
         try:

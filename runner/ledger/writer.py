@@ -1,72 +1,94 @@
-"""Grouped commits for async code: many ledger writes, one transaction, run off the event loop.
+"""Grouped commits for async code: many ledger writes, one transaction, committed off the event loop.
 
 A caller awaits `submit(op)` and gets the op's result only after the transaction holding it has
 committed, so "granted" always means "durably granted".
+
+The commits happen in one thread of their own, which takes whatever is queued, commits it as one
+transaction, hands the results back to the event loop and goes straight on with what queued up
+meanwhile. It never waits for the event loop: when the loop is busy with a wave of replies the
+commits keep their pace, and the callers of a batch run while the next batch commits.
 """
 
 from __future__ import annotations
 
+import asyncio
+import queue
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from runner.ledger.store import Ledger
 from runner.ledger.tx import Tx
 
 T = TypeVar("T")
 MAX_BATCH = 512
+_CLOSE = object()
 
 
-@dataclass
-class _Op(Generic[T]):
-    apply: Callable[[Tx], T]
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: Any = None
-    error: BaseException | None = None
+class _Op:
+    __slots__ = ("apply", "error", "future", "result")
+
+    def __init__(self, apply: Callable[[Tx], Any], future: asyncio.Future[None]) -> None:
+        self.apply = apply
+        self.future = future
+        self.result: Any = None
+        self.error: BaseException | None = None
 
 
 class Writer:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._send: MemoryObjectSendStream[_Op[Any]]
-        self._receive: MemoryObjectReceiveStream[_Op[Any]]
-        self._send, self._receive = anyio.create_memory_object_stream[_Op[Any]](MAX_BATCH * 4)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
 
     async def submit(self, apply: Callable[[Tx], T]) -> T:
-        op: _Op[T] = _Op(apply)
-        try:
-            self._send.send_nowait(op)
-        except anyio.WouldBlock:
-            await self._send.send(op)
-        await op.done.wait()
+        """Queue `apply` for the next transaction; its result once that transaction has committed.
+
+        Cancelling the caller does not take the op back: it is committed all the same.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        op = _Op(apply, loop.create_future())
+        self._queue.put(op)
+        await asyncio.shield(op.future)
         if op.error is not None:
             raise op.error
         result: T = op.result
         return result
 
     def close(self) -> None:
-        self._send.close()
+        """No more ops: the thread commits what is queued and stops."""
+        self._queue.put(_CLOSE)
 
     async def run(self) -> None:
-        """The writer task: drain what is queued, commit it as one transaction, wake the callers."""
-        async with self._receive:
-            async for first in self._receive:
-                batch = [first]
-                while len(batch) < MAX_BATCH:
-                    try:
-                        batch.append(self._receive.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                with anyio.CancelScope(shield=True):  # a commit is never cut in half
-                    await anyio.to_thread.run_sync(self._commit, batch)
-                for op in batch:
-                    op.done.set()
+        """The writer: returns once `close()` was called and everything before it is committed."""
+        self._loop = asyncio.get_running_loop()
+        with anyio.CancelScope(shield=True):  # a commit is never cut in half
+            await anyio.to_thread.run_sync(self._commit_loop)
 
-    def _commit(self, batch: list[_Op[Any]]) -> None:
+    def _commit_loop(self) -> None:
+        closing = False
+        while not closing:
+            batch: list[_Op] = []
+            item = self._queue.get()
+            while True:
+                if item is _CLOSE:
+                    closing = True
+                else:
+                    batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit(batch)
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_wake, batch)
+
+    def _commit(self, batch: list[_Op]) -> None:
         try:
             with self.ledger.transaction() as tx:
                 for op in batch:
@@ -75,3 +97,9 @@ class Writer:
         except BaseException as exc:  # every caller of the batch learns the transaction failed
             for op in batch:
                 op.error = exc
+
+
+def _wake(batch: list[_Op]) -> None:
+    for op in batch:
+        if not op.future.done():
+            op.future.set_result(None)
