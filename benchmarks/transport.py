@@ -4,7 +4,7 @@
 
 The server is a separate process (aiohttp, a fixed ~400-byte Run API reply), so it does not share the
 client's event loop. Compared: httpx's default transport, httpx over httpx-aiohttp's transport,
-runner.http.Endpoint (httpx requests over runner's own aiohttp transport), and a bare aiohttp loop
+runner.http.Endpoint (httpx requests over runner.wire, asyncio protocols), and a bare aiohttp loop
 as the baseline.
 """
 

@@ -1,11 +1,9 @@
 """The one place that makes HTTP clients and reads rate-limit and retry headers.
 
 The code is written against httpx (`httpx.Request`, `httpx.Response`, httpx's exceptions); the bytes
-move over aiohttp through `AiohttpTransport`, an httpx transport of our own. Measured by
-benchmarks/transport.py (5,000 requests, concurrency 64, one aiohttp server process on loopback,
-this 2-core machine, one run): bare aiohttp loop 10,810 req/s (baseline); httpx's default transport
-513 (0.05 x); httpx over httpx-aiohttp's transport 3,344 (0.31 x); `Endpoint` over this transport,
-with requests built from cached parts, 7,266 (0.67 x).
+move through `runner.wire.WireTransport`, an httpx transport of our own over asyncio protocols.
+Chosen by benchmarks/transport.py (figures in its output and in runner/wire.py); this is the one
+place the choice is made.
 """
 
 from __future__ import annotations
@@ -13,16 +11,15 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx
+
+from runner.wire import READ_WHOLE, WireTransport
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None)
 USER_AGENT = "runner"
-READ_WHOLE = "runner.read_whole"  # request extension: the caller reads the whole body at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,100 +35,6 @@ class Secret:
 
     def redact(self, text: str) -> str:
         return text.replace(self.value, "****") if self.value else text
-
-
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """httpx requests over one aiohttp session: a pool of keep-alive connections, no redirects.
-
-    aiohttp's failures come back as httpx's: a failure to connect as ConnectError / ConnectTimeout
-    (the server never saw the request), anything after as ReadError / ReadTimeout / RemoteProtocolError.
-    With the READ_WHOLE extension the body is read here and the response comes back already read;
-    otherwise it streams and must be closed.
-    """
-
-    def __init__(self, *, max_connections: int = 256) -> None:
-        self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
-
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None:  # made inside the event loop that uses it
-            connector = aiohttp.TCPConnector(limit=self._max_connections, limit_per_host=0)
-            self._session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",)
-            )
-        return self._session
-
-    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
-        given = request.extensions.get("timeout") or {}
-        key = (given.get("connect"), given.get("read"))
-        found = self._timeouts.get(key)
-        if found is None:
-            found = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, sock_connect=key[0], sock_read=key[1]
-            )
-        return found
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._open()
-        try:
-            reply = await session.request(
-                request.method,
-                str(request.url),
-                data=request.content or None,
-                headers=request.headers.multi_items(),
-                timeout=self._timeout(request),
-                allow_redirects=False,
-            )
-        except BaseException as exc:
-            raise _as_httpx(exc) from exc
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in reply.raw_headers]
-        if request.extensions.get(READ_WHOLE):
-            try:
-                content = await reply.read()
-            except BaseException as exc:
-                reply.close()
-                raise _as_httpx(exc) from exc
-            reply.release()
-            return httpx.Response(reply.status, headers=headers, content=content, request=request)
-        return httpx.Response(reply.status, headers=headers, stream=_Body(reply), request=request)
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class _Body(httpx.AsyncByteStream):
-    def __init__(self, reply: aiohttp.ClientResponse) -> None:
-        self._reply = reply
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._reply.content.iter_any():
-                yield chunk
-        except BaseException as exc:
-            self._reply.close()
-            raise _as_httpx(exc) from exc
-
-    async def aclose(self) -> None:
-        self._reply.release()
-
-
-def _as_httpx(exc: BaseException) -> BaseException:
-    """aiohttp's exception as httpx's; anything else (cancellation, our own bugs) as it is."""
-    message = str(exc) or type(exc).__name__
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(message)
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(message)
-    if isinstance(exc, TimeoutError):  # aiohttp's SocketTimeoutError: no byte within the read timeout
-        return httpx.ReadTimeout(message)
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
-        return httpx.RemoteProtocolError(message)
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return httpx.ReadError(message)
-    return exc
 
 
 class Endpoint:
@@ -154,7 +57,7 @@ class Endpoint:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.transport = transport or AiohttpTransport(max_connections=max_connections)
+        self.transport = transport or WireTransport(max_connections=max_connections)
         base = {"Accept": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
         self._headers = httpx.Headers(base)
         self._json_headers = httpx.Headers({**base, "Content-Type": "application/json"})
