@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import random
 import signal
+import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +20,6 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import http, schema
@@ -37,6 +38,7 @@ from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retry
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text
+from runner.ledger.tx import Hold
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
 from runner.limits import AdaptiveLimit, TokenBucket
@@ -122,8 +124,7 @@ class Engine:
                         aux.start_soon(self._watch_signals, aux)
                     try:
                         with self._work:
-                            async with anyio.create_task_group() as tg:
-                                await self._launch_all(job, tg)
+                            await self._launch_all(job)
                     finally:
                         aux.cancel_scope.cancel()
             finally:
@@ -164,35 +165,45 @@ class Engine:
         await anyio.sleep(self.options.grace_s)
         self.abort(f"grace period of {self.options.grace_s:g} s over: aborting the requests still in flight")
 
-    async def _launch_all(self, job: Path, tg: TaskGroup) -> None:
-        """Launch the pending lines in file order; the next chunk is read while this one runs."""
-        send, receive = anyio.create_memory_object_stream[list[tuple[ChatRequest, Any]]](1)
+    async def _launch_all(self, job: Path) -> None:
+        """Workers take the pending lines in file order; the next chunk is read while they run.
+
+        A fixed set of workers, as many as the concurrency cap, rather than a task per request:
+        spawning a task costs as much as the rest of a request's bookkeeping.
+        """
+        pending = _Pending()
         async with anyio.create_task_group() as reader:
-            reader.start_soon(self._read_pending, job, send)
-            async with receive:
-                async for chunk in receive:
-                    for request, row in chunk:
-                        await self.limit.acquire()
-                        if self.stopping.is_set():
-                            self.limit.release()
-                            break
-                        tg.start_soon(self._request, request, row.id, row.quote_nanos, row.attempts)
-                    if self.stopping.is_set():
-                        break
+            reader.start_soon(self._read_pending, job, pending)
+            async with anyio.create_task_group() as workers:
+                for _ in range(self.options.concurrency):
+                    workers.start_soon(self._worker, pending)
             reader.cancel_scope.cancel()
 
-    async def _read_pending(
-        self, job: Path, send: MemoryObjectSendStream[list[tuple[ChatRequest, Any]]]
-    ) -> None:
-        def pending(chunk: list[ChatRequest]) -> list[tuple[ChatRequest, Any]]:
+    async def _worker(self, pending: _Pending) -> None:
+        while not self.stopping.is_set():
+            item = await pending.take()
+            if item is None:
+                return
+            await self.limit.acquire()
+            if self.stopping.is_set():
+                self.limit.release()
+                return
+            request, row = item
+            await self._request(request, row.id, row.quote_nanos, row.attempts)
+
+    async def _read_pending(self, job: Path, pending: _Pending) -> None:
+        def rows_of(chunk: list[ChatRequest]) -> list[tuple[ChatRequest, Any]]:
             rows = self.ledger.request_rows(self.plan.run_id, [r.custom_id for r in chunk])
             found = ((r, rows[r.custom_id]) for r in chunk)
             return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
 
         iterator = iter_requests(job)
-        async with send:
+        try:
             while chunk := await anyio.to_thread.run_sync(_take, iterator, BATCH):
-                await send.send(await anyio.to_thread.run_sync(pending, chunk))
+                await pending.wait_for_room(BATCH)
+                pending.add(await anyio.to_thread.run_sync(rows_of, chunk))
+        finally:
+            pending.close()
 
     async def _request(self, request: ChatRequest, row_id: int, quote: int, done_attempts: int) -> None:
         try:
@@ -211,7 +222,7 @@ class Engine:
             if not granted:
                 self.stop("stopped", "budget reached: the next reservation did not fit")
                 return
-            await self._send_with_retries(request, row_id, done_attempts)
+            await self._send_with_retries(request, row_id, quote, done_attempts)
         finally:
             self.limit.release()
 
@@ -253,14 +264,16 @@ class Engine:
                 return await self._attempt(request, row_id, tries[0], first=False)
         raise AssertionError  # pragma: no cover - tenacity returns, retries or re-raises
 
-    async def _send_with_retries(self, request: ChatRequest, row_id: int, done_attempts: int) -> None:
+    async def _send_with_retries(
+        self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
+    ) -> None:
         tries = [done_attempts]  # attempts made so far, counted across processes
         try:
             outcome = await self._attempts(request, row_id, tries)
             if outcome is None:
                 await self._finish(row_id, request, "pending", None, tries[0], self.reason)
                 return
-            await self._settle(request, row_id, outcome, tries[0])
+            await self._settle(request, row_id, quote, outcome, tries[0])
         except RetryableError as exc:
             await self._finish(row_id, request, "failed", exc, tries[0], "retries exhausted")
         except RequestFatalError as exc:
@@ -284,19 +297,22 @@ class Engine:
         if not first:  # the first attempt was paced and marked `sending` with its reservation
             await self._pace(request)
             await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
-        started = anyio.current_time()
+        started = time.perf_counter()
         try:
             return await self.provider.complete(request)
         except RetryableError as exc:
             if exc.status == 429 or exc.code == "RATE_LIMITED":
                 self.limit.on_rate_limited()
-            latency = anyio.current_time() - started
+            latency = time.perf_counter() - started
             error = exc
             await self.writer.submit(lambda db: _record(db, row_id, number, "retry", error, latency))
             raise
 
-    async def _settle(self, request: ChatRequest, row_id: int, outcome: Outcome, attempts: int) -> None:
+    async def _settle(
+        self, request: ChatRequest, row_id: int, quote: int, outcome: Outcome, attempts: int
+    ) -> None:
         self.limit.on_success()
+        hold = Hold(quote, self.plan.budget_id, self.plan.run_id)  # what `_request` reserved
         message = outcome.message
         price = None if outcome.price is None else to_nanos(outcome.price)
         fields: dict[str, Any] = {
@@ -318,8 +334,8 @@ class Engine:
 
         def apply(db: Db) -> None:
             _record(db, row_id, attempts, "ok", None, outcome.latency_s)
-            charged = price if price is not None else self.ledger.held(db, row_id)
-            self.ledger.settle(db, Settlement(row_id, charged, fields))
+            charged = price if price is not None else quote
+            self.ledger.settle(db, Settlement(row_id, charged, fields, hold))
 
         await self.writer.submit(apply)
         self.on_event(RequestFinished(request.custom_id, "ok", price or 0))
@@ -359,6 +375,42 @@ def _record(
 ) -> None:
     error = str(exc)[:500] if exc else None
     db.attempt(row_id, number, outcome, exc.status if exc else 200, error, latency)
+
+
+class _Pending:
+    """The pending requests read so far, in file order, for the workers to take."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[ChatRequest, Any]] = deque()
+        self._closed = False
+        self._changed = anyio.Event()  # set when items arrive, are taken below the mark, or it closes
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def add(self, items: list[tuple[ChatRequest, Any]]) -> None:
+        self._items.extend(items)
+        self._signal()
+
+    def close(self) -> None:
+        self._closed = True
+        self._signal()
+
+    async def wait_for_room(self, size: int) -> None:
+        while len(self._items) > size:
+            await self._changed.wait()
+
+    async def take(self) -> tuple[ChatRequest, Any] | None:
+        """The next request, or None when the job has no more."""
+        while not self._items:
+            if self._closed:
+                return None
+            await self._changed.wait()
+        item = self._items.popleft()
+        if len(self._items) == BATCH:
+            self._signal()
+        return item
 
 
 def _take(iterator: Any, size: int) -> list[ChatRequest]:

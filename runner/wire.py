@@ -396,45 +396,63 @@ class WireTransport(httpx.AsyncBaseTransport):
         return self._ssl
 
     @staticmethod
-    def _head(request: httpx.Request, length: int) -> bytes:
-        """The request line and headers (httpx has set Host, and Content-Length for a body)."""
-        url = request.url
-        lines = [b"%s %s HTTP/1.1" % (request.method.encode(), url.raw_path)]
-        lines += [name + b": " + value for name, value in request.headers.raw]
-        if length and "content-length" not in request.headers:
-            lines.append(b"Content-Length: %d" % length)
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+    def head(method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]]) -> bytes:
+        """The request line and header lines (Host added when not given), each ending in CRLF; the
+        caller adds Content-Length when it sends a body, and the empty line that ends the head."""
+        lines = [b"%s %s HTTP/1.1\r\n" % (method.encode(), url.raw_path)]
+        if not any(name.lower() == b"host" for name, _ in headers):
+            lines.append(b"Host: " + url.netloc + b"\r\n")
+        lines += [name + b": " + value + b"\r\n" for name, value in headers]
+        return b"".join(lines)
+
+    async def exchange(
+        self, url: httpx.URL, head: bytes, body: bytes, timeouts: dict[str, Any]
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send one request (`head`: its request line and headers, up to the empty line) and read the
+        whole reply: (status, headers, body)."""
+        pool = self._pool(url)
+        conn = await pool.acquire(timeouts.get("connect"))
+        reply = conn.start(head, body, stream=False)
+        read_timeout = timeouts.get("read")
+        try:
+            await _until(conn, reply, read_timeout, lambda: reply.done)
+            if reply.error is not None:
+                raise reply.error
+        except BaseException:
+            conn.close()
+            pool.release(conn)
+            raise
+        assert reply.head is not None
+        content = b"".join(reply.body)
+        conn.consumed(len(content))
+        pool.release(conn)
+        return reply.head[0], reply.head[1], content
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout") or {}
-        pool = self._pool(request.url)
         body = request.content
-        head = self._head(request, len(body))
-        read_whole = bool(request.extensions.get(READ_WHOLE))
+        head = self.head(request.method, request.url, request.headers.raw)
+        if body and "content-length" not in request.headers:
+            head += b"Content-Length: %d\r\n" % len(body)
+        head += b"\r\n"
+        if request.extensions.get(READ_WHOLE):
+            status, headers, content = await self.exchange(request.url, head, body, timeouts)
+            return httpx.Response(status, headers=headers, content=content, request=request)
+        pool = self._pool(request.url)
         conn = await pool.acquire(timeouts.get("connect"))
-        reply = conn.start(head, body, stream=not read_whole)
+        reply = conn.start(head, body, stream=True)
         read_timeout = timeouts.get("read")
         try:
             await _until(conn, reply, read_timeout, lambda: reply.head is not None or reply.done)
             if reply.head is None:
                 raise reply.error or httpx.RemoteProtocolError("no reply")
-            status, raw_headers = reply.head
-            headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers]
-            if read_whole:
-                await _until(conn, reply, read_timeout, lambda: reply.done)
-                if reply.error is not None:
-                    raise reply.error
-                content = b"".join(reply.body)
-                conn.consumed(len(content))
-                pool.release(conn)
-                return httpx.Response(status, headers=headers, content=content, request=request)
         except BaseException:
             conn.close()
             pool.release(conn)
             raise
-        return httpx.Response(
-            status, headers=headers, stream=_Body(pool, conn, reply, read_timeout), request=request
-        )
+        status, headers = reply.head
+        stream = _Body(pool, conn, reply, read_timeout)
+        return httpx.Response(status, headers=headers, stream=stream, request=request)
 
     async def aclose(self) -> None:
         for pool in self._pools.values():

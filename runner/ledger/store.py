@@ -92,6 +92,7 @@ class Settlement:
     request_id: int
     price_nanos: int
     fields: dict[str, Any]
+    hold: Hold | None = None  # what the request holds, when the caller knows (saves a read)
 
 
 class Ledger:
@@ -216,7 +217,7 @@ class Ledger:
     def settle(tx: Tx, settlement: Settlement) -> None:
         """The reservation becomes the real charge, with the response, in one transaction."""
         request_id, price = settlement.request_id, settlement.price_nanos
-        hold = tx.hold(request_id)
+        hold = settlement.hold or tx.hold(request_id)
         totals = tx.totals(hold.budget_id)
         totals.reserved -= hold.amount
         totals.spent += price

@@ -46,12 +46,13 @@ class Writer:
     async def submit(self, apply: Callable[[Tx], T]) -> T:
         """Queue `apply` for the next transaction; its result once that transaction has committed.
 
-        Cancelling the caller does not take the op back: it is committed all the same.
+        Cancelling the caller does not take the op back: it is committed all the same, and its
+        result is dropped.
         """
         loop = self._loop or asyncio.get_running_loop()
         op = _Op(apply, loop.create_future())
         self._queue.put(op)
-        await asyncio.shield(op.future)
+        await op.future
         if op.error is not None:
             raise op.error
         result: T = op.result

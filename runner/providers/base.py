@@ -94,7 +94,9 @@ def error_message(payload: Any) -> tuple[str | None, str | None]:
     return message, code if isinstance(code, str) else None
 
 
-def error_from_response(response: httpx.Response, secret: http.Secret | None = None) -> ProviderError:
+def error_from_response(
+    response: httpx.Response | http.Reply, secret: http.Secret | None = None
+) -> ProviderError:
     """Classify a non-2xx (or success:false) response; the message never carries the key."""
     text = response.text
     try:
@@ -205,9 +207,11 @@ class HttpProvider:
     async def aclose(self) -> None:
         await self._endpoint.aclose()
 
-    async def _send_json(self, request: httpx.Request, *, billable: bool) -> tuple[httpx.Response, Any]:
+    async def _send_json(
+        self, method: str, path: str, body: Any = None, *, billable: bool
+    ) -> tuple[http.Reply, Any]:
         try:
-            response = await self._endpoint.read(request)
+            response = await self._endpoint.call(method, path, body)
         except httpx.TransportError as exc:
             raise transport_error(exc, billable=billable) from None
         if response.status_code >= 400:

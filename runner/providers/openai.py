@@ -18,6 +18,8 @@ from runner.providers.base import (
     with_usage_option,
 )
 
+CHAT_PATH = "chat/completions"  # relative to the base URL, which ends in /v1
+
 
 class OpenAIProvider(HttpProvider):
     name = "openai"
@@ -44,7 +46,7 @@ class OpenAIProvider(HttpProvider):
         self.prices = prices if prices is not None else catalog.MODELS
 
     def chat_request(self, request: ChatRequest) -> httpx.Request:
-        return self._endpoint.request("POST", "chat/completions", with_usage_option(request.body))
+        return self._endpoint.request("POST", CHAT_PATH, with_usage_option(request.body))
 
     async def quote(self, request: ChatRequest) -> Quote:
         return table_quote(request.body, self.prices.get(request.model))
@@ -59,10 +61,11 @@ class OpenAIProvider(HttpProvider):
             completion = assembly.completion()
             usage = Usage.from_openai(completion.get("usage"))
             return outcome_from(completion, self.price(request.model, usage), started, first, None)
-        _, payload = await self._send_json(self.chat_request(request), billable=True)
+        body = with_usage_option(request.body)
+        _, payload = await self._send_json("POST", CHAT_PATH, body, billable=True)
         usage = Usage.from_openai(payload.get("usage"))
         return outcome_from(payload, self.price(request.model, usage), started, None, payload.get("id"))
 
     async def models(self) -> list[str]:
-        _, payload = await self._send_json(self._endpoint.request("GET", "models"), billable=False)
+        _, payload = await self._send_json("GET", "models", billable=False)
         return sorted(str(m["id"]) for m in payload.get("data", []) if isinstance(m, dict))

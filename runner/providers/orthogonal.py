@@ -23,6 +23,7 @@ from runner.providers.base import (
 DEFAULT_BASE_URL = "https://api.orth.sh"
 DEFAULT_API = "baseten"
 CHAT_PATH = "/v1/chat/completions"
+RUN_PATH = "/v1/run"
 
 
 def build_run(body: JSON, *, api: str, path: str = CHAT_PATH, dry_run: bool = False) -> JSON:
@@ -78,17 +79,18 @@ class OrthogonalProvider(HttpProvider):
         self.api = api
 
     def run_request(self, body: JSON, *, dry_run: bool = False) -> httpx.Request:
-        return self._endpoint.request("POST", "/v1/run", build_run(body, api=self.api, dry_run=dry_run))
+        return self._endpoint.request("POST", RUN_PATH, build_run(body, api=self.api, dry_run=dry_run))
 
     async def quote(self, request: ChatRequest) -> Quote:
         try:
-            _, payload = await self._send_json(self.run_request(request.body, dry_run=True), billable=False)
-            envelope = parse_envelope(payload)
+            envelope = build_run(request.body, api=self.api, dry_run=True)
+            _, payload = await self._send_json("POST", RUN_PATH, envelope, billable=False)
+            reply = parse_envelope(payload)
         except RequestFatalError as exc:
             # a refused dry run: fall back to the price table, marked as an estimate
             fallback = table_quote(request.body, catalog.get(request.model))
             return Quote(fallback.amount, exact=False, source="estimate", reason=str(exc))
-        price = parse_price(envelope)
+        price = parse_price(reply)
         if price is None:
             fallback = table_quote(request.body, catalog.get(request.model))
             reason = "the dry run gave no price"
@@ -109,7 +111,9 @@ class OrthogonalProvider(HttpProvider):
                 first,
                 trailer.get("requestId"),
             )
-        response, payload = await self._send_json(self.run_request(body), billable=True)
+        response, payload = await self._send_json(
+            "POST", RUN_PATH, build_run(body, api=self.api), billable=True
+        )
         envelope = parse_envelope(payload, status=response.status_code)
         data = envelope.get("data")
         if not isinstance(data, dict):
@@ -119,15 +123,12 @@ class OrthogonalProvider(HttpProvider):
 
     async def models(self) -> list[str]:
         envelope = {"api": self.api, "path": "/v1/models", "method": "GET"}
-        req = self._endpoint.request("POST", "/v1/run", envelope)
-        _, payload = await self._send_json(req, billable=False)
+        _, payload = await self._send_json("POST", RUN_PATH, envelope, billable=False)
         data = parse_envelope(payload).get("data") or {}
         return sorted(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict))
 
     async def balance(self) -> Any:
-        _, payload = await self._send_json(
-            self._endpoint.request("GET", "/v1/credits/balance"), billable=False
-        )
+        _, payload = await self._send_json("GET", "/v1/credits/balance", billable=False)
         return parse_usd(str(payload.get("balance")))
 
 
