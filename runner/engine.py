@@ -33,6 +33,7 @@ from runner.errors import (
     RequestFatalError,
     RetryableError,
     RunFatalError,
+    RunnerError,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
 from runner.jobs import iter_requests, validate_job
@@ -194,10 +195,15 @@ class Engine:
     async def _read_pending(self, job: Path, pending: _Pending) -> None:
         def rows_of(chunk: list[ChatRequest]) -> list[tuple[ChatRequest, Any]]:
             rows = self.ledger.request_rows(self.plan.run_id, [r.custom_id for r in chunk])
+            for r in chunk:
+                row = rows.get(r.custom_id)
+                if row is None or row.sha256 != r.sha256:
+                    raise _changed(job, r, self.plan.run_id, "is new" if row is None else "changed")
             found = ((r, rows[r.custom_id]) for r in chunk)
             return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
 
-        iterator = iter_requests(job)
+        # each line was validated before its row was made; an unchanged hash means it still is
+        iterator = iter_requests(job, check=False)
         try:
             while chunk := await anyio.to_thread.run_sync(_take, iterator, BATCH):
                 await pending.wait_for_room(BATCH)
@@ -560,7 +566,10 @@ async def run_job(
     engine = Engine(conn, ledger, plan, options, on_event)
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
     on_event(Phase("running", pending))
-    await engine.run(job)
+    try:
+        await engine.run(job)
+    except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
+        raise _sole_runner_error(group) or group from None
     if engine.aborted:
         with anyio.CancelScope(shield=True):
             await _recover(ledger, run_id, retry_possibly_billed=False)
@@ -574,6 +583,25 @@ async def run_job(
     return RunResult(
         run_id, bool(existing), state, engine.reason, info["states"], info["spent_nanos"], estimate
     )
+
+
+def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:
+    """The first of the group's errors when all of them are runner's own (a user-facing message)."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        else:
+            leaves.append(exc)
+
+    collect(group)
+    if leaves and all(isinstance(exc, RunnerError) for exc in leaves):
+        first = leaves[0]
+        assert isinstance(first, RunnerError)
+        return first
+    return None
 
 
 def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:

@@ -58,8 +58,13 @@ def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:
     return body, obj.get("custom_id"), obj.get("metadata"), problems
 
 
-def parse_line(raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo]) -> LineResult | None:
-    """One raw line → a ChatRequest, its issues, or None for a blank line."""
+def parse_line(
+    raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo], check: bool = True
+) -> LineResult | None:
+    """One raw line → a ChatRequest, its issues, or None for a blank line.
+
+    `check=False` skips the request contract (for a line already validated, whose hash is compared).
+    """
 
     def issue(where: str, message: str) -> list[Issue]:
         return [Issue(file, line, where, message)]
@@ -83,7 +88,7 @@ def parse_line(raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo]
     problems = list(shape_problems)
     if not isinstance(body, dict):
         problems.append(("body", "a request body object is required"))
-    else:
+    elif check:
         problems += schema.check_body(body, models)
     if custom_id is not None and (not isinstance(custom_id, str) or not custom_id):
         problems.append(("custom_id", "must be a non-empty string"))
@@ -102,7 +107,9 @@ def parse_line(raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo]
     )
 
 
-def read_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> Iterator[LineResult]:
+def read_job(
+    path: str | Path, models: dict[str, ModelInfo] | None = None, *, check: bool = True
+) -> Iterator[LineResult]:
     """Stream a job file: every non-blank line as a ChatRequest or its issues, in file order.
 
     Duplicate custom_ids and an empty file are reported as issues too.
@@ -118,7 +125,7 @@ def read_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> It
     with handle:
         count = 0
         for number, raw in enumerate(handle, start=1):
-            result = parse_line(raw, file=file, line=number, models=known)
+            result = parse_line(raw, file=file, line=number, models=known, check=check)
             if result is None:
                 continue
             count += 1
@@ -169,9 +176,15 @@ def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -
     return summary
 
 
-def iter_requests(path: str | Path, models: dict[str, ModelInfo] | None = None) -> Iterator[ChatRequest]:
-    """Stream the requests of a job already validated; any issue met raises JobError."""
-    for result in read_job(path, models):
+def iter_requests(
+    path: str | Path, models: dict[str, ModelInfo] | None = None, *, check: bool = True
+) -> Iterator[ChatRequest]:
+    """Stream the requests of a job already validated; any issue met raises JobError.
+
+    `check=False` skips the request contract on each line: for a caller that compares each line's
+    hash with the hash recorded when the line was validated.
+    """
+    for result in read_job(path, models, check=check):
         if not isinstance(result, ChatRequest):
             msg = f"{path}: the job changed while it was being read"
             raise JobError(msg, issues=result, total=len(result))

@@ -376,6 +376,7 @@ class WireTransport(httpx.AsyncBaseTransport):
         self._limit = max_connections
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._ssl: ssl.SSLContext | None = None
+        self._watchdog = _Watchdog()
 
     def _pool(self, url: httpx.URL) -> _Pool:
         key = (url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80))
@@ -415,7 +416,7 @@ class WireTransport(httpx.AsyncBaseTransport):
         reply = conn.start(head, body, stream=False)
         read_timeout = timeouts.get("read")
         try:
-            await _until(conn, reply, read_timeout, lambda: reply.done)
+            await _until(self._watchdog, conn, reply, read_timeout, lambda: reply.done)
             if reply.error is not None:
                 raise reply.error
         except BaseException:
@@ -443,7 +444,8 @@ class WireTransport(httpx.AsyncBaseTransport):
         reply = conn.start(head, body, stream=True)
         read_timeout = timeouts.get("read")
         try:
-            await _until(conn, reply, read_timeout, lambda: reply.head is not None or reply.done)
+            ready = lambda: reply.head is not None or reply.done  # noqa: E731
+            await _until(self._watchdog, conn, reply, read_timeout, ready)
             if reply.head is None:
                 raise reply.error or httpx.RemoteProtocolError("no reply")
         except BaseException:
@@ -451,7 +453,7 @@ class WireTransport(httpx.AsyncBaseTransport):
             pool.release(conn)
             raise
         status, headers = reply.head
-        stream = _Body(pool, conn, reply, read_timeout)
+        stream = _Body(self._watchdog, pool, conn, reply, read_timeout)
         return httpx.Response(status, headers=headers, stream=stream, request=request)
 
     async def aclose(self) -> None:
@@ -460,32 +462,64 @@ class WireTransport(httpx.AsyncBaseTransport):
         self._pools.clear()
 
 
-async def _until(conn: _Connection, reply: _Reply, read_timeout: float | None, ready: Any) -> None:
+class _Watchdog:
+    """Read timeouts for every wait in flight, checked by one timer rather than one timer per wait.
+
+    A wait times out once no byte has arrived for its timeout (counted from the later of the last
+    byte and the start of the wait); the check runs every quarter of the shortest timeout waited on,
+    at most every second, so a timeout fires within a quarter of itself (or a second) past its due.
+    """
+
+    def __init__(self) -> None:
+        self.waits: dict[_Reply, tuple[_Connection, float, float]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def watch(self, conn: _Connection, reply: _Reply, timeout: float) -> None:
+        self.waits[reply] = (conn, timeout, time.monotonic())
+        if self.timer is None:
+            self._schedule(timeout)
+
+    def unwatch(self, reply: _Reply) -> None:
+        self.waits.pop(reply, None)
+
+    def _schedule(self, shortest: float) -> None:
+        self.timer = asyncio.get_running_loop().call_later(min(1.0, shortest / 4), self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        now = time.monotonic()
+        for reply, (conn, timeout, since) in list(self.waits.items()):
+            if now - max(conn.last_byte, since) >= timeout:
+                del self.waits[reply]
+                conn.timed_out(f"no reply byte within {timeout:g} s")
+                reply.wake()
+        if self.waits:
+            self._schedule(min(timeout for _, timeout, _ in self.waits.values()))
+
+
+async def _until(
+    watchdog: _Watchdog, conn: _Connection, reply: _Reply, read_timeout: float | None, ready: Any
+) -> None:
     """Wait until `ready()`; a ReadTimeout when no byte arrives for `read_timeout` seconds."""
+    if ready():
+        return
     loop = asyncio.get_running_loop()
-    while not ready():
-        waiter = reply.waiter = loop.create_future()
-        if read_timeout is None:
+    if read_timeout is not None:
+        watchdog.watch(conn, reply, read_timeout)
+    try:
+        while not ready():
+            waiter = reply.waiter = loop.create_future()
             await waiter
-            continue
-        deadline = conn.last_byte + read_timeout
-        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), _expire, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-        if not ready() and reply.error is None and time.monotonic() - conn.last_byte >= read_timeout:
-            conn.timed_out(f"no reply byte within {read_timeout:g} s")
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    finally:
+        watchdog.unwatch(reply)
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, pool: _Pool, conn: _Connection, reply: _Reply, read_timeout: float | None) -> None:
-        self._pool, self._conn, self._reply, self._timeout = pool, conn, reply, read_timeout
+    def __init__(
+        self, watchdog: _Watchdog, pool: _Pool, conn: _Connection, reply: _Reply, read_timeout: float | None
+    ) -> None:
+        self._watchdog, self._pool, self._conn, self._reply = watchdog, pool, conn, reply
+        self._timeout = read_timeout
         self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -500,7 +534,8 @@ class _Body(httpx.AsyncByteStream):
                     raise reply.error
                 if reply.done:
                     break
-                await _until(conn, reply, self._timeout, lambda: bool(reply.body) or reply.done)
+                ready = lambda: bool(reply.body) or reply.done  # noqa: E731
+                await _until(self._watchdog, conn, reply, self._timeout, ready)
         except BaseException:
             conn.close()
             raise

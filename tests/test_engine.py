@@ -111,6 +111,31 @@ async def test_a_changed_line_is_a_clear_error(sim: SimulatorThread, write_job: 
         await run(sim, job, ledger)
 
 
+async def test_a_line_changed_after_the_checks_is_caught_before_it_is_sent(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run phase reads lines without the contract checks; their hash must still match."""
+    ledger = Ledger()
+    lines = job_lines(5)
+    job = write_job(lines)
+    sim.books.configure({"balance": "0.0000001"})
+    first = await run(sim, job, ledger)
+    assert first.states.get("pending", 0) > 0
+    sent = sim.books.counters["run.call"]
+    sim.books.configure({"balance": "100"})
+
+    async def edit_after_checks(*args: Any, **kwargs: Any) -> None:
+        lines[4]["messages"][0]["content"] = "edited between the checks and the sends"
+        write_job(lines)
+
+    monkeypatch.setattr("runner.engine._recover", edit_after_checks)
+    with pytest.raises(JobChanged, match=r"job.jsonl:5: custom_id 'q4' changed"):
+        await run(sim, job, ledger, concurrency=1)
+    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(first.run_id) for r in batch}
+    assert rows["q4"]["state"] == "pending"
+    assert sim.books.counters["run.call"] == sent  # a chunk is checked whole before any of it is sent
+
+
 async def test_402_stops_the_run_fast_and_resume_finishes_it(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
