@@ -7,6 +7,7 @@ the response, or releases the reservation, or keeps it as possibly billed when t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -181,16 +182,27 @@ class Engine:
             reader.cancel_scope.cancel()
 
     async def _worker(self, pending: _Pending) -> None:
-        while not self.stopping.is_set():
-            item = await pending.take()
-            if item is None:
-                return
-            await self.limit.acquire()
-            if self.stopping.is_set():
-                self.limit.release()
-                return
-            request, row = item
-            await self._request(request, row.id, row.quote_nanos, row.attempts)
+        """Run requests one after another. A settlement is posted, not awaited: it commits with the
+        next request's reservation (the writer keeps their order), and is awaited after that."""
+        settling: asyncio.Future[None] | None = None
+        try:
+            while not self.stopping.is_set():
+                item = await pending.take()
+                if item is None:
+                    return
+                await self.limit.acquire()
+                if self.stopping.is_set():
+                    self.limit.release()
+                    return
+                request, row = item
+                posted = await self._request(request, row.id, row.quote_nanos, row.attempts)
+                if settling is not None:
+                    await settling
+                settling = posted
+        finally:
+            if settling is not None:
+                with anyio.CancelScope(shield=True):
+                    await settling
 
     async def _read_pending(self, job: Path, pending: _Pending) -> None:
         def rows_of(chunk: list[ChatRequest]) -> list[tuple[ChatRequest, Any]]:
@@ -211,7 +223,10 @@ class Engine:
         finally:
             pending.close()
 
-    async def _request(self, request: ChatRequest, row_id: int, quote: int, done_attempts: int) -> None:
+    async def _request(
+        self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
+    ) -> asyncio.Future[None] | None:
+        """One request from reservation to its final ledger write; a settlement comes back posted."""
         try:
             budget_id, run_id = self.plan.budget_id, self.plan.run_id
             first = done_attempts + 1
@@ -227,8 +242,8 @@ class Engine:
             granted = await self.writer.submit(reserve_and_mark)
             if not granted:
                 self.stop("stopped", "budget reached: the next reservation did not fit")
-                return
-            await self._send_with_retries(request, row_id, quote, done_attempts)
+                return None
+            return await self._send_with_retries(request, row_id, quote, done_attempts)
         finally:
             self.limit.release()
 
@@ -272,14 +287,14 @@ class Engine:
 
     async def _send_with_retries(
         self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
         tries = [done_attempts]  # attempts made so far, counted across processes
         try:
             outcome = await self._attempts(request, row_id, tries)
             if outcome is None:
                 await self._finish(row_id, request, "pending", None, tries[0], self.reason)
-                return
-            await self._settle(request, row_id, quote, outcome, tries[0])
+                return None
+            return self._settle(request, row_id, quote, outcome, tries[0])
         except RetryableError as exc:
             await self._finish(row_id, request, "failed", exc, tries[0], "retries exhausted")
         except RequestFatalError as exc:
@@ -289,6 +304,7 @@ class Engine:
             self.stop("stopped", f"the provider stopped the run: {exc}")
         except OutcomeUnknown as exc:
             await self._finish(row_id, request, "possibly_billed", exc, tries[0], None)
+        return None
 
     async def _pace(self, request: ChatRequest) -> None:
         """Wait for the RPM and TPM buckets (before the reservation, so no hold waits on them)."""
@@ -314,9 +330,10 @@ class Engine:
             await self.writer.submit(lambda db: _record(db, row_id, number, "retry", error, latency))
             raise
 
-    async def _settle(
+    def _settle(
         self, request: ChatRequest, row_id: int, quote: int, outcome: Outcome, attempts: int
-    ) -> None:
+    ) -> asyncio.Future[None]:
+        """Post the settlement: the charge, with the response, in one transaction."""
         self.limit.on_success()
         hold = Hold(quote, self.plan.budget_id, self.plan.run_id)  # what `_request` reserved
         message = outcome.message
@@ -343,8 +360,13 @@ class Engine:
             charged = price if price is not None else quote
             self.ledger.settle(db, Settlement(row_id, charged, fields, hold))
 
-        await self.writer.submit(apply)
-        self.on_event(RequestFinished(request.custom_id, "ok", price or 0))
+        def committed(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.on_event(RequestFinished(request.custom_id, "ok", price or 0))
+
+        posted = self.writer.post(apply)
+        posted.add_done_callback(committed)
+        return posted
 
     async def _finish(
         self,

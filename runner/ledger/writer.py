@@ -29,7 +29,7 @@ _CLOSE = object()
 class _Op:
     __slots__ = ("apply", "error", "future", "result")
 
-    def __init__(self, apply: Callable[[Tx], Any], future: asyncio.Future[None]) -> None:
+    def __init__(self, apply: Callable[[Tx], Any], future: asyncio.Future[Any]) -> None:
         self.apply = apply
         self.future = future
         self.result: Any = None
@@ -49,14 +49,20 @@ class Writer:
         Cancelling the caller does not take the op back: it is committed all the same, and its
         result is dropped.
         """
-        loop = self._loop or asyncio.get_running_loop()
-        op = _Op(apply, loop.create_future())
-        self._queue.put(op)
-        await op.future
-        if op.error is not None:
-            raise op.error
-        result: T = op.result
+        result: T = await self.post(apply)
         return result
+
+    def post(self, apply: Callable[[Tx], T]) -> asyncio.Future[T]:
+        """Queue `apply` without waiting: the future completes (or fails) once it has committed.
+
+        Ops commit in the order they were posted, so an op posted before a `submit` has committed
+        by the time that `submit` returns. Whoever posts must await the future: its error is the
+        only report of a failed commit.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(apply, future))
+        return future
 
     def close(self) -> None:
         """No more ops: the thread commits what is queued and stops."""
@@ -102,5 +108,9 @@ class Writer:
 
 def _wake(batch: list[_Op]) -> None:
     for op in batch:
-        if not op.future.done():
-            op.future.set_result(None)
+        if op.future.done():  # its caller was cancelled
+            continue
+        if op.error is not None:
+            op.future.set_exception(op.error)
+        else:
+            op.future.set_result(op.result)
