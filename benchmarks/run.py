@@ -256,6 +256,8 @@ def write_job(path: Path, n: int) -> None:
 def runner(folder: Path, server: Server, job: Path, command: str, *extra: str) -> tuple[float, int]:
     """Run a runner command in its own process: (wall seconds, peak RSS in MB)."""
     env = {**os.environ, "RUNNER_DB": f"sqlite:///{folder}/ledger.db", "ORTHOGONAL_API_KEY": "bench"}
+    # as on a user's machine, byte code is cached after the first command (the untimed `estimate`)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     args = [sys.executable, "-m", "runner", command, str(job), "--provider", "orthogonal"]
     args += ["--base-url", server.url, *extra]
     start = time.perf_counter()

@@ -31,7 +31,6 @@ from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
 from runner.report import COLUMNS as REPORT_COLUMNS
 from runner.report import REPORT_NEEDS, cells, per_model, run_frame, top_errors
-from runner.simulator import Books, parse_latency, serve
 
 app = typer.Typer(
     help="Cost-aware batch runner for LLM chat requests.",
@@ -510,6 +509,7 @@ def run(
                     max_usd=cap,
                     options=options,
                     on_event=progress,
+                    summary=summary,
                 )
 
     result = anyio.run(work)
@@ -641,6 +641,8 @@ def simulator(
     api_key: Annotated[str | None, typer.Option(help="Accept only this key (default: any).")] = None,
 ) -> None:
     """Serve the simulated Run API and OpenAI-compatible API (fake answers, real protocol)."""
+    from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415 - only this command serves
+
     books = Books(pricing=pricing, latency=parse_latency(latency), fault_rate=fault_rate, api_key=api_key)
     books.configure({"balance": balance})
 

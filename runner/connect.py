@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner import catalog
 from runner.catalog import ModelInfo
@@ -18,7 +19,9 @@ from runner.money import parse_usd
 from runner.providers.base import Provider
 from runner.providers.openai import OpenAIProvider
 from runner.providers.orthogonal import DEFAULT_API, DEFAULT_BASE_URL, OrthogonalProvider
-from runner.simulator import Books, parse_latency, serve
+
+if TYPE_CHECKING:
+    from runner.simulator import Books
 
 PROVIDERS = ("orthogonal", "openai", "simulator")
 
@@ -73,6 +76,9 @@ def price_table(settings: ProviderSettings) -> dict[str, ModelInfo]:
 @asynccontextmanager
 async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
     if settings.name == "simulator":
+        # imported here: the simulator's server (aiohttp) costs memory a run elsewhere does not need
+        from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415
+
         books = Books(pricing=settings.sim_pricing, latency=parse_latency(settings.sim_latency))
         books.configure({"balance": settings.sim_balance})
         async with serve(books) as url:

@@ -37,7 +37,7 @@ from runner.errors import (
     RunnerError,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import iter_requests, validate_job
+from runner.jobs import JobSummary, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text
 from runner.ledger.tx import Hold
@@ -467,6 +467,7 @@ async def _sync_rows(ledger: Ledger, job: Path, run_id: str, scope: str, *, crea
         while chunk := _take(iterator, 5000):
             rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
             missing = [r for r in chunk if r.custom_id not in rows]
+            _check_unique(job, run_id, missing)
             if missing and not creating:
                 raise _changed(job, missing[0], run_id, "is new")
             for r in chunk:
@@ -482,6 +483,15 @@ async def _sync_rows(ledger: Ledger, job: Path, run_id: str, scope: str, *, crea
             ledger.set_total(run_id, total)
 
     await anyio.to_thread.run_sync(work)
+
+
+def _check_unique(job: Path, run_id: str, requests: list[ChatRequest]) -> None:
+    """Rows are made once per custom_id: a file changed since validation may use one twice."""
+    seen: set[str] = set()
+    for request in requests:
+        if request.custom_id in seen:
+            raise _changed(job, request, run_id, "is used twice")
+        seen.add(request.custom_id)
 
 
 def _known(quote: Any) -> Any:
@@ -546,10 +556,12 @@ async def run_job(
     max_usd: Decimal | None = None,
     options: RunOptions | None = None,
     on_event: Listener = ignore,
+    summary: JobSummary | None = None,
 ) -> RunResult:
-    """Validate, quote, check the budget, then run (or resume) the job."""
+    """Validate (unless given the job's `summary`), quote, check the budget, then run or resume."""
     options = options or RunOptions()
-    summary = await anyio.to_thread.run_sync(validate_job, job)
+    if summary is None:
+        summary = await anyio.to_thread.run_sync(validate_job, job)
     summary.raise_for_issues()
     job_key = str(await anyio.Path(job).resolve())
     existing = None if options.new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, conn.scope)
@@ -559,7 +571,7 @@ async def run_job(
         on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
     on_event(Phase("quoting", summary.requests))
     estimate = await quote_requests(
-        iter_requests(job),
+        iter_requests(job, check=False),  # validated above; a quote is keyed by the body's hash
         provider=conn.provider,
         scope=conn.scope,
         ledger=ledger,

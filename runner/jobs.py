@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import polars as pl
 
 from runner import catalog, schema
 from runner.catalog import ModelInfo
@@ -112,11 +114,11 @@ def read_job(
 ) -> Iterator[LineResult]:
     """Stream a job file: every non-blank line as a ChatRequest or its issues, in file order.
 
-    Duplicate custom_ids and an empty file are reported as issues too.
+    An empty file is reported as an issue; duplicate custom_ids are found by `validate_job`, which
+    sees the whole file.
     """
     file = str(path)
     known = models if models is not None else catalog.MODELS
-    seen: set[str] = set()  # a set, not a dict: a million ids must stay well under 150 MB
     try:
         handle = Path(path).open("rb")  # noqa: SIM115 - closed below; a generator holds it open
     except OSError as exc:
@@ -129,15 +131,50 @@ def read_job(
             if result is None:
                 continue
             count += 1
-            if isinstance(result, ChatRequest):
-                if result.custom_id in seen:
-                    message = f"'{result.custom_id}' is used by an earlier line"
-                    result = [Issue(file, number, "custom_id", message)]
-                else:
-                    seen.add(result.custom_id)
             yield result
     if count == 0:
         yield [Issue(file, 0, "", "the job has no requests (the file is empty)")]
+
+
+class _Ids:
+    """Every custom_id with its line, kept as compact polars columns (a Python set of a million ids
+    costs ~70 MB, these ~20 MB), to find the ones used twice once the whole file is read."""
+
+    CHUNK = 65_536
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._lines: list[int] = []
+        self._parts: list[pl.DataFrame] = []
+
+    def add(self, custom_id: str, line: int) -> None:
+        self._ids.append(custom_id)
+        self._lines.append(line)
+        if len(self._ids) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._ids:
+            self._parts.append(pl.DataFrame({"id": self._ids, "line": self._lines}, schema=_ID_SCHEMA))
+            self._ids, self._lines = [], []
+
+    def duplicates(self, file: str) -> Iterator[Issue]:
+        """Each later use of an id, naming the line that used it first, in line order."""
+        self._flush()
+        if not self._parts:
+            return
+        ids = pl.concat(self._parts)
+        self._parts = []
+        later = (
+            ids.with_columns(first=pl.col("line").min().over("id"))
+            .filter(pl.col("line") != pl.col("first"))
+            .sort("line")
+        )
+        for custom_id, line, first in later.iter_rows():
+            yield Issue(file, line, "custom_id", f"'{custom_id}' is used by an earlier line ({first})")
+
+
+_ID_SCHEMA = {"id": pl.String, "line": pl.Int64}
 
 
 @dataclass
@@ -164,15 +201,24 @@ class JobSummary:
 
 
 def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> JobSummary:
-    """Validate a whole job file in one streamed pass, collecting every issue."""
+    """Validate a whole job file in one streamed pass, collecting every issue (in line order)."""
     summary = JobSummary(file=str(path))
+    ids = _Ids()
+
+    def note(issues: Iterable[Issue]) -> None:
+        for issue in issues:
+            summary.issue_count += 1
+            if len(summary.issues) < ISSUES_KEPT:
+                summary.issues.append(issue)
+
     for result in read_job(path, models):
         if isinstance(result, ChatRequest):
             summary.per_model[result.model] += 1
-            continue
-        summary.issue_count += len(result)
-        room = ISSUES_KEPT - len(summary.issues)
-        summary.issues.extend(result[:room])
+            ids.add(result.custom_id, result.line)
+        else:
+            note(result)
+    note(ids.duplicates(summary.file))
+    summary.issues.sort(key=lambda issue: issue.line)
     return summary
 
 
@@ -182,7 +228,8 @@ def iter_requests(
     """Stream the requests of a job already validated; any issue met raises JobError.
 
     `check=False` skips the request contract on each line: for a caller that compares each line's
-    hash with the hash recorded when the line was validated.
+    hash with the hash recorded when the line was validated. Duplicate custom_ids are not looked
+    for here (`validate_job` does): a caller that makes or runs rows guards against them itself.
     """
     for result in read_job(path, models, check=check):
         if not isinstance(result, ChatRequest):

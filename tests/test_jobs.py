@@ -87,7 +87,7 @@ BAD_LINES: list[tuple[str, list[Any], str, str]] = [
         "duplicate id",
         [{**GOOD_BODY, "custom_id": "x"}, {**GOOD_BODY, "custom_id": "x"}],
         ":2: custom_id: ",
-        "used by an earlier line",
+        "used by an earlier line (1)",
     ),
     (
         "batch wrong url",
