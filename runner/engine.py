@@ -39,7 +39,7 @@ from runner.errors import (
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
 from runner.jobs import JobSummary, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
-from runner.ledger.store import metadata_text
+from runner.ledger.store import metadata_text, this_process
 from runner.ledger.tx import Hold
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
@@ -50,6 +50,7 @@ from runner.quote import Estimate, cache_key, quote_requests
 
 BATCH = 500
 FUNDS_EVERY_S = 1.0
+OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
 RPM_PACE = 0.995  # share of --rpm actually used
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
@@ -84,6 +85,7 @@ class _Plan:
     budget_id: int
     resumed: bool
     estimate: Estimate
+    owner: str
 
 
 class Engine:
@@ -133,11 +135,18 @@ class Engine:
                 self.writer.close()
 
     async def _report_funds(self) -> None:
+        """Every second the budget's funds; every few seconds the owner's sign of life."""
+        run_id, owner = self.plan.run_id, self.plan.owner
+        last_touch = time.monotonic()
         while True:
             view = await anyio.to_thread.run_sync(self.ledger.budget_by_id, self.plan.budget_id)
             self.on_event(
                 Funds(view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
             )
+            if time.monotonic() - last_touch >= OWNER_TOUCH_S:
+                last_touch = time.monotonic()
+                if not await self.writer.submit(lambda db: self.ledger.touch_run(db, run_id, owner)):
+                    self.stop("stopped", "another process took this run over (this one was taken for gone)")
             await anyio.sleep(FUNDS_EVERY_S)
 
     def abort(self, reason: str) -> None:
@@ -565,7 +574,9 @@ async def run_job(
     summary.raise_for_issues()
     job_key = str(await anyio.Path(job).resolve())
     existing = None if options.new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, conn.scope)
+    owner = this_process()
     if existing:
+        await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
         complete = bool((await anyio.to_thread.run_sync(ledger.run, existing))["total"])
         await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
         on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
@@ -594,9 +605,9 @@ async def run_job(
         raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
     run_id = existing or uuid.uuid4().hex[:12]
     if not existing:
-        await anyio.to_thread.run_sync(ledger.create_run, run_id, job_key, budget_id, conn.scope)
+        await anyio.to_thread.run_sync(ledger.create_run, run_id, job_key, budget_id, conn.scope, owner)
         await _sync_rows(ledger, job, run_id, conn.scope, creating=True)
-    plan = _Plan(run_id, budget_id, bool(existing), estimate)
+    plan = _Plan(run_id, budget_id, bool(existing), estimate, owner)
     engine = Engine(conn, ledger, plan, options, on_event)
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
     on_event(Phase("running", pending))

@@ -7,7 +7,8 @@
     │   ├── BudgetNotFound
     │   ├── BudgetExceeded           a reservation does not fit the budget
     │   ├── BudgetLimitTooLow        a budget cannot go below spent + reserved
-    │   └── JobChanged               a line changed since its run began
+    │   ├── JobChanged               a line changed since its run began
+    │   └── RunBusy                  another live process is running the run
     └── ProviderError                a provider answered with an error, or could not be reached
         ├── RetryableError           408, 409, 429, 5xx, connect/read errors: try again
         ├── RequestFatalError        400, 404, 413, 422: this request will never succeed
@@ -74,6 +75,12 @@ class BudgetLimitTooLow(LedgerError):
 
 class JobChanged(LedgerError):
     pass
+
+
+class RunBusy(LedgerError):
+    def __init__(self, msg: str, *, owner: str) -> None:
+        super().__init__(msg)
+        self.owner = owner
 
 
 class ProviderError(RunnerError):

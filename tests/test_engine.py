@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import runner
 from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
-from runner.errors import BudgetExceeded, JobChanged
+from runner.errors import BudgetExceeded, JobChanged, RunBusy
 from runner.export import SCHEMA, export_jsonl, export_parquet
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
@@ -134,6 +135,30 @@ async def test_a_line_changed_after_the_checks_is_caught_before_it_is_sent(
     rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(first.run_id) for r in batch}
     assert rows["q4"]["state"] == "pending"
     assert sim.books.counters["run.call"] == sent  # a chunk is checked whole before any of it is sent
+
+
+async def test_a_run_another_live_process_runs_is_left_alone(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(6))
+    sim.books.configure({"balance": "0.0000001"})
+    first = await run(sim, job, ledger)
+    assert first.states.get("pending", 0) > 0
+    sim.books.configure({"balance": "100"})
+    sent = sim.books.counters["run.call"]
+    live = await anyio.open_process([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ledger.claim_run(first.run_id, f"{socket.gethostname()}:{live.pid}")
+        with pytest.raises(RunBusy, match="being run by another process"):
+            await run(sim, job, ledger)
+        assert sim.books.counters["run.call"] == sent
+    finally:
+        live.kill()
+        await live.wait()
+    resumed = await run(sim, job, ledger)  # its owner is gone: this process takes the run over
+    assert resumed.run_id == first.run_id
+    assert resumed.states == {"ok": 6}
 
 
 async def test_402_stops_the_run_fast_and_resume_finishes_it(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,13 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, select, u
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from runner.errors import BudgetLimitTooLow, BudgetNotFound, LedgerError
+from runner.errors import BudgetLimitTooLow, BudgetNotFound, LedgerError, RunBusy
 from runner.ledger.tables import Budget, LedgerEntry, QuoteCache, Request, Run, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.money import format_usd
 
 BUSY_TIMEOUT_MS = 30_000
+OWNER_STALE_S = 30.0  # a run's owner that has not been seen for this long is taken for gone
 B = Budget.__table__  # type: ignore[attr-defined]
 E = LedgerEntry.__table__  # type: ignore[attr-defined]
 RQ = Request.__table__  # type: ignore[attr-defined]
@@ -69,6 +72,28 @@ def make_engine(url: str, *, immediate: bool) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def this_process() -> str:
+    """How a run's owner is named: host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> bool:
+    """Whether a run's owner still runs it: seen lately, and, on this host, its process exists."""
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False  # it died (killed, crashed): take over at once
+        except PermissionError:
+            pass  # exists, under another user
+    if seen_at is None:
+        return False
+    if seen_at.tzinfo is None:  # SQLite keeps UTC without its zone
+        seen_at = seen_at.replace(tzinfo=UTC)
+    return (utcnow() - seen_at).total_seconds() < stale_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,8 +305,11 @@ class Ledger:
 
     # ---- runs ----------------------------------------------------------------------------
 
-    def create_run(self, run_id: str, job_path: str, budget_id: int, provider: str) -> None:
+    def create_run(
+        self, run_id: str, job_path: str, budget_id: int, provider: str, owner: str | None = None
+    ) -> None:
         with self.transaction() as tx:
+            now = utcnow()
             tx.conn.execute(
                 RN.insert().values(
                     id=run_id,
@@ -290,7 +318,9 @@ class Ledger:
                     provider=provider,
                     state="running",
                     total=0,
-                    created_at=utcnow(),
+                    created_at=now,
+                    owner=owner,
+                    seen_at=now if owner else None,
                 )
             )
 
@@ -306,8 +336,36 @@ class Ledger:
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         with self.transaction() as tx:
             tx.conn.execute(
-                update(RN).where(RN.c.id == run_id).values(state=state, reason=reason, finished_at=utcnow())
+                update(RN)
+                .where(RN.c.id == run_id)
+                .values(state=state, reason=reason, finished_at=utcnow(), owner=None)
             )
+
+    # ---- who runs a run: one process at a time ---------------------------------------------
+    # Two processes resuming the same run would send its pending requests twice, and each would
+    # take the other's requests in flight for a crash's. A run has an owner ("host:pid") that says
+    # it is alive every few seconds; another process takes it over only once the owner is gone.
+
+    def claim_run(self, run_id: str, owner: str, *, stale_after_s: float = OWNER_STALE_S) -> None:
+        """Make `owner` the run's owner, unless another live process runs it (RunBusy)."""
+        with self.transaction() as tx:
+            query = select(RN.c.owner, RN.c.seen_at).where(RN.c.id == run_id)
+            current, seen_at = tx.conn.execute(query).one()
+            if current and current != owner and owner_alive(current, seen_at, stale_after_s):
+                msg = (
+                    f"run {run_id} is being run by another process ({current}); wait for it to finish "
+                    "(or stop it), or start a fresh run with --new"
+                )
+                raise RunBusy(msg, owner=current)
+            tx.conn.execute(update(RN).where(RN.c.id == run_id).values(owner=owner, seen_at=utcnow()))
+
+    @staticmethod
+    def touch_run(tx: Tx, run_id: str, owner: str) -> bool:
+        """The owner's sign of life; False when the run has another owner now (it was taken over)."""
+        result = tx.conn.exec_driver_sql(
+            "UPDATE runs SET seen_at = ? WHERE id = ? AND owner = ?", (tx.now, run_id, owner)
+        )
+        return bool(result.rowcount)
 
     def latest_run(self, job_path: str, provider: str) -> str | None:
         """The job's newest run on this provider: resumed by default (a finished one sends nothing)."""

@@ -43,6 +43,8 @@ class Run(SQLModel, table=True):
     total: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    owner: str | None = None  # "host:pid" of the process running it, cleared when it stops
+    seen_at: datetime | None = None  # the owner's last sign of life
 
 
 class Request(SQLModel, table=True):
