@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import anyio
+import polars as pl
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -30,7 +31,7 @@ from runner.ledger import BudgetView, Ledger
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
 from runner.report import COLUMNS as REPORT_COLUMNS
-from runner.report import REPORT_NEEDS, cells, per_model, run_frame, top_errors
+from runner.report import REPORT_NEEDS, cells, run_frame, summarize
 
 app = typer.Typer(
     help="Cost-aware batch runner for LLM chat requests.",
@@ -516,7 +517,7 @@ def run(
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = export_parquet(ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
-    _print_report(ledger, result.run_id)
+    _print_report(ledger, result.run_id, path)
     out.print(
         f"run {result.run_id}: {result.state}" + (f" ({result.reason})" if result.reason else ""),
         highlight=False,
@@ -587,16 +588,21 @@ def export_cmd(
     out.print(f"{rows} rows written to {path}", highlight=False)
 
 
-def _print_report(ledger: Ledger, run_id: str) -> None:
-    df = run_frame(ledger, run_id, REPORT_NEEDS)
+def _print_report(ledger: Ledger, run_id: str, parquet: Path | None = None) -> None:
+    """The per-model table and the top errors: from the run's Parquet when there is one (streamed),
+    else from the ledger."""
+    if parquet is not None:
+        models, errors = summarize(pl.scan_parquet(parquet).select(REPORT_NEEDS))
+    else:
+        frame = run_frame(ledger, run_id, REPORT_NEEDS)
+        models, errors = summarize(frame.lazy()) if not frame.is_empty() else (frame, frame)
     table = Table(title="report", title_justify="left")
     for column in REPORT_COLUMNS:
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for row in per_model(df).iter_rows(named=True):
+    for row in models.iter_rows(named=True):
         table.add_row(*cells(row))
     out.print(table)
-    errors = top_errors(df)
-    for row in errors.iter_rows(named=True) if not errors.is_empty() else []:
+    for row in errors.iter_rows(named=True):
         out.print(
             f"  {row['count']} × {row['error_type']}: {row['example']}",
             markup=False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -10,6 +10,7 @@ from runner.export import frames
 from runner.ledger import Ledger
 from runner.money import format_usd
 
+Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 COLUMNS = (
     "model",
     "ok",
@@ -50,43 +51,47 @@ def run_frame(ledger: Ledger, run_id: str, columns: tuple[str, ...] | None = Non
     return pl.concat(parts) if parts else pl.DataFrame()
 
 
-def per_model(df: pl.DataFrame) -> pl.DataFrame:
+def per_model(df: Frame) -> Frame:
     """requests ok/failed/possibly billed, tokens, quoted vs charged USD, latency, cost per 1k out."""
-    if df.is_empty():
+    if isinstance(df, pl.DataFrame) and df.is_empty():
         return df
-    return (
-        df.group_by("model")
-        .agg(
-            ok=(pl.col("status") == "ok").sum(),
-            failed=(pl.col("status") == "failed").sum(),
-            possibly_billed=(pl.col("status") == "possibly_billed").sum(),
-            skipped=(pl.col("status") == "skipped").sum(),
-            prompt_tokens=pl.col("prompt_tokens").sum(),
-            completion_tokens=pl.col("completion_tokens").sum(),
-            reasoning_tokens=pl.col("reasoning_tokens").sum(),
-            quoted_usd=pl.col("quote_usd").filter(pl.col("status") == "ok").sum(),
-            charged_usd=pl.col("price_usd").sum(),
-            latency_p50=pl.col("latency_s").quantile(0.5),
-            latency_p95=pl.col("latency_s").quantile(0.95),
-        )
-        .with_columns(
-            drift_pct=pl.when(pl.col("quoted_usd") > 0)
-            .then(
-                (pl.col("charged_usd") - pl.col("quoted_usd")).cast(pl.Float64)
-                / pl.col("quoted_usd").cast(pl.Float64)
-                * 100
-            )
-            .otherwise(None),
-            usd_per_1k_output=pl.when(pl.col("completion_tokens") > 0)
-            .then(pl.col("charged_usd").cast(pl.Float64) / pl.col("completion_tokens") * 1000)
-            .otherwise(None),
-        )
-        .sort("model")
-    )
+    return _derived(df.group_by("model").agg(*_TOTALS, *_LATENCY))
 
 
-def top_errors(df: pl.DataFrame, limit: int = 5) -> pl.DataFrame:
-    if df.is_empty():
+_TOTALS = (
+    (pl.col("status") == "ok").sum().alias("ok"),
+    (pl.col("status") == "failed").sum().alias("failed"),
+    (pl.col("status") == "possibly_billed").sum().alias("possibly_billed"),
+    (pl.col("status") == "skipped").sum().alias("skipped"),
+    pl.col("prompt_tokens").sum(),
+    pl.col("completion_tokens").sum(),
+    pl.col("reasoning_tokens").sum(),
+    pl.col("quote_usd").filter(pl.col("status") == "ok").sum().alias("quoted_usd"),
+    pl.col("price_usd").sum().alias("charged_usd"),
+)
+_LATENCY = (
+    pl.col("latency_s").quantile(0.5).alias("latency_p50"),
+    pl.col("latency_s").quantile(0.95).alias("latency_p95"),
+)
+
+
+def _derived(per_model_totals: Frame) -> Frame:
+    return per_model_totals.with_columns(
+        drift_pct=pl.when(pl.col("quoted_usd") > 0)
+        .then(
+            (pl.col("charged_usd") - pl.col("quoted_usd")).cast(pl.Float64)
+            / pl.col("quoted_usd").cast(pl.Float64)
+            * 100
+        )
+        .otherwise(None),
+        usd_per_1k_output=pl.when(pl.col("completion_tokens") > 0)
+        .then(pl.col("charged_usd").cast(pl.Float64) / pl.col("completion_tokens") * 1000)
+        .otherwise(None),
+    ).sort("model")
+
+
+def top_errors(df: Frame, limit: int = 5) -> Frame:
+    if isinstance(df, pl.DataFrame) and df.is_empty():
         return df
     return (
         df.filter(pl.col("error_type").is_not_null())
@@ -95,6 +100,16 @@ def top_errors(df: pl.DataFrame, limit: int = 5) -> pl.DataFrame:
         .sort("count", descending=True)
         .head(limit)
     )
+
+
+def summarize(frame: pl.LazyFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """per_model() and top_errors() of a lazy frame (e.g. a scanned Parquet), aggregated as it
+    streams: the report of a million-request run does not hold the run in memory."""
+    # the totals and the latency quantiles in two passes: in one, polars holds ~2x the memory
+    totals = frame.group_by("model").agg(*_TOTALS).collect(engine="streaming")
+    latency = frame.group_by("model").agg(*_LATENCY).collect(engine="streaming")
+    models = _derived(totals.join(latency, on="model", how="left"))
+    return models, top_errors(frame).collect(engine="streaming")
 
 
 def cells(row: dict[str, Any]) -> list[str]:

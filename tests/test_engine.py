@@ -28,6 +28,7 @@ from runner.export import SCHEMA, export_jsonl, export_parquet
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
+from runner.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
 from runner.simulator import SimulatorThread
 
 cli = CliRunner()
@@ -303,3 +304,21 @@ def test_python_api_runs_and_reports(tmp_path: Path) -> None:
     table = runner.per_model(runner.run_frame(ledger, result.run_id))
     assert table["ok"].sum() == 22
     assert table["charged_usd"].sum() == from_nanos(result.spent_nanos)
+
+
+async def test_the_streamed_report_of_a_parquet_equals_the_in_memory_one(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    ledger = Ledger()
+    sim.books.configure({"script": [{"fault": "500", "match": "question q 3"}] * 6})
+    lines = job_lines(12) + [{**line, "model": "deepseek-ai/DeepSeek-V3.1"} for line in job_lines(5, "d")]
+    result = await run(sim, write_job(lines), ledger)
+    path = tmp_path / "out.parquet"
+    export_parquet(ledger, result.run_id, path)
+    models, errors = summarize(pl.scan_parquet(path).select(REPORT_NEEDS))
+    frame = run_frame(ledger, result.run_id, REPORT_NEEDS)
+    assert models.equals(per_model(frame))
+    assert errors.equals(top_errors(frame))
+    assert models["ok"].to_list() == [5, 11]
+    assert models["failed"].to_list() == [0, 1]
+    assert errors["count"].to_list() == [1]
