@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -51,6 +53,13 @@ ERRORS_SHOWN = 20
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def run_async(main: Callable[[], Awaitable[R]]) -> R:
+    """The one place the CLI starts an event loop: asyncio on uvloop where it is installed
+    (benchmarks/run.py measures both), the standard loop elsewhere."""
+    use_uvloop = importlib.util.find_spec("uvloop") is not None and os.environ.get("RUNNER_UVLOOP") != "0"
+    return anyio.run(main, backend_options={"use_uvloop": use_uvloop})
 
 
 def friendly(func: Callable[P, R]) -> Callable[P, R]:
@@ -150,7 +159,7 @@ def models(
             async with connect(settings) as conn:
                 return await conn.provider.models()
 
-        slugs = anyio.run(live)
+        slugs = run_async(live)
         if as_json:
             out.print(json.dumps(slugs, indent=2), markup=False, highlight=False)
         else:
@@ -448,7 +457,7 @@ def estimate(
                     on_event=progress,
                 )
 
-    result = anyio.run(work)
+    result = run_async(work)
     out.print(_estimate_table(result, remaining))
     out.print(f"quote calls made: {result.quote_calls}", highlight=False)
     for custom_id, reason in result.unquoted[:ERRORS_SHOWN]:
@@ -513,7 +522,7 @@ def run(
                     summary=summary,
                 )
 
-    result = anyio.run(work)
+    result = run_async(work)
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = export_parquet(ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
@@ -661,7 +670,7 @@ def simulator(
             await anyio.sleep_forever()
 
     with contextlib.suppress(KeyboardInterrupt):
-        anyio.run(serve_forever)
+        run_async(serve_forever)
 
 
 def main() -> None:

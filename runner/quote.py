@@ -12,7 +12,7 @@ from itertools import islice
 import anyio
 
 from runner import http
-from runner.errors import RetryableError, RunFatalError
+from runner.errors import ProviderError, RetryableError, RunFatalError
 from runner.events import Listener, Quoted, Retrying, ignore
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Quote
@@ -83,7 +83,7 @@ async def quote_with_retries(
             await anyio.sleep(wait)
         except RunFatalError:
             raise
-        except Exception as exc:
+        except ProviderError as exc:
             return Quote(None, exact=False, source="dry_run", reason=str(exc))
     raise AssertionError  # pragma: no cover
 
