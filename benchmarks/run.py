@@ -6,11 +6,10 @@
 1. Throughput, zero latency: nginx (Debian's package; `apt-get install nginx-light`) answers every
    POST /v1/run with one fixed Run API reply, fast enough not to be the bottleneck; without nginx a
    small asyncio server in its own process stands in (and the output says so). Measured in the same
-   run: a bare aiohttp loop (baseline), a bare httpx loop (default transport), a bare aiohttp loop on
-   uvloop (for reference), and the real CLI `runner run` in its own process, quotes cached beforehand
-   by `runner estimate`. For the runner two figures: the wall clock of the whole command (start-up,
-   validation, ledger, export, report) and the sustained send rate the server saw from its first to
-   its last call; then the sustained rate once more on the standard asyncio loop (RUNNER_UVLOOP=0).
+   run: a bare aiohttp loop (baseline), a bare httpx loop (default transport), and the real CLI
+   `runner run` in its own process, quotes cached beforehand by `runner estimate`. For the runner two
+   figures: the wall clock of the whole command (start-up, validation, ledger, export, report) and the
+   sustained send rate the server saw from its first to its last call.
 2. Latency-bound: the same reply after 200 ms (a bare asyncio server in its own process), concurrency
    256; the ceiling is 256 / 0.2 = 1,280 req/s. A bare aiohttp loop against it is the baseline.
 3. Peak RSS of `runner run` (the whole process, from wait4) for a job of --rss-requests lines
@@ -35,7 +34,6 @@ from typing import Any
 
 import aiohttp
 import httpx
-import uvloop
 
 REPLY = json.dumps(
     {
@@ -255,12 +253,9 @@ def write_job(path: Path, n: int) -> None:
             handle.write(json.dumps(body) + "\n")
 
 
-def runner(
-    folder: Path, server: Server, job: Path, command: str, *extra: str, uvloop: bool = True
-) -> tuple[float, int]:
+def runner(folder: Path, server: Server, job: Path, command: str, *extra: str) -> tuple[float, int]:
     """Run a runner command in its own process: (wall seconds, peak RSS in MB)."""
     env = {**os.environ, "RUNNER_DB": f"sqlite:///{folder}/ledger.db", "ORTHOGONAL_API_KEY": "bench"}
-    env["RUNNER_UVLOOP"] = "1" if uvloop else "0"
     # as on a user's machine, byte code is cached after the first command (the untimed `estimate`)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     args = [sys.executable, "-m", "runner", command, str(job), "--provider", "orthogonal"]
@@ -275,9 +270,7 @@ def runner(
     return time.perf_counter() - start, usage.ru_maxrss // 1024
 
 
-def run_case(
-    folder: Path, server: Server, n: int, concurrency: int, name: str, *, uvloop: bool = True
-) -> tuple[float, float, int]:
+def run_case(folder: Path, server: Server, n: int, concurrency: int, name: str) -> tuple[float, float, int]:
     """`runner estimate` (quotes cached, not timed), then the timed `runner run` (a fresh run)."""
     job = folder / f"{name}.jsonl"
     if not job.exists():
@@ -286,7 +279,7 @@ def run_case(
     server.reset()
     out = ["--output", str(folder / f"{name}.parquet"), "--new"]
     options = ["--max-usd", "1000", "--concurrency", str(concurrency), *out]
-    wall, rss = runner(folder, server, job, "run", *options, uvloop=uvloop)
+    wall, rss = runner(folder, server, job, "run", *options)
     calls, sustained = server.sustained()
     assert calls == n, f"the server saw {calls} calls, expected {n}"
     return n / wall, sustained, rss
@@ -313,14 +306,11 @@ def main() -> None:
             print(
                 f"   bare httpx loop                   {plain:8,.0f} req/s  {plain / base:.2f} x", flush=True
             )
-            fast = uvloop.run(bare_aiohttp(server.url, n, c))
-            print(f"   bare aiohttp loop on uvloop       {fast:8,.0f} req/s  {fast / base:.2f} x", flush=True)
             wall, sustained, rss = run_case(folder, server, n, c, "zero")
             print(f"   runner run, whole command         {wall:8,.0f} req/s  {wall / base:.2f} x", flush=True)
             print(f"   runner run, sustained send rate   {sustained:8,.0f} req/s  {sustained / base:.2f} x")
             print(f"   runner run peak RSS               {rss:8,} MB", flush=True)
-            _, standard, _ = run_case(folder, server, n, c, "zero", uvloop=False)
-            print(f"   the same, standard asyncio loop   {standard:8,.0f} req/s  {standard / base:.2f} x")
+
             if args.rss_requests:
                 print(f"3. peak RSS, {args.rss_requests:,} requests", flush=True)
                 wall, sustained, rss = run_case(folder, server, args.rss_requests, c, "big")

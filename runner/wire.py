@@ -73,7 +73,7 @@ class _Connection(asyncio.Protocol):
     # ---- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # a stream transport; uvloop's does not derive from asyncio.Transport, so no isinstance check
+        # a stream transport (not checked: some event loops' transports do not derive from asyncio.Transport)
         self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:

@@ -16,16 +16,6 @@ from runner import http, wire
 Script = Callable[[bytes, asyncio.StreamWriter], Any]
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),  # the CLI's loop
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
-
-
 def reply(body: bytes, *, status: int = 200, extra: str = "") -> bytes:
     head = f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(body)}\r\n{extra}\r\n"
