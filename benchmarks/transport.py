@@ -97,11 +97,15 @@ async def bench_aiohttp(url: str, total: int, concurrency: int) -> float:
         return await drive(send, total, concurrency)
 
 
-async def bench_endpoint(url: str, total: int, concurrency: int) -> float:
+async def bench_endpoint(url: str, total: int, concurrency: int, *, call: bool) -> float:
+    """Endpoint.call (what providers use) or Endpoint.read of an httpx.Request, over runner.wire."""
     endpoint = http.Endpoint(url, max_connections=concurrency)
 
     async def send() -> None:
-        (await endpoint.read(endpoint.request("POST", "/v1/run", BODY))).json()
+        if call:
+            (await endpoint.call("POST", "/v1/run", BODY)).json()
+        else:
+            (await endpoint.read(endpoint.request("POST", "/v1/run", BODY))).json()
 
     try:
         await drive(send, 200, concurrency)
@@ -132,14 +136,16 @@ def main() -> None:
         over_aiohttp = asyncio.run(
             bench_httpx(url, args.requests, args.concurrency, AiohttpTransport(limits=limits))
         )
-        ours = asyncio.run(bench_endpoint(url, args.requests, args.concurrency))
+        requests = asyncio.run(bench_endpoint(url, args.requests, args.concurrency, call=False))
+        ours = asyncio.run(bench_endpoint(url, args.requests, args.concurrency, call=True))
     finally:
         server.terminate()
     print(f"{args.requests} requests, concurrency {args.concurrency}, loopback, one aiohttp server process")
     print(f"bare aiohttp loop (baseline):   {baseline:8,.0f} req/s  1.00 x")
     print(f"httpx default transport:        {default:8,.0f} req/s  {default / baseline:.2f} x")
     print(f"httpx over httpx-aiohttp:       {over_aiohttp:8,.0f} req/s  {over_aiohttp / baseline:.2f} x")
-    print(f"runner.http.Endpoint:           {ours:8,.0f} req/s  {ours / baseline:.2f} x")
+    print(f"runner.wire, httpx.Request:     {requests:8,.0f} req/s  {requests / baseline:.2f} x")
+    print(f"runner.wire, Endpoint.call:     {ours:8,.0f} req/s  {ours / baseline:.2f} x")
 
 
 if __name__ == "__main__":
