@@ -163,10 +163,16 @@ class _Ids:
         self._flush()
         if not self._parts:
             return
-        ids = pl.concat(self._parts)
+        ids = pl.concat(self._parts, rechunk=False)
         self._parts = []
+        # a sorted column of 64-bit hashes says cheaply whether any id may repeat (polars' hash-based
+        # duplicate search over a million strings costs ~100 MB); only then are the strings compared
+        hashes = ids["id"].hash().sort()
+        if not (hashes == hashes.shift(1)).any():
+            return
+        twice = ids.filter(pl.col("id").is_duplicated())
         later = (
-            ids.with_columns(first=pl.col("line").min().over("id"))
+            twice.with_columns(first=pl.col("line").min().over("id"))
             .filter(pl.col("line") != pl.col("first"))
             .sort("line")
         )
