@@ -2,8 +2,11 @@
 
 The code is written against httpx (`httpx.Request`, `httpx.Response`, httpx's exceptions); the bytes
 move through `runner.wire.WireTransport`, an httpx transport of our own over asyncio protocols.
-Chosen by benchmarks/transport.py (figures in its output and in runner/wire.py); this is the one
-place the choice is made.
+Chosen by benchmarks/transport.py (10,000 requests, concurrency 64, one aiohttp server process on
+loopback, this 2-core machine, one run): bare aiohttp loop 7,210 req/s (baseline); httpx's default
+transport 524 (0.07 x); httpx over httpx-aiohttp 2,365 (0.33 x); runner.wire with an httpx.Request
+per call 8,813 (1.22 x); runner.wire through `Endpoint.call` 17,526 (2.43 x). This is the one place
+the choice is made.
 """
 
 from __future__ import annotations
