@@ -235,10 +235,6 @@ class Ledger:
         tx.update_request(request_id, values)
 
     @staticmethod
-    def held(tx: Tx, request_id: int) -> int:
-        return tx.hold(request_id).amount
-
-    @staticmethod
     def settle(tx: Tx, settlement: Settlement) -> None:
         """The reservation becomes the real charge, with the response, in one transaction."""
         request_id, price = settlement.request_id, settlement.price_nanos
