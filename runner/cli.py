@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
 import json
 import sys
 import time
@@ -520,6 +522,7 @@ def run(
                 )
 
     result = run_async(work)
+    _give_back_memory()
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = export_parquet(ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
@@ -592,6 +595,14 @@ def export_cmd(
     writer = export_parquet if fmt == "parquet" else export_jsonl
     rows = writer(ledger, run_info["id"], path)
     out.print(f"{rows} rows written to {path}", highlight=False)
+
+
+def _give_back_memory() -> None:
+    """Between the run and the export: what the run freed goes back to the system (glibc keeps freed
+    heap otherwise), so the export and the report start from a lower peak."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _print_report(ledger: Ledger, run_id: str, parquet: Path | None = None) -> None:
