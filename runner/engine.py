@@ -8,7 +8,6 @@ the response, or releases the reservation, or keeps it as possibly billed when t
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import signal
 import time
@@ -23,7 +22,7 @@ import anyio
 from anyio.abc import TaskGroup
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from runner import http, schema
+from runner import codec, http, schema
 from runner.connect import Connection
 from runner.errors import (
     BudgetExceeded,
@@ -355,9 +354,9 @@ class Engine:
             "cached_tokens": outcome.usage.cached_tokens,
             "content": message.get("content"),
             "reasoning_content": message.get("reasoning_content") or message.get("reasoning"),
-            "tool_calls": json.dumps(message["tool_calls"]) if message.get("tool_calls") else None,
+            "tool_calls": codec.dumps_text(message["tool_calls"]) if message.get("tool_calls") else None,
             "finish_reason": outcome.finish_reason,
-            "response_json": json.dumps(outcome.completion),
+            "response_json": codec.dumps_text(outcome.completion),
             "latency_s": outcome.latency_s,
             "first_token_s": outcome.first_token_s,
             "error_type": None if price is not None else "price_unknown",

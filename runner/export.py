@@ -10,6 +10,7 @@ from typing import Any
 
 import polars as pl
 
+from runner import codec
 from runner.ledger import Ledger
 
 MONEY = pl.Decimal(18, 9)
@@ -148,7 +149,7 @@ def export_jsonl(ledger: Ledger, run_id: str, path: Path) -> int:
 
 def batch_line(row: dict[str, Any]) -> dict[str, Any]:
     ok = row["state"] == "ok" and row["response_json"]
-    body = json.loads(row["response_json"]) if ok else None
+    body = codec.loads(row["response_json"]) if ok else None
     return {
         "id": f"batch_req_{row['run_id']}_{row['id']}",
         "custom_id": row["custom_id"],

@@ -12,13 +12,13 @@ the choice is made.
 from __future__ import annotations
 
 import email.utils
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from runner import codec
 from runner.wire import READ_WHOLE, WireTransport
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None)
@@ -62,7 +62,7 @@ class Reply:
         return self.content.decode("utf-8", errors="replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return codec.loads(self.content)
 
 
 class Endpoint:
@@ -149,7 +149,7 @@ class Endpoint:
 
 
 def _json_bytes(body: Any) -> bytes:
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return codec.dumps(body)
 
 
 def was_sent(exc: httpx.TransportError) -> bool:

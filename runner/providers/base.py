@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import httpx
 from httpx_sse import EventSource
 
-from runner import http, schema
+from runner import codec, http, schema
 from runner.errors import (
     OutcomeUnknown,
     ProviderError,
@@ -241,7 +241,7 @@ class HttpProvider:
             async for data in _sse_data(response):
                 if data == "[DONE]":
                     break
-                event = json.loads(data)
+                event = codec.loads(data)
                 if event.get("object") == "chat.completion.chunk":
                     if first_token is None and event.get("choices"):
                         first_token = time.perf_counter() - started

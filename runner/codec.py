@@ -1,0 +1,36 @@
+"""JSON on the hot path: orjson, with the standard library for what orjson refuses.
+
+A request body is encoded and a reply decoded once per call, and a completion is stored as text once
+per settled request: with the standard library that was a fifth of the event loop's time at a few
+thousand requests a second. orjson gives the same values for what the APIs send; the fallbacks keep
+the standard library's behaviour for the rest (integers past 64 bits, NaN, lone surrogates).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer past 64 bits, a non-string key, a type orjson does not know
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def dumps_text(value: Any) -> str:
+    return dumps(value).decode()
+
+
+def loads(data: bytes | str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:  # the standard library accepts a little more, and words its errors
+        return json.loads(data)
+
+
+__all__ = ["dumps", "dumps_text", "loads"]

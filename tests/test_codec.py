@@ -1,0 +1,39 @@
+"""The hot-path JSON codec: orjson's values, the standard library's for what orjson refuses."""
+
+import json
+import math
+
+import pytest
+
+from runner import codec
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"model": "m", "messages": [{"role": "user", "content": "héllo ☃"}], "temperature": 0.7},
+        {"n": 2**63 - 1, "nested": [None, True, False, 1.5e-7]},
+        [],
+    ],
+)
+def test_dumps_round_trips_like_the_standard_library(value: object) -> None:
+    encoded = codec.dumps(value)
+    assert isinstance(encoded, bytes)
+    assert json.loads(encoded) == value
+    assert codec.loads(encoded) == value
+    assert codec.dumps_text(value) == encoded.decode()
+
+
+def test_what_orjson_refuses_to_encode_falls_back() -> None:
+    huge = {"seed": 2**70, 3: "int key"}
+    assert codec.dumps(huge) == json.dumps(huge, separators=(",", ":")).encode()
+
+
+def test_what_orjson_refuses_to_decode_falls_back() -> None:
+    assert math.isnan(codec.loads(b'{"x": NaN}')["x"])
+    assert codec.loads('"\\ud800"') == "\ud800"
+
+
+def test_invalid_json_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="Expecting"):
+        codec.loads(b"<html>bad gateway</html>")
