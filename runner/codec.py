@@ -22,6 +22,14 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def canonical(value: Any) -> bytes:
+    """One text per value whatever its key order: what a request's hash is taken of."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
+
+
 def dumps_text(value: Any) -> str:
     return dumps(value).decode()
 
@@ -33,4 +41,4 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data)
 
 
-__all__ = ["dumps", "dumps_text", "loads"]
+__all__ = ["canonical", "dumps", "dumps_text", "loads"]

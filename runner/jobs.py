@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from runner import catalog, schema
+from runner import catalog, codec, schema
 from runner.catalog import ModelInfo
 from runner.errors import Issue, JobError
 from runner.models import ChatRequest
@@ -33,8 +33,7 @@ LineResult = ChatRequest | list[Issue]
 
 
 def body_sha256(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(codec.canonical(body)).hexdigest()
 
 
 def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:

@@ -37,3 +37,11 @@ def test_what_orjson_refuses_to_decode_falls_back() -> None:
 def test_invalid_json_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="Expecting"):
         codec.loads(b"<html>bad gateway</html>")
+
+
+def test_canonical_text_ignores_key_order() -> None:
+    a = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.5}
+    b = {"temperature": 0.5, "messages": [{"content": "x", "role": "user"}], "model": "m"}
+    assert codec.canonical(a) == codec.canonical(b)
+    assert codec.canonical(a) != codec.canonical({**a, "temperature": 0.6})
+    assert codec.canonical({"b": 2**70, "a": 1}) == codec.canonical({"a": 1, "b": 2**70})
