@@ -349,6 +349,7 @@ class Progress:
     """Rich progress on a terminal; a plain line every few seconds otherwise (logs, CI, pipes)."""
 
     LINE_EVERY_S = 5.0
+    BAR_EVERY_S = 0.1
 
     def __init__(self, label: str, total: int) -> None:
         self.bar: RichProgress | None = None
@@ -416,7 +417,10 @@ class Progress:
     def _show(self) -> None:
         now = time.monotonic()
         if self.bar:
-            self.bar.update(self.task, completed=self.done, info=self.status(now))
+            # the bar is drawn ten times a second: updating it per request would cost more than the request
+            if now - self.last_line >= self.BAR_EVERY_S or self.done >= self.total:
+                self.last_line = now
+                self.bar.update(self.task, completed=self.done, info=self.status(now))
         elif now - self.last_line >= self.LINE_EVERY_S:
             self.last_line = now
             rate = self.done / max(1e-6, now - self.started)

@@ -9,6 +9,7 @@ the standard library's behaviour for the rest (integers past 64 bits, NaN, lone 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -41,4 +42,15 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data)
 
 
-__all__ = ["canonical", "dumps", "dumps_text", "loads"]
+def loads_exact(text: str) -> Any:
+    """`loads` for what the user wrote: orjson reads an integer past 64 bits as a float, so a text
+    with a run of 19 digits or more goes to the standard library, which keeps every digit."""
+    if _LONG_DIGITS.search(text):
+        return json.loads(text)
+    return loads(text)
+
+
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+__all__ = ["canonical", "dumps", "dumps_text", "loads", "loads_exact"]

@@ -80,7 +80,7 @@ def parse_line(
     if not text:
         return None
     try:
-        obj = json.loads(text)
+        obj = codec.loads_exact(text)
     except json.JSONDecodeError as exc:
         return issue("", f"not valid JSON: {exc.msg} at column {exc.colno}")
     if not isinstance(obj, dict):

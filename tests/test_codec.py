@@ -45,3 +45,10 @@ def test_canonical_text_ignores_key_order() -> None:
     assert codec.canonical(a) == codec.canonical(b)
     assert codec.canonical(a) != codec.canonical({**a, "temperature": 0.6})
     assert codec.canonical({"b": 2**70, "a": 1}) == codec.canonical({"a": 1, "b": 2**70})
+
+
+def test_what_the_user_wrote_keeps_every_digit() -> None:
+    line = '{"seed": 123456789012345678901234567890, "n": 1, "t": 0.25}'
+    assert codec.loads_exact(line) == {"seed": 123456789012345678901234567890, "n": 1, "t": 0.25}
+    assert codec.loads_exact('{"seed": -9999999999999999999}')["seed"] == -9999999999999999999
+    assert codec.loads_exact('{"x": "1234567890123456789012 in a string"}')["x"].startswith("1234")

@@ -20,6 +20,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 from runner.cli import app
 from runner.errors import BudgetLimitTooLow, RunBusy
 from runner.ledger import Ledger, Settlement
-from runner.ledger.store import migrations_dir, this_process
+from runner.ledger.store import head_revision, migrations_dir, this_process
 
 cli = CliRunner()
 
@@ -85,6 +86,14 @@ def test_autogenerate_finds_no_difference(tmp_path: Path) -> None:
     with ledger.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
     assert diff == []
+
+
+def test_the_head_revision_is_read_from_the_file_names_as_alembic_finds_it(tmp_path: Path) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    assert head_revision() == ScriptDirectory.from_config(config).get_current_head()
+    ledger = Ledger(url(tmp_path))
+    assert ledger.revision() == head_revision()
 
 
 def test_a_database_of_the_previous_revision_is_upgraded(tmp_path: Path) -> None:

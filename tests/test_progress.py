@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from decimal import Decimal
 
 import pytest
@@ -53,3 +54,19 @@ def test_plain_lines_every_few_seconds_with_an_eta(
     line = capsys.readouterr().err.strip()
     assert line.startswith("running: 21/100")
     assert line.endswith("ETA 38 s")  # 79 left at 21 per 10 s
+
+
+def test_the_bar_is_updated_ten_times_a_second_not_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(cli, "err", cli.Console(file=io.StringIO(), force_terminal=True))
+    progress = cli.Progress("running", 1000)
+    assert progress.bar is not None
+    shown: list[int] = []
+    monkeypatch.setattr(progress.bar, "update", lambda _task, completed, info: shown.append(completed))
+    for i in range(999):
+        clock[0] += 0.001  # a thousand requests a second
+        progress(RequestFinished(f"r{i}", "ok", 0))
+    assert 9 <= len(shown) <= 11
+    progress(RequestFinished("last", "ok", 0))
+    assert shown[-1] == 1000  # the end is always shown
