@@ -109,6 +109,7 @@ class Engine:
         self.reason: str | None = None
         self.state = "done"
         self.rng = random.Random()
+        self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
@@ -227,9 +228,20 @@ class Engine:
         try:
             while chunk := await anyio.to_thread.run_sync(_take, iterator, BATCH):
                 await pending.wait_for_room(BATCH)
-                pending.add(await anyio.to_thread.run_sync(rows_of, chunk))
+                pending.add(self._untaken(await anyio.to_thread.run_sync(rows_of, chunk)))
         finally:
             pending.close()
+
+    def _untaken(self, items: list[tuple[ChatRequest, Any]]) -> list[tuple[ChatRequest, Any]]:
+        """The rows no worker holds. A line copied in the file since the run began (same custom_id,
+        same hash) names a row that still reads `pending` until its first copy is reserved: it runs
+        once. The set holds only what is read ahead or in flight."""
+        fresh = []
+        for item in items:
+            if item[1].id not in self._taken:
+                self._taken.add(item[1].id)
+                fresh.append(item)
+        return fresh
 
     async def _request(
         self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
@@ -254,6 +266,7 @@ class Engine:
             return await self._send_with_retries(request, row_id, quote, done_attempts)
         finally:
             self.limit.release()
+            self._taken.discard(row_id)  # its row no longer reads `pending` (or the run is stopping)
 
     def _backoff(self, attempt: int, exc: BaseException | None) -> float:
         after = exc.retry_after if isinstance(exc, ProviderError) else None

@@ -138,6 +138,31 @@ async def test_a_line_changed_after_the_checks_is_caught_before_it_is_sent(
     assert sim.books.counters["run.call"] == sent  # a chunk is checked whole before any of it is sent
 
 
+async def test_a_line_copied_into_the_job_during_the_run_is_sent_once(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copies name the same row, which reads `pending` until the first copy's reservation."""
+    ledger = Ledger()
+    lines = job_lines(3)
+    job = write_job(lines)
+    sim.books.configure({"balance": "0.0000001"})  # the first run stops at once: every line pending
+    first = await run(sim, job, ledger)
+    assert first.states == {"pending": 3}
+    sent = sim.books.counters["run.call"]
+    sim.books.configure({"balance": "100"})
+    recover = runner.engine._recover
+
+    async def copy_a_line_after_the_checks(*args: Any, **kwargs: Any) -> None:
+        await recover(*args, **kwargs)
+        write_job([*lines, lines[1], lines[1]])
+
+    monkeypatch.setattr("runner.engine._recover", copy_a_line_after_the_checks)
+    result = await run(sim, job, ledger, concurrency=4)
+    assert result.states == {"ok": 3}
+    assert sim.books.counters["run.call"] - sent == 3
+    assert result.spent_nanos == sim.books.charged_nanos
+
+
 async def test_a_run_another_live_process_runs_is_left_alone(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
