@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from polars.io.plugins import register_io_source
 
 from runner import codec
 from runner.ledger import Ledger
@@ -73,7 +73,8 @@ COLUMNS: dict[str, Any] = {
     "metadata_json": pl.String,
 }
 STORED_TIME = "%Y-%m-%d %H:%M:%S%.f"  # how SQLAlchemy's DateTime (and the ledger's writes) store UTC
-BATCH = 10_000  # rows read from the ledger, and written as one Parquet row group, at a time
+BATCH = 10_000  # rows in one Parquet row group
+READ_BATCH = 2_000  # rows read from the ledger at a time (10,000 at a time cost ~25 MB more at the peak)
 
 
 def _usd(column: str) -> pl.Expr:
@@ -116,21 +117,24 @@ def frames(ledger: Ledger, run_id: str, batch: int = BATCH) -> Iterator[pl.DataF
 
 
 def export_parquet(ledger: Ledger, run_id: str, path: Path) -> int:
-    """Write the run to Parquet: batches go to part files, then one streamed sink joins them."""
+    """Write the run to Parquet, streamed: polars pulls batches of rows from the ledger and writes
+    row groups of BATCH rows (no part files, nothing read back)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        parts: list[Path] = []
-        for frame in frames(ledger, run_id):
-            part = Path(tmp) / f"part-{len(parts):06d}.parquet"
-            frame.write_parquet(part)
-            parts.append(part)
+
+    def batches(
+        columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _size: int | None
+    ) -> Iterator[pl.DataFrame]:
+        nonlocal count
+        for frame in frames(ledger, run_id, READ_BATCH):
             count += frame.height
-        if not parts:
-            pl.DataFrame(schema=SCHEMA).write_parquet(path)
-            return 0
-        # row groups of one batch: the default (much larger) buffers ~100 MB more at a million rows
-        pl.scan_parquet(parts).sink_parquet(path, row_group_size=BATCH)
+            part = frame if predicate is None else frame.filter(predicate)
+            yield part if columns is None else part.select(columns)
+            if n_rows is not None and count >= n_rows:
+                return
+
+    source = register_io_source(batches, schema=SCHEMA, explain_name="runner ledger")
+    source.sink_parquet(path, row_group_size=BATCH)
     return count
 
 

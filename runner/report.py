@@ -97,7 +97,7 @@ def top_errors(df: Frame, limit: int = 5) -> Frame:
         df.filter(pl.col("error_type").is_not_null())
         .group_by("error_type")
         .agg(count=pl.len(), example=pl.col("error_message").first())
-        .sort("count", descending=True)
+        .sort(["count", "error_type"], descending=[True, False])  # ties in a stable order
         .head(limit)
     )
 
