@@ -254,7 +254,7 @@ def write_job(path: Path, n: int) -> None:
 
 
 def runner(folder: Path, server: Server, job: Path, command: str, *extra: str) -> tuple[float, int]:
-    """Run a runner command in its own process: (wall seconds, peak RSS in MB)."""
+    """Run a runner command in its own process: (wall seconds, peak RSS in KiB)."""
     env = {**os.environ, "RUNNER_DB": f"sqlite:///{folder}/ledger.db", "ORTHOGONAL_API_KEY": "bench"}
     # as on a user's machine, byte code is cached after the first command (the untimed `estimate`)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -267,7 +267,11 @@ def runner(folder: Path, server: Server, job: Path, command: str, *extra: str) -
     if proc.returncode != 0:
         msg = f"runner {command} exited {proc.returncode}"
         raise RuntimeError(msg)
-    return time.perf_counter() - start, usage.ru_maxrss // 1024
+    return time.perf_counter() - start, usage.ru_maxrss  # KiB on Linux
+
+
+def megabytes(kib: int) -> str:
+    return f"{kib * 1024 / 1e6:8,.1f} MB ({kib / 1024:,.1f} MiB)"
 
 
 def run_case(folder: Path, server: Server, n: int, concurrency: int, name: str) -> tuple[float, float, int]:
@@ -309,13 +313,13 @@ def main() -> None:
             wall, sustained, rss = run_case(folder, server, n, c, "zero")
             print(f"   runner run, whole command         {wall:8,.0f} req/s  {wall / base:.2f} x", flush=True)
             print(f"   runner run, sustained send rate   {sustained:8,.0f} req/s  {sustained / base:.2f} x")
-            print(f"   runner run peak RSS               {rss:8,} MB", flush=True)
+            print(f"   runner run peak RSS               {megabytes(rss)}", flush=True)
 
             if args.rss_requests:
                 print(f"3. peak RSS, {args.rss_requests:,} requests", flush=True)
                 wall, sustained, rss = run_case(folder, server, args.rss_requests, c, "big")
                 print(f"   runner run                        {wall:8,.0f} req/s whole, {sustained:,.0f} sent")
-                print(f"   peak RSS                          {rss:8,} MB (target <= 250 MB)", flush=True)
+                print(f"   peak RSS                          {megabytes(rss)} (target <= 250 MB)", flush=True)
         finally:
             server.close()
         slow = Server(folder, 0.2, nginx=False)
