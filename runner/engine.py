@@ -8,6 +8,7 @@ the response, or releases the reservation, or keeps it as possibly billed when t
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import signal
 import time
@@ -43,7 +44,7 @@ from runner.ledger.tx import Hold
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
 from runner.limits import AdaptiveLimit, TokenBucket
-from runner.models import ChatRequest, Outcome
+from runner.models import ChatRequest, Outcome, Quote
 from runner.money import format_usd, from_nanos, to_nanos
 from runner.quote import Estimate, cache_key, quote_requests
 
@@ -585,40 +586,34 @@ async def run_job(
         summary = await anyio.to_thread.run_sync(validate_job, job)
     summary.raise_for_issues()
     job_key = str(await anyio.Path(job).resolve())
-    existing = None if options.new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, conn.scope)
     owner = this_process()
-    if existing:
-        await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
-        complete = bool((await anyio.to_thread.run_sync(ledger.run, existing))["total"])
-        await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
-        on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
-    on_event(Phase("quoting", summary.requests))
-    estimate = await quote_requests(
-        iter_requests(job, check=False),  # validated above; a quote is keyed by the body's hash
-        provider=conn.provider,
-        scope=conn.scope,
-        ledger=ledger,
-        on_event=on_event,
-    )
+    existing = await _resumable(ledger, job, job_key, conn.scope, owner, options.new, on_event)
     budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
-    if existing:
-        await _recover(ledger, existing, options.retry_possibly_billed)
-        needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
-    else:
-        needed = estimate.total_nanos
-    view = ledger.budget_by_id(budget_id)
-    fit, shortfall = fits_nanos(needed, view.remaining_nanos)
-    if not fit and not options.partial:
-        msg = (
-            f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
-            f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
-            "raise the budget, or run what fits with --partial"
-        )
-        raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
     run_id = existing or uuid.uuid4().hex[:12]
-    if not existing:
-        await anyio.to_thread.run_sync(ledger.create_run, run_id, job_key, budget_id, conn.scope, owner)
-        await _sync_rows(ledger, job, run_id, conn.scope, creating=True)
+    if not existing:  # its rows are made as the quotes come: one pass over the job for both
+        create = functools.partial(ledger.create_run, owner=owner, state="preparing")
+        await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
+    try:
+        estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
+        if existing:
+            await _recover(ledger, existing, options.retry_possibly_billed)
+            needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
+        else:
+            needed = estimate.total_nanos
+        view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
+        fit, shortfall = fits_nanos(needed, view.remaining_nanos)
+        if not fit and not options.partial:
+            msg = (
+                f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
+                f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
+                "raise the budget, or run what fits with --partial"
+            )
+            raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
+    except BaseException:
+        if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(ledger.discard_run, run_id)
+        raise
     plan = _Plan(run_id, budget_id, bool(existing), estimate, owner)
     engine = Engine(conn, ledger, plan, options, on_event)
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
@@ -640,6 +635,59 @@ async def run_job(
     return RunResult(
         run_id, bool(existing), state, engine.reason, info["states"], info["spent_nanos"], estimate
     )
+
+
+async def _resumable(
+    ledger: Ledger, job: Path, job_key: str, scope: str, owner: str, new: bool, on_event: Listener
+) -> str | None:
+    """The job's unfinished run, claimed by this process and checked against the file; None for a
+    fresh start. A run left while it was being prepared (nothing sent yet) is discarded."""
+    existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
+    if existing is None:
+        return None
+    await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
+    info = await anyio.to_thread.run_sync(ledger.run, existing)
+    if info["state"] == "preparing":
+        await anyio.to_thread.run_sync(ledger.discard_run, existing)
+        return None
+    await _sync_rows(ledger, job, existing, scope, creating=not info["total"])
+    on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
+    return existing
+
+
+async def _quote(
+    job: Path,
+    conn: Connection,
+    ledger: Ledger,
+    preparing: str | None,
+    summary: JobSummary,
+    on_event: Listener,
+) -> Estimate:
+    """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
+    total = 0
+
+    async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
+        nonlocal total
+        assert preparing is not None
+        known = [None if q.amount is None else (to_nanos(q.amount, round_up=True), q.exact) for q in quotes]
+        rows = [_row(preparing, r, k) for r, k in zip(chunk, known, strict=True)]
+        await anyio.to_thread.run_sync(ledger.add_requests, rows)
+        total += len(chunk)
+
+    on_event(Phase("quoting", summary.requests))
+    # every line was validated above; a line that gets its row now is checked again (the file may
+    # have changed since), a line that has one is checked by its hash before it is sent
+    estimate = await quote_requests(
+        iter_requests(job, check=preparing is not None),
+        provider=conn.provider,
+        scope=conn.scope,
+        ledger=ledger,
+        on_event=on_event,
+        on_chunk=add_rows if preparing else None,
+    )
+    if preparing:
+        await anyio.to_thread.run_sync(ledger.set_total, preparing, total)
+    return estimate
 
 
 def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:

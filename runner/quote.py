@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import islice
@@ -97,8 +97,12 @@ async def quote_requests(
     concurrency: int = 32,
     policy: http.RetryPolicy | None = None,
     on_event: Listener = ignore,
+    on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None = None,
 ) -> Estimate:
-    """Quote every request (cached quotes reused), store new quotes, and total them per model."""
+    """Quote every request (cached quotes reused), store new quotes, and total them per model.
+
+    `on_chunk` gets each chunk of requests with their quotes, in file order, once they are known.
+    """
     policy = policy or http.RetryPolicy()
     estimate = Estimate()
     limiter = anyio.CapacityLimiter(concurrency)
@@ -131,6 +135,8 @@ async def quote_requests(
             if (q := quotes[key]).amount is not None  # unknown quotes are asked again next time
         ]
         await anyio.to_thread.run_sync(ledger.store_quotes, fresh)
+        if on_chunk is not None:
+            await on_chunk(chunk, [quotes[key] for key in keys])
         for key, request in zip(keys, chunk, strict=True):
             estimate.add(request, quotes[key])
             on_event(Quoted(request.custom_id, cached=key in cached, known=quotes[key].known))

@@ -23,8 +23,9 @@ import runner
 from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
-from runner.errors import BudgetExceeded, JobChanged, RunBusy
+from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy
 from runner.export import SCHEMA, export_jsonl, export_parquet
+from runner.jobs import iter_requests
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
@@ -163,6 +164,45 @@ async def test_a_line_copied_into_the_job_during_the_run_is_sent_once(
     assert result.spent_nanos == sim.books.charged_nanos
 
 
+async def test_a_run_left_while_it_was_being_prepared_starts_afresh(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are made during the quote pass; a process stopped then has sent nothing."""
+    ledger = Ledger()
+    lines = job_lines(6)
+    job = write_job(lines)
+
+    def stop_half_way(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ledger, "set_total", stop_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        await run(sim, job, ledger)
+    assert ledger.runs() == []  # stopped in this process: discarded on the way out
+    monkeypatch.undo()
+
+    ledger.create_run(
+        "left", str(job.resolve()), ledger.create_budget("b", 10**9).id, "sim", state="preparing"
+    )
+    ledger.add_requests([runner.engine._row("left", r, (1, True)) for r in iter_requests(job)])
+    lines[0]["messages"][0]["content"] = "edited since"
+    write_job(lines)  # a resumed run would call this line changed
+    result = await run(sim, job, ledger)
+    assert result.state == "done" and not result.resumed
+    assert [r["id"] for r in ledger.runs()] == [result.run_id]
+    assert sim.books.counters["run.call"] == 6
+
+
+async def test_a_run_that_sent_requests_is_never_discarded(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    result = await run(sim, write_job(job_lines(2)), ledger)
+    with pytest.raises(LedgerError, match="has sent requests"):
+        ledger.discard_run(result.run_id)
+    assert ledger.run(result.run_id)["states"] == {"ok": 2}
+
+
 async def test_a_run_another_live_process_runs_is_left_alone(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
@@ -253,6 +293,7 @@ async def test_over_budget_refuses_and_partial_runs_what_fits(
         await run(sim, job, ledger, budget="small")
     assert caught.value.shortfall_nanos > 0
     assert sim.books.counters["run.call"] == 0
+    assert ledger.runs() == []  # a refused run leaves no trace: the edited job starts afresh
     result = await run(sim, job, ledger, budget="small", partial=True, concurrency=1)
     view = ledger.budget("small")
     assert 0 < result.states["ok"] < 20

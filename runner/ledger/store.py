@@ -340,7 +340,13 @@ class Ledger:
     # ---- runs ----------------------------------------------------------------------------
 
     def create_run(
-        self, run_id: str, job_path: str, budget_id: int, provider: str, owner: str | None = None
+        self,
+        run_id: str,
+        job_path: str,
+        budget_id: int,
+        provider: str,
+        owner: str | None = None,
+        state: str = "running",
     ) -> None:
         with self.transaction() as tx:
             now = utcnow()
@@ -350,7 +356,7 @@ class Ledger:
                     job_path=job_path,
                     budget_id=budget_id,
                     provider=provider,
-                    state="running",
+                    state=state,
                     total=0,
                     created_at=now,
                     owner=owner,
@@ -361,13 +367,31 @@ class Ledger:
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             names = list(rows[0])  # the keys of every row, in one order
-            sql = f"INSERT INTO requests ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - our names
+            # a custom_id already in the run is left as it is: each line's hash is checked before it is sent
+            sql = (
+                f"INSERT INTO requests ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - our names
+                " ON CONFLICT (run_id, custom_id) DO NOTHING"
+            )
             with self.transaction() as tx:
                 tx.conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
 
     def set_total(self, run_id: str, total: int) -> None:
+        """Every line has its row: the run is complete, and ready to send."""
         with self.transaction() as tx:
-            tx.conn.execute(update(RN).where(RN.c.id == run_id).values(total=total))
+            tx.conn.execute(update(RN).where(RN.c.id == run_id).values(total=total, state="running"))
+
+    def discard_run(self, run_id: str) -> None:
+        """Remove a run that never sent anything (refused by its budget, or left while preparing)."""
+        with self.transaction() as tx:
+            held = tx.conn.exec_driver_sql(
+                "SELECT count(*) FROM requests WHERE run_id = ? AND state NOT IN ('pending', 'skipped')",
+                (run_id,),
+            ).scalar_one()
+            if held:
+                msg = f"run {run_id} has sent requests: it is kept"
+                raise LedgerError(msg)
+            tx.conn.exec_driver_sql("DELETE FROM requests WHERE run_id = ?", (run_id,))
+            tx.conn.exec_driver_sql("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         with self.transaction() as tx:
