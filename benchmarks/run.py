@@ -322,6 +322,8 @@ def main() -> None:
                 print(f"   peak RSS                          {megabytes(rss)} (target <= 250 MB)", flush=True)
         finally:
             server.close()
+        if not args.latency_requests:
+            return
         slow = Server(folder, 0.2, nginx=False)
         try:
             m = args.latency_requests
