@@ -50,7 +50,7 @@ def loads_exact(text: str) -> Any:
     return loads(text)
 
 
-_LONG_DIGITS = re.compile(r"\d{19}")
+_LONG_DIGITS = re.compile(r"[0-9]{19}")  # JSON numbers are ASCII digits (faster than \d)
 
 
 __all__ = ["canonical", "dumps", "dumps_text", "loads", "loads_exact"]
