@@ -7,6 +7,7 @@ import ctypes
 import functools
 import gc
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -495,6 +496,8 @@ def run(
     db: DbOpt = None,
 ) -> None:
     """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
+    if output is not None:
+        _check_writable(output)  # found out now, not after the money is spent
     summary = validate_job(job)
     summary.raise_for_issues()
     _print_summary(summary)
@@ -528,7 +531,7 @@ def run(
     result = run_async(work)
     _give_back_memory()
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
-    rows = export_parquet(ledger, result.run_id, path)
+    rows = _export(export_parquet, ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
     _print_report(ledger, result.run_id, path)
     out.print(
@@ -596,9 +599,34 @@ def export_cmd(
         msg = f"--format: '{fmt}' is not parquet or jsonl"
         raise ConfigError(msg)
     path = output or Path("results") / f"{Path(run_info['job_path']).stem}-{run_info['id']}.{fmt}"
+    _check_writable(path)
     writer = export_parquet if fmt == "parquet" else export_jsonl
-    rows = writer(ledger, run_info["id"], path)
+    rows = _export(writer, ledger, run_info["id"], path)
     out.print(f"{rows} rows written to {path}", highlight=False)
+
+
+def _check_writable(path: Path) -> None:
+    """A results path that cannot be written is a usage error, named before anything runs."""
+    if path.is_dir():
+        msg = f"--output: {path} is a folder; give a file path (e.g. {path / 'results.parquet'})"
+        raise ConfigError(msg)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the folders still missing are made at the export
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        msg = f"--output: {path} cannot be written ({folder} is not a writable folder)"
+        raise ConfigError(msg)
+
+
+def _export(writer: Callable[[Ledger, str, Path], int], ledger: Ledger, run_id: str, path: Path) -> int:
+    try:
+        return writer(ledger, run_id, path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        msg = (
+            f"cannot write {path}: {exc}; the run's results are kept in the ledger "
+            f"(`runner export {run_id} -o PATH` writes them)"
+        )
+        raise ConfigError(msg) from None
 
 
 def _give_back_memory() -> None:

@@ -313,6 +313,38 @@ def test_estimate_cli_caches_quotes_and_exits_3_over_budget(write_job: Callable[
     assert "over budget 'tiny' by $" in second.output
 
 
+@pytest.mark.parametrize("where", ["a file/x.parquet", "a folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(
+    write_job: Callable[..., Path], tmp_path: Path, where: str
+) -> None:
+    job = write_job(job_lines(3))
+    (tmp_path / "a file").write_text("not a folder")
+    (tmp_path / "a folder").mkdir()
+    output = tmp_path / where
+    args = ["run", str(job), "--provider", "simulator", "--max-usd", "1", "-o", str(output)]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"--output: {output}" in result.output
+    assert Ledger().runs() == []  # nothing quoted into a run, nothing sent
+    assert "Traceback" not in result.output
+
+
+def test_an_export_that_fails_names_the_path_and_keeps_the_run(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger()
+    result = anyio.run(lambda: run(sim, write_job(job_lines(2)), ledger))
+
+    def disk_full(*args: Any) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("runner.cli.export_parquet", disk_full)
+    out = cli.invoke(app, ["export", result.run_id, "-o", str(tmp_path / "r.parquet")])
+    assert out.exit_code == 2
+    assert "No space left on device" in out.output
+    assert f"runner export {result.run_id} -o PATH" in out.output
+
+
 def test_openai_batch_export_validates_as_chat_completions(
     sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
 ) -> None:
