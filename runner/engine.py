@@ -8,9 +8,11 @@ the response, or releases the reservation, or keeps it as possibly billed when t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -33,6 +35,7 @@ from runner.errors import (
     ProviderError,
     RequestFatalError,
     RetryableError,
+    RunBusy,
     RunFatalError,
     RunnerError,
 )
@@ -587,34 +590,8 @@ async def run_job(
     summary.raise_for_issues()
     job_key = str(await anyio.Path(job).resolve())
     owner = this_process()
-    existing = await _resumable(ledger, job, job_key, conn.scope, owner, options.new, on_event)
-    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
-    run_id = existing or uuid.uuid4().hex[:12]
-    if not existing:  # its rows are made as the quotes come: one pass over the job for both
-        create = functools.partial(ledger.create_run, owner=owner, state="preparing")
-        await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
-    try:
-        estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
-        if existing:
-            await _recover(ledger, existing, options.retry_possibly_billed)
-            needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
-        else:
-            needed = estimate.total_nanos
-        view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
-        fit, shortfall = fits_nanos(needed, view.remaining_nanos)
-        if not fit and not options.partial:
-            msg = (
-                f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
-                f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
-                "raise the budget, or run what fits with --partial"
-            )
-            raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
-    except BaseException:
-        if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(ledger.discard_run, run_id)
-        raise
-    plan = _Plan(run_id, budget_id, bool(existing), estimate, owner)
+    plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, summary, owner, on_event)
+    run_id = plan.run_id
     engine = Engine(conn, ledger, plan, options, on_event)
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
     on_event(Phase("running", pending))
@@ -633,26 +610,107 @@ async def run_job(
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, engine.reason)
     return RunResult(
-        run_id, bool(existing), state, engine.reason, info["states"], info["spent_nanos"], estimate
+        run_id, plan.resumed, state, engine.reason, info["states"], info["spent_nanos"], plan.estimate
     )
 
 
-async def _resumable(
-    ledger: Ledger, job: Path, job_key: str, scope: str, owner: str, new: bool, on_event: Listener
-) -> str | None:
-    """The job's unfinished run, claimed by this process and checked against the file; None for a
-    fresh start. A run left while it was being prepared (nothing sent yet) is discarded."""
+async def _prepare(
+    job: Path,
+    job_key: str,
+    conn: Connection,
+    ledger: Ledger,
+    budget: str | None,
+    max_usd: Decimal | None,
+    options: RunOptions,
+    summary: JobSummary,
+    owner: str,
+    on_event: Listener,
+) -> _Plan:
+    """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
+    existing = await _resumable(ledger, job_key, conn.scope, owner, options.new)
+    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
+    run_id = existing or uuid.uuid4().hex[:12]
+    if not existing:  # its rows are made as the quotes come: one pass over the job for both
+        create = functools.partial(ledger.create_run, owner=owner, state="preparing")
+        await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
+    try:
+        with _KeptClaim(ledger, run_id, owner) as claim:  # the pre-flight of a big job takes minutes
+            if existing:
+                await _sync_rows(
+                    ledger, job, existing, conn.scope, creating=not await _total(ledger, existing)
+                )
+                on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
+            estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
+            if existing:
+                await _recover(ledger, existing, options.retry_possibly_billed)
+                needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
+            else:
+                needed = estimate.total_nanos
+            view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
+        if claim.lost:
+            msg = f"run {run_id} was taken over by another process while this one prepared it"
+            raise RunBusy(msg, owner="another process")
+        fit, shortfall = fits_nanos(needed, view.remaining_nanos)
+        if not fit and not options.partial:
+            msg = (
+                f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
+                f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
+                "raise the budget, or run what fits with --partial"
+            )
+            raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
+    except BaseException:
+        if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(ledger.discard_run, run_id)
+        raise
+    return _Plan(run_id, budget_id, bool(existing), estimate, owner)
+
+
+async def _resumable(ledger: Ledger, job_key: str, scope: str, owner: str, new: bool) -> str | None:
+    """The job's unfinished run, claimed by this process; None for a fresh start. A run left while
+    it was being prepared (nothing sent yet) is discarded."""
     existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
     if existing is None:
         return None
     await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
-    info = await anyio.to_thread.run_sync(ledger.run, existing)
-    if info["state"] == "preparing":
+    if (await anyio.to_thread.run_sync(ledger.run, existing))["state"] == "preparing":
         await anyio.to_thread.run_sync(ledger.discard_run, existing)
         return None
-    await _sync_rows(ledger, job, existing, scope, creating=not info["total"])
-    on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
     return existing
+
+
+async def _total(ledger: Ledger, run_id: str) -> int:
+    return int((await anyio.to_thread.run_sync(ledger.run, run_id))["total"])
+
+
+class _KeptClaim:
+    """Keeps this process's claim on a run fresh while it prepares it (the engine keeps it while it
+    runs): a pre-flight longer than OWNER_STALE_S would otherwise let another process take the run.
+    A thread of its own, so that no step of the pre-flight has to remember it."""
+
+    def __init__(self, ledger: Ledger, run_id: str, owner: str) -> None:
+        self.ledger, self.run_id, self.owner = ledger, run_id, owner
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name="runner-claim", daemon=True)
+
+    def __enter__(self) -> _KeptClaim:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _keep(self) -> None:
+        while not self._stop.wait(OWNER_TOUCH_S):
+            try:
+                with self.ledger.transaction() as tx:
+                    if not self.ledger.touch_run(tx, self.run_id, self.owner):
+                        self.lost = True
+                        return
+            except Exception:  # noqa: S112 - a busy ledger: the next touch tries again
+                continue
 
 
 async def _quote(

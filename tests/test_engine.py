@@ -227,6 +227,56 @@ async def test_a_run_another_live_process_runs_is_left_alone(
     assert resumed.states == {"ok": 6}
 
 
+async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quoting a big job takes minutes: without touches another process would take the run at 30 s."""
+    ledger = Ledger()
+    monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
+    quote = runner.engine._quote
+    seen: list[Any] = []
+
+    async def slow_quote(*args: Any, **kwargs: Any) -> Any:
+        estimate = await quote(*args, **kwargs)
+        with ledger.reader.connect() as c:
+            before = c.exec_driver_sql("SELECT seen_at FROM runs").scalar_one()
+        await anyio.sleep(0.3)
+        with ledger.reader.connect() as c:
+            seen.append((before, c.exec_driver_sql("SELECT seen_at FROM runs").scalar_one()))
+        return estimate
+
+    monkeypatch.setattr("runner.engine._quote", slow_quote)
+    result = await run(sim, write_job(job_lines(3)), ledger)
+    assert result.state == "done"
+    [(before, after)] = seen
+    assert after > before  # touched while it was still quoting
+
+
+async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(4))
+    sim.books.configure({"balance": "0.0000001"})
+    first = await run(sim, job, ledger)  # stopped at once: a run to resume
+    sim.books.configure({"balance": "100"})
+    sent = sim.books.counters["run.call"]
+    monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
+    quote = runner.engine._quote
+
+    async def taken_over_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        estimate = await quote(*args, **kwargs)
+        with ledger.transaction() as tx:  # another host's process took it (this one seemed gone)
+            tx.conn.exec_driver_sql("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (first.run_id,))
+        await anyio.sleep(0.3)
+        return estimate
+
+    monkeypatch.setattr("runner.engine._quote", taken_over_meanwhile)
+    with pytest.raises(RunBusy, match="taken over"):
+        await run(sim, job, ledger)
+    assert sim.books.counters["run.call"] == sent
+
+
 async def test_402_stops_the_run_fast_and_resume_finishes_it(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
