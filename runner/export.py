@@ -116,26 +116,33 @@ def frames(ledger: Ledger, run_id: str, batch: int = BATCH) -> Iterator[pl.DataF
         yield _table(pl.DataFrame(rows, schema=COLUMNS, orient="row"), provider)
 
 
-def export_parquet(ledger: Ledger, run_id: str, path: Path) -> int:
-    """Write the run to Parquet, streamed: polars pulls batches of rows from the ledger and writes
-    row groups of BATCH rows (no part files, nothing read back)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
+def lazy_run(ledger: Ledger, run_id: str) -> pl.LazyFrame:
+    """The run's rows in the §5 schema as a LazyFrame, read from the ledger a batch at a time when it
+    is collected or sunk (its projection, filter and row limit are applied batch by batch)."""
 
     def batches(
         columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, _size: int | None
     ) -> Iterator[pl.DataFrame]:
-        nonlocal count
+        left = n_rows
         for frame in frames(ledger, run_id, READ_BATCH):
-            count += frame.height
             part = frame if predicate is None else frame.filter(predicate)
+            if left is not None:
+                part = part.head(left)
+                left -= part.height
             yield part if columns is None else part.select(columns)
-            if n_rows is not None and count >= n_rows:
+            if left == 0:
                 return
 
-    source = register_io_source(batches, schema=SCHEMA, explain_name="runner ledger")
-    source.sink_parquet(path, row_group_size=BATCH)
-    return count
+    return register_io_source(batches, schema=SCHEMA, explain_name="runner ledger")
+
+
+def export_parquet(ledger: Ledger, run_id: str, path: Path) -> int:
+    """Write the run to Parquet, streamed from the ledger into row groups of BATCH rows (no part
+    files, nothing read back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = ledger.run(run_id)
+    lazy_run(ledger, run["id"]).sink_parquet(path, row_group_size=BATCH)
+    return sum(run["states"].values())
 
 
 def export_jsonl(ledger: Ledger, run_id: str, path: Path) -> int:

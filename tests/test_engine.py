@@ -24,7 +24,7 @@ from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
 from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy
-from runner.export import SCHEMA, export_jsonl, export_parquet
+from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.jobs import iter_requests
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
@@ -85,6 +85,19 @@ async def test_run_settles_every_request_and_matches_the_simulator(
     ).sort().to_list() == list(range(30))
     assert (df["quote_usd"] >= df["price_usd"]).all()
     assert df["started_at"].dtype == pl.Datetime("us", "UTC")
+
+
+async def test_a_run_as_a_lazy_frame_honours_filters_limits_and_columns(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger()
+    result = await run(sim, write_job(job_lines(9)), ledger)
+    monkeypatch.setattr("runner.export.READ_BATCH", 2)  # limits and filters across batches
+    lazy = lazy_run(ledger, result.run_id)
+    assert lazy.collect().equals(run_frame(ledger, result.run_id))
+    picked = lazy.filter(pl.col("line") % 2 == 1).select("custom_id").head(3).collect()
+    assert picked["custom_id"].to_list() == ["q0", "q2", "q4"]
+    assert lazy.head(5).collect().height == 5
 
 
 async def test_second_run_resumes_and_sends_nothing(
