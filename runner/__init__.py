@@ -15,7 +15,7 @@ from pathlib import Path
 
 from runner.connect import Connection, ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
-from runner.export import export_jsonl, export_parquet
+from runner.export import export_jsonl, export_parquet, lazy_run
 from runner.jobs import JobSummary, read_job, validate_job
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Outcome, Quote, Usage
@@ -44,6 +44,7 @@ __all__ = [
     "connect",
     "export_jsonl",
     "export_parquet",
+    "lazy_run",
     "per_model",
     "quote_requests",
     "read_job",
