@@ -6,7 +6,9 @@
 1. Throughput, zero latency: nginx (Debian's package; `apt-get install nginx-light`) answers every
    POST /v1/run with one fixed Run API reply, fast enough not to be the bottleneck; without nginx a
    small asyncio server in its own process stands in (and the output says so). Measured in the same
-   run: a bare aiohttp loop (baseline), a bare httpx loop (default transport), and the real CLI
+   run: a bare aiohttp loop (baseline), the same loop as a command of its own (its start-up and
+   imports included, as they are in `runner run`'s wall clock), a bare httpx loop (default
+   transport), and the real CLI
    `runner run` in its own process, quotes cached beforehand by `runner estimate`. For the runner two
    figures: the wall clock of the whole command (start-up, validation, ledger, export, report) and the
    sustained send rate the server saw from its first to its last call.
@@ -231,6 +233,34 @@ async def bare_aiohttp(url: str, total: int, concurrency: int) -> float:
         return await drive(send, total, concurrency)
 
 
+BARE_AIOHTTP_SCRIPT = """
+import asyncio, sys, aiohttp
+url, total, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+body = {envelope!r}
+async def main():
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
+        remaining = iter(range(total))
+        async def worker():
+            for _ in remaining:
+                async with session.post("/v1/run", json=body) as response:
+                    await response.json()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+asyncio.run(main())
+"""
+
+
+def bare_aiohttp_process(url: str, total: int, concurrency: int) -> float:
+    """The same loop as a command of its own, timed like `runner run`: start-up and imports included."""
+    script = BARE_AIOHTTP_SCRIPT.format(envelope=ENVELOPE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as runner() does
+    args = [sys.executable, "-c", script, url, str(total), str(concurrency)]
+    subprocess.run([*args[:3], url, "1", "1"], check=True, env=env)  # byte code cached, not timed
+    start = time.perf_counter()
+    subprocess.run(args, check=True, env=env)
+    return total / (time.perf_counter() - start)
+
+
 async def bare_httpx(url: str, total: int, concurrency: int) -> float:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits) as client:
@@ -310,8 +340,18 @@ def main() -> None:
             print(
                 f"   bare httpx loop                   {plain:8,.0f} req/s  {plain / base:.2f} x", flush=True
             )
+            alone = bare_aiohttp_process(server.url, n, c)
+            print(
+                f"   bare aiohttp loop as a command    {alone:8,.0f} req/s  {alone / base:.2f} x"
+                " (its own process: start-up included)",
+                flush=True,
+            )
             wall, sustained, rss = run_case(folder, server, n, c, "zero")
-            print(f"   runner run, whole command         {wall:8,.0f} req/s  {wall / base:.2f} x", flush=True)
+            print(
+                f"   runner run, whole command         {wall:8,.0f} req/s  {wall / base:.2f} x"
+                f" ({wall / alone:.2f} x the loop as a command)",
+                flush=True,
+            )
             print(f"   runner run, sustained send rate   {sustained:8,.0f} req/s  {sustained / base:.2f} x")
             print(f"   runner run peak RSS               {megabytes(rss)}", flush=True)
 
