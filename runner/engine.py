@@ -633,8 +633,9 @@ async def _prepare(
     if not existing:  # its rows are made as the quotes come: one pass over the job for both
         create = functools.partial(ledger.create_run, owner=owner, state="preparing")
         await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
+    claim = _KeptClaim(ledger, run_id, owner)  # the pre-flight of a big job takes minutes
     try:
-        with _KeptClaim(ledger, run_id, owner) as claim:  # the pre-flight of a big job takes minutes
+        with claim:
             if existing:
                 await _sync_rows(
                     ledger, job, existing, conn.scope, creating=not await _total(ledger, existing)
@@ -648,8 +649,7 @@ async def _prepare(
                 needed = estimate.total_nanos
             view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
         if claim.lost:
-            msg = f"run {run_id} was taken over by another process while this one prepared it"
-            raise RunBusy(msg, owner="another process")
+            raise claim.busy()
         fit, shortfall = fits_nanos(needed, view.remaining_nanos)
         if not fit and not options.partial:
             msg = (
@@ -658,10 +658,12 @@ async def _prepare(
                 "raise the budget, or run what fits with --partial"
             )
             raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
-    except BaseException:
+    except BaseException as exc:
         if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await anyio.to_thread.run_sync(ledger.discard_run, run_id)
+        if claim.lost and isinstance(exc, Exception) and not isinstance(exc, RunnerError):
+            raise claim.busy() from None  # e.g. its rows' run was discarded by the process that took it
         raise
     return _Plan(run_id, budget_id, bool(existing), estimate, owner)
 
@@ -701,6 +703,10 @@ class _KeptClaim:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+    def busy(self) -> RunBusy:
+        msg = f"run {self.run_id} was taken over by another process while this one prepared it"
+        return RunBusy(msg, owner="another process")
 
     def _keep(self) -> None:
         while not self._stop.wait(OWNER_TOUCH_S):

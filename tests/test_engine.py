@@ -290,6 +290,29 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
     assert sim.books.counters["run.call"] == sent
 
 
+async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process that took it over discards a run still being prepared; this one's rows then have
+    no run to belong to: a RunBusy, not a database error."""
+    ledger = Ledger()
+    monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
+    quote = runner.engine._quote
+
+    async def taken_and_discarded(*args: Any, **kwargs: Any) -> Any:
+        run_id = ledger.runs()[0]["id"]
+        with ledger.transaction() as tx:
+            tx.conn.exec_driver_sql("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (run_id,))
+        await anyio.sleep(0.3)
+        ledger.discard_run(run_id)
+        return await quote(*args, **kwargs)
+
+    monkeypatch.setattr("runner.engine._quote", taken_and_discarded)
+    with pytest.raises(RunBusy, match="taken over"):
+        await run(sim, write_job(job_lines(3)), ledger)
+    assert sim.books.counters["run.call"] == 0
+
+
 async def test_402_stops_the_run_fast_and_resume_finishes_it(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
