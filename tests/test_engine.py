@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import anyio
 import httpx
 import polars as pl
 import pytest
+import sqlalchemy.exc
 from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
@@ -311,6 +314,35 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
     with pytest.raises(RunBusy, match="taken over"):
         await run(sim, write_job(job_lines(3)), ledger)
     assert sim.books.counters["run.call"] == 0
+
+
+async def test_a_ledger_that_cannot_be_written_stops_the_run_with_a_message_and_it_resumes(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(40))
+    transaction = ledger.transaction
+    commits = [0]
+
+    @contextlib.contextmanager
+    def filling_up() -> Any:
+        commits[0] += 1
+        if commits[0] > 12:  # a few commits into the run
+            orig = sqlite3.OperationalError("database or disk is full")
+            raise sqlalchemy.exc.OperationalError("COMMIT", None, orig)
+        with transaction() as tx:
+            yield tx
+
+    monkeypatch.setattr(ledger, "transaction", filling_up)
+    with pytest.raises(LedgerError, match=r"could not be written \(database or disk is full\)"):
+        await run(sim, job, ledger, concurrency=4)
+    monkeypatch.undo()
+    resumed = await run(sim, job, ledger, concurrency=4)
+    assert resumed.resumed and resumed.state == "done"
+    assert set(resumed.states) <= {"ok", "possibly_billed"}
+    view = ledger.budget_by_id(ledger.run(resumed.run_id)["budget_id"])
+    charged_unrecorded = sim.books.charged_nanos - resumed.spent_nanos
+    assert 0 <= charged_unrecorded <= view.possibly_billed_nanos  # paid but unrecorded: possibly billed
 
 
 async def test_402_stops_the_run_fast_and_resume_finishes_it(

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+from sqlalchemy.exc import DBAPIError
 
+from runner.errors import LedgerError
 from runner.ledger.store import Ledger
 from runner.ledger.tx import Tx
 
@@ -102,8 +104,16 @@ class Writer:
                     op.result = op.apply(tx)
             self.commits += 1
         except BaseException as exc:  # every caller of the batch learns the transaction failed
+            error = exc
+            if isinstance(exc, DBAPIError):  # a full disk, a read-only or damaged file: say so plainly
+                reason = exc.orig if exc.orig is not None else exc
+                msg = (
+                    f"the ledger could not be written ({reason}); no request is sent before its "
+                    "reservation is written: once the ledger can be written, run the same command to resume"
+                )
+                error = LedgerError(msg)
             for op in batch:
-                op.error = exc
+                op.error = error
 
 
 def _wake(batch: list[_Op]) -> None:
