@@ -604,14 +604,16 @@ async def run_job(
             await _recover(ledger, run_id, retry_possibly_billed=False)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info["states"].get("pending", 0)
-    state = engine.state if (engine.stopping.is_set() or left) else "done"
-    if state == "done" and left:
+    state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
+    if left and not engine.stopping.is_set():  # every line was read, and some rows were not sent
         state = "stopped"
+        reason = (
+            f"{left} request(s) of the run have no line in {job} any more; restore those lines, "
+            "or start a fresh run with --new"
+        )
     with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, engine.reason)
-    return RunResult(
-        run_id, plan.resumed, state, engine.reason, info["states"], info["spent_nanos"], plan.estimate
-    )
+        await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
+    return RunResult(run_id, plan.resumed, state, reason, info["states"], info["spent_nanos"], plan.estimate)
 
 
 async def _prepare(

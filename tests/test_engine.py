@@ -219,6 +219,23 @@ async def test_a_run_that_sent_requests_is_never_discarded(
     assert ledger.run(result.run_id)["states"] == {"ok": 2}
 
 
+async def test_lines_removed_from_the_job_are_named_when_the_run_cannot_finish(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    lines = job_lines(6)
+    job = write_job(lines)
+    sim.books.configure({"balance": "0.0000001"})
+    first = await run(sim, job, ledger)
+    assert first.states == {"pending": 6}
+    sim.books.configure({"balance": "100"})
+    write_job(lines[:4])
+    resumed = await run(sim, job, ledger)
+    assert resumed.resumed and resumed.state == "stopped"
+    assert resumed.states == {"ok": 4, "pending": 2}
+    assert resumed.reason is not None and "2 request(s) of the run have no line in" in resumed.reason
+
+
 async def test_a_run_another_live_process_runs_is_left_alone(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
