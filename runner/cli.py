@@ -496,14 +496,7 @@ def run(
     db: DbOpt = None,
 ) -> None:
     """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
-    if output is not None:
-        _check_writable(output)  # found out now, not after the money is spent
-    summary = validate_job(job)
-    summary.raise_for_issues()
-    _print_summary(summary)
-    ledger = Ledger(db)
-    settings = _settings(provider, base_url, price_file, sim_pricing)
-    options = RunOptions(
+    options = RunOptions(  # checked first: a usage error is named before any work
         concurrency=concurrency,
         rpm=rpm,
         tpm=tpm,
@@ -512,6 +505,13 @@ def run(
         retry_possibly_billed=retry_possibly_billed,
         handle_signals=True,
     )
+    if output is not None:
+        _check_writable(output)  # found out now, not after the money is spent
+    summary = validate_job(job)
+    summary.raise_for_issues()
+    _print_summary(summary)
+    ledger = Ledger(db)
+    settings = _settings(provider, base_url, price_file, sim_pricing)
     cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
 
     async def work() -> RunResult:

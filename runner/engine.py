@@ -70,6 +70,18 @@ class RunOptions:
     grace_s: float = 30.0
     handle_signals: bool = False
 
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            msg = f"--concurrency must be 1 or more (got {self.concurrency})"
+            raise ConfigError(msg)
+        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm)):
+            if value is not None and not value > 0:  # NaN is not > 0 either
+                msg = f"{name} must be above 0 (got {value:g}); leave it out for no limit"
+                raise ConfigError(msg)
+        if self.grace_s < 0:
+            msg = f"the grace period cannot be negative (got {self.grace_s:g} s)"
+            raise ConfigError(msg)
+
 
 @dataclass
 class RunResult:

@@ -12,7 +12,7 @@ from itertools import islice
 import anyio
 
 from runner import http
-from runner.errors import ProviderError, RetryableError, RunFatalError
+from runner.errors import ConfigError, ProviderError, RetryableError, RunFatalError
 from runner.events import Listener, Quoted, Retrying, ignore
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Quote
@@ -103,6 +103,9 @@ async def quote_requests(
 
     `on_chunk` gets each chunk of requests with their quotes, in file order, once they are known.
     """
+    if concurrency < 1:
+        msg = f"--concurrency must be 1 or more (got {concurrency})"
+        raise ConfigError(msg)
     policy = policy or http.RetryPolicy()
     estimate = Estimate()
     limiter = anyio.CapacityLimiter(concurrency)

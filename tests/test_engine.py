@@ -448,6 +448,28 @@ def test_estimate_cli_caches_quotes_and_exits_3_over_budget(write_job: Callable[
     assert "over budget 'tiny' by $" in second.output
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--concurrency", "0"], "--concurrency must be 1 or more (got 0)"),
+        (["--rpm", "-5"], "--rpm must be above 0 (got -5)"),
+        (["--tpm", "0"], "--tpm must be above 0 (got 0)"),
+    ],
+)
+def test_limits_out_of_range_are_usage_errors_named_before_any_work(
+    write_job: Callable[..., Path], option: list[str], message: str
+) -> None:
+    job = write_job(job_lines(3))
+    result = cli.invoke(app, ["run", str(job), "--provider", "simulator", "--max-usd", "1", *option])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "valid" not in result.output  # refused before the job was even read
+    assert Ledger().runs() == []
+    estimate = cli.invoke(app, ["estimate", str(job), "--provider", "simulator", "--concurrency", "0"])
+    assert estimate.exit_code == 2
+    assert "--concurrency must be 1 or more" in estimate.output
+
+
 @pytest.mark.parametrize("where", ["a file/x.parquet", "a folder"])
 def test_an_output_that_cannot_be_written_is_refused_before_the_run(
     write_job: Callable[..., Path], tmp_path: Path, where: str
