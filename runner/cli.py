@@ -26,7 +26,7 @@ from rich.table import Table
 from runner import catalog, html_report
 from runner.connect import ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
-from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError
+from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError, Unpriced
 from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import JobSummary, iter_requests, validate_job
@@ -86,7 +86,7 @@ def friendly(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def exit_code_for(exc: RunnerError) -> int:
-    if isinstance(exc, BudgetExceeded):
+    if isinstance(exc, BudgetExceeded | Unpriced):
         return EXIT_OVER_BUDGET
     if isinstance(exc, ProviderError):
         return EXIT_RUN_STOPPED

@@ -73,6 +73,15 @@ def price_table(settings: ProviderSettings) -> dict[str, ModelInfo]:
     return catalog.with_prices(catalog.MODELS, load_prices(settings.price_file))
 
 
+def _http_url(url: str) -> str:
+    """A base URL that can be called: http(s), with a host."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        msg = f"the base URL must look like https://host[:port][/path] (got '{url}')"
+        raise ConfigError(msg)
+    return url
+
+
 @asynccontextmanager
 async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
     if settings.name == "simulator":
@@ -93,7 +102,7 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         if not key:
             msg = "set ORTHOGONAL_API_KEY (or use --provider simulator to try runner offline)"
             raise ConfigError(msg)
-        base = settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL
+        base = _http_url(settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL)
         orth = OrthogonalProvider(api_key=key, base_url=base, api=settings.api)
         try:
             yield Connection(orth, f"orthogonal:{base}:{settings.api}")
@@ -105,6 +114,7 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         if not openai_base:
             msg = "set OPENAI_BASE_URL or --base-url for the openai provider"
             raise ConfigError(msg)
+        openai_base = _http_url(openai_base)
         key = settings.api_key or os.environ.get("OPENAI_API_KEY") or ""
         oai = OpenAIProvider(base_url=openai_base, api_key=key, prices=price_table(settings))
         try:

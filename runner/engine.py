@@ -38,6 +38,7 @@ from runner.errors import (
     RunBusy,
     RunFatalError,
     RunnerError,
+    Unpriced,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
 from runner.jobs import JobSummary, iter_requests, validate_job
@@ -664,6 +665,8 @@ async def _prepare(
             view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
         if claim.lost:
             raise claim.busy()
+        if not existing and estimate.unquoted_count and not options.partial:
+            raise _unpriced(estimate, summary.requests)
         fit, shortfall = fits_nanos(needed, view.remaining_nanos)
         if not fit and not options.partial:
             msg = (
@@ -680,6 +683,16 @@ async def _prepare(
             raise claim.busy() from None  # e.g. its rows' run was discarded by the process that took it
         raise
     return _Plan(run_id, budget_id, bool(existing), estimate, owner)
+
+
+def _unpriced(estimate: Estimate, total: int) -> Unpriced:
+    custom_id, reason = estimate.unquoted[0]
+    msg = (
+        f"{estimate.unquoted_count} of {total} requests could not be priced, so they cannot be reserved "
+        f"against the budget (the first, '{custom_id}': {reason}); nothing was sent. Fix the cause and "
+        "run again, or run the priced ones with --partial"
+    )
+    return Unpriced(msg, count=estimate.unquoted_count)
 
 
 async def _resumable(ledger: Ledger, job_key: str, scope: str, owner: str, new: bool) -> str | None:

@@ -6,6 +6,7 @@
     ├── LedgerError                  the ledger refused an operation
     │   ├── BudgetNotFound
     │   ├── BudgetExceeded           a reservation does not fit the budget
+    │   ├── Unpriced                 requests without a price cannot be reserved
     │   ├── BudgetLimitTooLow        a budget cannot go below spent + reserved
     │   ├── JobChanged               a line changed since its run began
     │   └── RunBusy                  another live process is running the run
@@ -71,6 +72,12 @@ class BudgetExceeded(LedgerError):
 
 class BudgetLimitTooLow(LedgerError):
     pass
+
+
+class Unpriced(LedgerError):
+    def __init__(self, msg: str, *, count: int) -> None:
+        super().__init__(msg)
+        self.count = count
 
 
 class JobChanged(LedgerError):

@@ -26,7 +26,7 @@ import runner
 from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
-from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy
+from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy, Unpriced
 from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.jobs import iter_requests
 from runner.ledger import Ledger
@@ -434,6 +434,37 @@ async def test_over_budget_refuses_and_partial_runs_what_fits(
     assert 0 < result.states["ok"] < 20
     assert view.spent_nanos + view.reserved_nanos <= view.limit_nanos
     assert result.state == "stopped"
+
+
+async def test_requests_that_cannot_be_priced_stop_the_run_before_any_send(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    """No price, no reservation: the run is refused (exit 3), unless --partial runs the rest."""
+    ledger = Ledger()
+    job = write_job(job_lines(5))
+    failing_dry_runs = [{"fault": "500", "match": "question q 2", "target": "dry_run"}] * 6
+    sim.books.configure({"script": failing_dry_runs})  # every attempt at q2's quote fails
+    with pytest.raises(
+        Unpriced, match=r"1 of 5 requests could not be priced.*'q2': gave up: HTTP 500"
+    ) as caught:
+        await run(sim, job, ledger)
+    assert caught.value.count == 1
+    assert sim.books.counters["run.call"] == 0
+    assert ledger.runs() == []
+    sim.books.configure({"script": failing_dry_runs})
+    result = await run(sim, job, ledger, partial=True)
+    assert result.states == {"ok": 4, "skipped": 1}
+    assert sim.books.counters["run.call"] == 4
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host/v1", "http://"])
+def test_a_base_url_that_cannot_be_called_is_a_usage_error(
+    write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("ORTHOGONAL_API_KEY", "k")
+    result = cli.invoke(app, ["run", str(write_job(job_lines(2))), "--base-url", url, "--max-usd", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"the base URL must look like https://host[:port][/path] (got '{url}')" in result.output
 
 
 def test_estimate_cli_caches_quotes_and_exits_3_over_budget(write_job: Callable[..., Path]) -> None:
