@@ -38,7 +38,7 @@ class Run(SQLModel, table=True):
     job_path: str = Field(index=True)
     budget_id: int = Field(foreign_key="budgets.id")
     provider: str
-    state: str = "running"  # running | interrupted | stopped | done
+    state: str = "running"  # preparing (rows being made, none sent) | running | interrupted | stopped | done
     reason: str | None = None
     total: int = 0
     created_at: datetime = Field(default_factory=utcnow)
