@@ -543,7 +543,8 @@ def run(
         highlight=False,
     )
     if result.state != "done":
-        out.print("the run is resumable: run the same command again to continue it", highlight=False)
+        if result.resumable:
+            out.print("the run is resumable: run the same command again to continue it", highlight=False)
         raise typer.Exit(EXIT_RUN_STOPPED)
 
 

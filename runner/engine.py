@@ -93,6 +93,7 @@ class RunResult:
     states: dict[str, int]
     spent_nanos: int
     estimate: Estimate
+    resumable: bool = True  # False when running the same command again cannot finish the run
 
 
 @dataclass
@@ -618,7 +619,8 @@ async def run_job(
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info["states"].get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
-    if left and not engine.stopping.is_set():  # every line was read, and some rows were not sent
+    lines_missing = bool(left) and not engine.stopping.is_set()
+    if lines_missing:  # every line was read, and some rows were not sent
         state = "stopped"
         reason = (
             f"{left} request(s) of the run have no line in {job} any more; restore those lines, "
@@ -626,7 +628,8 @@ async def run_job(
         )
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
-    return RunResult(run_id, plan.resumed, state, reason, info["states"], info["spent_nanos"], plan.estimate)
+    states, spent = info["states"], info["spent_nanos"]
+    return RunResult(run_id, plan.resumed, state, reason, states, spent, plan.estimate, not lines_missing)
 
 
 async def _prepare(

@@ -234,6 +234,7 @@ async def test_lines_removed_from_the_job_are_named_when_the_run_cannot_finish(
     assert resumed.resumed and resumed.state == "stopped"
     assert resumed.states == {"ok": 4, "pending": 2}
     assert resumed.reason is not None and "2 request(s) of the run have no line in" in resumed.reason
+    assert not resumed.resumable  # running it again cannot help: the CLI does not say it would
 
 
 async def test_a_run_another_live_process_runs_is_left_alone(
