@@ -645,7 +645,7 @@ async def _prepare(
     on_event: Listener,
 ) -> _Plan:
     """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
-    existing = await _resumable(ledger, job_key, conn.scope, owner, options.new)
+    existing, complete = await _resumable(ledger, job_key, conn.scope, owner, options.new)
     budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
     run_id = existing or uuid.uuid4().hex[:12]
     if not existing:  # its rows are made as the quotes come: one pass over the job for both
@@ -655,9 +655,7 @@ async def _prepare(
     try:
         with claim:
             if existing:
-                await _sync_rows(
-                    ledger, job, existing, conn.scope, creating=not await _total(ledger, existing)
-                )
+                await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
             estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
             if existing:
@@ -698,21 +696,20 @@ def _unpriced(estimate: Estimate, total: int) -> Unpriced:
     return Unpriced(msg, count=estimate.unquoted_count)
 
 
-async def _resumable(ledger: Ledger, job_key: str, scope: str, owner: str, new: bool) -> str | None:
-    """The job's unfinished run, claimed by this process; None for a fresh start. A run left while
-    it was being prepared (nothing sent yet) is discarded."""
+async def _resumable(
+    ledger: Ledger, job_key: str, scope: str, owner: str, new: bool
+) -> tuple[str | None, bool]:
+    """The job's unfinished run, claimed by this process, and whether all its rows were made; None
+    for a fresh start. A run left while it was being prepared (nothing sent yet) is discarded."""
     existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
     if existing is None:
-        return None
+        return None, False
     await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
-    if (await anyio.to_thread.run_sync(ledger.run, existing))["state"] == "preparing":
+    info = await anyio.to_thread.run_sync(ledger.run, existing)
+    if info["state"] == "preparing":
         await anyio.to_thread.run_sync(ledger.discard_run, existing)
-        return None
-    return existing
-
-
-async def _total(ledger: Ledger, run_id: str) -> int:
-    return int((await anyio.to_thread.run_sync(ledger.run, run_id))["total"])
+        return None, False
+    return existing, bool(info["total"])
 
 
 class _KeptClaim:

@@ -140,9 +140,8 @@ def export_parquet(ledger: Ledger, run_id: str, path: Path) -> int:
     """Write the run to Parquet, streamed from the ledger into row groups of BATCH rows (no part
     files, nothing read back)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    run = ledger.run(run_id)
-    lazy_run(ledger, run["id"]).sink_parquet(path, row_group_size=BATCH)
-    return sum(run["states"].values())
+    lazy_run(ledger, run_id).sink_parquet(path, row_group_size=BATCH)
+    return int(pl.scan_parquet(path).select(pl.len()).collect().item())  # from the file's footer
 
 
 def export_jsonl(ledger: Ledger, run_id: str, path: Path) -> int:
