@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from runner import catalog, html_report
+from runner import catalog, fleet, html_report
 from runner.connect import ProviderSettings, connect
 from runner.engine import RunOptions, RunResult, run_job
 from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError, Unpriced
@@ -493,6 +493,9 @@ def run(
         typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
     ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
+    processes: Annotated[
+        int, typer.Option(help="Processes sending the run (for endpoints faster than one process).")
+    ] = 1,
     db: DbOpt = None,
 ) -> None:
     """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
@@ -505,31 +508,18 @@ def run(
         retry_possibly_billed=retry_possibly_billed,
         handle_signals=True,
     )
+    if not 1 <= processes <= concurrency:
+        msg = f"--processes must be from 1 to --concurrency ({concurrency}); got {processes}"
+        raise ConfigError(msg)
     if output is not None:
         _check_writable(output)  # found out now, not after the money is spent
-    summary = validate_job(job)
-    summary.raise_for_issues()
-    _print_summary(summary)
-    ledger = Ledger(db)
     settings = _settings(provider, base_url, price_file, sim_pricing)
     cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
-
-    async def work() -> RunResult:
-        async with connect(settings) as conn:
-            with Progress("running", summary.requests) as progress:
-                return await run_job(
-                    job,
-                    conn=conn,
-                    ledger=ledger,
-                    budget=budget,
-                    max_usd=cap,
-                    options=options,
-                    on_event=progress,
-                    summary=summary,
-                )
-
-    result = run_async(work)
-    _give_back_memory()
+    helpers = fleet.spawn(processes - 1)  # they start up while this process checks and quotes
+    try:
+        ledger, result = _run(job, budget, cap, settings, options, db, helpers)
+    finally:
+        fleet.close(helpers)
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = _export(export_parquet, ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
@@ -546,6 +536,41 @@ def run(
         if result.resumable:
             out.print("the run is resumable: run the same command again to continue it", highlight=False)
         raise typer.Exit(EXIT_RUN_STOPPED)
+
+
+def _run(
+    job: Path,
+    budget: str | None,
+    cap: Decimal | None,
+    settings: ProviderSettings,
+    options: RunOptions,
+    db: str | None,
+    helpers: list[fleet.Helper],
+) -> tuple[Ledger, RunResult]:
+    """Validate → quote → budget check → run, with the helper processes given."""
+    summary = validate_job(job)
+    summary.raise_for_issues()
+    _print_summary(summary)
+    ledger = Ledger(db)
+
+    async def work() -> RunResult:
+        async with connect(settings) as conn:
+            with Progress("running", summary.requests) as progress:
+                return await run_job(
+                    job,
+                    conn=conn,
+                    ledger=ledger,
+                    budget=budget,
+                    max_usd=cap,
+                    options=options,
+                    on_event=progress,
+                    summary=summary,
+                    fleet=helpers,
+                )
+
+    result = run_async(work)
+    _give_back_memory()
+    return ledger, result
 
 
 # ---- runs, export, report ------------------------------------------------------------------

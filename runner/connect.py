@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tomllib
@@ -44,6 +45,9 @@ class Connection:
     provider: Provider
     scope: str  # what quotes are cached under
     books: Books | None = None  # the in-process simulator's books
+    # how another process reaches the same provider (the sending helpers); its API key is read from
+    # the same environment, except the in-process simulator's, which is no secret
+    reach: ProviderSettings | None = None
 
 
 def load_prices(path: Path) -> dict[str, tuple[Decimal, Decimal]]:
@@ -93,7 +97,8 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         async with serve(books) as url:
             provider = OrthogonalProvider(api_key="simulator-key", base_url=url, api=settings.api)
             try:
-                yield Connection(provider, f"simulator:{settings.sim_pricing}", books)
+                reach = ProviderSettings("orthogonal", url, "simulator-key", settings.api)
+                yield Connection(provider, f"simulator:{settings.sim_pricing}", books, reach)
             finally:
                 await provider.aclose()
         return
@@ -105,7 +110,8 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         base = _http_url(settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL)
         orth = OrthogonalProvider(api_key=key, base_url=base, api=settings.api)
         try:
-            yield Connection(orth, f"orthogonal:{base}:{settings.api}")
+            reach = dataclasses.replace(settings, base_url=base)
+            yield Connection(orth, f"orthogonal:{base}:{settings.api}", reach=reach)
         finally:
             await orth.aclose()
         return
@@ -118,7 +124,8 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         key = settings.api_key or os.environ.get("OPENAI_API_KEY") or ""
         oai = OpenAIProvider(base_url=openai_base, api_key=key, prices=price_table(settings))
         try:
-            yield Connection(oai, f"openai:{openai_base}")
+            reach = dataclasses.replace(settings, base_url=openai_base)
+            yield Connection(oai, f"openai:{openai_base}", reach=reach)
         finally:
             await oai.aclose()
         return

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import random
 import signal
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +28,7 @@ from anyio.abc import TaskGroup
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import codec, http, schema
+from runner import fleet as fleet_
 from runner.connect import Connection
 from runner.errors import (
     BudgetExceeded,
@@ -41,7 +44,7 @@ from runner.errors import (
     Unpriced,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import JobSummary, iter_requests, validate_job
+from runner.jobs import JobChunks, JobSummary, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text, this_process
 from runner.ledger.tx import Hold
@@ -101,13 +104,22 @@ class _Plan:
     run_id: str
     budget_id: int
     resumed: bool
-    estimate: Estimate
+    estimate: Estimate | None
     owner: str
+    shared: bool = False  # other processes send from the same run (`runner run --processes`)
 
 
 class Engine:
     def __init__(
-        self, conn: Connection, ledger: Ledger, plan: _Plan, options: RunOptions, on_event: Listener
+        self,
+        conn: Connection,
+        ledger: Ledger,
+        plan: _Plan,
+        options: RunOptions,
+        on_event: Listener,
+        *,
+        chunks: Callable[[], Awaitable[int | None]] | None = None,
+        fleet: Sequence[fleet_.Helper] = (),
     ) -> None:
         self.provider = conn.provider
         self.scope = conn.scope
@@ -128,12 +140,21 @@ class Engine:
         self.state = "done"
         self.rng = random.Random()
         self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
+        self._counter = itertools.count()
+        self.next_chunk = chunks or self._own_chunk  # which chunk of the job's lines to read next
+        self.fleet = list(fleet)  # helper processes sending shares of this run (the main process)
+        self.report_stop: Callable[[str, str], None] | None = None  # a helper tells the main process
+        self.recover = False  # a helper ended without recording its requests in flight
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
             self.state, self.reason = state, reason
             self.on_event(Notice(reason))
             self.stopping.set()
+            for helper in self.fleet:
+                helper.send({"stop": reason})
+            if self.report_stop is not None:
+                self.report_stop(state, reason)
 
     async def run(self, job: Path) -> None:
         """Launch every pending request; the writer outlives the work so that an abort can be recorded."""
@@ -145,8 +166,11 @@ class Engine:
                     if self.options.handle_signals:
                         aux.start_soon(self._watch_signals, aux)
                     try:
-                        with self._work:
-                            await self._launch_all(job)
+                        async with anyio.create_task_group() as helpers:
+                            for helper in self.fleet:
+                                helpers.start_soon(self._supervise, helper)
+                            with self._work:
+                                await self._launch_all(job)
                     finally:
                         aux.cancel_scope.cancel()
             finally:
@@ -174,6 +198,8 @@ class Engine:
             self.on_event(Notice(reason))
         else:
             self.stop("interrupted", reason)
+        for helper in self.fleet:
+            helper.send({"abort": reason})
         self._work.cancel()
 
     async def _watch_signals(self, aux: TaskGroup) -> None:
@@ -193,6 +219,41 @@ class Engine:
     async def _grace_then_abort(self) -> None:
         await anyio.sleep(self.options.grace_s)
         self.abort(f"grace period of {self.options.grace_s:g} s over: aborting the requests still in flight")
+
+    async def _own_chunk(self) -> int | None:
+        return None if self.stopping.is_set() and self.fleet else next(self._counter)
+
+    async def _supervise(self, helper: fleet_.Helper) -> None:
+        """One helper process: its orders, its chunks of the job, its finished requests and its
+        last word. A helper gone without one leaves its requests in flight as `sending` rows, which
+        the recovery after the run marks possibly billed."""
+        last_word = False
+        try:
+            while (message := await helper.receive()) is not None:
+                if "more" in message:
+                    helper.send({"chunk": await self._own_chunk()})
+                elif "fin" in message:
+                    for state, price in message["fin"]:
+                        self.on_event(RequestFinished("", state, price))
+                elif "retry" in message:
+                    for attempt, wait, error in message["retry"]:
+                        self.on_event(Retrying("", attempt, wait, error))
+                elif "stop" in message:
+                    self.stop(*message["stop"])
+                elif "end" in message:
+                    last_word = True
+                    self.recover |= bool(message["end"]["aborted"])
+                    return
+                elif "error" in message:
+                    last_word = self.recover = True
+                    self.stop("stopped", message["error"])
+                    return
+        finally:
+            if not last_word:
+                self.recover = True
+                helper.send({"abort": "the main process is stopping"})  # when it is cancelled
+                reason = f"sending process {helper.pid} ended unexpectedly; its requests in flight"
+                self.stop("stopped", reason + " are marked possibly billed")
 
     async def _launch_all(self, job: Path) -> None:
         """Workers take the pending lines in file order; the next chunk is read while they run.
@@ -242,13 +303,17 @@ class Engine:
             return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
 
         # each line was validated before its row was made; an unchanged hash means it still is
-        iterator = iter_requests(job, check=False)
+        lines = JobChunks(job, BATCH)
         try:
-            while chunk := await anyio.to_thread.run_sync(_take, iterator, BATCH):
+            while (index := await self.next_chunk()) is not None:
+                chunk = await anyio.to_thread.run_sync(lines.take, index)
+                if chunk is None:
+                    break
                 await pending.wait_for_room(BATCH)
                 pending.add(self._untaken(await anyio.to_thread.run_sync(rows_of, chunk)))
         finally:
             pending.close()
+            lines.close()
 
     def _untaken(self, items: list[tuple[ChatRequest, Any]]) -> list[tuple[ChatRequest, Any]]:
         """The rows no worker holds. A line copied in the file since the run began (same custom_id,
@@ -270,14 +335,19 @@ class Engine:
             first = done_attempts + 1
             await self._pace(request)
 
-            def reserve_and_mark(db: Db) -> bool:
+            def reserve_and_mark(db: Db) -> bool | None:
                 # one commit: held, then `sending` (recorded before the call, as every attempt is)
+                if shared and db.state(row_id) != "pending":
+                    return None  # another process sending this run took the row first (a copied line)
                 if not self.ledger.reserve(db, budget_id, run_id, row_id, quote):
                     return False
                 self.ledger.mark_sending(db, row_id, first)
                 return True
 
+            shared = self.plan.shared
             granted = await self.writer.submit(reserve_and_mark)
+            if granted is None:
+                return None
             if not granted:
                 self.stop("stopped", "budget reached: the next reservation did not fit")
                 return None
@@ -596,8 +666,13 @@ async def run_job(
     options: RunOptions | None = None,
     on_event: Listener = ignore,
     summary: JobSummary | None = None,
+    fleet: Sequence[fleet_.Helper] = (),
 ) -> RunResult:
-    """Validate (unless given the job's `summary`), quote, check the budget, then run or resume."""
+    """Validate (unless given the job's `summary`), quote, check the budget, then run or resume.
+
+    With a `fleet` of helper processes (`fleet.spawn`), the run is sent by them and this process
+    together, each with its share of the concurrency and rate limits.
+    """
     options = options or RunOptions()
     if summary is None:
         summary = await anyio.to_thread.run_sync(validate_job, job)
@@ -606,14 +681,27 @@ async def run_job(
     owner = this_process()
     plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, summary, owner, on_event)
     run_id = plan.run_id
-    engine = Engine(conn, ledger, plan, options, on_event)
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
+    helpers = list(fleet) if pending > BATCH else []  # one chunk of the job: no use sharing it
+    parts = fleet_.share(options, 1 + len(helpers))
+    if helpers:
+        plan.shared = True
+        if conn.reach is None:
+            msg = "helper processes need the connection's settings (Connection.reach)"
+            raise ConfigError(msg)
+        fields = {"run_id": run_id, "budget_id": plan.budget_id, "resumed": plan.resumed}
+        fields |= {"estimate": None, "owner": owner, "shared": True}
+        for helper, part in zip(helpers, parts[1:], strict=True):
+            await helper.open()
+            helper.send(fleet_.go_message(job, ledger.url, conn.reach, conn.scope, fields, part))
+            helper.started = True
+    engine = Engine(conn, ledger, plan, parts[0], on_event, fleet=helpers)
     on_event(Phase("running", pending))
     try:
         await engine.run(job)
     except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
         raise _sole_runner_error(group) or group from None
-    if engine.aborted:
+    if engine.aborted or engine.recover:
         with anyio.CancelScope(shield=True):
             await _recover(ledger, run_id, retry_possibly_billed=False)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
@@ -628,8 +716,9 @@ async def run_job(
         )
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
-    states, spent = info["states"], info["spent_nanos"]
-    return RunResult(run_id, plan.resumed, state, reason, states, spent, plan.estimate, not lines_missing)
+    states, spent, estimate = info["states"], info["spent_nanos"], plan.estimate
+    assert estimate is not None
+    return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
 
 
 async def _prepare(

@@ -227,6 +227,48 @@ def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -
     return summary
 
 
+class JobChunks:
+    """A validated job read in chunks of `size` physical lines, numbered from 0 and taken in rising
+    order: a process sending a share of a run reads past (without parsing) the chunks others took.
+
+    The lines are not checked against the contract again: each one's hash is compared with the hash
+    recorded when it was validated. A line that no longer parses raises JobError.
+    """
+
+    def __init__(self, path: str | Path, size: int) -> None:
+        self.file, self.size = str(path), size
+        self._handle = Path(path).open("rb")  # noqa: SIM115 - closed by close()
+        self._next = 1  # the number of the line the handle reads next
+
+    def take(self, index: int) -> list[ChatRequest] | None:
+        """The requests of chunk `index` (blank lines have none); None past the end of the file."""
+        first = index * self.size + 1
+        if first < self._next:
+            msg = f"chunk {index} was passed already"
+            raise ValueError(msg)
+        readline = self._handle.readline
+        while self._next < first:
+            if not readline():
+                return None
+            self._next += 1
+        chunk: list[ChatRequest] = []
+        for number in range(first, first + self.size):
+            raw = readline()
+            if not raw:
+                return chunk if number > first else None
+            self._next += 1
+            result = parse_line(raw, file=self.file, line=number, models=catalog.MODELS, check=False)
+            if isinstance(result, ChatRequest):
+                chunk.append(result)
+            elif result is not None:
+                msg = f"{self.file}: the job changed while it was being read"
+                raise JobError(msg, issues=result, total=len(result))
+        return chunk
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def iter_requests(
     path: str | Path, models: dict[str, ModelInfo] | None = None, *, check: bool = True
 ) -> Iterator[ChatRequest]:

@@ -79,6 +79,14 @@ class Tx:
             found = self._holds[request_id] = Hold(int(row[0]), int(row[1]), str(row[2]))
         return found
 
+    def state(self, request_id: int) -> str:
+        """A request's state as this transaction leaves it so far."""
+        found = self._updates.get(request_id, {}).get("state")
+        if found is None:
+            query = "SELECT state FROM requests WHERE id = ?"
+            found = self.conn.exec_driver_sql(query, (request_id,)).scalar_one()
+        return str(found)
+
     # ---- buffered writes ----------------------------------------------------------------
 
     def set_hold(self, request_id: int, hold: Hold) -> None:

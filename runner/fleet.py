@@ -1,0 +1,291 @@
+"""Sending from more than one process (`runner run --processes N`).
+
+One Python process sends some thousands of requests a second at most: at that rate its own CPU, not
+the provider, is the limit (a fast local endpoint, a cheap model). The helpers are started when the
+command starts, so that their start-up runs beside the pre-flight, and wait for orders. Once the run
+is prepared and inside its budget, each is told the run and its share of the concurrency and rate
+limits; the job's lines are handed out in chunks as each process asks for more, so a slow starter
+takes fewer. Everything that keeps money safe stays in the ledger, which all processes share: each
+request is reserved before it is sent (a row another process reserved first is left to it), so
+the budget holds however many processes spend it.
+
+The main process stays in charge: it prints the progress, decides when the run stops (a helper that
+meets a budget limit or a fatal error tells it, and it tells the others), handles Ctrl-C, and runs
+the recovery once every process has finished. A helper ignores Ctrl-C (the terminal sends it to the
+whole process group; the main process relays it) and dies with the main process (a crash of the
+main process is then a crash of the run, which resuming repairs as ever).
+
+The wire between them: one socket pair per helper, one JSON object per line.
+  main → helper: {"go": …} once, {"chunk": n | null} answering {"more": 1}, {"stop": reason},
+                 {"abort": reason}; end of file before "go" means "not needed".
+  helper → main: {"more": 1}, {"fin": [[state, price_nanos], …]}, {"retry": [[attempt, wait_s,
+                 error], …]}, {"stop": [state, reason]}, then {"end": {"aborted": bool}} or
+                 {"error": message} as the last word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from runner import codec, http
+from runner.connect import ProviderSettings, connect
+from runner.errors import RunnerError
+from runner.events import Event, RequestFinished, Retrying
+
+if TYPE_CHECKING:
+    from runner.engine import Engine, RunOptions
+
+FLUSH_S = 0.05  # how often a helper reports the requests it finished
+PR_SET_PDEATHSIG = 1
+
+
+class Helper:
+    """The main process's end of one helper process."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc, self.sock = proc, sock
+        self.started = False  # told to go
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(sock=self.sock)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a message; dropped once the helper is gone (it has no more use for it)."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(codec.dumps(message) + b"\n")
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message; None once the helper's end is closed (it finished or died)."""
+        assert self._reader is not None
+        try:
+            line = await self._reader.readline()
+        except (ConnectionError, ValueError):
+            return None
+        return codec.loads(line) if line else None
+
+
+def spawn(count: int) -> list[Helper]:
+    """Start `count` helpers; they load the code, then wait for orders (or for the end of file)."""
+    helpers = []
+    for _ in range(count):
+        ours, theirs = socket.socketpair()
+        code = "from runner.fleet import main; main()"
+        command = [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())]
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        )
+        theirs.close()
+        helpers.append(Helper(proc, ours))
+    return helpers
+
+
+def close(helpers: list[Helper], wait_s: float = 10.0) -> None:
+    """Let every helper go: an idle one exits on the end of file; one that ran has said its last
+    word, or is given `wait_s` to finish aborting before the end of file takes it down."""
+    deadline = time.monotonic() + wait_s
+    for helper in helpers:
+        if helper.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                helper.proc.wait(max(0.0, deadline - time.monotonic()))
+        helper.sock.close()
+    for helper in helpers:
+        try:
+            helper.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            helper.proc.kill()
+            helper.proc.wait()
+
+
+def share(options: RunOptions, processes: int) -> list[RunOptions]:
+    """Each process's part of the concurrency and rate limits (together they are the whole)."""
+    base, extra = divmod(options.concurrency, processes)
+    return [
+        dataclasses.replace(
+            options,
+            concurrency=base + (k < extra),
+            rpm=options.rpm / processes if options.rpm else None,
+            tpm=options.tpm / processes if options.tpm else None,
+            handle_signals=options.handle_signals and k == 0,
+        )
+        for k in range(processes)
+    ]
+
+
+def go_message(
+    job: Path, db: str, reach: ProviderSettings, scope: str, plan: dict[str, Any], options: RunOptions
+) -> dict[str, Any]:
+    settings = dataclasses.asdict(reach)
+    settings["price_file"] = str(reach.price_file) if reach.price_file else None
+    return {
+        "go": {
+            "job": str(job),
+            "db": db,
+            "reach": settings,
+            "scope": scope,
+            "plan": plan,
+            "options": {
+                "concurrency": options.concurrency,
+                "rpm": options.rpm,
+                "tpm": options.tpm,
+                "policy": dataclasses.asdict(options.policy),
+            },
+        }
+    }
+
+
+# ---- the helper's side --------------------------------------------------------------------------
+
+
+class _Channel:
+    """The helper's end: orders in, finished requests out (gathered, sent every FLUSH_S)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.engine: Engine | None = None
+        self._fin: list[list[Any]] = []
+        self._retry: list[list[Any]] = []
+        self._chunk: asyncio.Future[int | None] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(codec.dumps(message) + b"\n")
+
+    def relay(self, event: Event) -> None:
+        """The engine's events: finished requests and retries go to the main process, which shows
+        them; notices are its own to give."""
+        if isinstance(event, RequestFinished):
+            self._fin.append([event.state, event.price_nanos])
+        elif isinstance(event, Retrying):
+            self._retry.append([event.attempt, event.wait_s, event.error])
+
+    def report_stop(self, state: str, reason: str) -> None:
+        self.flush()
+        self.send({"stop": [state, reason]})
+
+    def flush(self) -> None:
+        if self._fin:
+            self.send({"fin": self._fin})
+            self._fin = []
+        if self._retry:
+            self.send({"retry": self._retry})
+            self._retry = []
+
+    async def flush_often(self) -> None:
+        while True:
+            await anyio.sleep(FLUSH_S)
+            self.flush()
+
+    async def next_chunk(self) -> int | None:
+        self._chunk = asyncio.get_running_loop().create_future()
+        self.send({"more": 1})
+        return await self._chunk
+
+    async def listen(self) -> None:
+        """Orders from the main process. Its end closing mid-run means it died: so does this one,
+        at once, as it would have in a crash of a single process."""
+        while line := await self.reader.readline():
+            message = codec.loads(line)
+            engine = self.engine
+            assert engine is not None
+            if "chunk" in message and self._chunk is not None and not self._chunk.done():
+                self._chunk.set_result(message["chunk"])
+            elif "stop" in message:
+                engine.report_stop = None  # the main process knows
+                engine.stop("interrupted", message["stop"])
+            elif "abort" in message:
+                engine.report_stop = None
+                engine.abort(message["abort"])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def _serve(sock: socket.socket) -> None:
+    from runner.engine import Engine, RunOptions, _Plan, _sole_runner_error  # noqa: PLC0415
+    from runner.ledger import Ledger  # noqa: PLC0415
+
+    reader, writer = await asyncio.open_connection(sock=sock)
+    first = await reader.readline()
+    if not first:
+        return  # not needed this time
+    go = codec.loads(first)["go"]
+    channel = _Channel(reader, writer)
+    try:
+        reach = go["reach"]
+        reach["price_file"] = Path(reach["price_file"]) if reach["price_file"] else None
+        settings = ProviderSettings(**reach)
+        given = go["options"]
+        options = RunOptions(
+            concurrency=given["concurrency"],
+            rpm=given["rpm"],
+            tpm=given["tpm"],
+            policy=http.RetryPolicy(**given["policy"]),
+        )
+        ledger = Ledger(go["db"])
+        plan = _Plan(**go["plan"])
+        async with connect(settings) as conn:
+            conn.scope = go["scope"]
+            engine = Engine(conn, ledger, plan, options, channel.relay, chunks=channel.next_chunk)
+            engine.report_stop = channel.report_stop
+            channel.engine = engine
+            async with anyio.create_task_group() as talk:
+                talk.start_soon(channel.listen)
+                talk.start_soon(channel.flush_often)
+                try:
+                    await engine.run(Path(go["job"]))
+                except BaseExceptionGroup as group:
+                    raise _sole_runner_error(group) or group from None
+                talk.cancel_scope.cancel()
+        channel.flush()
+        channel.send({"end": {"aborted": engine.aborted}})
+    except RunnerError as exc:
+        channel.flush()
+        channel.send({"error": str(exc)})
+    except Exception as exc:  # a defect: said to the main process, which stops the run with it
+        channel.flush()
+        channel.send({"error": f"a sending process failed: {type(exc).__name__}: {exc}"})
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    writer.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process when the main process dies, however it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+def main() -> None:
+    fd, parent = int(sys.argv[-2]), int(sys.argv[-1])
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process relays Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+    sock = socket.socket(fileno=fd)
+    anyio.run(_serve, sock)
+
+
+if __name__ == "__main__":
+    main()
