@@ -107,6 +107,7 @@ class _Plan:
     estimate: Estimate | None
     owner: str
     shared: bool = False  # other processes send from the same run (`runner run --processes`)
+    chunk_lines: int = BATCH  # the job's lines are read (and shared out) in chunks of this many
 
 
 class Engine:
@@ -261,7 +262,7 @@ class Engine:
         A fixed set of workers, as many as the concurrency cap, rather than a task per request:
         spawning a task costs as much as the rest of a request's bookkeeping.
         """
-        pending = _Pending()
+        pending = _Pending(self.plan.chunk_lines)  # a chunk read ahead: the rest is left to the others
         async with anyio.create_task_group() as reader:
             reader.start_soon(self._read_pending, job, pending)
             async with anyio.create_task_group() as workers:
@@ -303,13 +304,13 @@ class Engine:
             return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
 
         # each line was validated before its row was made; an unchanged hash means it still is
-        lines = JobChunks(job, BATCH)
+        lines = JobChunks(job, self.plan.chunk_lines)
         try:
             while (index := await self.next_chunk()) is not None:
                 chunk = await anyio.to_thread.run_sync(lines.take, index)
                 if chunk is None:
                     break
-                await pending.wait_for_room(BATCH)
+                await pending.wait_for_room()
                 pending.add(self._untaken(await anyio.to_thread.run_sync(rows_of, chunk)))
         finally:
             pending.close()
@@ -517,7 +518,8 @@ def _record(
 class _Pending:
     """The pending requests read so far, in file order, for the workers to take."""
 
-    def __init__(self) -> None:
+    def __init__(self, room: int) -> None:
+        self.room = room  # read ahead while no more than this many wait
         self._items: deque[tuple[ChatRequest, Any]] = deque()
         self._closed = False
         self._changed = anyio.Event()  # set when items arrive, are taken below the mark, or it closes
@@ -534,8 +536,8 @@ class _Pending:
         self._closed = True
         self._signal()
 
-    async def wait_for_room(self, size: int) -> None:
-        while len(self._items) > size:
+    async def wait_for_room(self) -> None:
+        while len(self._items) > self.room:
             await self._changed.wait()
 
     async def take(self) -> tuple[ChatRequest, Any] | None:
@@ -545,7 +547,7 @@ class _Pending:
                 return None
             await self._changed.wait()
         item = self._items.popleft()
-        if len(self._items) == BATCH:
+        if len(self._items) == self.room:
             self._signal()
         return item
 
@@ -682,15 +684,17 @@ async def run_job(
     plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, summary, owner, on_event)
     run_id = plan.run_id
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
-    helpers = list(fleet) if pending > BATCH else []  # one chunk of the job: no use sharing it
+    helpers = list(fleet) if pending else []
     parts = fleet_.share(options, 1 + len(helpers))
     if helpers:
+        # chunks small enough that every process gets several (a slow starter takes fewer)
+        plan.chunk_lines = max(16, min(BATCH, summary.requests // (8 * len(parts))))
         plan.shared = True
         if conn.reach is None:
             msg = "helper processes need the connection's settings (Connection.reach)"
             raise ConfigError(msg)
         fields = {"run_id": run_id, "budget_id": plan.budget_id, "resumed": plan.resumed}
-        fields |= {"estimate": None, "owner": owner, "shared": True}
+        fields |= {"estimate": None, "owner": owner, "shared": True, "chunk_lines": plan.chunk_lines}
         for helper, part in zip(helpers, parts[1:], strict=True):
             await helper.open()
             helper.send(fleet_.go_message(job, ledger.url, conn.reach, conn.scope, fields, part))

@@ -3,6 +3,7 @@ one budget, Ctrl-C. The simulator's own charge ledger is the referee."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -94,7 +95,9 @@ def body_sha(line: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def start_runner(sim: SimProcess, job: Path, db: Path, *args: str) -> subprocess.Popen[str]:
+def start_runner(
+    sim: SimProcess, job: Path, db: Path, *args: str, session: bool = False
+) -> subprocess.Popen[str]:
     command = [
         sys.executable,
         "-m",
@@ -111,7 +114,13 @@ def start_runner(sim: SimProcess, job: Path, db: Path, *args: str) -> subprocess
     ]
     env = {**os.environ, "RUNNER_DB": f"sqlite:///{db}", "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=job.parent
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=job.parent,
+        start_new_session=session,  # its own process group, as a terminal's foreground job is
     )
 
 
@@ -130,6 +139,37 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout
 def assert_within_budget(ledger: Ledger, name: str) -> None:
     view = ledger.budget(name)
     assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
+
+
+def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str, Any]], budget: str) -> None:
+    """Every request of the (only) run has exactly one settled charge, the simulator's, with its
+    response, or is possibly billed (never re-sent, charged at most what it held); the spent total
+    equals the simulator's charges to the nano-dollar, possibly-billed rows accounted for."""
+    runs = ledger.runs()
+    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0]["id"]) for r in batch}
+    assert len(rows) == len(job_lines)
+    by_line = {body_sha(line): line["custom_id"] for line in job_lines}
+    charged: dict[str, list[int]] = {}
+    for t in sim.transactions():
+        charged.setdefault(by_line[t["body_sha256"]], []).append(int(t["amount_nanos"]))
+    assert all(len(v) == 1 for v in charged.values()), "a request was paid for twice"
+    for custom_id, row in rows.items():
+        if row["state"] == "ok":  # exactly one charge, the one the simulator made, and its response
+            assert charged[custom_id] == [row["price_nanos"]]
+            assert row["content"]
+        else:  # unknown outcome: perhaps charged (at most what was held), never re-sent
+            assert row["state"] == "possibly_billed", row
+            assert sum(charged.get(custom_id, [])) <= row["reserved_nanos"]
+            assert row["attempts"] == 1
+    paid_but_marked = sum(sum(charged.get(c, [])) for c, r in rows.items() if r["state"] == "possibly_billed")
+    view = ledger.budget(budget)
+    assert view.reserved_nanos == 0
+    assert view.spent_nanos == sum(r["price_nanos"] for r in rows.values() if r["state"] == "ok")
+    assert view.spent_nanos + paid_but_marked == int(sim.stats()["charged_nanos"])
+    assert view.possibly_billed_nanos == sum(
+        r["reserved_nanos"] for r in rows.values() if r["state"] == "possibly_billed"
+    )
+    assert_within_budget(ledger, budget)
 
 
 def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
@@ -174,27 +214,7 @@ def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
     states = Counter(r["state"] for r in rows.values())
     assert set(states) == {"ok", "possibly_billed"}, states  # kills mid-request leave unknown outcomes
 
-    by_line = {body_sha(line): line["custom_id"] for line in job_lines}
-    charged: dict[str, list[int]] = {}
-    for t in sim.transactions():
-        charged.setdefault(by_line[t["body_sha256"]], []).append(int(t["amount_nanos"]))
-    assert all(len(v) == 1 for v in charged.values()), "a request was paid for twice"
-    for custom_id, row in rows.items():
-        if row["state"] == "ok":  # exactly one charge, the one the simulator made, and its response
-            assert charged[custom_id] == [row["price_nanos"]]
-            assert row["content"]
-        else:  # unknown outcome: perhaps charged (at most what was held), never re-sent
-            assert sum(charged.get(custom_id, [])) <= row["reserved_nanos"]
-            assert row["attempts"] == 1
-    paid_but_marked = sum(sum(charged.get(c, [])) for c, r in rows.items() if r["state"] == "possibly_billed")
-    view = ledger.budget("night")
-    assert view.reserved_nanos == 0
-    assert view.spent_nanos == sum(r["price_nanos"] for r in rows.values() if r["state"] == "ok")
-    assert view.spent_nanos + paid_but_marked == int(sim.stats()["charged_nanos"])
-    assert view.possibly_billed_nanos == sum(
-        r["reserved_nanos"] for r in rows.values() if r["state"] == "possibly_billed"
-    )
-    assert_within_budget(ledger, "night")
+    assert_books_match(ledger, sim, job_lines, "night")
 
 
 def test_two_runners_share_one_budget_and_both_stop_at_it(
@@ -290,3 +310,211 @@ def test_a_second_ctrl_c_aborts_and_marks_in_flight_requests_possibly_billed(
     view = ledger.budget_by_id(run["budget_id"])
     assert view.reserved_nanos == 0
     assert view.possibly_billed_nanos > 0
+
+
+# ---- --processes: helper processes sending shares of one run -----------------------------------
+
+
+def helpers_of(pid: int) -> list[int]:
+    """The helper processes `runner run --processes` started (children running runner.fleet)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"runner.fleet" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def connected_to(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP connection to `port` (it has been sending there)."""
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
+                return True
+    return False
+
+
+def sim_port(sim: SimProcess) -> int:
+    return int(sim.url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_processes_send_shares_of_one_run_and_each_request_once(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.05-0.1")
+    job_lines = lines("p", 400)
+    job = tmp_path / "shared.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(f"sqlite:///{db}")
+    ledger.create_budget("night", to_nanos(Decimal(5)))
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12", "--processes", "3")
+    port = sim_port(sim)
+    helpers: list[int] = []
+
+    def both_helpers_send() -> bool:
+        helpers[:] = helpers_of(proc.pid)
+        return len(helpers) == 2 and all(connected_to(pid, port) for pid in helpers)
+
+    assert wait_for(both_helpers_send, proc), "two helper processes sent requests to the provider"
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert not any(alive(pid) for pid in helpers)
+    run = ledger.runs()[0]
+    assert run["states"] == {"ok": 400}
+    assert sim.charges() == 400
+    assert_books_match(ledger, sim, job_lines, "night")
+    df = pl.read_parquet(job.with_suffix(".parquet"))
+    assert df.height == 400 and df["line"].to_list() == list(range(1, 401))
+
+
+def test_sigkill_with_helper_processes_takes_them_down_and_resume_matches_the_books(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.05-0.15")
+    job_lines = lines("q", 300)
+    job = tmp_path / "killp.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(f"sqlite:///{db}")
+    ledger.create_budget("night", to_nanos(Decimal(5)))
+    args = ("--budget", "night", "--concurrency", "12", "--processes", "2")
+
+    killed = 0
+    for charges in (40, 150):
+        proc = start_runner(sim, job, db, *args)
+        if wait_for(lambda n=charges: sim.charges() >= n, proc):  # type: ignore[misc]
+            helpers = helpers_of(proc.pid)
+            assert len(helpers) == 1
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+            deadline = time.monotonic() + 3
+            while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not any(alive(pid) for pid in helpers), "a helper outlived the killed runner"
+        proc.communicate(timeout=30)
+        assert_within_budget(ledger, "night")
+    assert killed == 2
+
+    for _ in range(3):
+        proc = start_runner(sim, job, db, *args)
+        output, _ = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            break
+    assert proc.returncode == 0, output
+    assert len(ledger.runs()) == 1
+    assert_books_match(ledger, sim, job_lines, "night")
+
+
+def test_ctrl_c_to_the_process_group_drains_every_process_and_the_run_resumes(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.4")
+    job_lines = lines("g", 96)
+    job = tmp_path / "ctrlcp.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
+    db = tmp_path / "ledger.db"
+    args = ("--max-usd", "1", "--concurrency", "8", "--processes", "2")
+    proc = start_runner(sim, job, db, *args, session=True)
+    port = sim_port(sim)
+    assert wait_for(lambda: any(connected_to(pid, port) for pid in helpers_of(proc.pid)), proc)
+    assert wait_for(lambda: sim.charges() >= 12, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 4, output
+    assert "interrupted" in output and "resumable" in output
+
+    ledger = Ledger(f"sqlite:///{db}")
+    run = ledger.runs()[0]
+    assert set(run["states"]) == {"ok", "pending"}, run["states"]  # drained, in every process
+    assert run["states"]["ok"] == sim.charges()
+
+    proc = start_runner(sim, job, db, *args)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert ledger.run(run["id"])["states"] == {"ok": 96}
+    assert sim.charges() == 96
+
+
+def test_a_402_in_any_process_stops_them_all_with_the_reason(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.02-0.05")
+    job = tmp_path / "broke.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in lines("m", 600)))
+    db = tmp_path / "ledger.db"
+    args = ("--max-usd", "1", "--concurrency", "12", "--processes", "3")
+    proc = start_runner(sim, job, db, *args)
+    assert wait_for(lambda: sim.charges() >= 60, proc)
+    sim.http.post("/_sim/config", json={"balance": "0"})  # the account runs dry mid-run
+    emptied = time.monotonic()
+    output, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - emptied < 2 + 1, "the run stops within 2 s (plus the export)"
+    assert proc.returncode == 4, output
+    assert "402" in output or "balance" in output.lower(), output
+
+    ledger = Ledger(f"sqlite:///{db}")
+    run = ledger.runs()[0]
+    assert run["state"] == "stopped"
+    assert set(run["states"]) <= {"ok", "pending"}, run["states"]
+    view = ledger.budget_by_id(run["budget_id"])
+    assert view.reserved_nanos == 0 and view.possibly_billed_nanos == 0
+    assert view.spent_nanos == int(sim.stats()["charged_nanos"])
+    assert run["states"]["ok"] == sim.charges() < 600
+
+
+def test_a_helper_that_dies_stops_the_run_and_its_requests_are_accounted_for(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.1-0.2")
+    job_lines = lines("d", 300)
+    job = tmp_path / "dies.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(f"sqlite:///{db}")
+    ledger.create_budget("night", to_nanos(Decimal(5)))
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12", "--processes", "2")
+    port = sim_port(sim)
+    helpers: list[int] = []
+
+    def helper_sends() -> bool:
+        helpers[:] = helpers_of(proc.pid)
+        return len(helpers) == 1 and connected_to(helpers[0], port) and sim.charges() >= 30
+
+    assert wait_for(helper_sends, proc)
+    os.kill(helpers[0], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 4, output
+    assert "ended unexpectedly" in output
+    run = ledger.runs()[0]
+    assert set(run["states"]) <= {"ok", "pending", "possibly_billed"}, run["states"]  # none left sending
+
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert_books_match(ledger, sim, job_lines, "night")
