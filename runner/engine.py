@@ -255,6 +255,10 @@ class Engine:
                 helper.send({"abort": "the main process is stopping"})  # when it is cancelled
                 reason = f"sending process {helper.pid} ended unexpectedly; its requests in flight"
                 self.stop("stopped", reason + " are marked possibly billed")
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    while await helper.receive() is not None:  # its last words, if it lives
+                        pass
+            helper.close_stream()
 
     async def _launch_all(self, job: Path) -> None:
         """Workers take the pending lines in file order; the next chunk is read while they run.

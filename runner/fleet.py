@@ -74,6 +74,10 @@ class Helper:
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(codec.dumps(message) + b"\n")
 
+    def close_stream(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
     async def receive(self) -> dict[str, Any] | None:
         """The next message; None once the helper's end is closed (it finished or died)."""
         assert self._reader is not None

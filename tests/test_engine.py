@@ -23,6 +23,7 @@ from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
 import runner
+from runner import fleet
 from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
@@ -486,6 +487,8 @@ def test_estimate_cli_caches_quotes_and_exits_3_over_budget(write_job: Callable[
         (["--concurrency", "0"], "--concurrency must be 1 or more (got 0)"),
         (["--rpm", "-5"], "--rpm must be above 0 (got -5)"),
         (["--tpm", "0"], "--tpm must be above 0 (got 0)"),
+        (["--processes", "0"], "--processes must be from 1 to --concurrency (64); got 0"),
+        (["--processes", "9", "--concurrency", "8"], "from 1 to --concurrency (8); got 9"),
     ],
 )
 def test_limits_out_of_range_are_usage_errors_named_before_any_work(
@@ -609,3 +612,23 @@ async def test_the_streamed_report_of_a_parquet_equals_the_in_memory_one(
     assert models["ok"].to_list() == [5, 11]
     assert models["failed"].to_list() == [0, 1]
     assert errors["count"].to_list() == [1]
+
+
+def test_share_divides_the_limits_among_the_processes() -> None:
+    parts = fleet.share(RunOptions(concurrency=10, rpm=600, tpm=90_000, handle_signals=True), 3)
+    assert [p.concurrency for p in parts] == [4, 3, 3]
+    assert [p.rpm for p in parts] == [200, 200, 200]
+    assert [p.tpm for p in parts] == [30_000, 30_000, 30_000]
+    assert [p.handle_signals for p in parts] == [True, False, False]  # the main process relays Ctrl-C
+    assert fleet.share(RunOptions(concurrency=4), 1)[0].rpm is None
+
+
+def test_processes_with_the_in_process_simulator_reach_it_from_the_helpers(
+    write_job: Callable[..., Path],
+) -> None:
+    job = write_job(job_lines(150))
+    args = ["--provider", "simulator", "--max-usd", "1", "--concurrency", "8", "--processes", "2"]
+    result = cli.invoke(app, ["run", str(job), *args])
+    assert result.exit_code == 0, result.output
+    run = Ledger().runs()[0]
+    assert run["states"] == {"ok": 150}

@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.jobs import read_job, validate_job
+from runner.errors import JobError
+from runner.jobs import JobChunks, read_job, validate_job
 from runner.models import ChatRequest
 from tests.conftest import GOOD_BODY
 
@@ -207,3 +208,24 @@ def test_models_command_lists_the_catalog() -> None:
     assert rows["moonshotai/Kimi-K2-Thinking"]["input_per_million"] == "unknown"
     assert rows["moonshotai/Kimi-K2-Thinking"]["always_reasons"] is True
     assert rows["openai/gpt-oss-120b"]["input_per_million"] == "$0.10"
+
+
+def test_job_chunks_read_past_other_processes_chunks_without_parsing_them(tmp_path: Path) -> None:
+    good = [json.dumps({**GOOD_BODY, "custom_id": f"c{i}"}) for i in range(1, 8)]
+    raw = [good[0], good[1], "", "not json: chunk 1 belongs to another process", good[4], good[5], good[6]]
+    job = tmp_path / "chunks.jsonl"
+    job.write_text("\n".join(raw) + "\n")
+    chunks = JobChunks(job, 3)
+    first = chunks.take(0)
+    assert first is not None and [r.line for r in first] == [1, 2]  # line 3 is blank
+    last = chunks.take(2)
+    assert last is not None and [(r.line, r.custom_id) for r in last] == [(7, "c7")]
+    assert chunks.take(3) is None  # past the end
+    with pytest.raises(ValueError, match="passed already"):
+        chunks.take(1)
+    chunks.close()
+
+    again = JobChunks(job, 3)
+    with pytest.raises(JobError, match="changed while it was being read"):
+        again.take(1)  # a line of one's own chunk that no longer parses
+    again.close()

@@ -346,7 +346,7 @@ def connected_to(pid: int, port: int) -> bool:
     try:
         for fd in Path(f"/proc/{pid}/fd").iterdir():
             with contextlib.suppress(OSError):
-                target = os.readlink(fd)
+                target = str(fd.readlink())
                 if target.startswith("socket:["):
                     inodes.add(target[8:-1])
     except OSError:
