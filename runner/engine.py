@@ -44,7 +44,7 @@ from runner.errors import (
     Unpriced,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import JobChunks, JobSummary, iter_requests, validate_job
+from runner.jobs import JobChunks, JobSummary, file_digest, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text, this_process
 from runner.ledger.tx import Hold
@@ -857,22 +857,27 @@ async def _quote(
     async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
         nonlocal total
         assert preparing is not None
-        known = [None if q.amount is None else (to_nanos(q.amount, round_up=True), q.exact) for q in quotes]
+        known = [None if q.nanos is None else (q.nanos, q.exact) for q in quotes]
         rows = [_row(preparing, r, k) for r, k in zip(chunk, known, strict=True)]
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 
     on_event(Phase("quoting", summary.requests))
-    # every line was validated above; a line that gets its row now is checked again (the file may
-    # have changed since), a line that has one is checked by its hash before it is sent
+    # Every line was validated above. Rows are made only from the file as it was validated: this
+    # read's digest is compared with validation's before anything is sent (when validation took
+    # none, each line is checked again); a row's line is checked by its hash before it is sent.
+    digest = file_digest() if preparing and summary.digest else None
     estimate = await quote_requests(
-        iter_requests(job, check=preparing is not None),
+        iter_requests(job, check=bool(preparing) and digest is None, digest=digest),
         provider=conn.provider,
         scope=conn.scope,
         ledger=ledger,
         on_event=on_event,
         on_chunk=add_rows if preparing else None,
     )
+    if digest is not None and digest.hexdigest() != summary.digest:
+        msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"
+        raise JobChanged(msg)
     if preparing:
         await anyio.to_thread.run_sync(ledger.set_total, preparing, total)
     return estimate

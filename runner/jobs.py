@@ -60,11 +60,18 @@ def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:
 
 
 def parse_line(
-    raw: bytes, *, file: str, line: int, models: dict[str, ModelInfo], check: bool = True
+    raw: bytes,
+    *,
+    file: str,
+    line: int,
+    models: dict[str, ModelInfo],
+    check: bool = True,
+    hashed: bool = True,
 ) -> LineResult | None:
     """One raw line → a ChatRequest, its issues, or None for a blank line.
 
-    `check=False` skips the request contract (for a line already validated, whose hash is compared).
+    `check=False` skips the request contract (for a line already validated, whose hash is compared);
+    `hashed=False` leaves the body's hash out (empty), for a reader that has no use for it.
     """
 
     def issue(where: str, message: str) -> list[Issue]:
@@ -104,17 +111,22 @@ def parse_line(
         custom_id=custom_id if custom_id is not None else str(line),
         body=body,
         metadata=metadata or {},
-        sha256=body_sha256(body),
+        sha256=body_sha256(body) if hashed else "",
     )
 
 
 def read_job(
-    path: str | Path, models: dict[str, ModelInfo] | None = None, *, check: bool = True
+    path: str | Path,
+    models: dict[str, ModelInfo] | None = None,
+    *,
+    check: bool = True,
+    digest: Any = None,
+    hashed: bool = True,
 ) -> Iterator[LineResult]:
     """Stream a job file: every non-blank line as a ChatRequest or its issues, in file order.
 
     An empty file is reported as an issue; duplicate custom_ids are found by `validate_job`, which
-    sees the whole file.
+    sees the whole file. `digest` (a hashlib object) is fed every line read.
     """
     file = str(path)
     known = models if models is not None else catalog.MODELS
@@ -126,7 +138,9 @@ def read_job(
     with handle:
         count = 0
         for number, raw in enumerate(handle, start=1):
-            result = parse_line(raw, file=file, line=number, models=known, check=check)
+            if digest is not None:
+                digest.update(raw)
+            result = parse_line(raw, file=file, line=number, models=known, check=check, hashed=hashed)
             if result is None:
                 continue
             count += 1
@@ -190,6 +204,7 @@ class JobSummary:
     per_model: Counter[str] = field(default_factory=Counter)
     issues: list[Issue] = field(default_factory=list)
     issue_count: int = 0
+    digest: str = ""  # of the file's bytes as validated (`file_digest`): a later read compares it
 
     @property
     def requests(self) -> int:
@@ -209,6 +224,7 @@ def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -
     """Validate a whole job file in one streamed pass, collecting every issue (in line order)."""
     summary = JobSummary(file=str(path))
     ids = _Ids()
+    digest = file_digest()
 
     def note(issues: Iterable[Issue]) -> None:
         for issue in issues:
@@ -216,13 +232,14 @@ def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -
             if len(summary.issues) < ISSUES_KEPT:
                 summary.issues.append(issue)
 
-    for result in read_job(path, models):
+    for result in read_job(path, models, digest=digest, hashed=False):
         if isinstance(result, ChatRequest):
             summary.per_model[result.model] += 1
             ids.add(result.custom_id, result.line)
         else:
             note(result)
     note(ids.duplicates(summary.file))
+    summary.digest = digest.hexdigest()
     summary.issues.sort(key=lambda issue: issue.line)
     return summary
 
@@ -269,8 +286,16 @@ class JobChunks:
         self._handle.close()
 
 
+def file_digest() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
 def iter_requests(
-    path: str | Path, models: dict[str, ModelInfo] | None = None, *, check: bool = True
+    path: str | Path,
+    models: dict[str, ModelInfo] | None = None,
+    *,
+    check: bool = True,
+    digest: Any = None,
 ) -> Iterator[ChatRequest]:
     """Stream the requests of a job already validated; any issue met raises JobError.
 
@@ -278,7 +303,7 @@ def iter_requests(
     hash with the hash recorded when the line was validated. Duplicate custom_ids are not looked
     for here (`validate_job` does): a caller that makes or runs rows guards against them itself.
     """
-    for result in read_job(path, models, check=check):
+    for result in read_job(path, models, check=check, digest=digest):
         if not isinstance(result, ChatRequest):
             msg = f"{path}: the job changed while it was being read"
             raise JobError(msg, issues=result, total=len(result))

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from runner.money import to_nanos
+
 JSON = dict[str, Any]
 
 
@@ -37,6 +39,12 @@ class Quote:
     exact: bool
     source: str  # "dry_run" | "price_table" | "estimate"
     reason: str = ""
+    # the amount in nano-USD, rounded up (what is reserved); worked out from `amount` unless given
+    nanos: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.nanos is None and self.amount is not None:
+            object.__setattr__(self, "nanos", to_nanos(self.amount, round_up=True))
 
     @property
     def known(self) -> bool:

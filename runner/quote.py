@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -16,7 +17,7 @@ from runner.errors import ConfigError, ProviderError, RetryableError, RunFatalEr
 from runner.events import Listener, Quoted, Retrying, ignore
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Quote
-from runner.money import from_nanos, to_nanos
+from runner.money import from_nanos
 from runner.providers.base import Provider
 
 BATCH = 1000
@@ -54,8 +55,16 @@ class Estimate:
             if len(self.unquoted) < 100:
                 self.unquoted.append((request.custom_id, quote.reason or "no price known"))
             return
-        entry.nanos += to_nanos(quote.amount, round_up=True)
+        assert quote.nanos is not None
+        entry.nanos += quote.nanos
         entry.exact = entry.exact and quote.exact
+
+
+@functools.lru_cache(maxsize=4096)
+def _usd(nanos: int) -> Decimal:
+    """A cached quote's amount: a job's quotes repeat (same model, similar length), the Decimal work
+    need not."""
+    return from_nanos(nanos)
 
 
 def cache_key(scope: str, request: ChatRequest) -> str:
@@ -114,8 +123,8 @@ async def quote_requests(
         cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
         quotes: dict[str, Quote] = {}
         for key, (nanos, exact, source, reason) in cached.items():
-            amount = None if nanos is None else from_nanos(nanos)
-            quotes[key] = Quote(amount, exact=exact, source=source, reason=reason or "")
+            amount = None if nanos is None else _usd(nanos)
+            quotes[key] = Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
         missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
 
         async def ask(key: str, request: ChatRequest, into: dict[str, Quote]) -> None:
@@ -129,7 +138,7 @@ async def quote_requests(
         fresh = [
             {
                 "key": key,
-                "amount_nanos": None if q.amount is None else to_nanos(q.amount, round_up=True),
+                "amount_nanos": q.nanos,
                 "exact": q.exact,
                 "source": q.source,
                 "reason": q.reason or None,

@@ -29,7 +29,7 @@ from runner.connect import Connection
 from runner.engine import RunOptions, run_job
 from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy, Unpriced
 from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
-from runner.jobs import iter_requests
+from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
@@ -57,6 +57,7 @@ async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any
     try:
         budget = kw.pop("budget", None)
         max_usd = kw.pop("max_usd", Decimal("1") if budget is None else None)
+        summary = kw.pop("summary", None)
         options = RunOptions(**{"concurrency": 8, **kw})
         return await run_job(
             job,
@@ -65,9 +66,26 @@ async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any
             budget=budget,
             max_usd=max_usd,
             options=options,
+            summary=summary,
         )
     finally:
         await provider.aclose()
+
+
+async def test_a_job_changed_after_validation_is_refused_before_any_send(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    """The quote pass makes rows from lines it does not check again: it compares the file's digest
+    with validation's, and a file changed in between leaves no run and sends nothing."""
+    ledger = Ledger()
+    job = write_job(job_lines(30))
+    summary = validate_job(job)
+    text = job.read_text().replace('"max_tokens": 50', '"max_tokens": -1', 1)  # now invalid
+    job.write_text(text)
+    with pytest.raises(JobChanged, match="changed while the run was being prepared"):
+        await run(sim, job, ledger, summary=summary)
+    assert ledger.runs() == []
+    assert sim.books.stats()["counters"].get("run.call", 0) == 0
 
 
 async def test_run_settles_every_request_and_matches_the_simulator(
