@@ -228,37 +228,42 @@ class Engine:
         """One helper process: its orders, its chunks of the job, its finished requests and its
         last word. A helper gone without one leaves its requests in flight as `sending` rows, which
         the recovery after the run marks possibly billed."""
-        last_word = False
         try:
-            while (message := await helper.receive()) is not None:
-                if "more" in message:
-                    helper.send({"chunk": await self._own_chunk()})
-                elif "fin" in message:
-                    for state, price in message["fin"]:
-                        self.on_event(RequestFinished("", state, price))
-                elif "retry" in message:
-                    for attempt, wait, error in message["retry"]:
-                        self.on_event(Retrying("", attempt, wait, error))
-                elif "stop" in message:
-                    self.stop(*message["stop"])
-                elif "end" in message:
-                    last_word = True
-                    self.recover |= bool(message["end"]["aborted"])
-                    return
-                elif "error" in message:
-                    last_word = self.recover = True
-                    self.stop("stopped", message["error"])
-                    return
-        finally:
-            if not last_word:
+            if not await self._follow(helper):
                 self.recover = True
-                helper.send({"abort": "the main process is stopping"})  # when it is cancelled
                 reason = f"sending process {helper.pid} ended unexpectedly; its requests in flight"
                 self.stop("stopped", reason + " are marked possibly billed")
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    while await helper.receive() is not None:  # its last words, if it lives
-                        pass
+        except anyio.get_cancelled_exc_class():  # this process is failing: the helper stops too
+            self.recover = True
+            helper.send({"abort": "the main process is stopping"})
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                while await helper.receive() is not None:  # its last words (its requests recorded)
+                    pass
+            raise
+        finally:
             helper.close_stream()
+
+    async def _follow(self, helper: fleet_.Helper) -> bool:
+        """A helper's messages until its last word (True) or its end closing without one (False)."""
+        while (message := await helper.receive()) is not None:
+            if "more" in message:
+                helper.send({"chunk": await self._own_chunk()})
+            elif "fin" in message:
+                for state, price in message["fin"]:
+                    self.on_event(RequestFinished("", state, price))
+            elif "retry" in message:
+                for attempt, wait, error in message["retry"]:
+                    self.on_event(Retrying("", attempt, wait, error))
+            elif "stop" in message:
+                self.stop(*message["stop"])
+            elif "end" in message:
+                self.recover |= bool(message["end"]["aborted"])
+                return True
+            elif "error" in message:
+                self.recover = True
+                self.stop("stopped", message["error"])
+                return True
+        return False
 
     async def _launch_all(self, job: Path) -> None:
         """Workers take the pending lines in file order; the next chunk is read while they run.

@@ -104,13 +104,15 @@ def spawn(count: int) -> list[Helper]:
 
 
 def close(helpers: list[Helper], wait_s: float = 10.0) -> None:
-    """Let every helper go: an idle one exits on the end of file; one that ran has said its last
-    word, or is given `wait_s` to finish aborting before the end of file takes it down."""
+    """Let every helper go: one never told to go is killed (it did nothing); one that ran has said
+    its last word, or is given `wait_s` to finish aborting before the end of file takes it down."""
     deadline = time.monotonic() + wait_s
     for helper in helpers:
         if helper.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 helper.proc.wait(max(0.0, deadline - time.monotonic()))
+        else:  # never given work (a refused run, a bad job): no need to wait for its start-up
+            helper.proc.kill()
         helper.sock.close()
     for helper in helpers:
         try:

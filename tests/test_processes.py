@@ -518,3 +518,35 @@ def test_a_helper_that_dies_stops_the_run_and_its_requests_are_accounted_for(
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert_books_match(ledger, sim, job_lines, "night")
+
+
+def test_helpers_of_a_refused_run_are_gone_with_it(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.01")
+    job = tmp_path / "refused.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in lines("r", 50)))
+    db = tmp_path / "ledger.db"
+    started = time.monotonic()
+    proc = start_runner(sim, job, db, "--max-usd", "0.000001", "--processes", "3")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, output
+    assert "does not fit" in output
+    assert time.monotonic() - started < 10
+    assert sim.stats()["counters"].get("run.call", 0) == 0
+    leftovers = [
+        entry.name
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and alive(int(entry.name))
+        and b"runner.fleet" in _cmdline(entry)
+        and str(proc.pid).encode() in _cmdline(entry)
+    ]
+    assert leftovers == []
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""
