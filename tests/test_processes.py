@@ -172,16 +172,20 @@ def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str
     assert_within_budget(ledger, budget)
 
 
+def resume_to_done(sim: SimProcess, job: Path, db: Path, run_id: str, n: int, *args: str) -> None:
+    """Running the same command again finishes the run: every request paid for once."""
+    proc = start_runner(sim, job, db, *args)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert Ledger(f"sqlite:///{db}").run(run_id)["states"] == {"ok": n}
+    assert sim.charges() == n
+
+
 def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
     sim = sim_process("0.05-0.15")
-    job_lines = lines("k", 240)
-    job = tmp_path / "kill.jsonl"
-    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
-    db = tmp_path / "ledger.db"
-    ledger = Ledger(f"sqlite:///{db}")
-    ledger.create_budget("night", to_nanos(Decimal(5)))
+    job_lines, job, db, ledger = night_job(tmp_path, "k", 240)
 
     kill_points: list[tuple[str, Callable[[], bool]]] = [
         ("while quoting", lambda: sim.stats()["counters"].get("run.dry_run", 0) >= 60),
@@ -279,11 +283,7 @@ def test_ctrl_c_drains_in_flight_requests_and_the_run_resumes(
     spent = ledger.run(run["id"])["spent_nanos"]
     assert to_nanos(df["price_usd"].sum()) == spent == sim.stats()["charged_nanos"]
 
-    proc = start_runner(sim, job, db, "--concurrency", "8")
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    assert ledger.run(run["id"])["states"] == {"ok": 64}
-    assert sim.charges() == 64
+    resume_to_done(sim, job, db, run["id"], 64, "--concurrency", "8")
 
 
 def test_a_second_ctrl_c_aborts_and_marks_in_flight_requests_possibly_billed(
@@ -359,29 +359,40 @@ def connected_to(pid: int, port: int) -> bool:
     return False
 
 
-def sim_port(sim: SimProcess) -> int:
-    return int(sim.url.rsplit(":", 1)[1].split("/")[0])
+def sending_helpers(
+    proc: subprocess.Popen[str], sim: SimProcess, count: int, also: Callable[[], bool] = lambda: True
+) -> list[int]:
+    """Once `count` helpers of the runner hold connections to the simulator (and `also` holds):
+    their process ids."""
+    port = int(sim.url.rsplit(":", 1)[1].split("/")[0])
+    helpers: list[int] = []
+
+    def ready() -> bool:
+        helpers[:] = helpers_of(proc.pid)
+        return len(helpers) == count and all(connected_to(pid, port) for pid in helpers) and also()
+
+    assert wait_for(ready, proc), f"{count} helper process(es) sent requests to the provider"
+    return helpers
+
+
+def night_job(tmp_path: Path, prefix: str, n: int) -> tuple[list[dict[str, Any]], Path, Path, Ledger]:
+    """A job of `n` lines and a ledger with a $5 budget named "night"."""
+    job_lines = lines(prefix, n)
+    job = tmp_path / f"{prefix}.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(f"sqlite:///{db}")
+    ledger.create_budget("night", to_nanos(Decimal(5)))
+    return job_lines, job, db, ledger
 
 
 def test_processes_send_shares_of_one_run_and_each_request_once(
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
     sim = sim_process("0.05-0.1")
-    job_lines = lines("p", 400)
-    job = tmp_path / "shared.jsonl"
-    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
-    db = tmp_path / "ledger.db"
-    ledger = Ledger(f"sqlite:///{db}")
-    ledger.create_budget("night", to_nanos(Decimal(5)))
+    job_lines, job, db, ledger = night_job(tmp_path, "p", 400)
     proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12", "--processes", "3")
-    port = sim_port(sim)
-    helpers: list[int] = []
-
-    def both_helpers_send() -> bool:
-        helpers[:] = helpers_of(proc.pid)
-        return len(helpers) == 2 and all(connected_to(pid, port) for pid in helpers)
-
-    assert wait_for(both_helpers_send, proc), "two helper processes sent requests to the provider"
+    helpers = sending_helpers(proc, sim, 2)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert not any(alive(pid) for pid in helpers)
@@ -397,12 +408,7 @@ def test_sigkill_with_helper_processes_takes_them_down_and_resume_matches_the_bo
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
     sim = sim_process("0.05-0.15")
-    job_lines = lines("q", 300)
-    job = tmp_path / "killp.jsonl"
-    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
-    db = tmp_path / "ledger.db"
-    ledger = Ledger(f"sqlite:///{db}")
-    ledger.create_budget("night", to_nanos(Decimal(5)))
+    job_lines, job, db, ledger = night_job(tmp_path, "q", 300)
     args = ("--budget", "night", "--concurrency", "12", "--processes", "2")
 
     killed = 0
@@ -441,8 +447,7 @@ def test_ctrl_c_to_the_process_group_drains_every_process_and_the_run_resumes(
     db = tmp_path / "ledger.db"
     args = ("--max-usd", "1", "--concurrency", "8", "--processes", "2")
     proc = start_runner(sim, job, db, *args, session=True)
-    port = sim_port(sim)
-    assert wait_for(lambda: any(connected_to(pid, port) for pid in helpers_of(proc.pid)), proc)
+    sending_helpers(proc, sim, 1)
     assert wait_for(lambda: sim.charges() >= 12, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process of the group
     output, _ = proc.communicate(timeout=30)
@@ -454,11 +459,7 @@ def test_ctrl_c_to_the_process_group_drains_every_process_and_the_run_resumes(
     assert set(run["states"]) == {"ok", "pending"}, run["states"]  # drained, in every process
     assert run["states"]["ok"] == sim.charges()
 
-    proc = start_runner(sim, job, db, *args)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
-    assert ledger.run(run["id"])["states"] == {"ok": 96}
-    assert sim.charges() == 96
+    resume_to_done(sim, job, db, run["id"], 96, *args)
 
 
 def test_a_402_in_any_process_stops_them_all_with_the_reason(
@@ -492,21 +493,9 @@ def test_a_helper_that_dies_stops_the_run_and_its_requests_are_accounted_for(
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
     sim = sim_process("0.1-0.2")
-    job_lines = lines("d", 300)
-    job = tmp_path / "dies.jsonl"
-    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
-    db = tmp_path / "ledger.db"
-    ledger = Ledger(f"sqlite:///{db}")
-    ledger.create_budget("night", to_nanos(Decimal(5)))
+    job_lines, job, db, ledger = night_job(tmp_path, "d", 300)
     proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12", "--processes", "2")
-    port = sim_port(sim)
-    helpers: list[int] = []
-
-    def helper_sends() -> bool:
-        helpers[:] = helpers_of(proc.pid)
-        return len(helpers) == 1 and connected_to(helpers[0], port) and sim.charges() >= 30
-
-    assert wait_for(helper_sends, proc)
+    helpers = sending_helpers(proc, sim, 1, also=lambda: sim.charges() >= 30)
     os.kill(helpers[0], signal.SIGKILL)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 4, output
