@@ -114,8 +114,11 @@ class Tx:
         self._attempts.append((request_id, number, outcome, status, error, latency_s, self.now))
 
     def flush(self) -> None:
-        """Write what the transaction buffered; called once, just before the commit."""
-        sql = self.conn.exec_driver_sql
+        """Write what the transaction buffered; called once, just before the commit.
+
+        Through the driver's cursor: SQLAlchemy's executemany costs about as much again per row.
+        """
+        sql = self.conn.connection.driver_connection.cursor().executemany  # type: ignore[union-attr]
         if self._totals:
             sql(
                 "UPDATE budgets SET spent_nanos = ?, reserved_nanos = ?, possibly_billed_nanos = ?"
