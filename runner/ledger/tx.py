@@ -84,8 +84,12 @@ class Tx:
         found = self._updates.get(request_id, {}).get("state")
         if found is None:
             query = "SELECT state FROM requests WHERE id = ?"
-            found = self.conn.exec_driver_sql(query, (request_id,)).scalar_one()
+            (found,) = self._cursor().execute(query, (request_id,)).fetchone()
         return str(found)
+
+    def _cursor(self) -> Any:
+        """The driver's own cursor, in this transaction: per-row statements skip SQLAlchemy."""
+        return self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
     # ---- buffered writes ----------------------------------------------------------------
 
@@ -118,7 +122,7 @@ class Tx:
 
         Through the driver's cursor: SQLAlchemy's executemany costs about as much again per row.
         """
-        sql = self.conn.connection.driver_connection.cursor().executemany  # type: ignore[union-attr]
+        sql = self._cursor().executemany
         if self._totals:
             sql(
                 "UPDATE budgets SET spent_nanos = ?, reserved_nanos = ?, possibly_billed_nanos = ?"
