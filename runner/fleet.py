@@ -43,7 +43,7 @@ import anyio
 
 from runner import codec, http
 from runner.connect import ProviderSettings, connect
-from runner.errors import RunnerError
+from runner.errors import ConfigError, RunnerError
 from runner.events import Event, RequestFinished, Retrying
 
 if TYPE_CHECKING:
@@ -90,6 +90,9 @@ class Helper:
 
 def spawn(count: int) -> list[Helper]:
     """Start `count` helpers; they load the code, then wait for orders (or for the end of file)."""
+    if count and os.name != "posix":
+        msg = "--processes above 1 needs a POSIX system (Linux, macOS)"
+        raise ConfigError(msg)
     helpers = []
     for _ in range(count):
         ours, theirs = socket.socketpair()
