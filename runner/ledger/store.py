@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import operator
 import os
 import socket
 import threading
@@ -424,10 +423,8 @@ class Ledger:
                 f"INSERT INTO requests ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - our names
                 " ON CONFLICT (run_id, custom_id) DO NOTHING"
             )
-            values = operator.itemgetter(*names)
-            with self.transaction() as tx:  # through the driver: SQLAlchemy's executemany doubled the cost
-                cursor = tx.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                cursor.executemany(sql, [values(row) for row in rows])
+            with self.transaction() as tx:
+                tx.conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
 
     def set_total(self, run_id: str, total: int) -> None:
         """Every line has its row: the run is complete, and ready to send."""

@@ -84,12 +84,8 @@ class Tx:
         found = self._updates.get(request_id, {}).get("state")
         if found is None:
             query = "SELECT state FROM requests WHERE id = ?"
-            (found,) = self._cursor().execute(query, (request_id,)).fetchone()
+            found = self.conn.exec_driver_sql(query, (request_id,)).scalar_one()
         return str(found)
-
-    def _cursor(self) -> Any:
-        """The driver's own cursor, in this transaction: per-row statements skip SQLAlchemy."""
-        return self.conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
     # ---- buffered writes ----------------------------------------------------------------
 
@@ -118,11 +114,8 @@ class Tx:
         self._attempts.append((request_id, number, outcome, status, error, latency_s, self.now))
 
     def flush(self) -> None:
-        """Write what the transaction buffered; called once, just before the commit.
-
-        Through the driver's cursor: SQLAlchemy's executemany costs about as much again per row.
-        """
-        sql = self._cursor().executemany
+        """Write what the transaction buffered; called once, just before the commit."""
+        sql = self.conn.exec_driver_sql
         if self._totals:
             sql(
                 "UPDATE budgets SET spent_nanos = ?, reserved_nanos = ?, possibly_billed_nanos = ?"
