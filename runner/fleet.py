@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from runner.engine import Engine, RunOptions
 
 FLUSH_S = 0.05  # how often a helper reports the requests it finished
+FLUSH_EVERY = 500  # … or as soon as this many have gathered
+LINE_LIMIT = 1 << 24  # the longest message line read (asyncio's default, 64 KiB, is too short)
 PR_SET_PDEATHSIG = 1
 
 
@@ -67,7 +69,7 @@ class Helper:
         return self.proc.pid
 
     async def open(self) -> None:
-        self._reader, self._writer = await asyncio.open_connection(sock=self.sock)
+        self._reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=LINE_LIMIT)
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue a message; dropped once the helper is gone (it has no more use for it)."""
@@ -185,7 +187,9 @@ class _Channel:
         if isinstance(event, RequestFinished):
             self._fin.append([event.state, event.price_nanos])
         elif isinstance(event, Retrying):
-            self._retry.append([event.attempt, event.wait_s, event.error])
+            self._retry.append([event.attempt, event.wait_s, event.error[:300]])
+        if len(self._fin) + len(self._retry) >= FLUSH_EVERY:
+            self.flush()
 
     def report_stop(self, state: str, reason: str) -> None:
         self.flush()
@@ -231,7 +235,7 @@ async def _serve(sock: socket.socket) -> None:
     from runner.engine import Engine, RunOptions, _Plan, _sole_runner_error  # noqa: PLC0415
     from runner.ledger import Ledger  # noqa: PLC0415
 
-    reader, writer = await asyncio.open_connection(sock=sock)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
     first = await reader.readline()
     if not first:
         return  # not needed this time

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -157,6 +158,8 @@ def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str
         if row["state"] == "ok":  # exactly one charge, the one the simulator made, and its response
             assert charged[custom_id] == [row["price_nanos"]]
             assert row["content"]
+        elif row["state"] == "failed":  # the provider refused it, or every retry failed: not charged
+            assert custom_id not in charged
         else:  # unknown outcome: perhaps charged (at most what was held), never re-sent
             assert row["state"] == "possibly_billed", row
             assert sum(charged.get(custom_id, [])) <= row["reserved_nanos"]
@@ -539,3 +542,24 @@ def _cmdline(entry: Path) -> bytes:
         return (entry / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_retries_in_helper_processes_end_with_each_request_paid_once(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """429s and 5xx, in every process: retried, shown by the main process, and paid for once."""
+    sim = sim_process("0.01-0.03")
+    faults = {"fault_rate": 0.2, "fault_kinds": ["429", "500", "503"], "retry_after_s": 0.05}
+    sim.http.post("/_sim/config", json=faults)
+    job_lines, job, db, ledger = night_job(tmp_path, "f", 300)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12", "--processes", "2")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    states = ledger.runs()[0]["states"]
+    assert states["ok"] >= 298, states  # a request fails only if all 6 attempts did (0.2**6 each)
+    assert set(states) <= {"ok", "failed"}, states
+    assert_books_match(ledger, sim, job_lines, "night")
+    with sqlite3.connect(db) as c:
+        (retries,) = c.execute("SELECT count(*) FROM attempts WHERE outcome = 'retry'").fetchone()
+    assert retries > 20  # ~20 % of attempts failed, and were tried again
+    assert sum(v for k, v in sim.stats()["counters"].items() if k.startswith("fault.")) >= retries
