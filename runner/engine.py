@@ -146,6 +146,7 @@ class Engine:
         self.fleet = list(fleet)  # helper processes sending shares of this run (the main process)
         self.report_stop: Callable[[str, str], None] | None = None  # a helper tells the main process
         self.recover = False  # a helper ended without recording its requests in flight
+        self.failure: RunnerError | None = None  # a helper's error, raised once every process ended
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
@@ -239,6 +240,9 @@ class Engine:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 while await helper.receive() is not None:  # its last words (its requests recorded)
                     pass
+            if helper.proc.poll() is None:  # it did not finish: nothing it sends is recorded now
+                helper.proc.kill()
+                helper.proc.wait()
             raise
         finally:
             helper.close_stream()
@@ -261,6 +265,7 @@ class Engine:
                 return True
             elif "error" in message:
                 self.recover = True
+                self.failure = self.failure or fleet_.rebuilt(message.get("kind", ""), message["error"])
                 self.stop("stopped", message["error"])
                 return True
         return False
@@ -713,10 +718,16 @@ async def run_job(
     try:
         await engine.run(job)
     except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
+        # the requests it cut off are unknown outcomes; marked now if the ledger can be written
+        # (every helper has ended by now), else by the next run
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await _recover(ledger, run_id, retry_possibly_billed=False)
         raise _sole_runner_error(group) or group from None
     if engine.aborted or engine.recover:
         with anyio.CancelScope(shield=True):
             await _recover(ledger, run_id, retry_possibly_billed=False)
+    if engine.failure is not None:
+        raise engine.failure
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info["states"].get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)

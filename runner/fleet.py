@@ -43,7 +43,7 @@ import anyio
 
 from runner import codec, http
 from runner.connect import ProviderSettings, connect
-from runner.errors import ConfigError, RunnerError
+from runner.errors import ConfigError, JobChanged, JobError, LedgerError, RunnerError
 from runner.events import Event, RequestFinished, Retrying
 
 if TYPE_CHECKING:
@@ -125,6 +125,18 @@ def close(helpers: list[Helper], wait_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             helper.proc.kill()
             helper.proc.wait()
+
+
+def rebuilt(kind: str, message: str) -> RunnerError | None:
+    """A helper's own error, to raise in the main process (its exit code and message as one process
+    would give); None for anything else (a defect), which stops the run with its message instead."""
+    if kind in ("JobChanged", "JobError"):  # a line changed, or no longer parses, since validation
+        return JobChanged(message)
+    if kind == "LedgerError":
+        return LedgerError(message)
+    if kind == "ConfigError":
+        return ConfigError(message)
+    return None
 
 
 def share(options: RunOptions, processes: int) -> list[RunOptions]:
@@ -259,19 +271,20 @@ async def _serve(sock: socket.socket) -> None:
             engine = Engine(conn, ledger, plan, options, channel.relay, chunks=channel.next_chunk)
             engine.report_stop = channel.report_stop
             channel.engine = engine
-            async with anyio.create_task_group() as talk:
-                talk.start_soon(channel.listen)
-                talk.start_soon(channel.flush_often)
-                try:
+            try:
+                async with anyio.create_task_group() as talk:
+                    talk.start_soon(channel.listen)
+                    talk.start_soon(channel.flush_often)
                     await engine.run(Path(go["job"]))
-                except BaseExceptionGroup as group:
-                    raise _sole_runner_error(group) or group from None
-                talk.cancel_scope.cancel()
+                    talk.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # the engine's and this group's, nested
+                raise _sole_runner_error(group) or group from None
         channel.flush()
         channel.send({"end": {"aborted": engine.aborted}})
-    except RunnerError as exc:
+    except RunnerError as exc:  # the main process raises it again, as one process would
         channel.flush()
-        channel.send({"error": str(exc)})
+        text = f"{exc}: {exc.issues[0]}" if isinstance(exc, JobError) and exc.issues else str(exc)
+        channel.send({"error": text, "kind": type(exc).__name__})
     except Exception as exc:  # a defect: said to the main process, which stops the run with it
         channel.flush()
         channel.send({"error": f"a sending process failed: {type(exc).__name__}: {exc}"})

@@ -158,7 +158,7 @@ def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str
         if row["state"] == "ok":  # exactly one charge, the one the simulator made, and its response
             assert charged[custom_id] == [row["price_nanos"]]
             assert row["content"]
-        elif row["state"] == "failed":  # the provider refused it, or every retry failed: not charged
+        elif row["state"] in ("failed", "pending"):  # refused, every retry failed, or never sent
             assert custom_id not in charged
         else:  # unknown outcome: perhaps charged (at most what was held), never re-sent
             assert row["state"] == "possibly_billed", row
@@ -563,3 +563,19 @@ def test_retries_in_helper_processes_end_with_each_request_paid_once(
         (retries,) = c.execute("SELECT count(*) FROM attempts WHERE outcome = 'retry'").fetchone()
     assert retries > 20  # ~20 % of attempts failed, and were tried again
     assert sum(v for k, v in sim.stats()["counters"].items() if k.startswith("fault.")) >= retries
+
+
+def test_a_line_changed_mid_run_is_the_same_error_whichever_process_reads_it(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.05-0.1")
+    job_lines, job, db, ledger = night_job(tmp_path, "e", 300)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "6", "--processes", "3")
+    assert wait_for(lambda: sim.charges() >= 20, proc)
+    edited = [{**line, "max_tokens": 61} if i >= 200 else line for i, line in enumerate(job_lines)]
+    job.write_text("".join(json.dumps(line) + "\n" for line in edited))  # same ids, other bodies
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output  # as with one process: the job is wrong, not the run stopped
+    assert "changed since run" in output
+    assert "resumable" not in output
+    assert_books_match(ledger, sim, job_lines, "night")
