@@ -20,7 +20,7 @@ The wire between them: one socket pair per helper, one JSON object per line.
                  {"abort": reason}; end of file before "go" means "not needed".
   helper → main: {"more": 1}, {"fin": [[state, price_nanos], …]}, {"retry": [[attempt, wait_s,
                  error], …]}, {"stop": [state, reason]}, then {"end": {"aborted": bool}} or
-                 {"error": message} as the last word.
+                 {"error": message, "kind": exception class} as the last word.
 """
 
 from __future__ import annotations
