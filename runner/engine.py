@@ -350,6 +350,8 @@ class Engine:
             first = done_attempts + 1
             await self._pace(request)
 
+            shared = self.plan.shared
+
             def reserve_and_mark(db: Db) -> bool | None:
                 # one commit: held, then `sending` (recorded before the call, as every attempt is)
                 if shared and db.state(row_id) != "pending":
@@ -359,7 +361,6 @@ class Engine:
                 self.ledger.mark_sending(db, row_id, first)
                 return True
 
-            shared = self.plan.shared
             granted = await self.writer.submit(reserve_and_mark)
             if granted is None:
                 return None

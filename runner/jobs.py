@@ -278,12 +278,16 @@ class JobChunks:
             if isinstance(result, ChatRequest):
                 chunk.append(result)
             elif result is not None:
-                msg = f"{self.file}: the job changed while it was being read"
-                raise JobError(msg, issues=result, total=len(result))
+                raise _changed_while_read(self.file, result)
         return chunk
 
     def close(self) -> None:
         self._handle.close()
+
+
+def _changed_while_read(file: str, issues: list[Issue]) -> JobError:
+    """A line of a validated job that no longer parses: the file was edited since."""
+    return JobError(f"{file}: the job changed while it was being read", issues=issues, total=len(issues))
 
 
 def file_digest() -> Any:
@@ -305,6 +309,5 @@ def iter_requests(
     """
     for result in read_job(path, models, check=check, digest=digest):
         if not isinstance(result, ChatRequest):
-            msg = f"{path}: the job changed while it was being read"
-            raise JobError(msg, issues=result, total=len(result))
+            raise _changed_while_read(str(path), result)
         yield result

@@ -33,7 +33,7 @@ from runner.money import format_usd
 
 try:
     import fcntl
-except ImportError:  # not on Windows: SQLite's locking alone
+except ImportError:  # Windows has no fcntl: SQLite's locking alone
     fcntl = None  # type: ignore[assignment]
 
 BUSY_TIMEOUT_MS = 30_000
