@@ -82,22 +82,27 @@ class _WriteTurns:
         weakref.finalize(self, _close_all, self._fds)
 
     def __enter__(self) -> None:
-        if self.path is None:
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
+        if local.depth > 1 or self.path is None:  # held already by this thread, or no lock file
             return
-        fd = getattr(self._local, "fd", None)
+        fd = getattr(local, "fd", None)
         if fd is None:
             try:
-                fd = self._local.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                fd = local.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
                 self._fds.append(fd)
             except OSError:  # a folder we cannot write: SQLite's locking alone
                 self.path = None
                 return
         fcntl.flock(fd, fcntl.LOCK_EX)
+        local.locked = True
 
     def __exit__(self, *exc: object) -> None:
-        fd = getattr(self._local, "fd", None)
-        if self.path is not None and fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        local = self._local
+        local.depth -= 1
+        if local.depth == 0 and getattr(local, "locked", False):  # whatever became of self.path
+            fcntl.flock(local.fd, fcntl.LOCK_UN)
+            local.locked = False
 
 
 def _close_all(fds: list[int]) -> None:
