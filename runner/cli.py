@@ -25,7 +25,7 @@ from rich.table import Table
 
 from runner import catalog, fleet, html_report
 from runner.connect import ProviderSettings, connect
-from runner.engine import RunOptions, RunResult, run_job
+from runner.engine import RunOptions, RunResult, Verdict, run_job
 from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError, Unpriced
 from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
@@ -54,6 +54,7 @@ ERRORS_SHOWN = 20
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def run_async(main: Callable[[], Awaitable[R]]) -> R:
@@ -385,6 +386,18 @@ class Progress:
         if self.bar:
             self.bar.stop()
 
+    def above(self, show: Callable[[T], None]) -> Callable[[T], None]:
+        """`show`, printing above the bar (which is taken down meanwhile)."""
+
+        def shown(value: T) -> None:
+            if self.bar:
+                self.bar.stop()
+            show(value)
+            if self.bar:
+                self.bar.start()
+
+        return shown
+
     def __call__(self, event: Event) -> None:
         if isinstance(event, Notice):
             err.print(event.message, markup=False, highlight=False)
@@ -547,15 +560,21 @@ def _run(
     db: str | None,
     helpers: list[fleet.Helper],
 ) -> tuple[Ledger, RunResult]:
-    """Validate → quote → budget check → run, with the helper processes given."""
-    summary = validate_job(job)
-    summary.raise_for_issues()
-    _print_summary(summary)
+    """Validate → quote → budget check → run, with the helper processes given (the first validates
+    the job while this process quotes it)."""
+    summary = None
+    if not helpers:
+        summary = validate_job(job)
+        summary.raise_for_issues()
+        _print_summary(summary)
     ledger = Ledger(db)
 
     async def work() -> RunResult:
         async with connect(settings) as conn:
-            with Progress("running", summary.requests) as progress:
+            with Progress("running", summary.requests if summary else 0) as progress:
+                given = summary or Verdict.from_helper(
+                    job, helpers[0], on_valid=progress.above(_print_summary)
+                )
                 return await run_job(
                     job,
                     conn=conn,
@@ -564,7 +583,7 @@ def _run(
                     max_usd=cap,
                     options=options,
                     on_event=progress,
-                    summary=summary,
+                    summary=given,
                     fleet=helpers,
                 )
 

@@ -44,7 +44,7 @@ from runner.errors import (
     Unpriced,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import JobChunks, JobSummary, file_digest, iter_requests, validate_job
+from runner.jobs import JobChunks, JobSummary, count_lines, file_digest, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text, this_process
 from runner.ledger.tx import Hold
@@ -523,6 +523,30 @@ class Engine:
             self.on_event(RequestFinished(request.custom_id, state, 0))
 
 
+async def _go(
+    helpers: list[fleet_.Helper],
+    parts: list[RunOptions],
+    job: Path,
+    conn: Connection,
+    ledger: Ledger,
+    plan: _Plan,
+    requests: int,
+) -> None:
+    """Tell each helper the run to send with this process, and its share of the limits."""
+    # chunks small enough that every process gets several (a slow starter takes fewer)
+    plan.chunk_lines = max(16, min(BATCH, requests // (8 * (1 + len(helpers)))))
+    plan.shared = True
+    if conn.reach is None:
+        msg = "helper processes need the connection's settings (Connection.reach)"
+        raise ConfigError(msg)
+    fields = {"run_id": plan.run_id, "budget_id": plan.budget_id, "resumed": plan.resumed}
+    fields |= {"estimate": None, "owner": plan.owner, "shared": True, "chunk_lines": plan.chunk_lines}
+    for helper, part in zip(helpers, parts, strict=True):
+        await helper.open()
+        helper.send(fleet_.go_message(job, ledger.url, conn.reach, conn.scope, fields, part))
+        helper.started = True
+
+
 def _record(
     db: Db, row_id: int, number: int, outcome: str, exc: ProviderError | None, latency: float | None
 ) -> None:
@@ -682,10 +706,11 @@ async def run_job(
     max_usd: Decimal | None = None,
     options: RunOptions | None = None,
     on_event: Listener = ignore,
-    summary: JobSummary | None = None,
+    summary: JobSummary | Verdict | None = None,
     fleet: Sequence[fleet_.Helper] = (),
 ) -> RunResult:
-    """Validate (unless given the job's `summary`), quote, check the budget, then run or resume.
+    """Validate (unless given the job's `summary`, or a `Verdict` to come), quote, check the budget,
+    then run or resume.
 
     With a `fleet` of helper processes (`fleet.spawn`), the run is sent by them and this process
     together, each with its share of the concurrency and rate limits.
@@ -693,27 +718,22 @@ async def run_job(
     options = options or RunOptions()
     if summary is None:
         summary = await anyio.to_thread.run_sync(validate_job, job)
-    summary.raise_for_issues()
-    job_key = str(await anyio.Path(job).resolve())
+    verdict = summary if isinstance(summary, Verdict) else Verdict(job, summary)
     owner = this_process()
-    plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, summary, owner, on_event)
+    try:
+        if verdict.known:
+            await verdict.check()
+        job_key = str(await anyio.Path(job).resolve())
+        plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, verdict, owner, on_event)
+    finally:
+        verdict.close()
+    checked = await verdict.check()
     run_id = plan.run_id
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
-    helpers = list(fleet) if pending else []
+    helpers = [helper for helper in fleet if not helper.lost] if pending else []
     parts = fleet_.share(options, 1 + len(helpers))
     if helpers:
-        # chunks small enough that every process gets several (a slow starter takes fewer)
-        plan.chunk_lines = max(16, min(BATCH, summary.requests // (8 * len(parts))))
-        plan.shared = True
-        if conn.reach is None:
-            msg = "helper processes need the connection's settings (Connection.reach)"
-            raise ConfigError(msg)
-        fields = {"run_id": run_id, "budget_id": plan.budget_id, "resumed": plan.resumed}
-        fields |= {"estimate": None, "owner": owner, "shared": True, "chunk_lines": plan.chunk_lines}
-        for helper, part in zip(helpers, parts[1:], strict=True):
-            await helper.open()
-            helper.send(fleet_.go_message(job, ledger.url, conn.reach, conn.scope, fields, part))
-            helper.started = True
+        await _go(helpers, parts[1:], job, conn, ledger, plan, checked.requests)
     engine = Engine(conn, ledger, plan, parts[0], on_event, fleet=helpers)
     on_event(Phase("running", pending))
     try:
@@ -754,7 +774,7 @@ async def _prepare(
     budget: str | None,
     max_usd: Decimal | None,
     options: RunOptions,
-    summary: JobSummary,
+    verdict: Verdict,
     owner: str,
     on_event: Listener,
 ) -> _Plan:
@@ -769,9 +789,10 @@ async def _prepare(
     try:
         with claim:
             if existing:
+                await verdict.check()  # a resumed run's rows are checked against the file as it is
                 await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
-            estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
+            estimate = await _quote(job, conn, ledger, run_id if not existing else None, verdict, on_event)
             if existing:
                 await _recover(ledger, existing, options.retry_possibly_billed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
@@ -780,6 +801,7 @@ async def _prepare(
             view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
         if claim.lost:
             raise claim.busy()
+        summary = await verdict.check()
         if not existing and estimate.unquoted_count and not options.partial:
             raise _unpriced(estimate, summary.requests)
         fit, shortfall = fits_nanos(needed, view.remaining_nanos)
@@ -865,10 +887,15 @@ async def _quote(
     conn: Connection,
     ledger: Ledger,
     preparing: str | None,
-    summary: JobSummary,
+    verdict: Verdict,
     on_event: Listener,
 ) -> Estimate:
-    """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
+    """Quote the job; for a run being prepared, make each line's row with its quote on the way.
+
+    With the verdict still to come (a helper validates the job meanwhile), cached quotes are read and
+    rows made, but no dry run is asked for before it; anything this pass meets (a line that does not
+    parse, a custom_id used twice) defers to the verdict, which names every problem.
+    """
     total = 0
 
     async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
@@ -879,25 +906,83 @@ async def _quote(
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 
-    on_event(Phase("quoting", summary.requests))
-    # Every line was validated above. Rows are made only from the file as it was validated: this
-    # read's digest is compared with validation's before anything is sent (when validation took
-    # none, each line is checked again); a row's line is checked by its hash before it is sent.
-    digest = file_digest() if preparing and summary.digest else None
-    estimate = await quote_requests(
-        iter_requests(job, check=bool(preparing) and digest is None, digest=digest),
-        provider=conn.provider,
-        scope=conn.scope,
-        ledger=ledger,
-        on_event=on_event,
-        on_chunk=add_rows if preparing else None,
-    )
+    on_event(Phase("quoting", await verdict.requests()))
+    # Rows are made only from the file as it was validated: this read's digest is compared with
+    # validation's before anything is sent (when validation took none, each line is checked again);
+    # a row's line is checked by its hash before it is sent.
+    given = verdict.summary_now
+    digest = file_digest() if preparing and (given is None or given.digest) else None
+    try:
+        estimate = await quote_requests(
+            iter_requests(job, check=bool(preparing) and digest is None, digest=digest),
+            provider=conn.provider,
+            scope=conn.scope,
+            ledger=ledger,
+            on_event=on_event,
+            on_chunk=add_rows if preparing else None,
+            before_asking=None if verdict.known else verdict.check,
+        )
+    except Exception:
+        if not verdict.known:
+            await verdict.check()  # the job's own problems, when it has any, are the error to give
+        raise
+    summary = await verdict.check()
     if digest is not None and digest.hexdigest() != summary.digest:
         msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"
         raise JobChanged(msg)
     if preparing:
         await anyio.to_thread.run_sync(ledger.set_total, preparing, total)
     return estimate
+
+
+class Verdict:
+    """Validation's verdict on a job: given, or to come from a helper process that validates the job
+    while this one quotes it (`Verdict.from_helper`). `check` waits for it and raises the job's
+    problems; `on_valid` is told the summary of a valid job once."""
+
+    def __init__(
+        self,
+        job: Path,
+        summary: JobSummary | None = None,
+        *,
+        coming: Awaitable[JobSummary | None] | None = None,
+        on_valid: Callable[[JobSummary], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.summary_now = summary
+        self.on_valid = on_valid
+        self._coming = asyncio.ensure_future(coming) if coming is not None else None
+
+    @classmethod
+    def from_helper(
+        cls, job: Path, helper: fleet_.Helper, on_valid: Callable[[JobSummary], None] | None = None
+    ) -> Verdict:
+        return cls(job, coming=fleet_.validation(helper, job), on_valid=on_valid)
+
+    @property
+    def known(self) -> bool:
+        return self.summary_now is not None
+
+    async def requests(self) -> int:
+        """The job's requests; while validation is under way, its lines (a progress total)."""
+        if self.summary_now is not None:
+            return self.summary_now.requests
+        return await anyio.to_thread.run_sync(count_lines, self.job)
+
+    async def check(self) -> JobSummary:
+        if self.summary_now is None:
+            found = await self._coming if self._coming is not None else None
+            if found is None:  # the helper could not: validated here
+                found = await anyio.to_thread.run_sync(validate_job, self.job)
+            self.summary_now = found
+            if found.ok and self.on_valid is not None:
+                self.on_valid(found)
+        self.summary_now.raise_for_issues()
+        return self.summary_now
+
+    def close(self) -> None:
+        if self._coming is not None and not self._coming.done():
+            self._coming.cancel()
 
 
 def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:

@@ -2,12 +2,13 @@
 
 One Python process sends some thousands of requests a second at most: at that rate its own CPU, not
 the provider, is the limit (a fast local endpoint, a cheap model). The helpers are started when the
-command starts, so that their start-up runs beside the pre-flight, and wait for orders. Once the run
-is prepared and inside its budget, each is told the run and its share of the concurrency and rate
-limits; the job's lines are handed out in chunks as each process asks for more, so a slow starter
-takes fewer. Everything that keeps money safe stays in the ledger, which all processes share: each
-request is reserved before it is sent (a row another process reserved first is left to it), so
-the budget holds however many processes spend it.
+command starts, so that their start-up runs beside the pre-flight, and wait for orders; the first
+validates the job while the main process quotes it from the cache (no dry run is asked for, and
+nothing is sent, before its verdict). Once the run is prepared and inside its budget, each is told
+the run and its share of the concurrency and rate limits; the job's lines are handed out in chunks
+as each process asks for more, so a slow starter takes fewer. Everything that keeps money safe stays
+in the ledger, which all processes share: each request is reserved before it is sent (a row another
+process reserved first is left to it), so the budget holds however many processes spend it.
 
 The main process stays in charge: it prints the progress, decides when the run stops (a helper that
 meets a budget limit or a fatal error tells it, and it tells the others), handles Ctrl-C, and runs
@@ -16,11 +17,13 @@ whole process group; the main process relays it) and dies with the main process 
 main process is then a crash of the run, which resuming repairs as ever).
 
 The wire between them: one socket pair per helper, one JSON object per line.
-  main → helper: {"go": …} once, {"chunk": n | null} answering {"more": 1}, {"stop": reason},
-                 {"abort": reason}; end of file before "go" means "not needed".
-  helper → main: {"more": 1}, {"fin": [[state, price_nanos], …]}, {"retry": [[attempt, wait_s,
-                 error], …]}, {"stop": [state, reason]}, then {"end": {"aborted": bool}} or
-                 {"error": message, "kind": exception class} as the last word.
+  main → helper: {"validate": job} at most once, first; {"go": …} once, {"chunk": n | null}
+                 answering {"more": 1}, {"stop": reason}, {"abort": reason}; end of file before
+                 "go" means "not needed".
+  helper → main: {"verdict": summary | null} answering "validate"; {"more": 1}, {"fin": [[state,
+                 price_nanos], …]}, {"retry": [[attempt, wait_s, error], …]}, {"stop": [state,
+                 reason]}, then {"end": {"aborted": bool}} or {"error": message, "kind":
+                 exception class} as the last word.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from runner import codec, http
 from runner.connect import ProviderSettings, connect
 from runner.errors import ConfigError, JobChanged, JobError, LedgerError, RunnerError
 from runner.events import Event, RequestFinished, Retrying
+from runner.jobs import JobSummary, validate_job
 
 if TYPE_CHECKING:
     from runner.engine import Engine, RunOptions
@@ -61,6 +65,7 @@ class Helper:
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self.proc, self.sock = proc, sock
         self.started = False  # told to go
+        self.lost = False  # its end closed before it was told to go (it died starting up)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -69,7 +74,8 @@ class Helper:
         return self.proc.pid
 
     async def open(self) -> None:
-        self._reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=LINE_LIMIT)
+        if self._reader is None:
+            self._reader, self._writer = await asyncio.open_connection(sock=self.sock, limit=LINE_LIMIT)
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue a message; dropped once the helper is gone (it has no more use for it)."""
@@ -88,6 +94,25 @@ class Helper:
         except (ConnectionError, ValueError):
             return None
         return codec.loads(line) if line else None
+
+
+async def validation(helper: Helper, job: Path) -> JobSummary | None:
+    """The helper's validation of the job (run while this process quotes it); None when it could not
+    give one (this process then validates the job itself)."""
+    try:
+        await helper.open()
+    except OSError:
+        helper.lost = True
+        return None
+    helper.send({"validate": str(job)})
+    message = await helper.receive()
+    if message is None:
+        helper.lost = True
+        return None
+    try:
+        return JobSummary.from_json(message["verdict"]) if message.get("verdict") else None
+    except (KeyError, TypeError, ValueError):  # not a summary: validated here instead
+        return None
 
 
 def spawn(count: int) -> list[Helper]:
@@ -249,6 +274,9 @@ async def _serve(sock: socket.socket) -> None:
 
     reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
     first = await reader.readline()
+    if first and "validate" in (order := codec.loads(first)):
+        writer.write(codec.dumps({"verdict": _validate(order["validate"])}) + b"\n")
+        first = await reader.readline()
     if not first:
         return  # not needed this time
     go = codec.loads(first)["go"]
@@ -291,6 +319,15 @@ async def _serve(sock: socket.socket) -> None:
     with contextlib.suppress(ConnectionError):
         await writer.drain()
     writer.close()
+
+
+def _validate(job: str) -> dict[str, Any] | None:
+    """The job's validation summary as JSON; None when validating failed (a defect): the main
+    process then validates the job itself and meets the failure as its own."""
+    try:
+        return validate_job(job).to_json()
+    except Exception:  # a defect: met by the main process's own validation
+        return None
 
 
 def _die_with_parent(parent: int) -> None:

@@ -219,6 +219,27 @@ class JobSummary:
             msg = f"{self.file}: {self.issue_count} problem(s) found"
             raise JobError(msg, issues=self.issues, total=self.issue_count)
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON, for a summary made in another process (`from_json` reads it back)."""
+        issues = [[i.file, i.line, i.field, i.message] for i in self.issues]
+        return {
+            "file": self.file,
+            "per_model": dict(self.per_model),
+            "issues": issues,
+            "issue_count": self.issue_count,
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobSummary:
+        return cls(
+            file=str(data["file"]),
+            per_model=Counter({str(k): int(v) for k, v in data["per_model"].items()}),
+            issues=[Issue(str(f), int(n), str(w), str(m)) for f, n, w, m in data["issues"]],
+            issue_count=int(data["issue_count"]),
+            digest=str(data["digest"]),
+        )
+
 
 def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> JobSummary:
     """Validate a whole job file in one streamed pass, collecting every issue (in line order)."""
@@ -292,6 +313,21 @@ def _changed_while_read(file: str, issues: list[Issue]) -> JobError:
 
 def file_digest() -> Any:
     return hashlib.blake2b(digest_size=16)
+
+
+def count_lines(path: str | Path) -> int:
+    """The file's lines (blank ones included), counted without parsing them: a progress total for a
+    job whose validation is still under way. 0 when the file cannot be read (validation says why)."""
+    count = 0
+    try:
+        with Path(path).open("rb") as handle:
+            last = b"\n"
+            while block := handle.read(1 << 20):
+                count += block.count(b"\n")
+                last = block[-1:]
+    except OSError:
+        return 0
+    return count + (last != b"\n")
 
 
 def iter_requests(

@@ -107,10 +107,13 @@ async def quote_requests(
     policy: http.RetryPolicy | None = None,
     on_event: Listener = ignore,
     on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None = None,
+    before_asking: Callable[[], Awaitable[object]] | None = None,
 ) -> Estimate:
     """Quote every request (cached quotes reused), store new quotes, and total them per model.
 
-    `on_chunk` gets each chunk of requests with their quotes, in file order, once they are known.
+    `on_chunk` gets each chunk of requests with their quotes, in file order, once they are known;
+    `before_asking` is awaited once before the first quote that is not cached is asked for (a
+    validation still under way elsewhere: nothing goes out for a job it would refuse).
     """
     if concurrency < 1:
         msg = f"--concurrency must be 1 or more (got {concurrency})"
@@ -126,6 +129,9 @@ async def quote_requests(
             amount = None if nanos is None else _usd(nanos)
             quotes[key] = Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
         missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
+        if missing and before_asking is not None:
+            await before_asking()
+            before_asking = None
 
         async def ask(key: str, request: ChatRequest, into: dict[str, Quote]) -> None:
             async with limiter:

@@ -26,10 +26,10 @@ import runner
 from runner import fleet
 from runner.cli import app
 from runner.connect import Connection
-from runner.engine import RunOptions, run_job
-from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy, Unpriced
+from runner.engine import RunOptions, Verdict, run_job
+from runner.errors import BudgetExceeded, JobChanged, JobError, LedgerError, RunBusy, Unpriced
 from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
-from runner.jobs import iter_requests, validate_job
+from runner.jobs import JobSummary, iter_requests, validate_job
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
@@ -58,6 +58,7 @@ async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any
         budget = kw.pop("budget", None)
         max_usd = kw.pop("max_usd", Decimal("1") if budget is None else None)
         summary = kw.pop("summary", None)
+        helpers = kw.pop("fleet", ())
         options = RunOptions(**{"concurrency": 8, **kw})
         return await run_job(
             job,
@@ -67,6 +68,7 @@ async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any
             max_usd=max_usd,
             options=options,
             summary=summary,
+            fleet=helpers,
         )
     finally:
         await provider.aclose()
@@ -86,6 +88,53 @@ async def test_a_job_changed_after_validation_is_refused_before_any_send(
         await run(sim, job, ledger, summary=summary)
     assert ledger.runs() == []
     assert sim.books.stats()["counters"].get("run.call", 0) == 0
+
+
+async def test_with_the_verdict_still_to_come_no_dry_run_is_asked_and_every_problem_is_named(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    """A helper validating while this process quotes: quotes not in the cache wait for its verdict,
+    and an invalid job is refused with validation's own list of problems, leaving no run."""
+    ledger = Ledger()
+    rows = job_lines(40)
+    rows[25]["temperature"] = 9
+    rows[33]["custom_id"] = "q2"  # used twice
+    job = write_job(rows)
+    slow_validation_started = anyio.Event()
+
+    async def slow_validation() -> JobSummary:
+        slow_validation_started.set()
+        await anyio.sleep(0.3)
+        return validate_job(job)
+
+    verdict = Verdict(job, coming=slow_validation())
+    with pytest.raises(JobError) as caught:
+        await run(sim, job, ledger, summary=verdict)
+    assert slow_validation_started.is_set()
+    found = sorted((issue.line, issue.field) for issue in caught.value.issues)
+    assert found == [(26, "temperature"), (34, "custom_id")]
+    assert sim.books.stats()["counters"].get("run.dry_run", 0) == 0
+    assert sim.books.stats()["counters"].get("run.call", 0) == 0
+    assert ledger.runs() == []
+
+
+async def test_a_helper_lost_before_its_verdict_leaves_validation_and_the_run_to_this_process(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    ledger = Ledger()
+    job = write_job(job_lines(30))
+    helpers = fleet.spawn(1)
+    helpers[0].proc.kill()
+    helpers[0].proc.wait()
+    shown: list[JobSummary] = []
+    try:
+        verdict = Verdict.from_helper(job, helpers[0], on_valid=shown.append)
+        result = await run(sim, job, ledger, summary=verdict, fleet=helpers)
+    finally:
+        fleet.close(helpers)
+    assert helpers[0].lost and not helpers[0].started
+    assert result.states == {"ok": 30}
+    assert [summary.requests for summary in shown] == [30]  # validated here, and said once
 
 
 async def test_run_settles_every_request_and_matches_the_simulator(

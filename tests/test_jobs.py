@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from runner.cli import app
 from runner.errors import JobError
-from runner.jobs import JobChunks, read_job, validate_job
+from runner.jobs import JobChunks, JobSummary, count_lines, read_job, validate_job
 from runner.models import ChatRequest
 from tests.conftest import GOOD_BODY
 
@@ -229,3 +229,21 @@ def test_job_chunks_read_past_other_processes_chunks_without_parsing_them(tmp_pa
     with pytest.raises(JobError, match="changed while it was being read"):
         again.take(1)  # a line of one's own chunk that no longer parses
     again.close()
+
+
+def test_a_summary_made_in_another_process_reads_back_the_same(write_job: Callable[..., Path]) -> None:
+    lines = [{**GOOD_BODY, "custom_id": f"c{i}"} for i in range(5)]
+    lines[1]["temperature"] = 9
+    lines[3]["custom_id"] = "c0"
+    summary = validate_job(write_job(lines))
+    again = JobSummary.from_json(json.loads(json.dumps(summary.to_json())))
+    assert again == summary
+    assert not again.ok and again.issue_count == 2 and again.digest == summary.digest
+
+
+def test_count_lines_counts_a_last_line_without_its_newline(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    for text, expected in [("", 0), ("a\n", 1), ("a\n\nb", 3), ("a\nb\n", 2)]:
+        path.write_text(text)
+        assert count_lines(path) == expected
+    assert count_lines(tmp_path / "missing.jsonl") == 0
