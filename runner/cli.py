@@ -528,7 +528,7 @@ def run(
         _check_writable(output)  # found out now, not after the money is spent
     settings = _settings(provider, base_url, price_file, sim_pricing)
     cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
-    helpers = fleet.spawn(processes - 1)  # they start up while this process checks and quotes
+    helpers = fleet.spawn(processes - 1, validate=job)  # they start while this process quotes
     try:
         ledger, result = _run(job, budget, cap, settings, options, db, helpers)
     finally:
@@ -575,17 +575,22 @@ def _run(
                 given = summary or Verdict.from_helper(
                     job, helpers[0], on_valid=progress.above(_print_summary)
                 )
-                return await run_job(
-                    job,
-                    conn=conn,
-                    ledger=ledger,
-                    budget=budget,
-                    max_usd=cap,
-                    options=options,
-                    on_event=progress,
-                    summary=given,
-                    fleet=helpers,
-                )
+                try:
+                    return await run_job(
+                        job,
+                        conn=conn,
+                        ledger=ledger,
+                        budget=budget,
+                        max_usd=cap,
+                        options=options,
+                        on_event=progress,
+                        summary=given,
+                        fleet=helpers,
+                    )
+                finally:
+                    for helper in helpers:
+                        if not helper.started:  # the run was refused, or needed no helper
+                            helper.close_stream()
 
     result = run_async(work)
     _give_back_memory()

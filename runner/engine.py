@@ -937,8 +937,8 @@ async def _quote(
 
 class Verdict:
     """Validation's verdict on a job: given, or to come from a helper process that validates the job
-    while this one quotes it (`Verdict.from_helper`). `check` waits for it and raises the job's
-    problems; `on_valid` is told the summary of a valid job once."""
+    while this one quotes it (`Verdict.from_helper`, for a helper spawned to validate it). `check`
+    waits for it and raises the job's problems; `on_valid` is told the summary of a valid job once."""
 
     def __init__(
         self,
@@ -957,7 +957,7 @@ class Verdict:
     def from_helper(
         cls, job: Path, helper: fleet_.Helper, on_valid: Callable[[JobSummary], None] | None = None
     ) -> Verdict:
-        return cls(job, coming=fleet_.validation(helper, job), on_valid=on_valid)
+        return cls(job, coming=fleet_.validation(helper), on_valid=on_valid)
 
     @property
     def known(self) -> bool:

@@ -17,22 +17,20 @@ whole process group; the main process relays it) and dies with the main process 
 main process is then a crash of the run, which resuming repairs as ever).
 
 The wire between them: one socket pair per helper, one JSON object per line.
-  main → helper: {"validate": job} at most once, first; {"go": …} once, {"chunk": n | null}
-                 answering {"more": 1}, {"stop": reason}, {"abort": reason}; end of file before
-                 "go" means "not needed".
-  helper → main: {"verdict": summary | null} answering "validate"; {"more": 1}, {"fin": [[state,
-                 price_nanos], …]}, {"retry": [[attempt, wait_s, error], …]}, {"stop": [state,
-                 reason]}, then {"end": {"aborted": bool}} or {"error": message, "kind":
-                 exception class} as the last word.
+  main → helper: {"go": …} once, {"chunk": n | null} answering {"more": 1}, {"stop": reason},
+                 {"abort": reason}; end of file before "go" means "not needed".
+  helper → main: {"verdict": summary | null} first, unasked, from the helper started to validate
+                 the job (`runner.helper`); {"more": 1}, {"fin": [[state, price_nanos], …]},
+                 {"retry": [[attempt, wait_s, error], …]}, {"stop": [state, reason]}, then
+                 {"end": {"aborted": bool}} or {"error": message, "kind": exception class} as
+                 the last word.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
-import gc
 import os
 import signal
 import socket
@@ -48,7 +46,7 @@ from runner import codec, http
 from runner.connect import ProviderSettings, connect
 from runner.errors import ConfigError, JobChanged, JobError, LedgerError, RunnerError
 from runner.events import Event, RequestFinished, Retrying
-from runner.jobs import JobSummary, validate_job
+from runner.jobs import JobSummary
 
 if TYPE_CHECKING:
     from runner.engine import Engine, RunOptions
@@ -56,7 +54,6 @@ if TYPE_CHECKING:
 FLUSH_S = 0.05  # how often a helper reports the requests it finished
 FLUSH_EVERY = 500  # … or as soon as this many have gathered
 LINE_LIMIT = 1 << 24  # the longest message line read (asyncio's default, 64 KiB, is too short)
-PR_SET_PDEATHSIG = 1
 
 
 class Helper:
@@ -96,18 +93,18 @@ class Helper:
         return codec.loads(line) if line else None
 
 
-async def validation(helper: Helper, job: Path) -> JobSummary | None:
-    """The helper's validation of the job (run while this process quotes it); None when it could not
-    give one (this process then validates the job itself)."""
+async def validation(helper: Helper) -> JobSummary | None:
+    """The verdict of a helper spawned to validate the job (run while this process quotes it); None
+    when it could not give one (this process then validates the job itself)."""
     try:
         await helper.open()
     except OSError:
         helper.lost = True
         return None
-    helper.send({"validate": str(job)})
     message = await helper.receive()
     if message is None:
         helper.lost = True
+        helper.close_stream()
         return None
     try:
         return JobSummary.from_json(message["verdict"]) if message.get("verdict") else None
@@ -115,16 +112,19 @@ async def validation(helper: Helper, job: Path) -> JobSummary | None:
         return None
 
 
-def spawn(count: int) -> list[Helper]:
-    """Start `count` helpers; they load the code, then wait for orders (or for the end of file)."""
+def spawn(count: int, validate: Path | None = None) -> list[Helper]:
+    """Start `count` helpers; they load the code, then wait for orders (or for the end of file). The
+    first validates the job `validate` first, and says its verdict (`validation`)."""
     if count and os.name != "posix":
         msg = "--processes above 1 needs a POSIX system (Linux, macOS)"
         raise ConfigError(msg)
     helpers = []
-    for _ in range(count):
+    for number in range(count):
         ours, theirs = socket.socketpair()
-        code = "from runner.fleet import main; main()"
+        code = "from runner.helper import main; main()"
         command = [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())]
+        if validate is not None and number == 0:
+            command.append(str(validate))
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
@@ -268,18 +268,12 @@ class _Channel:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def _serve(sock: socket.socket) -> None:
+async def serve(sock: socket.socket, go: dict[str, Any]) -> None:
+    """A helper's part of the run it was told (`go`), until it ends or the main process stops it."""
     from runner.engine import Engine, RunOptions, _Plan, _sole_runner_error  # noqa: PLC0415
     from runner.ledger import Ledger  # noqa: PLC0415
 
     reader, writer = await asyncio.open_connection(sock=sock, limit=LINE_LIMIT)
-    first = await reader.readline()
-    if first and "validate" in (order := codec.loads(first)):
-        writer.write(codec.dumps({"verdict": _validate(order["validate"])}) + b"\n")
-        first = await reader.readline()
-    if not first:
-        return  # not needed this time
-    go = codec.loads(first)["go"]
     channel = _Channel(reader, writer)
     try:
         reach = go["reach"]
@@ -319,36 +313,3 @@ async def _serve(sock: socket.socket) -> None:
     with contextlib.suppress(ConnectionError):
         await writer.drain()
     writer.close()
-
-
-def _validate(job: str) -> dict[str, Any] | None:
-    """The job's validation summary as JSON; None when validating failed (a defect): the main
-    process then validates the job itself and meets the failure as its own."""
-    try:
-        return validate_job(job).to_json()
-    except Exception:  # a defect: met by the main process's own validation
-        return None
-
-
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel kills this process when the main process dies, however it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
-
-
-def main() -> None:
-    fd, parent = int(sys.argv[-2]), int(sys.argv[-1])
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process relays Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-    sock = socket.socket(fileno=fd)
-    anyio.run(_serve, sock)
-
-
-if __name__ == "__main__":
-    main()

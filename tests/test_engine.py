@@ -123,7 +123,7 @@ async def test_a_helper_lost_before_its_verdict_leaves_validation_and_the_run_to
 ) -> None:
     ledger = Ledger()
     job = write_job(job_lines(30))
-    helpers = fleet.spawn(1)
+    helpers = fleet.spawn(1, validate=job)
     helpers[0].proc.kill()
     helpers[0].proc.wait()
     shown: list[JobSummary] = []

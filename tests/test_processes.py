@@ -319,7 +319,7 @@ def test_a_second_ctrl_c_aborts_and_marks_in_flight_requests_possibly_billed(
 
 
 def helpers_of(pid: int) -> list[int]:
-    """The helper processes `runner run --processes` started (children running runner.fleet)."""
+    """The helper processes `runner run --processes` started (children running runner.helper)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -330,7 +330,7 @@ def helpers_of(pid: int) -> list[int]:
         except OSError:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"runner.fleet" in command:
+        if parent == pid and b"runner.helper" in command:
             found.append(int(entry.name))
     return found
 
@@ -534,7 +534,7 @@ def test_helpers_of_a_refused_run_are_gone_with_it(
         for entry in Path("/proc").iterdir()
         if entry.name.isdigit()
         and alive(int(entry.name))
-        and b"runner.fleet" in _cmdline(entry)
+        and b"runner.helper" in _cmdline(entry)
         and str(proc.pid).encode() in _cmdline(entry)
     ]
     assert leftovers == []
