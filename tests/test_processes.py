@@ -605,3 +605,26 @@ def test_a_job_a_helper_finds_invalid_is_refused_as_one_process_refuses_it(
     assert [line.split("bad.jsonl:")[1].split(":")[0] for line in said["2"][:3]] == ["121", "201", "251"]
     assert sim.stats()["counters"].get("run.dry_run", 0) == 0
     assert ledger.runs() == []
+
+
+def test_ctrl_c_while_helpers_validate_and_quote_leaves_no_run_and_no_helper(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """Ctrl-C during the pre-flight (dry runs under way, the helper's verdict in): exit 130, nothing
+    sent, no run left, every helper gone."""
+    sim = sim_process("0.05")
+    _, job, db, ledger = night_job(tmp_path, "pre", 3000)
+    proc = start_runner(sim, job, db, "--budget", "night", "--processes", "2", session=True)
+    assert wait_for(lambda: sim.stats()["counters"].get("run.dry_run", 0) >= 50, proc)
+    helpers = helpers_of(proc.pid)
+    assert len(helpers) == 1
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to the whole foreground group
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output
+    assert sim.stats()["counters"].get("run.call", 0) == 0
+    assert ledger.runs() == []
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in helpers)
