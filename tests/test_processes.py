@@ -142,10 +142,23 @@ def assert_within_budget(ledger: Ledger, name: str) -> None:
     assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
 
 
+def quiet(sim: SimProcess, still_s: float = 0.6) -> None:
+    """Once the simulator's books stop moving: a request cut off by a process that aborted is still
+    served (and charged) by the simulator after its client has gone, and the books are read after."""
+    deadline = time.monotonic() + 15
+    last, since = sim.stats(), time.monotonic()
+    while time.monotonic() - since < still_s and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = sim.stats()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str, Any]], budget: str) -> None:
     """Every request of the (only) run has exactly one settled charge, the simulator's, with its
     response, or is possibly billed (never re-sent, charged at most what it held); the spent total
     equals the simulator's charges to the nano-dollar, possibly-billed rows accounted for."""
+    quiet(sim)
     runs = ledger.runs()
     rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0]["id"]) for r in batch}
     assert len(rows) == len(job_lines)
