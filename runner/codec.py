@@ -42,15 +42,39 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data)
 
 
-def loads_exact(text: str) -> Any:
+def loads_exact(text: str | bytes) -> Any:
     """`loads` for what the user wrote: orjson reads an integer past 64 bits as a float, so a text
     with a run of 19 digits or more goes to the standard library, which keeps every digit."""
-    if _LONG_DIGITS.search(text):
+    if may_hold_long_integer(text):
         return json.loads(text)
     return loads(text)
 
 
-_LONG_DIGITS = re.compile(r"[0-9]{19}")  # JSON numbers are ASCII digits (faster than \d)
+def quick_loads(line: bytes) -> Any:
+    """A job line read by orjson straight from its bytes, or UNREAD when that is not the whole story:
+    a line orjson refuses (blank, a byte order mark, bad UTF-8, invalid JSON: `loads_exact` on the
+    decoded text words what is wrong) or that may hold an integer orjson would round."""
+    if may_hold_long_integer(line):
+        return UNREAD
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return UNREAD
 
 
-__all__ = ["canonical", "dumps", "dumps_text", "loads", "loads_exact"]
+def may_hold_long_integer(text: str | bytes) -> bool:
+    """Whether the text has a run of 19 or more ASCII digits. Most lines have fewer than 19 digits in
+    all, which a count says in a sixth of the time the pattern search takes."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    if len(data) - len(data.translate(None, _DIGITS)) < _LONG:
+        return False
+    return _LONG_DIGITS.search(data) is not None
+
+
+UNREAD: Any = object()
+_LONG = 19
+_DIGITS = b"0123456789"
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")  # JSON numbers are ASCII digits (faster than \d)
+
+
+__all__ = ["canonical", "dumps", "dumps_text", "loads", "loads_exact", "may_hold_long_integer", "quick_loads"]

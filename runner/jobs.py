@@ -77,19 +77,21 @@ def parse_line(
     def issue(where: str, message: str) -> list[Issue]:
         return [Issue(file, line, where, message)]
 
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return issue("", f"not valid UTF-8 (byte {exc.start} of the line)")
-    if line == 1 and text.startswith("\ufeff"):
-        text = text[1:]
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        obj = codec.loads_exact(text)
-    except json.JSONDecodeError as exc:
-        return issue("", f"not valid JSON: {exc.msg} at column {exc.colno}")
+    obj = codec.quick_loads(raw)  # most lines: the rest of this block is for those it leaves
+    if obj is codec.UNREAD:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return issue("", f"not valid UTF-8 (byte {exc.start} of the line)")
+        if line == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        text = text.strip()
+        if not text:
+            return None
+        try:
+            obj = codec.loads_exact(text)
+        except json.JSONDecodeError as exc:
+            return issue("", f"not valid JSON: {exc.msg} at column {exc.colno}")
     if not isinstance(obj, dict):
         return issue("", f"a line must be a JSON object, not {type(obj).__name__}")
     body, custom_id, metadata, shape_problems = _unwrap(obj)

@@ -61,10 +61,11 @@ class Estimate:
 
 
 @functools.lru_cache(maxsize=4096)
-def _usd(nanos: int) -> Decimal:
-    """A cached quote's amount: a job's quotes repeat (same model, similar length), the Decimal work
-    need not."""
-    return from_nanos(nanos)
+def _cached_quote(nanos: int | None, exact: bool, source: str, reason: str | None) -> Quote:
+    """A cached quote as a Quote: a job's quotes repeat (same model, similar length), and a Quote is
+    frozen, so one object serves every line with the same price."""
+    amount = None if nanos is None else from_nanos(nanos)
+    return Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
 
 
 def cache_key(scope: str, request: ChatRequest) -> str:
@@ -124,10 +125,7 @@ async def quote_requests(
     for chunk in _chunks(requests, BATCH):
         keys = [cache_key(scope, r) for r in chunk]
         cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
-        quotes: dict[str, Quote] = {}
-        for key, (nanos, exact, source, reason) in cached.items():
-            amount = None if nanos is None else _usd(nanos)
-            quotes[key] = Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
+        quotes = {key: _cached_quote(*found) for key, found in cached.items()}
         missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
         if missing and before_asking is not None:
             await before_asking()

@@ -52,3 +52,31 @@ def test_what_the_user_wrote_keeps_every_digit() -> None:
     assert codec.loads_exact(line) == {"seed": 123456789012345678901234567890, "n": 1, "t": 0.25}
     assert codec.loads_exact('{"seed": -9999999999999999999}')["seed"] == -9999999999999999999
     assert codec.loads_exact('{"x": "1234567890123456789012 in a string"}')["x"].startswith("1234")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b'{"seed": 1234567890123456789}', True),  # 19 digits in a row
+        (b'{"a": 123456789, "b": 1234567890}', False),  # 19 digits, but never 19 in a row
+        (b'{"content": "call 555 0100, room 12, 2026-12-01"}', False),
+        ('{"seed": 99999999999999999999}', True),  # text as well as bytes
+        (b"", False),
+    ],
+)
+def test_long_integer_runs_are_found_and_short_ones_let_through(text: str | bytes, expected: bool) -> None:
+    assert codec.may_hold_long_integer(text) is expected
+
+
+def test_quick_loads_reads_plain_lines_and_leaves_the_rest_to_the_careful_path() -> None:
+    assert codec.quick_loads(b'{"model": "m", "n": 1}\r\n') == {"model": "m", "n": 1}
+    assert codec.quick_loads(b"null") is None  # a JSON value that is not an object: read, judged later
+    for left in [
+        b'{"seed": 123456789012345678901234567890}',  # orjson would round it
+        b'\xef\xbb\xbf{"model": "m"}',  # a byte order mark
+        b'{"model": "\xff"}',  # not UTF-8
+        b"   \n",  # blank
+        b'{"model": ',  # not JSON
+        b'{"x": "\\ud800"}',  # a lone surrogate, which the standard library reads
+    ]:
+        assert codec.quick_loads(left) is codec.UNREAD

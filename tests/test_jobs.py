@@ -68,6 +68,15 @@ def test_bom_crlf_and_blank_lines(write_job: Callable[..., Path]) -> None:
     assert [r.line for r in requests_of(path)] == [1, 4]
 
 
+def test_a_long_integer_in_a_line_keeps_every_digit(write_job: Callable[..., Path]) -> None:
+    seed = 123456789012345678901234567890  # past 64 bits: orjson alone would read it as a float
+    long_line = json.dumps({**GOOD_BODY, "seed": seed, "metadata": {"n": 10**20}})
+    [request] = requests_of(write_job([long_line]))
+    assert request.body["seed"] == seed and request.metadata == {"n": 10**20}
+    [plain] = requests_of(write_job([json.dumps({**GOOD_BODY, "seed": 7})]))
+    assert plain.sha256 != request.sha256
+
+
 BAD_LINES: list[tuple[str, list[Any], str, str]] = [
     ("invalid json", [b'{"model": \n'], ":1: ", "not valid JSON"),
     ("not an object", [b"[1, 2]\n"], ":1: ", "must be a JSON object, not list"),

@@ -551,8 +551,11 @@ class Ledger:
     ) -> Iterator[list[tuple[Any, ...]]]:
         """Some columns of a run's requests as plain tuples, in line order, a batch at a time: the fast
         path for exports (no row objects; datetimes stay in their stored text form)."""
-        names = ", ".join(columns)  # column names come from the caller's code, never from input
-        sql = f"SELECT line, {names} FROM requests WHERE run_id = ? AND line > ? ORDER BY line LIMIT ?"  # noqa: S608
+        names = list(columns)
+        extra = "line" not in names  # paging goes by line: read it, and cut it off again, if not asked
+        at = 0 if extra else names.index("line")
+        listed = ", ".join(["line", *names] if extra else names)  # our code's names, never input
+        sql = f"SELECT {listed} FROM requests WHERE run_id = ? AND line > ? ORDER BY line LIMIT ?"  # noqa: S608
         last = -1
         with self.reader.connect() as c:
             cursor = c.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -560,8 +563,8 @@ class Ledger:
                 rows = cursor.execute(sql, (run_id, last, batch)).fetchall()
                 if not rows:
                     return
-                last = rows[-1][0]
-                yield [row[1:] for row in rows]
+                last = rows[-1][at]
+                yield [row[1:] for row in rows] if extra else rows
 
     def iter_request_rows(self, run_id: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
         """All request rows of a run, in line order, a batch at a time (memory stays flat)."""
