@@ -39,8 +39,8 @@ def setup(folder: str, n: int, name: str) -> tuple[Ledger, int, list[int]]:
     ]
     for start in range(0, n, 5000):
         ledger.add_requests(rows[start : start + 5000])
-    with ledger.reader.connect() as c:
-        ids = [r[0] for r in c.exec_driver_sql("SELECT id FROM requests ORDER BY id")]
+    with ledger.reading() as c:
+        ids = [r[0] for r in c.execute("SELECT id FROM requests ORDER BY id")]
     return ledger, budget.id, ids
 
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from runner.report import per_model, run_frame, top_errors
 
 # The names below are loaded when first used: a process that needs a part of runner (a helper
-# process validating a job) does not pay for loading the rest (the ledger, SQLAlchemy) first.
+# process validating a job) does not pay for loading the rest (the ledger, the engine, polars) first.
 _HOME = {
     "runner.connect": ["Connection", "ProviderSettings", "connect"],
     "runner.engine": ["RunOptions", "RunResult", "run_job"],

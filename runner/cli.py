@@ -209,7 +209,7 @@ ProviderOpt = Annotated[
 ]
 BaseUrlOpt = Annotated[str | None, typer.Option("--base-url", help="The provider's base URL.")]
 DbOpt = Annotated[
-    str | None, typer.Option("--db", help="Ledger location (SQLAlchemy URL); default RUNNER_DB.")
+    str | None, typer.Option("--db", help="Ledger location (sqlite:///PATH); default RUNNER_DB.")
 ]
 PriceFileOpt = Annotated[
     Path | None, typer.Option("--price-file", help="TOML/JSON prices per 1M tokens (openai).")

@@ -72,7 +72,7 @@ COLUMNS: dict[str, Any] = {
     "sha256": pl.String,
     "metadata_json": pl.String,
 }
-STORED_TIME = "%Y-%m-%d %H:%M:%S%.f"  # how SQLAlchemy's DateTime (and the ledger's writes) store UTC
+STORED_TIME = "%Y-%m-%d %H:%M:%S%.f"  # how the ledger stores UTC (runner.ledger.db.STORED_TIME)
 BATCH = 10_000  # rows in one Parquet row group
 READ_BATCH = 2_000  # rows read from the ledger at a time (10,000 at a time cost ~25 MB more at the peak)
 

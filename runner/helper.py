@@ -81,7 +81,7 @@ def main() -> None:
     anyio.run(fleet.serve, sock, order["go"])
     # Everything is committed and said (the main process waits for this process to end before it
     # writes the Parquet file): no need to take the libraries down one by one (polars' threads,
-    # SQLAlchemy's pools), which took a tenth of a second.
+    # the ledger's connections), which took a tenth of a second.
     sys.stderr.flush()
     os._exit(0)
 

@@ -18,7 +18,6 @@ import anyio
 import httpx
 import polars as pl
 import pytest
-import sqlalchemy.exc
 from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
@@ -340,11 +339,11 @@ async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
 
     async def slow_quote(*args: Any, **kwargs: Any) -> Any:
         estimate = await quote(*args, **kwargs)
-        with ledger.reader.connect() as c:
-            before = c.exec_driver_sql("SELECT seen_at FROM runs").scalar_one()
+        with ledger.reading() as c:
+            before = c.execute("SELECT seen_at FROM runs").fetchone()[0]
         await anyio.sleep(0.3)
-        with ledger.reader.connect() as c:
-            seen.append((before, c.exec_driver_sql("SELECT seen_at FROM runs").scalar_one()))
+        with ledger.reading() as c:
+            seen.append((before, c.execute("SELECT seen_at FROM runs").fetchone()[0]))
         return estimate
 
     monkeypatch.setattr("runner.engine._quote", slow_quote)
@@ -369,7 +368,7 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
     async def taken_over_meanwhile(*args: Any, **kwargs: Any) -> Any:
         estimate = await quote(*args, **kwargs)
         with ledger.transaction() as tx:  # another host's process took it (this one seemed gone)
-            tx.conn.exec_driver_sql("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (first.run_id,))
+            tx.conn.execute("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (first.run_id,))
         await anyio.sleep(0.3)
         return estimate
 
@@ -391,7 +390,7 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
     async def taken_and_discarded(*args: Any, **kwargs: Any) -> Any:
         run_id = ledger.runs()[0]["id"]
         with ledger.transaction() as tx:
-            tx.conn.exec_driver_sql("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (run_id,))
+            tx.conn.execute("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (run_id,))
         await anyio.sleep(0.3)
         ledger.discard_run(run_id)
         return await quote(*args, **kwargs)
@@ -414,8 +413,7 @@ async def test_a_ledger_that_cannot_be_written_stops_the_run_with_a_message_and_
     def filling_up() -> Any:
         commits[0] += 1
         if commits[0] > 12:  # a few commits into the run
-            orig = sqlite3.OperationalError("database or disk is full")
-            raise sqlalchemy.exc.OperationalError("COMMIT", None, orig)
+            raise sqlite3.OperationalError("database or disk is full")
         with transaction() as tx:
             yield tx
 

@@ -29,9 +29,10 @@ from sqlmodel import SQLModel
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.errors import BudgetLimitTooLow, RunBusy
+from runner.errors import BudgetLimitTooLow, ConfigError, RunBusy
 from runner.ledger import Ledger, Settlement
-from runner.ledger.store import head_revision, migrations_dir, this_process
+from runner.ledger.db import sqlite_path
+from runner.ledger.store import head_revision, migration_engine, migrations_dir, this_process
 
 cli = CliRunner()
 
@@ -59,11 +60,8 @@ def add_request(ledger: Ledger, budget_id: int, run_id: str, n: int) -> list[int
         for i in range(n)
     ]
     ledger.add_requests(rows)
-    with ledger.reader.connect() as c:
-        return [
-            r[0]
-            for r in c.exec_driver_sql("SELECT id FROM requests WHERE run_id = ? ORDER BY line", (run_id,))
-        ]
+    with ledger.reading() as c:
+        return [r[0] for r in c.execute("SELECT id FROM requests WHERE run_id = ? ORDER BY line", (run_id,))]
 
 
 def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -> None:
@@ -84,8 +82,10 @@ def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -
 
 def test_autogenerate_finds_no_difference(tmp_path: Path) -> None:
     ledger = Ledger(url(tmp_path))
-    with ledger.engine.connect() as conn:
+    engine = migration_engine(ledger.url)
+    with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    engine.dispose()
     assert diff == []
 
 
@@ -197,11 +197,11 @@ class Books(RuleBasedStateMachine):
         assert view.spent_nanos == self.spent
         assert view.reserved_nanos == sum(self.open.values())
         assert view.possibly_billed_nanos == self.possibly
-        with self.ledger.reader.connect() as c:
+        with self.ledger.reading() as c:
             entries = dict(
-                c.exec_driver_sql(
+                c.execute(
                     "SELECT kind, COALESCE(SUM(amount_nanos), 0) FROM ledger_entries GROUP BY kind"
-                ).all()
+                ).fetchall()
             )
         assert entries.get("settle", 0) == self.spent
         # every reserved nano ends as exactly one of: settled, released, possibly billed, still open
@@ -298,7 +298,7 @@ def _run_owned_by(ledger: Ledger, owner: str | None, seen_ago_s: float = 0.0) ->
     ledger.create_run(run_id, "job.jsonl", budget.id, "sim", owner)
     with ledger.transaction() as tx:
         seen = f"datetime('now', '-{seen_ago_s} seconds')"
-        tx.conn.exec_driver_sql(f"UPDATE runs SET seen_at = {seen} WHERE id = ?", (run_id,))
+        tx.conn.execute(f"UPDATE runs SET seen_at = {seen} WHERE id = ?", (run_id,))
     return run_id
 
 
@@ -365,3 +365,41 @@ def test_writers_of_one_ledger_take_turns_and_the_next_is_woken_at_once(tmp_path
     thread.join()
     assert order == ["first commits", "second writes"]
     assert 0.25 < waited < 0.3 + 0.05  # SQLite's own retry would add sleeps of up to 100 ms
+
+
+@pytest.mark.parametrize(
+    ("given", "path"),
+    [
+        ("sqlite:///ledger.db", "ledger.db"),  # relative to the working folder
+        ("sqlite:////var/lib/runner/ledger.db", "/var/lib/runner/ledger.db"),
+        ("sqlite:////tmp/l.db?mode=rw", "/tmp/l.db"),
+    ],
+)
+def test_a_sqlite_url_names_its_file(given: str, path: str) -> None:
+    assert sqlite_path(given) == path
+
+
+@pytest.mark.parametrize(
+    "given", ["postgresql://user:hunter2@db/runner", "sqlite://", "sqlite:///:memory:", "ledger.db"]
+)
+def test_a_ledger_url_that_is_not_a_sqlite_file_is_a_usage_error_that_shows_no_secret(given: str) -> None:
+    with pytest.raises(ConfigError, match=r"must be a SQLite file") as caught:
+        sqlite_path(given)
+    assert "hunter2" not in str(caught.value)
+    result = cli.invoke(app, ["budget", "list", "--db", given])
+    assert result.exit_code == 2 and "hunter2" not in result.output
+
+
+def test_commands_on_a_migrated_ledger_do_not_load_sqlalchemy(tmp_path: Path) -> None:
+    """SQLAlchemy and alembic take a third of a second to load: only a migration needs them."""
+    Ledger(url(tmp_path))  # migrated here
+    code = (
+        "import sys; from runner.cli import app; from runner.ledger import Ledger;"
+        f" ledger = Ledger({url(tmp_path)!r}); ledger.create_budget('b', 5); ledger.budget('b');"
+        " print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'sqlmodel', 'alembic')))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
+    fresh = code.replace(url(tmp_path), url(tmp_path, "blank.db"))
+    migrated = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True)
+    assert "sqlalchemy" in migrated.stdout and "alembic" in migrated.stdout  # a blank one is migrated

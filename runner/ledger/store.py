@@ -1,8 +1,10 @@
 """The Ledger: open + migrate, budgets, reservations, settlements, runs and quotes (synchronous).
 
-Every write goes through `transaction()`, which on SQLite starts with BEGIN IMMEDIATE, so a check and
-the write that depends on it cannot interleave with another process. Async code reaches the ledger
-through `runner.ledger.writer.Writer`, which groups writes into one commit per batch in a thread.
+Every write goes through `transaction()`, which starts with BEGIN IMMEDIATE, so a check and the write
+that depends on it cannot interleave with another process. Async code reaches the ledger through
+`runner.ledger.writer.Writer`, which groups writes into one commit per batch in a thread. The SQL is
+plain SQLite through the standard library's driver (`runner.ledger.db`); SQLAlchemy and alembic are
+loaded only to migrate a ledger that is not at the newest migration.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,31 +21,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import platformdirs
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
-from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import ConnectionPoolEntry
 
 from runner.errors import BudgetLimitTooLow, BudgetNotFound, LedgerError, RunBusy
-from runner.ledger.tables import Budget, LedgerEntry, QuoteCache, Request, Run, utcnow
+from runner.ledger.db import Database, parse_time, rows_as_dicts, sqlite_path, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.money import format_usd
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 try:
     import fcntl
 except ImportError:  # Windows has no fcntl: SQLite's locking alone
     fcntl = None  # type: ignore[assignment]
 
-BUSY_TIMEOUT_MS = 30_000
 OWNER_STALE_S = 30.0  # a run's owner that has not been seen for this long is taken for gone
-B = Budget.__table__  # type: ignore[attr-defined]
-E = LedgerEntry.__table__  # type: ignore[attr-defined]
-RQ = Request.__table__  # type: ignore[attr-defined]
-RN = Run.__table__  # type: ignore[attr-defined]
-Q = QuoteCache.__table__  # type: ignore[attr-defined]
+BUDGET_COLUMNS = "id, name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos"
+RUN_TIMES = ("created_at", "finished_at", "seen_at")
+IDS_IN_STATE = "SELECT id FROM requests WHERE run_id = ? AND state = ?"
 
 
 def default_url() -> str:
@@ -74,9 +73,8 @@ class _WriteTurns:
     that dies. SQLite's own locking still guards the file (and other programs' writes).
     """
 
-    def __init__(self, engine: Engine) -> None:
-        name = engine.url.database if engine.dialect.name == "sqlite" else None
-        self.path = f"{name}-lock" if name and name != ":memory:" and fcntl is not None else None
+    def __init__(self, database: str) -> None:
+        self.path: str | None = f"{database}-lock" if fcntl is not None else None
         self._local = threading.local()  # a descriptor per thread: flock excludes descriptors
         self._fds: list[int] = []
         weakref.finalize(self, _close_all, self._fds)
@@ -111,24 +109,24 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def make_engine(url: str, *, immediate: bool) -> Engine:
+def migration_engine(url: str) -> Engine:
+    """A SQLAlchemy engine on the ledger for alembic (and schema checks): the same pragmas as the
+    ledger's own connections, and BEGIN IMMEDIATE, so one process migrates at a time."""
+    from sqlalchemy import create_engine, event  # noqa: PLC0415 - loaded only to migrate
+
+    from runner.ledger.db import PRAGMAS  # noqa: PLC0415
+
     engine = create_engine(url)
-    if engine.dialect.name != "sqlite":
-        return engine
 
     @event.listens_for(engine, "connect")
-    def _pragmas(dbapi: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+    def _pragmas(dbapi: Any, _record: Any) -> None:
         dbapi.isolation_level = None  # we issue BEGIN ourselves
-        cursor = dbapi.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives a killed process
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.close()
+        for pragma in PRAGMAS:
+            dbapi.execute(pragma)
 
     @event.listens_for(engine, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -150,7 +148,7 @@ def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> b
             pass  # exists, under another user
     if seen_at is None:
         return False
-    if seen_at.tzinfo is None:  # SQLite keeps UTC without its zone
+    if seen_at.tzinfo is None:  # stored as UTC without its zone
         seen_at = seen_at.replace(tzinfo=UTC)
     return (utcnow() - seen_at).total_seconds() < stale_after_s
 
@@ -191,18 +189,16 @@ class Settlement:
 class Ledger:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_url()
-        self.engine = make_engine(self.url, immediate=True)
-        self.reader = make_engine(self.url, immediate=False)
-        self._turns = _WriteTurns(self.engine)
+        self.db = Database(sqlite_path(self.url))
+        self._turns = _WriteTurns(self.db.path)
         self.migrate()
 
     def close(self) -> None:
-        self.engine.dispose()
-        self.reader.dispose()
+        self.db.close()
 
     def migrate(self) -> None:
         """Bring the database to the newest migration. A database already there is not handed to
-        alembic at all: importing it costs a fifth of a second on every command."""
+        alembic at all: loading it and SQLAlchemy costs a third of a second on every command."""
         if self.revision() == head_revision():
             return
         from alembic import command  # noqa: PLC0415 - imported only when there is work for it
@@ -210,25 +206,34 @@ class Ledger:
 
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()))
-        with self.engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
-            config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+        engine = migration_engine(self.url)
+        try:
+            with self._turns, engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+        finally:
+            engine.dispose()
 
     def revision(self) -> str | None:
         """The migration the database is at; None for a blank one."""
         try:
-            with self.reader.connect() as c:
-                return c.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one_or_none()
-        except DBAPIError:  # no alembic_version table yet
+            with self.db.reading() as c:
+                row = c.execute("SELECT version_num FROM alembic_version").fetchone()
+        except sqlite3.OperationalError:  # no alembic_version table yet
             return None
+        return None if row is None else str(row[0])
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """A write transaction (BEGIN IMMEDIATE on SQLite); what it buffered is written at the end."""
-        with self._turns, self.engine.begin() as conn:
+        """A write transaction (BEGIN IMMEDIATE); what it buffered is written at the end."""
+        with self._turns, self.db.writing() as conn:
             tx = Tx(conn)
             yield tx
             tx.flush()
+
+    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A connection in a read transaction (one snapshot for everything read through it)."""
+        return self.db.reading()
 
     # ---- budgets --------------------------------------------------------------------------
 
@@ -238,42 +243,43 @@ class Ledger:
             raise LedgerError(msg)
         with self.transaction() as tx:
             conn = tx.conn
-            if conn.execute(select(B.c.id).where(B.c.name == name)).first():
+            if conn.execute("SELECT id FROM budgets WHERE name = ?", (name,)).fetchone():
                 msg = f"budget '{name}' already exists (use `runner budget raise`)"
                 raise LedgerError(msg)
-            row = {
-                "name": name,
-                "limit_nanos": limit_nanos,
-                "ephemeral": ephemeral,
-                "created_at": utcnow(),
-            }
-            budget_id = conn.execute(B.insert().values(**row)).inserted_primary_key[0]  # type: ignore[index]
-            tx.budget_entry(budget_id, "create", limit_nanos)
+            cursor = conn.execute(
+                "INSERT INTO budgets (name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos,"
+                " ephemeral, created_at) VALUES (?, ?, 0, 0, 0, ?, ?)",
+                (name, limit_nanos, ephemeral, tx.now),
+            )
+            assert cursor.lastrowid is not None
+            tx.budget_entry(cursor.lastrowid, "create", limit_nanos)
         return self.budget(name)
 
-    def budget(self, name: str, conn: Connection | None = None) -> BudgetView:
-        query = select(B).where(B.c.name == name)
+    def budget(self, name: str, conn: sqlite3.Connection | None = None) -> BudgetView:
+        query = f"SELECT {BUDGET_COLUMNS} FROM budgets WHERE name = ?"  # noqa: S608 - our names
         if conn is not None:
-            row = conn.execute(query).first()
+            row = conn.execute(query, (name,)).fetchone()
         else:
-            with self.reader.connect() as c:
-                row = c.execute(query).first()
+            with self.db.reading() as c:
+                row = c.execute(query, (name,)).fetchone()
         if row is None:
             msg = f"no budget named '{name}' (create it with `runner budget create {name} --limit USD`)"
             raise BudgetNotFound(msg, budget=name)
-        return _budget_view(row)
+        return BudgetView(*row)
 
     def budget_by_id(self, budget_id: int) -> BudgetView:
-        with self.reader.connect() as c:
-            row = c.execute(select(B).where(B.c.id == budget_id)).one()
-        return _budget_view(row)
+        with self.db.reading() as c:
+            row = c.execute(f"SELECT {BUDGET_COLUMNS} FROM budgets WHERE id = ?", (budget_id,)).fetchone()  # noqa: S608
+        if row is None:
+            msg = f"no budget with id {budget_id}"
+            raise LedgerError(msg)
+        return BudgetView(*row)
 
     def budgets(self, *, include_ephemeral: bool = False) -> list[BudgetView]:
-        query = select(B).order_by(B.c.name)
-        if not include_ephemeral:
-            query = query.where(B.c.ephemeral.is_(False))
-        with self.reader.connect() as c:
-            return [_budget_view(row) for row in c.execute(query)]
+        where = "" if include_ephemeral else " WHERE NOT ephemeral"
+        with self.db.reading() as c:
+            rows = c.execute(f"SELECT {BUDGET_COLUMNS} FROM budgets{where} ORDER BY name").fetchall()  # noqa: S608
+        return [BudgetView(*row) for row in rows]
 
     def set_limit(self, name: str, limit_nanos: int) -> BudgetView:
         with self.transaction() as tx:
@@ -283,15 +289,15 @@ class Ledger:
             if limit_nanos < committed:
                 msg = f"budget '{name}' cannot go below what is spent and reserved ({format_usd(committed)})"
                 raise BudgetLimitTooLow(msg)
-            conn.execute(update(B).where(B.c.id == current.id).values(limit_nanos=limit_nanos))
+            conn.execute("UPDATE budgets SET limit_nanos = ? WHERE id = ?", (limit_nanos, current.id))
             tx.budget_entry(current.id, "raise", limit_nanos - current.limit_nanos)
         return self.budget(name)
 
     def history(self, name: str, limit: int = 100) -> list[dict[str, Any]]:
         budget = self.budget(name)
-        query = select(E).where(E.c.budget_id == budget.id).order_by(E.c.id.desc()).limit(limit)
-        with self.reader.connect() as c:
-            return [dict(row._mapping) for row in c.execute(query)]
+        query = "SELECT * FROM ledger_entries WHERE budget_id = ? ORDER BY id DESC LIMIT ?"
+        with self.db.reading() as c:
+            return rows_as_dicts(c.execute(query, (budget.id, limit)), times=("at",))
 
     # ---- money (call inside `transaction()`; the Writer groups many into one) ---------------
     # These only touch the Tx buffer: totals read once per budget, rows written by executemany at
@@ -378,20 +384,21 @@ class Ledger:
         Through the driver: lookups run once per line of a job, and building SQLAlchemy statements
         with hundreds of parameters cost more than SQLite's part of the work.
         """
-        with self.reader.connect() as c:
-            cursor = c.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with self.db.reading() as c:
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start : start + 500])
-                yield from cursor.execute(sql.format(", ".join("?" * len(chunk))), (*params, *chunk))
+                yield from c.execute(sql.format(", ".join("?" * len(chunk))), (*params, *chunk))
 
     def store_quotes(self, rows: Iterable[dict[str, Any]]) -> None:
         rows = list(rows)
         if not rows:
             return
         with self.transaction() as tx:
-            keys = [r["key"] for r in rows]
-            tx.conn.execute(Q.delete().where(Q.c.key.in_(keys)))
-            tx.conn.execute(Q.insert(), [{**r, "at": utcnow()} for r in rows])
+            tx.conn.executemany(
+                "INSERT OR REPLACE INTO quotes (key, amount_nanos, exact, source, reason, at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(r["key"], r["amount_nanos"], r["exact"], r["source"], r["reason"], tx.now) for r in rows],
+            )
 
     # ---- runs ----------------------------------------------------------------------------
 
@@ -405,19 +412,10 @@ class Ledger:
         state: str = "running",
     ) -> None:
         with self.transaction() as tx:
-            now = utcnow()
             tx.conn.execute(
-                RN.insert().values(
-                    id=run_id,
-                    job_path=job_path,
-                    budget_id=budget_id,
-                    provider=provider,
-                    state=state,
-                    total=0,
-                    created_at=now,
-                    owner=owner,
-                    seen_at=now if owner else None,
-                )
+                "INSERT INTO runs (id, job_path, budget_id, provider, state, total, created_at, owner,"
+                " seen_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                (run_id, job_path, budget_id, provider, state, tx.now, owner, tx.now if owner else None),
             )
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
@@ -429,32 +427,31 @@ class Ledger:
                 " ON CONFLICT (run_id, custom_id) DO NOTHING"
             )
             with self.transaction() as tx:
-                tx.conn.exec_driver_sql(sql, [tuple(row[n] for n in names) for row in rows])
+                tx.conn.executemany(sql, [tuple(row[n] for n in names) for row in rows])
 
     def set_total(self, run_id: str, total: int) -> None:
         """Every line has its row: the run is complete, and ready to send."""
         with self.transaction() as tx:
-            tx.conn.execute(update(RN).where(RN.c.id == run_id).values(total=total, state="running"))
+            tx.conn.execute("UPDATE runs SET total = ?, state = 'running' WHERE id = ?", (total, run_id))
 
     def discard_run(self, run_id: str) -> None:
         """Remove a run that never sent anything (refused by its budget, or left while preparing)."""
         with self.transaction() as tx:
-            held = tx.conn.exec_driver_sql(
+            [held] = tx.conn.execute(
                 "SELECT count(*) FROM requests WHERE run_id = ? AND state NOT IN ('pending', 'skipped')",
                 (run_id,),
-            ).scalar_one()
+            ).fetchone()
             if held:
                 msg = f"run {run_id} has sent requests: it is kept"
                 raise LedgerError(msg)
-            tx.conn.exec_driver_sql("DELETE FROM requests WHERE run_id = ?", (run_id,))
-            tx.conn.exec_driver_sql("DELETE FROM runs WHERE id = ?", (run_id,))
+            tx.conn.execute("DELETE FROM requests WHERE run_id = ?", (run_id,))
+            tx.conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
         with self.transaction() as tx:
             tx.conn.execute(
-                update(RN)
-                .where(RN.c.id == run_id)
-                .values(state=state, reason=reason, finished_at=utcnow(), owner=None)
+                "UPDATE runs SET state = ?, reason = ?, finished_at = ?, owner = NULL WHERE id = ?",
+                (state, reason, tx.now, run_id),
             )
 
     # ---- who runs a run: one process at a time ---------------------------------------------
@@ -465,54 +462,56 @@ class Ledger:
     def claim_run(self, run_id: str, owner: str, *, stale_after_s: float = OWNER_STALE_S) -> None:
         """Make `owner` the run's owner, unless another live process runs it (RunBusy)."""
         with self.transaction() as tx:
-            query = select(RN.c.owner, RN.c.seen_at).where(RN.c.id == run_id)
-            current, seen_at = tx.conn.execute(query).one()
+            found = tx.conn.execute("SELECT owner, seen_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if found is None:
+                msg = f"no run '{run_id}' (see `runner runs`)"
+                raise LedgerError(msg)
+            current, seen_at = found[0], parse_time(found[1])
             if current and current != owner and owner_alive(current, seen_at, stale_after_s):
                 msg = (
                     f"run {run_id} is being run by another process ({current}); wait for it to finish "
                     "(or stop it), or start a fresh run with --new"
                 )
                 raise RunBusy(msg, owner=current)
-            tx.conn.execute(update(RN).where(RN.c.id == run_id).values(owner=owner, seen_at=utcnow()))
+            tx.conn.execute("UPDATE runs SET owner = ?, seen_at = ? WHERE id = ?", (owner, tx.now, run_id))
 
     @staticmethod
     def touch_run(tx: Tx, run_id: str, owner: str) -> bool:
         """The owner's sign of life; False when the run has another owner now (it was taken over)."""
-        result = tx.conn.exec_driver_sql(
+        cursor = tx.conn.execute(
             "UPDATE runs SET seen_at = ? WHERE id = ? AND owner = ?", (tx.now, run_id, owner)
         )
-        return bool(result.rowcount)
+        return bool(cursor.rowcount)
 
     def latest_run(self, job_path: str, provider: str) -> str | None:
         """The job's newest run on this provider: resumed by default (a finished one sends nothing)."""
-        query = (
-            select(RN.c.id)
-            .where(RN.c.job_path == job_path, RN.c.provider == provider)
-            .order_by(RN.c.created_at.desc())
-        )
-        with self.reader.connect() as c:
-            row = c.execute(query).first()
+        query = "SELECT id FROM runs WHERE job_path = ? AND provider = ? ORDER BY created_at DESC LIMIT 1"
+        with self.db.reading() as c:
+            row = c.execute(query, (job_path, provider)).fetchone()
         return None if row is None else str(row[0])
 
     def run(self, run_id: str) -> dict[str, Any]:
-        with self.reader.connect() as c:
-            row = c.execute(select(RN).where(RN.c.id.startswith(run_id))).first()
-            if row is None:
+        """A run (named by its id or the start of it) with its request counts by state and spend."""
+        with self.db.reading() as c:
+            # a prefix compared as text: LIKE would read '_' and '%' in what the user typed as wildcards
+            query = "SELECT * FROM runs WHERE substr(id, 1, length(?)) = ? ORDER BY created_at DESC LIMIT 1"
+            found = rows_as_dicts(c.execute(query, (run_id, run_id)), times=RUN_TIMES)
+            if not found:
                 msg = f"no run '{run_id}' (see `runner runs`)"
                 raise LedgerError(msg)
-            run = dict(row._mapping)
+            run = found[0]
             counts = c.execute(
-                select(RQ.c.state, func.count(), func.coalesce(func.sum(RQ.c.price_nanos), 0))
-                .where(RQ.c.run_id == run["id"])
-                .group_by(RQ.c.state)
-            ).all()
+                "SELECT state, count(*), coalesce(sum(price_nanos), 0) FROM requests WHERE run_id = ?"
+                " GROUP BY state",
+                (run["id"],),
+            ).fetchall()
         run["states"] = {state: int(n) for state, n, _ in counts}
         run["spent_nanos"] = sum(int(s) for _, _, s in counts)
         return run
 
     def runs(self) -> list[dict[str, Any]]:
-        with self.reader.connect() as c:
-            ids = [row[0] for row in c.execute(select(RN.c.id).order_by(RN.c.created_at.desc()))]
+        with self.db.reading() as c:
+            ids = [row[0] for row in c.execute("SELECT id FROM runs ORDER BY created_at DESC")]
         return [self.run(run_id) for run_id in ids]
 
     def request_rows(self, run_id: str, custom_ids: Sequence[str]) -> dict[str, RequestRow]:
@@ -525,26 +524,23 @@ class Ledger:
 
     def interrupted_sends(self, run_id: str) -> list[int]:
         """Requests a killed process left as `sending`: their outcome is unknown."""
-        with self.reader.connect() as c:
-            query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "sending")
-            return [int(row[0]) for row in c.execute(query)]
+        return self._ids_in_state(run_id, "sending")
 
     def stale_reservations(self, run_id: str) -> list[int]:
         """Reserved but never sent by a process that died: safe to release."""
-        with self.reader.connect() as c:
-            query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "reserved")
-            return [int(row[0]) for row in c.execute(query)]
+        return self._ids_in_state(run_id, "reserved")
+
+    def _ids_in_state(self, run_id: str, state: str) -> list[int]:
+        with self.db.reading() as c:
+            return [int(row[0]) for row in c.execute(IDS_IN_STATE, (run_id, state))]
 
     def pending_quote_nanos(self, run_id: str) -> int:
-        with self.reader.connect() as c:
-            query = select(func.coalesce(func.sum(RQ.c.quote_nanos), 0)).where(
-                RQ.c.run_id == run_id, RQ.c.state == "pending"
-            )
-            return int(c.execute(query).scalar_one())
+        query = "SELECT coalesce(sum(quote_nanos), 0) FROM requests WHERE run_id = ? AND state = 'pending'"
+        with self.db.reading() as c:
+            return int(c.execute(query, (run_id,)).fetchone()[0])
 
     def possibly_billed(self, run_id: str, tx: Tx) -> list[int]:
-        query = select(RQ.c.id).where(RQ.c.run_id == run_id, RQ.c.state == "possibly_billed")
-        return [int(row[0]) for row in tx.conn.execute(query)]
+        return [int(row[0]) for row in tx.conn.execute(IDS_IN_STATE, (run_id, "possibly_billed"))]
 
     def iter_request_tuples(
         self, run_id: str, columns: Sequence[str], batch: int = 50_000
@@ -557,10 +553,9 @@ class Ledger:
         listed = ", ".join(["line", *names] if extra else names)  # our code's names, never input
         sql = f"SELECT {listed} FROM requests WHERE run_id = ? AND line > ? ORDER BY line LIMIT ?"  # noqa: S608
         last = -1
-        with self.reader.connect() as c:
-            cursor = c.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with self.db.reading() as c:
             while True:
-                rows = cursor.execute(sql, (run_id, last, batch)).fetchall()
+                rows = c.execute(sql, (run_id, last, batch)).fetchall()
                 if not rows:
                     return
                 last = rows[-1][at]
@@ -569,26 +564,16 @@ class Ledger:
     def iter_request_rows(self, run_id: str, batch: int = 5000) -> Iterator[list[dict[str, Any]]]:
         """All request rows of a run, in line order, a batch at a time (memory stays flat)."""
         last = -1
-        with self.reader.connect() as c:
+        sql = "SELECT * FROM requests WHERE run_id = ? AND line > ? ORDER BY line LIMIT ?"
+        with self.db.reading() as c:
             while True:
-                rows = c.execute(
-                    select(RQ).where(RQ.c.run_id == run_id, RQ.c.line > last).order_by(RQ.c.line).limit(batch)
-                ).all()
+                rows = rows_as_dicts(
+                    c.execute(sql, (run_id, last, batch)), times=("started_at", "finished_at")
+                )
                 if not rows:
                     return
-                yield [dict(r._mapping) for r in rows]
-                last = rows[-1].line
-
-
-def _budget_view(row: Any) -> BudgetView:
-    return BudgetView(
-        id=row.id,
-        name=row.name,
-        limit_nanos=row.limit_nanos,
-        spent_nanos=row.spent_nanos,
-        reserved_nanos=row.reserved_nanos,
-        possibly_billed_nanos=row.possibly_billed_nanos,
-    )
+                yield rows
+                last = rows[-1]["line"]
 
 
 def metadata_text(metadata: dict[str, Any]) -> str | None:

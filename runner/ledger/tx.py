@@ -15,12 +15,11 @@ server database the read would need `SELECT ... FOR UPDATE`).
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection
-
-from runner.ledger.tables import utcnow
+from runner.ledger.db import time_text, utcnow
 
 NOW = object()  # stands for "the time of this write" in request updates
 
@@ -46,7 +45,7 @@ class Hold:
 
 
 class Tx:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.now = now_text()
         self._totals: dict[int, Totals] = {}
@@ -60,22 +59,28 @@ class Tx:
     def totals(self, budget_id: int) -> Totals:
         found = self._totals.get(budget_id)
         if found is None:
-            row = self.conn.exec_driver_sql(
+            row = self.conn.execute(
                 "SELECT limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos FROM budgets"
                 " WHERE id = ?",
                 (budget_id,),
-            ).one()
+            ).fetchone()
+            if row is None:
+                msg = f"no budget with id {budget_id}"
+                raise LookupError(msg)
             found = self._totals[budget_id] = Totals(*(int(v) for v in row))
         return found
 
     def hold(self, request_id: int) -> Hold:
         found = self._holds.get(request_id)
         if found is None:
-            row = self.conn.exec_driver_sql(
+            row = self.conn.execute(
                 "SELECT requests.reserved_nanos, runs.budget_id, requests.run_id FROM requests"
                 " JOIN runs ON runs.id = requests.run_id WHERE requests.id = ?",
                 (request_id,),
-            ).one()
+            ).fetchone()
+            if row is None:
+                msg = f"no request with id {request_id}"
+                raise LookupError(msg)
             found = self._holds[request_id] = Hold(int(row[0]), int(row[1]), str(row[2]))
         return found
 
@@ -83,8 +88,11 @@ class Tx:
         """A request's state as this transaction leaves it so far."""
         found = self._updates.get(request_id, {}).get("state")
         if found is None:
-            query = "SELECT state FROM requests WHERE id = ?"
-            found = self.conn.exec_driver_sql(query, (request_id,)).scalar_one()
+            row = self.conn.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
+            if row is None:
+                msg = f"no request with id {request_id}"
+                raise LookupError(msg)
+            found = row[0]
         return str(found)
 
     # ---- buffered writes ----------------------------------------------------------------
@@ -115,7 +123,7 @@ class Tx:
 
     def flush(self) -> None:
         """Write what the transaction buffered; called once, just before the commit."""
-        sql = self.conn.exec_driver_sql
+        sql = self.conn.executemany
         if self._totals:
             sql(
                 "UPDATE budgets SET spent_nanos = ?, reserved_nanos = ?, possibly_billed_nanos = ?"
@@ -148,5 +156,5 @@ class Tx:
 
 
 def now_text() -> str:
-    """UTC now, in the text form SQLAlchemy's DateTime uses on SQLite."""
-    return utcnow().strftime("%Y-%m-%d %H:%M:%S.%f")
+    """UTC now, in the ledger's stored form."""
+    return time_text(utcnow())

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy.exc import DBAPIError
 
 from runner.errors import LedgerError
 from runner.ledger.store import Ledger
@@ -105,10 +105,9 @@ class Writer:
             self.commits += 1
         except BaseException as exc:  # every caller of the batch learns the transaction failed
             error = exc
-            if isinstance(exc, DBAPIError):  # a full disk, a read-only or damaged file: say so plainly
-                reason = exc.orig if exc.orig is not None else exc
+            if isinstance(exc, sqlite3.Error):  # a full disk, a read-only or damaged file: say so plainly
                 msg = (
-                    f"the ledger could not be written ({reason}); no request is sent before its "
+                    f"the ledger could not be written ({exc}); no request is sent before its "
                     "reservation is written: once the ledger can be written, run the same command to resume"
                 )
                 error = LedgerError(msg)

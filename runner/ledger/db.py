@@ -1,0 +1,136 @@
+"""The ledger's SQLite connections at run time: the standard library's driver, pooled.
+
+The schema is SQLModel's (`tables.py`) and alembic migrates it (`migrations/`); a ledger already at
+the newest migration is read and written with plain SQL through `sqlite3`, so a command does not load
+SQLAlchemy (two thirds of `runner run`'s start-up) unless it has a migration to run.
+
+Writes begin with `BEGIN IMMEDIATE`, so a check and the write that depends on it cannot interleave
+with another process; reads run in a deferred transaction of their own (one snapshot for all they
+read). Every connection has WAL, `synchronous = NORMAL` (a killed process loses nothing committed),
+a busy timeout and foreign keys on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from runner.errors import ConfigError
+
+BUSY_TIMEOUT_MS = 30_000
+STORED_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how the ledger writes UTC (SQLAlchemy's DateTime on SQLite)
+PRAGMAS = (
+    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",  # WAL + NORMAL survives a killed process
+    "PRAGMA foreign_keys = ON",
+)
+
+
+def sqlite_path(url: str) -> str:
+    """The file a `sqlite:///PATH` URL names (`sqlite:////abs/path` for an absolute one)."""
+    prefix = "sqlite:///"
+    path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
+    if not path or path == ":memory:":
+        scheme = url.split(":", 1)[0] if ":" in url else url  # never the rest: it may hold a password
+        msg = f"the ledger must be a SQLite file, given as sqlite:///PATH (got a {scheme!r} URL)"
+        raise ConfigError(msg)
+    return path
+
+
+class Database:
+    """Connections to one SQLite file, each used by one thread at a time and then kept for the next."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        for pragma in PRAGMAS:
+            conn.execute(pragma)
+        return conn
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        try:
+            yield conn
+        except BaseException:
+            try:
+                conn.rollback()
+            except sqlite3.Error:  # a damaged file, a full disk: this connection is not kept
+                conn.close()
+            else:
+                self._keep(conn)
+            raise
+        self._keep(conn)
+
+    def _keep(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.rollback()
+        with self._lock:
+            self._idle.append(conn)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection in a read transaction, rolled back at the end."""
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            yield conn
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[sqlite3.Connection]:
+        """A connection in a write transaction (BEGIN IMMEDIATE), committed at the end unless the
+        block raised."""
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def rows_as_dicts(cursor: sqlite3.Cursor, times: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A cursor's rows as dicts by column name, the named timestamp columns read as datetimes."""
+    names = [column[0] for column in cursor.description]
+    rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    for row in rows:
+        for name in times:
+            if name in row:
+                row[name] = parse_time(row[name])
+    return rows
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """A stored timestamp (UTC, written without its zone) as an aware datetime."""
+    if text is None:
+        return None
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def time_text(moment: datetime) -> str:
+    """A datetime in the ledger's stored form (UTC, no zone)."""
+    return moment.astimezone(UTC).strftime(STORED_TIME)
+
+
+__all__ = ["Database", "parse_time", "rows_as_dicts", "sqlite_path", "time_text", "utcnow"]
