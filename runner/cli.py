@@ -528,11 +528,14 @@ def run(
         _check_writable(output)  # found out now, not after the money is spent
     settings = _settings(provider, base_url, price_file, sim_pricing)
     cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
-    helpers = fleet.spawn(processes - 1, validate=job)  # they start while this process quotes
+    # helpers start while this process quotes; the first validates the job meanwhile (with one
+    # process sending, a helper does only that)
+    helpers = fleet.spawn(processes - 1, validate=job)
+    validator = None if helpers else fleet.spawn_validator(job)
     try:
-        ledger, result = _run(job, budget, cap, settings, options, db, helpers)
+        ledger, result = _run(job, budget, cap, settings, options, db, helpers, validator)
     finally:
-        fleet.close(helpers)
+        fleet.close([*helpers, validator] if validator else helpers)
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = _export(export_parquet, ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
@@ -559,11 +562,13 @@ def _run(
     options: RunOptions,
     db: str | None,
     helpers: list[fleet.Helper],
+    validator: fleet.Helper | None = None,
 ) -> tuple[Ledger, RunResult]:
-    """Validate → quote → budget check → run, with the helper processes given (the first validates
-    the job while this process quotes it)."""
+    """Validate → quote → budget check → run, with the helper processes given: the first of them, or
+    else the `validator`, validates the job while this process quotes it."""
     summary = None
-    if not helpers:
+    validating = helpers[0] if helpers else validator
+    if validating is None:
         summary = validate_job(job)
         summary.raise_for_issues()
         _print_summary(summary)
@@ -572,9 +577,9 @@ def _run(
     async def work() -> RunResult:
         async with connect(settings) as conn:
             with Progress("running", summary.requests if summary else 0) as progress:
-                given = summary or Verdict.from_helper(
-                    job, helpers[0], on_valid=progress.above(_print_summary)
-                )
+                given: JobSummary | Verdict | None = summary
+                if validating is not None:
+                    given = Verdict.from_helper(job, validating, on_valid=progress.above(_print_summary))
                 try:
                     return await run_job(
                         job,
@@ -588,7 +593,7 @@ def _run(
                         fleet=helpers,
                     )
                 finally:
-                    for helper in helpers:
+                    for helper in [*helpers, validator] if validator else helpers:
                         if not helper.started:  # the run was refused, or needed no helper
                             helper.close_stream()
 

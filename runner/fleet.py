@@ -46,6 +46,7 @@ from runner import codec, http
 from runner.connect import ProviderSettings, connect
 from runner.errors import ConfigError, JobChanged, JobError, LedgerError, RunnerError
 from runner.events import Event, RequestFinished, Retrying
+from runner.helper import VALIDATE_ONLY
 from runner.jobs import JobSummary
 
 if TYPE_CHECKING:
@@ -118,19 +119,35 @@ def spawn(count: int, validate: Path | None = None) -> list[Helper]:
     if count and os.name != "posix":
         msg = "--processes above 1 needs a POSIX system (Linux, macOS)"
         raise ConfigError(msg)
-    helpers = []
-    for number in range(count):
-        ours, theirs = socket.socketpair()
-        code = "from runner.helper import main; main()"
-        command = [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid())]
-        if validate is not None and number == 0:
-            command.append(str(validate))
+    return [_start([str(validate)] if validate is not None and n == 0 else []) for n in range(count)]
+
+
+def spawn_validator(job: Path) -> Helper | None:
+    """A helper that validates `job` while this process quotes it, says its verdict and ends: the
+    pre-flight of a run sent by this process alone. None where there is no POSIX process model, or
+    when it cannot be started (the job is then validated here, as before quoting)."""
+    if os.name != "posix":
+        return None
+    try:
+        return _start([str(job), VALIDATE_ONLY])
+    except OSError:
+        return None
+
+
+def _start(job_args: list[str]) -> Helper:
+    ours, theirs = socket.socketpair()
+    code = "from runner.helper import main; main()"
+    command = [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid()), *job_args]
+    try:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         )
+    except OSError:
+        ours.close()
+        raise
+    finally:
         theirs.close()
-        helpers.append(Helper(proc, ours))
-    return helpers
+    return Helper(proc, ours)
 
 
 def close(helpers: list[Helper], wait_s: float = 10.0) -> None:

@@ -3,7 +3,9 @@
 The first helper validates the job while the main process quotes it (the job is named on its
 command line), and its verdict is wanted as soon as possible: it loads what validating needs, says
 its verdict unasked, and only then loads the code that sends (the engine, the ledger), while the
-main process is still quoting. Then, like every helper, it waits for its order to go.
+main process is still quoting. Then, like every helper, it waits for its order to go. A helper
+started only to validate (`fleet.spawn_validator`, for a run sent by one process) ends with its
+verdict.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 ORDER_LIMIT = 1 << 20  # the longest first order read (a "go" is about a kilobyte)
+VALIDATE_ONLY = "--validate-only"  # after the job on the command line: the verdict is all
 
 
 def _die_with_parent(parent: int) -> None:
@@ -69,6 +72,9 @@ def main() -> None:
     if job:  # the first thing wanted: said unasked
         with contextlib.suppress(OSError):  # the main process is gone: the order below says so
             sock.sendall(json.dumps({"verdict": _verdict(job[0])}).encode() + b"\n")
+        if job[1:] == [VALIDATE_ONLY]:
+            sock.close()
+            os._exit(0)  # nothing to tear down that matters (see below)
     import anyio  # noqa: PLC0415 - the code that sends, loaded while the main process prepares the run
 
     from runner import engine, fleet, ledger  # noqa: PLC0415, F401 - all of it, before the order comes

@@ -136,6 +136,41 @@ async def test_a_helper_lost_before_its_verdict_leaves_validation_and_the_run_to
     assert [summary.requests for summary in shown] == [30]  # validated here, and said once
 
 
+async def test_a_validator_says_its_verdict_and_ends_and_one_process_sends_the_run(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    """The pre-flight of a run sent by one process: a helper validates the job meanwhile, says its
+    verdict and ends of its own accord (it is never told to go)."""
+    ledger = Ledger()
+    rows = job_lines(30)
+    job = write_job(rows)
+    validator = fleet.spawn_validator(job)
+    assert validator is not None
+    shown: list[JobSummary] = []
+    try:
+        verdict = Verdict.from_helper(job, validator, on_valid=shown.append)
+        result = await run(sim, job, ledger, summary=verdict)
+        assert validator.proc.wait(10) == 0  # ended by itself
+    finally:
+        validator.close_stream()  # as the command does with a helper never told to go
+        fleet.close([validator])
+    assert not validator.lost and not validator.started
+    assert result.states == {"ok": 30}
+    assert [summary.requests for summary in shown] == [30]
+    rows[7]["temperature"] = 9
+    bad = write_job(rows)
+    validator = fleet.spawn_validator(bad)
+    assert validator is not None
+    try:
+        with pytest.raises(JobError) as caught:
+            await run(sim, bad, ledger, summary=Verdict.from_helper(bad, validator))
+    finally:
+        validator.close_stream()
+        fleet.close([validator])
+    assert [(issue.line, issue.field) for issue in caught.value.issues] == [(8, "temperature")]
+    assert not validator.lost  # the helper's verdict, not a validation of this process's own
+
+
 async def test_run_settles_every_request_and_matches_the_simulator(
     sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -600,21 +600,26 @@ def test_a_line_changed_mid_run_is_the_same_error_whichever_process_reads_it(
 def test_a_job_a_helper_finds_invalid_is_refused_as_one_process_refuses_it(
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
-    """With helpers the first one validates while the main process quotes: the same problems, the
-    same exit code, no dry run asked for, no run left."""
+    """A helper validates while the main process quotes (the first of the helpers, or one started
+    for that alone when one process sends): the problems `runner validate` names in its own process,
+    the same exit code, no dry run asked for, no run left."""
     sim = sim_process("0.01")
     job_lines, job, db, ledger = night_job(tmp_path, "bad", 300)
     job_lines[120]["temperature"] = 9
     job_lines[250]["custom_id"] = "bad7"
     text = "".join(json.dumps(line) + "\n" for line in job_lines)
     job.write_text(text.replace(json.dumps(job_lines[200]), "{not json", 1))
-    said = {}
+    env = {**os.environ, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "runner", "validate", str(job)]
+    validated = subprocess.run(command, capture_output=True, text=True, env=env, cwd=job.parent, check=False)
+    named = [line for line in validated.stderr.splitlines() if "bad.jsonl:" in line]
+    said = {"validate": [line for line in named if "problem(s)" not in line]}  # less its total
     for processes in ("1", "2"):
         proc = start_runner(sim, job, db, "--budget", "night", "--processes", processes)
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 1, output
         said[processes] = [line for line in output.splitlines() if "bad.jsonl:" in line]
-    assert said["2"] == said["1"]
+    assert said["2"] == said["1"] == said["validate"]
     assert [line.split("bad.jsonl:")[1].split(":")[0] for line in said["2"][:3]] == ["121", "201", "251"]
     assert sim.stats()["counters"].get("run.dry_run", 0) == 0
     assert ledger.runs() == []
