@@ -32,7 +32,8 @@ PRAGMAS = (
 
 
 def sqlite_path(url: str) -> str:
-    """The file a `sqlite:///PATH` URL names (`sqlite:////abs/path` for an absolute one)."""
+    """The file a `sqlite:///PATH` URL names (`sqlite:////abs/path` for an absolute one); options
+    after a `?` are not used (the ledger sets its own)."""
     prefix = "sqlite:///"
     path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
     if not path or path == ":memory:":

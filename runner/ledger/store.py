@@ -206,7 +206,7 @@ class Ledger:
 
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()))
-        engine = migration_engine(self.url)
+        engine = migration_engine(f"sqlite:///{self.db.path}")
         try:
             with self._turns, engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
                 config.attributes["connection"] = conn
