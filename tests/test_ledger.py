@@ -403,3 +403,15 @@ def test_commands_on_a_migrated_ledger_do_not_load_sqlalchemy(tmp_path: Path) ->
     fresh = code.replace(url(tmp_path), url(tmp_path, "blank.db"))
     migrated = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True)
     assert "sqlalchemy" in migrated.stdout and "alembic" in migrated.stdout  # a blank one is migrated
+
+
+def test_a_ledger_that_cannot_be_opened_is_named_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a ledger\n" * 100)
+    for path, reason in [
+        (tmp_path / "no" / "such" / "l.db", "unable to open"),
+        (tmp_path / "notes.txt", "file is not a database"),
+    ]:
+        result = cli.invoke(app, ["budget", "list", "--db", f"sqlite:///{path}"])
+        assert result.exit_code == 2, result.output
+        assert f"the ledger {path} cannot be opened ({reason}" in result.output
+        assert "Traceback" not in result.output

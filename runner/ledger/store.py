@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import platformdirs
 
-from runner.errors import BudgetLimitTooLow, BudgetNotFound, LedgerError, RunBusy
+from runner.errors import BudgetLimitTooLow, BudgetNotFound, ConfigError, LedgerError, RunBusy
 from runner.ledger.db import Database, parse_time, rows_as_dicts, sqlite_path, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.money import format_usd
@@ -191,7 +191,11 @@ class Ledger:
         self.url = url or default_url()
         self.db = Database(sqlite_path(self.url))
         self._turns = _WriteTurns(self.db.path)
-        self.migrate()
+        try:
+            self.migrate()
+        except sqlite3.Error as exc:  # a folder that does not exist, a file that is not a ledger
+            msg = f"the ledger {self.db.path} cannot be opened ({exc}); check --db or RUNNER_DB"
+            raise ConfigError(msg) from None
 
     def close(self) -> None:
         self.db.close()
@@ -203,6 +207,7 @@ class Ledger:
             return
         from alembic import command  # noqa: PLC0415 - imported only when there is work for it
         from alembic.config import Config  # noqa: PLC0415
+        from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
 
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()))
@@ -211,6 +216,8 @@ class Ledger:
             with self._turns, engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
+        except DBAPIError as exc:  # the driver's own error, as the ledger's connections raise it
+            raise exc.orig if isinstance(exc.orig, sqlite3.Error) else exc from None
         finally:
             engine.dispose()
 
@@ -219,8 +226,10 @@ class Ledger:
         try:
             with self.db.reading() as c:
                 row = c.execute("SELECT version_num FROM alembic_version").fetchone()
-        except sqlite3.OperationalError:  # no alembic_version table yet
-            return None
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a blank database
+                return None
+            raise
         return None if row is None else str(row[0])
 
     @contextmanager
