@@ -46,7 +46,7 @@ from runner import codec, http
 from runner.connect import ProviderSettings, connect
 from runner.errors import ConfigError, JobChanged, JobError, LedgerError, RunnerError
 from runner.events import Event, RequestFinished, Retrying
-from runner.helper import VALIDATE_ONLY
+from runner.helper import RELAYED, VALIDATE_ONLY
 from runner.jobs import JobSummary
 
 if TYPE_CHECKING:
@@ -139,9 +139,17 @@ def _start(job_args: list[str]) -> Helper:
     code = "from runner.helper import main; main()"
     command = [sys.executable, "-c", code, str(theirs.fileno()), str(os.getpid()), *job_args]
     try:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
-        )
+        # The terminal's Ctrl-C goes to the whole process group, and a helper that has not started far
+        # enough to ignore it would die of it (with a traceback): it starts with the signals blocked
+        # (a mask survives exec), ignores them, then unblocks them (runner.helper). Here they stay
+        # pending for the few milliseconds the start takes, not lost.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
+        try:
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     except OSError:
         ours.close()
         raise

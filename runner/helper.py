@@ -23,6 +23,7 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 ORDER_LIMIT = 1 << 20  # the longest first order read (a "go" is about a kilobyte)
+RELAYED = {signal.SIGINT, signal.SIGTERM}  # what the terminal sends the group, relayed by the main process
 VALIDATE_ONLY = "--validate-only"  # after the job on the command line: the verdict is all
 
 
@@ -66,8 +67,9 @@ def _verdict(job: str) -> dict[str, Any] | None:
 def main() -> None:
     fd, parent, *job = sys.argv[1:]
     _die_with_parent(int(parent))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process relays Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for number in RELAYED:  # the main process relays them; started with them blocked (fleet._start)
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
     sock = socket.socket(fileno=int(fd))
     if job:  # the first thing wanted: said unasked
         with contextlib.suppress(OSError):  # the main process is gone: the order below says so

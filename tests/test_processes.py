@@ -646,3 +646,31 @@ def test_ctrl_c_while_helpers_validate_and_quote_leaves_no_run_and_no_helper(
     while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in helpers)
+
+
+def test_ctrl_c_while_one_process_waits_for_its_validator_leaves_no_run_and_no_helper(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """One sending process: Ctrl-C while the helper validates the job (no verdict yet, so no dry
+    run asked for): exit 130, nothing asked of the provider, no run left, the helper gone."""
+    sim = sim_process("0.05")
+    _, job, db, ledger = night_job(tmp_path, "long", 60_000)  # validated in about half a second
+    proc = start_runner(sim, job, db, "--budget", "night", session=True)
+    helpers: list[int] = []
+
+    def validating() -> bool:
+        helpers[:] = helpers_of(proc.pid)
+        return bool(helpers)
+
+    assert wait_for(validating, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output, output
+    counters = sim.stats()["counters"]
+    assert counters.get("run.dry_run", 0) == 0 and counters.get("run.call", 0) == 0
+    assert ledger.runs() == []
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in helpers)
