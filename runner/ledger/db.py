@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,7 @@ class Database:
         self.path = path
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._idle)  # a ledger dropped unclosed closes its files
 
     def _open(self) -> sqlite3.Connection:
         # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours
@@ -102,9 +104,14 @@ class Database:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+            idle = self._idle[:]
+            self._idle.clear()
+        _close_all(idle)
+
+
+def _close_all(connections: list[sqlite3.Connection]) -> None:
+    for conn in connections:
+        conn.close()
 
 
 def rows_as_dicts(cursor: sqlite3.Cursor, times: tuple[str, ...] = ()) -> list[dict[str, Any]]:
