@@ -541,10 +541,11 @@ def run(
     # process sending, a helper does only that)
     helpers = fleet.spawn(processes - 1, validate=job)
     validator = None if helpers else fleet.spawn_validator(job)
+    spawned = [*helpers, validator] if validator else helpers
     try:
         ledger, result = _run(job, budget, cap, settings, options, db, helpers, validator)
     finally:
-        fleet.close([*helpers, validator] if validator else helpers)
+        fleet.close(spawned)
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = _export(export_parquet, ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))

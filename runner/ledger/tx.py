@@ -59,28 +59,24 @@ class Tx:
     def totals(self, budget_id: int) -> Totals:
         found = self._totals.get(budget_id)
         if found is None:
-            row = self.conn.execute(
+            row = self._one(
                 "SELECT limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos FROM budgets"
                 " WHERE id = ?",
-                (budget_id,),
-            ).fetchone()
-            if row is None:
-                msg = f"no budget with id {budget_id}"
-                raise LookupError(msg)
+                budget_id,
+                "budget",
+            )
             found = self._totals[budget_id] = Totals(*(int(v) for v in row))
         return found
 
     def hold(self, request_id: int) -> Hold:
         found = self._holds.get(request_id)
         if found is None:
-            row = self.conn.execute(
+            row = self._one(
                 "SELECT requests.reserved_nanos, runs.budget_id, requests.run_id FROM requests"
                 " JOIN runs ON runs.id = requests.run_id WHERE requests.id = ?",
-                (request_id,),
-            ).fetchone()
-            if row is None:
-                msg = f"no request with id {request_id}"
-                raise LookupError(msg)
+                request_id,
+                "request",
+            )
             found = self._holds[request_id] = Hold(int(row[0]), int(row[1]), str(row[2]))
         return found
 
@@ -88,12 +84,16 @@ class Tx:
         """A request's state as this transaction leaves it so far."""
         found = self._updates.get(request_id, {}).get("state")
         if found is None:
-            row = self.conn.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
-            if row is None:
-                msg = f"no request with id {request_id}"
-                raise LookupError(msg)
-            found = row[0]
+            found = self._one("SELECT state FROM requests WHERE id = ?", request_id, "request")[0]
         return str(found)
+
+    def _one(self, sql: str, key: int, what: str) -> tuple[Any, ...]:
+        """The one row `sql` finds for `key`; a missing row is a defect (ids come from the ledger)."""
+        row: tuple[Any, ...] | None = self.conn.execute(sql, (key,)).fetchone()
+        if row is None:
+            msg = f"no {what} with id {key}"
+            raise LookupError(msg)
+        return row
 
     # ---- buffered writes ----------------------------------------------------------------
 
