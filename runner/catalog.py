@@ -11,16 +11,21 @@ from decimal import Decimal
 PER_MILLION = Decimal(1_000_000)
 FLAT_CALL_PRICE = Decimal("0.01")  # the per-call listing's flat price
 DEFAULT_MAX_TOKENS = 4096
+# what a chat template may add around the text of a request, in tokens (a price file can change them)
+PER_MESSAGE_TOKENS = 16
+PER_REQUEST_TOKENS = 256
 
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     slug: str
-    context_window: int
+    context_window: int | None  # None: not known (a model priced by a price file alone)
     reasoning_effort: bool  # accepts the reasoning_effort parameter
     always_reasons: bool  # emits reasoning whatever is asked
     input_price: Decimal | None  # USD per token
     output_price: Decimal | None
+    per_message_tokens: int = PER_MESSAGE_TOKENS
+    per_request_tokens: int = PER_REQUEST_TOKENS
 
     @property
     def priced(self) -> bool:
@@ -67,19 +72,35 @@ def get(slug: str) -> ModelInfo | None:
     return MODELS.get(slug)
 
 
-def with_prices(
-    base: dict[str, ModelInfo], overrides: dict[str, tuple[Decimal, Decimal]]
-) -> dict[str, ModelInfo]:
-    """A copy of `base` where `overrides` (USD per token) add or replace prices."""
+@dataclass(frozen=True, slots=True)
+class PriceEntry:
+    """One model of a user's price file: USD per token, and what it may say of the model."""
+
+    input_price: Decimal
+    output_price: Decimal
+    context_window: int | None = None
+    per_message_tokens: int | None = None
+    per_request_tokens: int | None = None
+
+
+def with_prices(base: dict[str, ModelInfo], entries: dict[str, PriceEntry]) -> dict[str, ModelInfo]:
+    """A copy of `base` where a price file's `entries` add models or replace their prices; a model
+    outside `base` keeps what the entry says of it (no context window unless it gives one)."""
     merged = dict(base)
-    for slug, (inp, out) in overrides.items():
+    for slug, entry in entries.items():
         known = merged.get(slug)
         merged[slug] = ModelInfo(
             slug=slug,
-            context_window=known.context_window if known else 131_072,
+            context_window=entry.context_window or (known.context_window if known else None),
             reasoning_effort=known.reasoning_effort if known else False,
             always_reasons=known.always_reasons if known else False,
-            input_price=inp,
-            output_price=out,
+            input_price=entry.input_price,
+            output_price=entry.output_price,
+            per_message_tokens=_first(entry.per_message_tokens, PER_MESSAGE_TOKENS),
+            per_request_tokens=_first(entry.per_request_tokens, PER_REQUEST_TOKENS),
         )
     return merged
+
+
+def _first(value: int | None, default: int) -> int:
+    return default if value is None else value

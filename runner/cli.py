@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import gc
 import json
 import os
 import sys
@@ -23,10 +21,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from runner import catalog, fleet, html_report
-from runner.connect import ProviderSettings, connect
-from runner.engine import RunOptions, RunResult, Verdict, run_job
-from runner.errors import BudgetExceeded, ConfigError, JobError, ProviderError, RunnerError, Unpriced
+from runner import catalog, html_report, http
+from runner.connect import ProviderSettings, connect, price_table
+from runner.engine import RunOptions, RunResult, run_job
+from runner.errors import (
+    BudgetExceeded,
+    ConfigError,
+    JobError,
+    ProviderError,
+    RunnerError,
+    Unpriced,
+    printable,
+)
 from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import JobSummary, iter_requests, validate_job
@@ -49,6 +55,7 @@ EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_OVER_BUDGET = 3
 EXIT_RUN_STOPPED = 4
+EXIT_REQUESTS_FAILED = 5  # the run finished, but some requests failed or are possibly billed
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 ERRORS_SHOWN = 20
 
@@ -226,10 +233,39 @@ PriceFileOpt = Annotated[
 SimPricingOpt = Annotated[str, typer.Option("--sim-pricing", help="Simulator: tokens | flat.")]
 
 
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", help="Seconds a reply may stay silent (a long reasoning call is quiet)."),
+]
+ConnectTimeoutOpt = Annotated[
+    float, typer.Option("--connect-timeout", help="Seconds to connect (TCP and TLS).")
+]
+
+
+def _timeouts(read_s: float, connect_s: float) -> http.Timeouts:
+    for name, value in (("--timeout", read_s), ("--connect-timeout", connect_s)):
+        if not value > 0:  # NaN is not > 0 either
+            msg = f"{name} must be above 0 seconds (got {value:g})"
+            raise ConfigError(msg)
+    return http.Timeouts(connect_s=connect_s, read_s=read_s)
+
+
 def _settings(
-    provider: str, base_url: str | None, price_file: Path | None, sim_pricing: str
+    provider: str,
+    base_url: str | None,
+    price_file: Path | None,
+    sim_pricing: str,
+    concurrency: int = 64,
+    timeouts: http.Timeouts = http.Timeouts(),
 ) -> ProviderSettings:
-    return ProviderSettings(name=provider, base_url=base_url, price_file=price_file, sim_pricing=sim_pricing)
+    return ProviderSettings(
+        name=provider,
+        base_url=base_url,
+        price_file=price_file,
+        sim_pricing=sim_pricing,
+        max_connections=concurrency,
+        timeouts=timeouts,
+    )
 
 
 def _usd_arg(text: str, what: str) -> Decimal:
@@ -462,14 +498,18 @@ def estimate(
     price_file: PriceFileOpt = None,
     sim_pricing: SimPricingOpt = "tokens",
     concurrency: int = 32,
+    timeout: TimeoutOpt = http.READ_TIMEOUT_S,
+    connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     db: DbOpt = None,
 ) -> None:
     """Validate, then quote every request (dry runs, cached in the ledger); exit 3 if over budget."""
-    summary = validate_job(job)
+    settings = _settings(
+        provider, base_url, price_file, sim_pricing, concurrency, _timeouts(timeout, connect_timeout)
+    )
+    summary = validate_job(job, price_table(settings))
     summary.raise_for_issues()
     ledger = Ledger(db)
     remaining = ledger.budget(budget).remaining_nanos if budget else None
-    settings = _settings(provider, base_url, price_file, sim_pricing)
 
     async def work() -> Estimate:
         async with connect(settings) as conn:
@@ -515,9 +555,8 @@ def run(
         typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
     ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
-    processes: Annotated[
-        int, typer.Option(help="Processes sending the run (for endpoints faster than one process).")
-    ] = 1,
+    timeout: TimeoutOpt = http.READ_TIMEOUT_S,
+    connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     db: DbOpt = None,
 ) -> None:
     """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
@@ -530,22 +569,13 @@ def run(
         retry_possibly_billed=retry_possibly_billed,
         handle_signals=True,
     )
-    if not 1 <= processes <= concurrency:
-        msg = f"--processes must be from 1 to --concurrency ({concurrency}); got {processes}"
-        raise ConfigError(msg)
     if output is not None:
         _check_writable(output)  # found out now, not after the money is spent
-    settings = _settings(provider, base_url, price_file, sim_pricing)
+    settings = _settings(
+        provider, base_url, price_file, sim_pricing, concurrency, _timeouts(timeout, connect_timeout)
+    )
     cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
-    # helpers start while this process quotes; the first validates the job meanwhile (with one
-    # process sending, a helper does only that)
-    helpers = fleet.spawn(processes - 1, validate=job)
-    validator = None if helpers else fleet.spawn_validator(job)
-    spawned = [*helpers, validator] if validator else helpers
-    try:
-        ledger, result = _run(job, budget, cap, settings, options, db, helpers, validator)
-    finally:
-        fleet.close(spawned)
+    ledger, result = _run(job, budget, cap, settings, options, db)
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = _export(export_parquet, ledger, result.run_id, path)
     out.print(_estimate_table(result.estimate, None))
@@ -562,6 +592,14 @@ def run(
         if result.resumable:
             out.print("the run is resumable: run the same command again to continue it", highlight=False)
         raise typer.Exit(EXIT_RUN_STOPPED)
+    unfinished = {s: result.states.get(s, 0) for s in ("failed", "possibly_billed")}
+    if any(unfinished.values()):
+        err.print(
+            f"run {result.run_id} finished with {unfinished['failed']} failed and "
+            f"{unfinished['possibly_billed']} possibly billed request(s) (see the report above)",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_REQUESTS_FAILED)
 
 
 def _run(
@@ -571,45 +609,42 @@ def _run(
     settings: ProviderSettings,
     options: RunOptions,
     db: str | None,
-    helpers: list[fleet.Helper],
-    validator: fleet.Helper | None = None,
 ) -> tuple[Ledger, RunResult]:
-    """Validate → quote → budget check → run, with the helper processes given: the first of them, or
-    else the `validator`, validates the job while this process quotes it."""
-    summary = None
-    validating = helpers[0] if helpers else validator
-    if validating is None:
-        summary = validate_job(job)
-        summary.raise_for_issues()
-        _print_summary(summary)
+    """Validate → quote → budget check → run."""
+    models = price_table(settings)
+    summary = validate_job(job, models)
+    summary.raise_for_issues()
+    _print_summary(summary)
+    _note_unknown_context(summary, models)
     ledger = Ledger(db)
 
     async def work() -> RunResult:
         async with connect(settings) as conn:
-            with Progress("running", summary.requests if summary else 0) as progress:
-                given: JobSummary | Verdict | None = summary
-                if validating is not None:
-                    given = Verdict.from_helper(job, validating, on_valid=progress.above(_print_summary))
-                try:
-                    return await run_job(
-                        job,
-                        conn=conn,
-                        ledger=ledger,
-                        budget=budget,
-                        max_usd=cap,
-                        options=options,
-                        on_event=progress,
-                        summary=given,
-                        fleet=helpers,
-                    )
-                finally:
-                    for helper in [*helpers, validator] if validator else helpers:
-                        if not helper.started:  # the run was refused, or needed no helper
-                            helper.close_stream()
+            with Progress("running", summary.requests) as progress:
+                return await run_job(
+                    job,
+                    conn=conn,
+                    ledger=ledger,
+                    budget=budget,
+                    max_usd=cap,
+                    options=options,
+                    on_event=progress,
+                    summary=summary,
+                )
 
-    result = run_async(work)
-    _give_back_memory()
-    return ledger, result
+    return ledger, run_async(work)
+
+
+def _note_unknown_context(summary: JobSummary, models: dict[str, catalog.ModelInfo]) -> None:
+    for model in sorted(summary.per_model):
+        info = models.get(model)
+        if info is not None and info.context_window is None:
+            err.print(
+                f"note: {printable(model)} has no context window in the price file: "
+                "its prompts were not checked against one",
+                markup=False,
+                highlight=False,
+            )
 
 
 # ---- runs, export, report ------------------------------------------------------------------
@@ -694,14 +729,6 @@ def _export(writer: Callable[[Ledger, str, Path], int], ledger: Ledger, run_id: 
         raise ConfigError(msg) from None
 
 
-def _give_back_memory() -> None:
-    """Between the run and the export: what the run freed goes back to the system (glibc keeps freed
-    heap otherwise), so the export and the report start from a lower peak."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _print_report(ledger: Ledger, run_id: str, parquet: Path | None = None) -> None:
     """The per-model table and the top errors: from the run's Parquet when there is one (streamed),
     else from the ledger."""
@@ -779,9 +806,4 @@ def simulator(
 
 
 def main() -> None:
-    # The libraries' own objects, loaded by now, live as long as the process: frozen out of the
-    # collector's sight, and with young collections rarer, a run of 20,000 requests spends 0.15 s
-    # rather than 0.6 s collecting (the ledger rows and replies it makes hold no cycles).
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
     app()

@@ -9,13 +9,13 @@ import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner import catalog
 from runner.catalog import ModelInfo
-from runner.errors import ConfigError
+from runner.errors import ConfigError, printable
+from runner.http import Timeouts
 from runner.money import parse_usd
 from runner.providers.base import Provider
 from runner.providers.openai import OpenAIProvider
@@ -34,7 +34,8 @@ class ProviderSettings:
     api_key: str | None = None
     api: str = DEFAULT_API
     price_file: Path | None = None
-    max_connections: int = 256
+    max_connections: int = 256  # the run's concurrency: no request waits for a connection
+    timeouts: Timeouts = Timeouts()
     sim_balance: str = "100"
     sim_pricing: str = "tokens"
     sim_latency: str = "0"
@@ -50,29 +51,60 @@ class Connection:
     reach: ProviderSettings | None = None
 
 
-def load_prices(path: Path) -> dict[str, tuple[Decimal, Decimal]]:
-    """A user price file (TOML or JSON): {model: {input: USD per 1M, output: USD per 1M}}."""
+PRICE_KEYS = frozenset({"input", "output", "context_window", "per_message_tokens", "per_request_tokens"})
+
+
+def load_prices(path: Path) -> dict[str, catalog.PriceEntry]:
+    """A user price file (TOML or JSON): `{model: {input, output}}` in USD per 1M tokens, optionally
+    under a `models` table, each with an optional `context_window` and template allowances
+    (`per_message_tokens`, `per_request_tokens`)."""
     try:
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, ValueError) as exc:
         msg = f"{path}: cannot read the price file: {exc}"
         raise ConfigError(msg) from None
-    table = data.get("models", data)
-    prices: dict[str, tuple[Decimal, Decimal]] = {}
-    for model, entry in table.items():
+    table = data.get("models", data) if isinstance(data, dict) else None
+    if not isinstance(table, dict):
+        msg = f"{path}: expected a table of models"
+        raise ConfigError(msg)
+    return {str(model): _price_entry(path, str(model), entry) for model, entry in table.items()}
+
+
+def _price_entry(path: Path, model: str, entry: object) -> catalog.PriceEntry:
+    where = f"{path}: {printable(model)}"
+    if not isinstance(entry, dict) or "input" not in entry or "output" not in entry:
+        msg = f"{where}: give 'input' and 'output' in USD per 1M tokens"
+        raise ConfigError(msg)
+    unknown = sorted(set(entry) - PRICE_KEYS)
+    if unknown:
+        msg = f"{where}: unknown key '{printable(unknown[0])}' (known: {', '.join(sorted(PRICE_KEYS))})"
+        raise ConfigError(msg)
+    prices = []
+    for key in ("input", "output"):
+        value = entry[key]
         try:
-            inp = parse_usd(str(entry["input"])) / catalog.PER_MILLION
-            out = parse_usd(str(entry["output"])) / catalog.PER_MILLION
-        except (KeyError, TypeError, ValueError):
-            msg = f"{path}: {model}: give 'input' and 'output' in USD per 1M tokens"
+            if isinstance(value, bool):
+                raise ValueError
+            usd = parse_usd(repr(value) if isinstance(value, float) else str(value))
+        except ValueError:
+            msg = f"{where}: {key}: {printable(str(value))} is not an amount in USD per 1M tokens"
             raise ConfigError(msg) from None
-        prices[model] = (inp, out)
-    return prices
+        prices.append(usd / catalog.PER_MILLION)
+    counts: dict[str, int | None] = {}
+    for key in ("context_window", "per_message_tokens", "per_request_tokens"):
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            msg = f"{where}: {key}: must be a whole number of tokens"
+            raise ConfigError(msg)
+        counts[key] = value
+    return catalog.PriceEntry(prices[0], prices[1], **counts)
 
 
 def price_table(settings: ProviderSettings) -> dict[str, ModelInfo]:
-    if settings.price_file is None:
+    """The models a job may name: the catalog (the Run API's models), and on an OpenAI-compatible
+    endpoint any model the price file prices."""
+    if settings.name != "openai" or settings.price_file is None:
         return catalog.MODELS
     return catalog.with_prices(catalog.MODELS, load_prices(settings.price_file))
 
@@ -95,7 +127,13 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         books = Books(pricing=settings.sim_pricing, latency=parse_latency(settings.sim_latency))
         books.configure({"balance": settings.sim_balance})
         async with serve(books) as url:
-            provider = OrthogonalProvider(api_key="simulator-key", base_url=url, api=settings.api)
+            provider = OrthogonalProvider(
+                api_key="simulator-key",
+                base_url=url,
+                api=settings.api,
+                max_connections=settings.max_connections,
+                timeouts=settings.timeouts,
+            )
             try:
                 reach = ProviderSettings("orthogonal", url, "simulator-key", settings.api)
                 yield Connection(provider, f"simulator:{settings.sim_pricing}", books, reach)
@@ -108,7 +146,13 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
             msg = "set ORTHOGONAL_API_KEY (or use --provider simulator to try runner offline)"
             raise ConfigError(msg)
         base = _http_url(settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL)
-        orth = OrthogonalProvider(api_key=key, base_url=base, api=settings.api)
+        orth = OrthogonalProvider(
+            api_key=key,
+            base_url=base,
+            api=settings.api,
+            max_connections=settings.max_connections,
+            timeouts=settings.timeouts,
+        )
         try:
             reach = dataclasses.replace(settings, base_url=base)
             yield Connection(orth, f"orthogonal:{base}:{settings.api}", reach=reach)
@@ -122,7 +166,13 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
             raise ConfigError(msg)
         openai_base = _http_url(openai_base)
         key = settings.api_key or os.environ.get("OPENAI_API_KEY") or ""
-        oai = OpenAIProvider(base_url=openai_base, api_key=key, prices=price_table(settings))
+        oai = OpenAIProvider(
+            base_url=openai_base,
+            api_key=key,
+            prices=price_table(settings),
+            max_connections=settings.max_connections,
+            timeouts=settings.timeouts,
+        )
         try:
             reach = dataclasses.replace(settings, base_url=openai_base)
             yield Connection(oai, f"openai:{openai_base}", reach=reach)

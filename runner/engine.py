@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -28,7 +27,7 @@ from anyio.abc import TaskGroup
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import codec, http, schema
-from runner import fleet as fleet_
+from runner.catalog import ModelInfo
 from runner.connect import Connection
 from runner.errors import (
     BudgetExceeded,
@@ -44,7 +43,7 @@ from runner.errors import (
     Unpriced,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import JobChunks, JobSummary, count_lines, file_digest, iter_requests, validate_job
+from runner.jobs import JobChunks, JobSummary, file_digest, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text, this_process
 from runner.ledger.tx import Hold
@@ -106,8 +105,7 @@ class _Plan:
     resumed: bool
     estimate: Estimate | None
     owner: str
-    shared: bool = False  # other processes send from the same run (`runner run --processes`)
-    chunk_lines: int = BATCH  # the job's lines are read (and shared out) in chunks of this many
+    chunk_lines: int = BATCH  # the job's lines are read in chunks of this many
 
 
 class Engine:
@@ -118,9 +116,6 @@ class Engine:
         plan: _Plan,
         options: RunOptions,
         on_event: Listener,
-        *,
-        chunks: Callable[[], Awaitable[int | None]] | None = None,
-        fleet: Sequence[fleet_.Helper] = (),
     ) -> None:
         self.provider = conn.provider
         self.scope = conn.scope
@@ -142,21 +137,12 @@ class Engine:
         self.rng = random.Random()
         self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
         self._counter = itertools.count()
-        self.next_chunk = chunks or self._own_chunk  # which chunk of the job's lines to read next
-        self.fleet = list(fleet)  # helper processes sending shares of this run (the main process)
-        self.report_stop: Callable[[str, str], None] | None = None  # a helper tells the main process
-        self.recover = False  # a helper ended without recording its requests in flight
-        self.failure: RunnerError | None = None  # a helper's error, raised once every process ended
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
             self.state, self.reason = state, reason
             self.on_event(Notice(reason))
             self.stopping.set()
-            for helper in self.fleet:
-                helper.send({"stop": reason})
-            if self.report_stop is not None:
-                self.report_stop(state, reason)
 
     async def run(self, job: Path) -> None:
         """Launch every pending request; the writer outlives the work so that an abort can be recorded."""
@@ -168,11 +154,8 @@ class Engine:
                     if self.options.handle_signals:
                         aux.start_soon(self._watch_signals, aux)
                     try:
-                        async with anyio.create_task_group() as helpers:
-                            for helper in self.fleet:
-                                helpers.start_soon(self._supervise, helper)
-                            with self._work:
-                                await self._launch_all(job)
+                        with self._work:
+                            await self._launch_all(job)
                     finally:
                         aux.cancel_scope.cancel()
             finally:
@@ -200,8 +183,6 @@ class Engine:
             self.on_event(Notice(reason))
         else:
             self.stop("interrupted", reason)
-        for helper in self.fleet:
-            helper.send({"abort": reason})
         self._work.cancel()
 
     async def _watch_signals(self, aux: TaskGroup) -> None:
@@ -221,54 +202,6 @@ class Engine:
     async def _grace_then_abort(self) -> None:
         await anyio.sleep(self.options.grace_s)
         self.abort(f"grace period of {self.options.grace_s:g} s over: aborting the requests still in flight")
-
-    async def _own_chunk(self) -> int | None:
-        return None if self.stopping.is_set() and self.fleet else next(self._counter)
-
-    async def _supervise(self, helper: fleet_.Helper) -> None:
-        """One helper process: its orders, its chunks of the job, its finished requests and its
-        last word. A helper gone without one leaves its requests in flight as `sending` rows, which
-        the recovery after the run marks possibly billed."""
-        try:
-            if not await self._follow(helper):
-                self.recover = True
-                reason = f"sending process {helper.pid} ended unexpectedly; its requests in flight"
-                self.stop("stopped", reason + " are marked possibly billed")
-        except anyio.get_cancelled_exc_class():  # this process is failing: the helper stops too
-            self.recover = True
-            helper.send({"abort": "the main process is stopping"})
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                while await helper.receive() is not None:  # its last words (its requests recorded)
-                    pass
-            if helper.proc.poll() is None:  # it did not finish: nothing it sends is recorded now
-                helper.proc.kill()
-                helper.proc.wait()
-            raise
-        finally:
-            helper.close_stream()
-
-    async def _follow(self, helper: fleet_.Helper) -> bool:
-        """A helper's messages until its last word (True) or its end closing without one (False)."""
-        while (message := await helper.receive()) is not None:
-            if "more" in message:
-                helper.send({"chunk": await self._own_chunk()})
-            elif "fin" in message:
-                for state, price in message["fin"]:
-                    self.on_event(RequestFinished("", state, price))
-            elif "retry" in message:
-                for attempt, wait, error in message["retry"]:
-                    self.on_event(Retrying("", attempt, wait, error))
-            elif "stop" in message:
-                self.stop(*message["stop"])
-            elif "end" in message:
-                self.recover |= bool(message["end"]["aborted"])
-                return True
-            elif "error" in message:
-                self.recover = True
-                self.failure = self.failure or fleet_.rebuilt(message.get("kind", ""), message["error"])
-                self.stop("stopped", message["error"])
-                return True
-        return False
 
     async def _launch_all(self, job: Path) -> None:
         """Workers take the pending lines in file order; the next chunk is read while they run.
@@ -320,7 +253,7 @@ class Engine:
         # each line was validated before its row was made; an unchanged hash means it still is
         lines = JobChunks(job, self.plan.chunk_lines)
         try:
-            while (index := await self.next_chunk()) is not None:
+            for index in self._counter:
                 chunk = await anyio.to_thread.run_sync(lines.take, index)
                 if chunk is None:
                     break
@@ -350,20 +283,14 @@ class Engine:
             first = done_attempts + 1
             await self._pace(request)
 
-            shared = self.plan.shared
-
-            def reserve_and_mark(db: Db) -> bool | None:
+            def reserve_and_mark(db: Db) -> bool:
                 # one commit: held, then `sending` (recorded before the call, as every attempt is)
-                if shared and db.state(row_id) != "pending":
-                    return None  # another process sending this run took the row first (a copied line)
                 if not self.ledger.reserve(db, budget_id, run_id, row_id, quote):
                     return False
                 self.ledger.mark_sending(db, row_id, first)
                 return True
 
             granted = await self.writer.submit(reserve_and_mark)
-            if granted is None:
-                return None
             if not granted:
                 self.stop("stopped", "budget reached: the next reservation did not fit")
                 return None
@@ -521,30 +448,6 @@ class Engine:
             await self.writer.submit(apply)
         if state != "pending":
             self.on_event(RequestFinished(request.custom_id, state, 0))
-
-
-async def _go(
-    helpers: list[fleet_.Helper],
-    parts: list[RunOptions],
-    job: Path,
-    conn: Connection,
-    ledger: Ledger,
-    plan: _Plan,
-    requests: int,
-) -> None:
-    """Tell each helper the run to send with this process, and its share of the limits."""
-    # chunks small enough that every process gets several (a slow starter takes fewer)
-    plan.chunk_lines = max(16, min(BATCH, requests // (8 * (1 + len(helpers)))))
-    plan.shared = True
-    if conn.reach is None:
-        msg = "helper processes need the connection's settings (Connection.reach)"
-        raise ConfigError(msg)
-    fields = {"run_id": plan.run_id, "budget_id": plan.budget_id, "resumed": plan.resumed}
-    fields |= {"estimate": None, "owner": plan.owner, "shared": True, "chunk_lines": plan.chunk_lines}
-    for helper, part in zip(helpers, parts, strict=True):
-        await helper.open()
-        helper.send(fleet_.go_message(job, ledger.url, conn.reach, conn.scope, fields, part))
-        helper.started = True
 
 
 def _record(
@@ -706,49 +609,33 @@ async def run_job(
     max_usd: Decimal | None = None,
     options: RunOptions | None = None,
     on_event: Listener = ignore,
-    summary: JobSummary | Verdict | None = None,
-    fleet: Sequence[fleet_.Helper] = (),
+    summary: JobSummary | None = None,
+    models: dict[str, ModelInfo] | None = None,
 ) -> RunResult:
-    """Validate (unless given the job's `summary`, or a `Verdict` to come), quote, check the budget,
-    then run or resume.
-
-    With a `fleet` of helper processes (`fleet.spawn`), the run is sent by them and this process
-    together, each with its share of the concurrency and rate limits.
-    """
+    """Validate (against `models`, unless given the job's `summary`), quote, check the budget, then
+    run or resume."""
     options = options or RunOptions()
     if summary is None:
-        summary = await anyio.to_thread.run_sync(validate_job, job)
-    verdict = summary if isinstance(summary, Verdict) else Verdict(job, summary)
+        summary = await anyio.to_thread.run_sync(validate_job, job, models)
+    summary.raise_for_issues()
     owner = this_process()
-    try:
-        if verdict.known:
-            await verdict.check()
-        job_key = str(await anyio.Path(job).resolve())
-        plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, verdict, owner, on_event)
-    finally:
-        verdict.close()
-    checked = await verdict.check()
+    job_key = str(await anyio.Path(job).resolve())
+    plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, summary, owner, on_event)
     run_id = plan.run_id
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
-    helpers = [helper for helper in fleet if not helper.lost] if pending else []
-    parts = fleet_.share(options, 1 + len(helpers))
-    if helpers:
-        await _go(helpers, parts[1:], job, conn, ledger, plan, checked.requests)
-    engine = Engine(conn, ledger, plan, parts[0], on_event, fleet=helpers)
+    engine = Engine(conn, ledger, plan, options, on_event)
     on_event(Phase("running", pending))
     try:
         await engine.run(job)
     except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
-        # the requests it cut off are unknown outcomes; marked now if the ledger can be written
-        # (every helper has ended by now), else by the next run
+        # the requests it cut off are unknown outcomes; marked now if the ledger can be written,
+        # else by the next run
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await _recover(ledger, run_id, retry_possibly_billed=False)
         raise _sole_runner_error(group) or group from None
-    if engine.aborted or engine.recover:
+    if engine.aborted:
         with anyio.CancelScope(shield=True):
             await _recover(ledger, run_id, retry_possibly_billed=False)
-    if engine.failure is not None:
-        raise engine.failure
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info["states"].get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
@@ -774,7 +661,7 @@ async def _prepare(
     budget: str | None,
     max_usd: Decimal | None,
     options: RunOptions,
-    verdict: Verdict,
+    summary: JobSummary,
     owner: str,
     on_event: Listener,
 ) -> _Plan:
@@ -788,11 +675,10 @@ async def _prepare(
     claim = _KeptClaim(ledger, run_id, owner)  # the pre-flight of a big job takes minutes
     try:
         with claim:
-            if existing:
-                await verdict.check()  # a resumed run's rows are checked against the file as it is
+            if existing:  # a resumed run's rows are checked against the file as it is
                 await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
-            estimate = await _quote(job, conn, ledger, run_id if not existing else None, verdict, on_event)
+            estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
             if existing:
                 await _recover(ledger, existing, options.retry_possibly_billed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
@@ -801,7 +687,6 @@ async def _prepare(
             view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
         if claim.lost:
             raise claim.busy()
-        summary = await verdict.check()
         if not existing and estimate.unquoted_count and not options.partial:
             raise _unpriced(estimate, summary.requests)
         fit, shortfall = fits_nanos(needed, view.remaining_nanos)
@@ -887,15 +772,10 @@ async def _quote(
     conn: Connection,
     ledger: Ledger,
     preparing: str | None,
-    verdict: Verdict,
+    summary: JobSummary,
     on_event: Listener,
 ) -> Estimate:
-    """Quote the job; for a run being prepared, make each line's row with its quote on the way.
-
-    With the verdict still to come (a helper validates the job meanwhile), cached quotes are read and
-    rows made, but no dry run is asked for before it; anything this pass meets (a line that does not
-    parse, a custom_id used twice) defers to the verdict, which names every problem.
-    """
+    """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
     total = 0
 
     async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
@@ -906,83 +786,25 @@ async def _quote(
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 
-    on_event(Phase("quoting", await verdict.requests()))
+    on_event(Phase("quoting", summary.requests))
     # Rows are made only from the file as it was validated: this read's digest is compared with
     # validation's before anything is sent (when validation took none, each line is checked again);
     # a row's line is checked by its hash before it is sent.
-    given = verdict.summary_now
-    digest = file_digest() if preparing and (given is None or given.digest) else None
-    try:
-        estimate = await quote_requests(
-            iter_requests(job, check=bool(preparing) and digest is None, digest=digest),
-            provider=conn.provider,
-            scope=conn.scope,
-            ledger=ledger,
-            on_event=on_event,
-            on_chunk=add_rows if preparing else None,
-            before_asking=None if verdict.known else verdict.check,
-        )
-    except Exception:
-        if not verdict.known:
-            await verdict.check()  # the job's own problems, when it has any, are the error to give
-        raise
-    summary = await verdict.check()
+    digest = file_digest() if preparing and summary.digest else None
+    estimate = await quote_requests(
+        iter_requests(job, check=bool(preparing) and digest is None, digest=digest),
+        provider=conn.provider,
+        scope=conn.scope,
+        ledger=ledger,
+        on_event=on_event,
+        on_chunk=add_rows if preparing else None,
+    )
     if digest is not None and digest.hexdigest() != summary.digest:
         msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"
         raise JobChanged(msg)
     if preparing:
         await anyio.to_thread.run_sync(ledger.set_total, preparing, total)
     return estimate
-
-
-class Verdict:
-    """Validation's verdict on a job: given, or to come from a helper process that validates the job
-    while this one quotes it (`Verdict.from_helper`, for a helper spawned to validate it). `check`
-    waits for it and raises the job's problems; `on_valid` is told the summary of a valid job once."""
-
-    def __init__(
-        self,
-        job: Path,
-        summary: JobSummary | None = None,
-        *,
-        coming: Awaitable[JobSummary | None] | None = None,
-        on_valid: Callable[[JobSummary], None] | None = None,
-    ) -> None:
-        self.job = job
-        self.summary_now = summary
-        self.on_valid = on_valid
-        self._coming = asyncio.ensure_future(coming) if coming is not None else None
-
-    @classmethod
-    def from_helper(
-        cls, job: Path, helper: fleet_.Helper, on_valid: Callable[[JobSummary], None] | None = None
-    ) -> Verdict:
-        return cls(job, coming=fleet_.validation(helper), on_valid=on_valid)
-
-    @property
-    def known(self) -> bool:
-        return self.summary_now is not None
-
-    async def requests(self) -> int:
-        """The job's requests; while validation is under way, its lines (a progress total)."""
-        if self.summary_now is not None:
-            return self.summary_now.requests
-        return await anyio.to_thread.run_sync(count_lines, self.job)
-
-    async def check(self) -> JobSummary:
-        if self.summary_now is None:
-            found = await self._coming if self._coming is not None else None
-            if found is None:  # the helper could not: validated here
-                found = await anyio.to_thread.run_sync(validate_job, self.job)
-            self.summary_now = found
-            if found.ok and self.on_valid is not None:
-                self.on_valid(found)
-        self.summary_now.raise_for_issues()
-        return self.summary_now
-
-    def close(self) -> None:
-        if self._coming is not None and not self._coming.done():
-            self._coming.cancel()
 
 
 def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:

@@ -13,7 +13,7 @@
     └── ProviderError                a provider answered with an error, or could not be reached
         ├── RetryableError           408, 409, 429, 5xx, connect/read errors: try again
         ├── RequestFatalError        400, 404, 413, 422: this request will never succeed
-        ├── RunFatalError            401, 402, spend limits: stop the whole run
+        ├── RunFatalError            401, 402, spend limits, TLS / unknown host: stop the whole run
         └── OutcomeUnknown           the request may have been billed (read timeout after sending)
 
 Errors carry their context as keyword-only attributes; messages never contain the API key.
@@ -90,6 +90,18 @@ class RunBusy(LedgerError):
         self.owner = owner
 
 
+CODE_TYPES = {
+    "RATE_LIMITED": "rate_limited",
+    "UPSTREAM_ERROR": "upstream_error",
+    "INSUFFICIENT_CREDITS": "insufficient_credits",
+    "SPEND_LIMIT_EXCEEDED": "spend_limit",
+    "UNAUTHORIZED": "unauthorized",
+    "NOT_FOUND": "not_found",
+    "BAD_REQUEST": "bad_request",
+    "VALIDATION_ERROR": "validation_error",
+}
+
+
 class ProviderError(RunnerError):
     def __init__(
         self,
@@ -98,19 +110,23 @@ class ProviderError(RunnerError):
         status: int | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(msg)
         self.status = status
         self.code = code
         self.retry_after = retry_after
+        self.kind = kind
 
     @property
     def error_type(self) -> str:
-        if self.code:
-            return self.code
+        """A stable name: the failure's kind (tls, timeout, …), else `http_<status>`, else the
+        Run API's code in lower case; never the server's own free text."""
+        if self.kind:
+            return self.kind
         if self.status is not None:
             return f"http_{self.status}"
-        return type(self).__name__
+        return CODE_TYPES.get(self.code or "", "provider_error")
 
 
 class RetryableError(ProviderError):
@@ -127,3 +143,11 @@ class RunFatalError(ProviderError):
 
 class OutcomeUnknown(ProviderError):
     pass
+
+
+def printable(text: str) -> str:
+    """Text from a user's file, safe to print: control characters (and other unprintable ones)
+    escaped, so a file cannot move the cursor or recolour the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

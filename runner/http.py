@@ -1,28 +1,54 @@
-"""The one place that makes HTTP clients and reads rate-limit and retry headers.
+"""The one place an HTTP client is made: aiohttp's client, behind `Endpoint`.
 
-The code is written against httpx (`httpx.Request`, `httpx.Response`, httpx's exceptions); the bytes
-move through `runner.wire.WireTransport`, an httpx transport of our own over asyncio protocols.
-Chosen by benchmarks/transport.py (10,000 requests, concurrency 64, one aiohttp server process on
-loopback, this 2-core machine, one run): bare aiohttp loop 7,210 req/s (baseline); httpx's default
-transport 524 (0.07 x); httpx over httpx-aiohttp 2,365 (0.33 x); runner.wire with an httpx.Request
-per call 8,813 (1.22 x); runner.wire through `Endpoint.call` 17,526 (2.43 x). This is the one place
-the choice is made.
+Why aiohttp directly: the workload is thousands of calls in flight, each taking seconds. Measured on
+this 2-core machine (20,000 calls, simulator at 2 s latency, concurrency 2,000): a bare aiohttp loop
+905 req/s with 5.3 s of CPU; httpx's AsyncClient over the httpx-aiohttp transport 587 req/s with
+22.7 s of CPU (the httpx layer costs four times aiohttp's own work per call, and the run phase must
+stay within 0.9 x the bare loop); httpx's default transport 31 req/s (its pool does not scale to
+thousands of connections). `benchmarks/latency.py` measures the run phase against the bare loop.
+
+What a user of an HTTP client expects holds here as in httpx and the OpenAI SDK:
+- proxies from HTTP_PROXY / HTTPS_PROXY / NO_PROXY (aiohttp's `trust_env`);
+- certificate authorities from SSL_CERT_FILE / SSL_CERT_DIR, else the system's;
+- gzip/deflate replies decoded; 307/308 followed keeping method and body;
+- a connect timeout of its own and a long read timeout (a non-streamed reasoning call is quiet for
+  minutes), counted between bytes;
+- a pool as large as the concurrency asked for, so no request waits for a connection.
+
+Failures come out as `NetworkError`, which says whether the request can have reached the server
+(judged from aiohttp's own exception types) and whether retrying can help at all (a certificate the
+client refuses, a host that does not resolve, or a refused connection before any reply).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import os
+import ssl
 import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from runner import codec
-from runner.wire import READ_WHOLE, WireTransport
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=None)
 USER_AGENT = "runner"
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 600.0  # the OpenAI SDK's default: a long non-streamed reasoning call stays quiet
+KEEPALIVE_S = 15.0  # under the idle timeouts servers use, so a reused connection is rarely closing
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds: to connect (TCP and TLS), and between two reads of a reply."""
+
+    connect_s: float = CONNECT_TIMEOUT_S
+    read_s: float = READ_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,22 +66,30 @@ class Secret:
         return text.replace(self.value, "****") if self.value else text
 
 
+class NetworkError(Exception):
+    """A call that failed below HTTP.
+
+    `sent`: the request may have reached the server (its outcome is unknown); `fatal`: retrying
+    cannot help (a certificate refused, a host unknown, nobody listening before any reply);
+    `kind`: a stable name (tls, dns, connect, proxy, connect_timeout, timeout, disconnected, protocol).
+    """
+
+    def __init__(self, msg: str, *, kind: str, sent: bool, fatal: bool = False) -> None:
+        super().__init__(msg)
+        self.kind = kind
+        self.sent = sent
+        self.fatal = fatal
+
+
 class Reply:
-    """A whole reply, as `Endpoint.call` returns it: status, headers (parsed when asked) and body."""
+    """A whole reply: status, headers and the (decoded) body."""
 
-    __slots__ = ("_headers", "content", "raw_headers", "status_code")
+    __slots__ = ("content", "headers", "status_code")
 
-    def __init__(self, status_code: int, raw_headers: list[tuple[bytes, bytes]], content: bytes) -> None:
+    def __init__(self, status_code: int, headers: Mapping[str, str], content: bytes) -> None:
         self.status_code = status_code
-        self.raw_headers = raw_headers
+        self.headers = headers
         self.content = content
-        self._headers: httpx.Headers | None = None
-
-    @property
-    def headers(self) -> httpx.Headers:
-        if self._headers is None:
-            self._headers = httpx.Headers(self.raw_headers)
-        return self._headers
 
     @property
     def text(self) -> str:
@@ -65,102 +99,195 @@ class Reply:
         return codec.loads(self.content)
 
 
-class Endpoint:
-    """One API host. Requests are built here from cached parts and handed straight to the transport.
+class StreamReply:
+    """A reply whose body is read as it comes: `lines()` yields it line by line."""
 
-    httpx.AsyncClient.send adds per call what an API client does not use (cookie jar, redirects, auth
-    flow, URL and header merging), and parsing the URL and headers of every request again costs as
-    much as the rest of the httpx layer; here each path's URL and the headers are parsed once.
-    httpx.Request and httpx.Response stay the types the rest of the code speaks; any httpx transport
-    fits, so unit tests pass an httpx.MockTransport.
-    """
+    def __init__(self, response: aiohttp.ClientResponse, endpoint: Endpoint) -> None:
+        self.status_code = response.status
+        self.headers: Mapping[str, str] = response.headers
+        self._response = response
+        self._endpoint = endpoint
+
+    async def read(self) -> Reply:
+        with self._endpoint.failures(sent=True):
+            content = await self._response.read()
+        return Reply(self.status_code, self.headers, content)
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body's lines without their line ends (a line may span many reads)."""
+        pending = b""
+        with self._endpoint.failures(sent=True):
+            async for data in self._response.content.iter_any():
+                pending += data
+                *whole, pending = pending.split(b"\n")
+                for line in whole:
+                    yield line.removesuffix(b"\r")
+        if pending:
+            yield pending.removesuffix(b"\r")
+
+
+def ssl_context() -> ssl.SSLContext:
+    """Certificates from SSL_CERT_FILE / SSL_CERT_DIR when set (as httpx and OpenSSL read them),
+    else the system's store."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = os.environ.get("SSL_CERT_DIR") or None
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    return ssl.create_default_context()
+
+
+class Endpoint:
+    """One API base URL, with its own connection pool; made and used inside one event loop."""
 
     def __init__(
         self,
         base_url: str,
         *,
         headers: dict[str, str] | None = None,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        timeouts: Timeouts = Timeouts(),
         max_connections: int = 256,
-        transport: httpx.AsyncBaseTransport | None = None,
+        secret: Secret | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self.transport = transport or WireTransport(max_connections=max_connections)
-        base = {"Accept": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
-        self._headers = httpx.Headers(base)
-        self._json_headers = httpx.Headers({**base, "Content-Type": "application/json"})
-        self._timeout = timeout.as_dict()
-        self._urls: dict[str, httpx.URL] = {}
-        self._heads: dict[tuple[str, str, bool], bytes] = {}  # request line and headers, less the length
+        self.host = urlsplit(self.base_url).hostname or self.base_url
+        self.max_connections = max_connections
+        self.timeouts = timeouts
+        self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT, **(headers or {})}
+        self._secret = secret or Secret("")
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, str] = {}
+        self.replied = False  # any reply seen: a refused connection after one is worth a retry
 
-    def _url(self, path: str) -> httpx.URL:
+    def _url(self, path: str) -> str:
         found = self._urls.get(path)
         if found is None:
-            found = self._urls[path] = httpx.URL(f"{self.base_url}/{path.lstrip('/')}")
+            found = self._urls[path] = f"{self.base_url}/{path.lstrip('/')}"
         return found
 
-    def request(self, method: str, path: str, body: Any = None) -> httpx.Request:
-        url = self._url(path)
-        extensions = {"timeout": self._timeout}
-        if body is None:
-            return httpx.Request(method, url, headers=self._headers, extensions=extensions)
-        content = _json_bytes(body)
-        return httpx.Request(method, url, headers=self._json_headers, content=content, extensions=extensions)
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            try:
+                context = ssl_context()
+            except (OSError, ssl.SSLError) as exc:
+                msg = f"cannot load the certificates named by SSL_CERT_FILE / SSL_CERT_DIR: {exc}"
+                raise NetworkError(msg, kind="tls", sent=False, fatal=True) from None
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections,
+                limit_per_host=0,
+                ssl=context,
+                keepalive_timeout=KEEPALIVE_S,
+                ttl_dns_cache=300,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.timeouts.connect_s, sock_read=self.timeouts.read_s
+                ),
+                trust_env=True,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
     async def call(self, method: str, path: str, body: Any = None) -> Reply:
-        """Send a JSON request and read the whole reply.
+        """Send a request (a JSON body when given) and read the whole reply."""
+        async with self.stream(method, path, body) as reply:
+            return await reply.read()
 
-        Over runner's own transport the request line and headers of each method and path are encoded
-        once, and the call skips building an httpx.Request and httpx.Response, which together cost
-        more than the rest of the exchange; any other transport gets an ordinary httpx.Request.
-        """
-        if not isinstance(self.transport, WireTransport):
-            response = await self.read(self.request(method, path, body))
-            return Reply(response.status_code, response.headers.raw, response.content)
-        content = b"" if body is None else _json_bytes(body)
-        key = (method, path, body is not None)
-        prefix = self._heads.get(key)
-        if prefix is None:
-            headers = (self._headers if body is None else self._json_headers).raw
-            prefix = self._heads[key] = self.transport.head(method, self._url(path), headers)
-        head = prefix + b"Content-Length: %d\r\n\r\n" % len(content)
-        status, headers, data = await self.transport.exchange(self._url(path), head, content, self._timeout)
-        return Reply(status, headers, data)
-
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """The response with its body unread: iterate it and `aclose()` it."""
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        return response
-
-    async def read(self, request: httpx.Request) -> httpx.Response:
-        """The response with its body read; on a failure mid-body the connection is closed."""
-        request.extensions[READ_WHOLE] = True
-        response = await self.send(request)
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, body: Any = None) -> AsyncIterator[StreamReply]:
+        """The reply with its body still to read; the connection goes back to the pool after."""
+        data = None if body is None else codec.dumps(body)
+        headers = None if body is None else {"Content-Type": "application/json"}
+        with self.failures(sent=None):
+            response = await self.session().request(method, self._url(path), data=data, headers=headers)
+        self.replied = True
         try:
-            await response.aread()
-        except BaseException:
-            await response.aclose()
-            raise
-        return response
+            yield StreamReply(response, self)
+        finally:
+            response.release()
+
+    def failures(self, *, sent: bool | None) -> Any:
+        return _Failures(self, sent)
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
-def _json_bytes(body: Any) -> bytes:
-    return codec.dumps(body)
+class _Failures:
+    """Turns aiohttp's exceptions into `NetworkError` (a context manager, cheap to enter)."""
+
+    __slots__ = ("endpoint", "sent")
+
+    def __init__(self, endpoint: Endpoint, sent: bool | None) -> None:
+        self.endpoint = endpoint
+        self.sent = sent  # None: judge from the exception whether the request went out
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None or not isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
+            return
+        raise network_error(exc, self.endpoint, sent=self.sent) from None
 
 
-def was_sent(exc: httpx.TransportError) -> bool:
-    """Whether the request may have reached the server before the failure.
+def network_error(exc: BaseException, endpoint: Endpoint, *, sent: bool | None = None) -> NetworkError:
+    """What an aiohttp failure means for a request: was it sent, can a retry help."""
+    host = endpoint.host
+    detail = endpoint._secret.redact(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        msg = (
+            f"TLS failed with {host}: {detail}. If a proxy or a private certificate authority signs "
+            "its certificate, point SSL_CERT_FILE (or SSL_CERT_DIR) at that authority's certificate"
+        )
+        return NetworkError(msg, kind="tls", sent=False, fatal=True)
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        msg = f"cannot resolve the host {host}: {detail}; check the base URL and the network"
+        return NetworkError(msg, kind="dns", sent=False, fatal=True)
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        msg = f"cannot reach the proxy for {host}: {detail}; check HTTP_PROXY / HTTPS_PROXY / NO_PROXY"
+        return NetworkError(msg, kind="proxy", sent=False, fatal=not endpoint.replied)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        msg = f"cannot connect to {host}: {detail}; check the base URL and that the server is up"
+        return NetworkError(msg, kind="connect", sent=False, fatal=not endpoint.replied)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        msg = f"timed out connecting to {host} ({endpoint.timeouts.connect_s:g} s)"
+        return NetworkError(msg, kind="connect_timeout", sent=False)
+    went_out = True if sent is None else sent
+    if isinstance(exc, asyncio.TimeoutError):
+        msg = f"no reply from {host} for {endpoint.timeouts.read_s:g} s (--timeout)"
+        return NetworkError(msg, kind="timeout", sent=went_out)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError | ConnectionError):
+        msg = f"{host} closed the connection before the reply was complete ({detail})"
+        return NetworkError(msg, kind="disconnected", sent=went_out)
+    if isinstance(exc, aiohttp.InvalidURL):
+        msg = f"not a URL that can be called: {detail}"
+        return NetworkError(msg, kind="protocol", sent=False, fatal=True)
+    msg = f"{type(exc).__name__} from {host}: {detail}"
+    return NetworkError(msg, kind="protocol", sent=went_out)
 
-    Only a failure to connect (or to get a connection from the pool) proves the server never saw it.
-    """
-    return not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+async def sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The `data` of each server-sent event (fields other than data, and comments, are skipped)."""
+    data: list[str] = []
+    async for raw in lines:
+        if not raw:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        line = raw.decode("utf-8", errors="replace")
+        if line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
 
 
-def retry_after(headers: httpx.Headers, *, now: float | None = None) -> float | None:
+def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds to wait, from retry-after-ms or retry-after (seconds or an HTTP date)."""
     millis = headers.get("retry-after-ms")
     if millis:
@@ -182,7 +309,7 @@ def retry_after(headers: httpx.Headers, *, now: float | None = None) -> float | 
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def should_retry(headers: httpx.Headers) -> bool | None:
+def should_retry(headers: Mapping[str, str]) -> bool | None:
     """The server's own word (x-should-retry), when it gives one."""
     value = headers.get("x-should-retry")
     if value is None:
@@ -201,7 +328,7 @@ class RateLimits:
     reset_requests_s: float | None = None
 
     @classmethod
-    def from_headers(cls, headers: httpx.Headers) -> RateLimits:
+    def from_headers(cls, headers: Mapping[str, str]) -> RateLimits:
         def number(name: str) -> int | None:
             try:
                 return int(headers[name])

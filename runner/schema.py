@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runner import catalog
+from runner import catalog, codec
 from runner.catalog import ModelInfo
 
 Problem = tuple[str, str]
@@ -363,9 +363,33 @@ def max_output_tokens(body: dict[str, Any]) -> int:
     return value if isinstance(value, int) and value > 0 else catalog.DEFAULT_MAX_TOKENS
 
 
+# every field whose text a chat template can put before the model (a user's template included)
+PROMPT_FIELDS = ("messages", "tools", "tool_choice", "response_format", "documents", "chat_template")
+
+
+def prompt_token_bound(body: dict[str, Any], info: ModelInfo) -> int:
+    """More prompt tokens than any byte-level tokenizer can make of the request: the UTF-8 bytes of
+    the text it carries (counted as JSON, which only adds bytes), plus the template's allowance per
+    message and per request."""
+    carried = {name: body[name] for name in PROMPT_FIELDS if name in body}
+    messages = body.get("messages")
+    count = len(messages) if isinstance(messages, list) else 0
+    return len(codec.dumps(carried)) + info.per_request_tokens + info.per_message_tokens * count
+
+
+def output_token_bound(body: dict[str, Any], info: ModelInfo, *, default: int | None = None) -> int:
+    """The most tokens the answer can have: max_tokens (else `default`, else the context window, else
+    the contract's default), times the choices asked for (`n`, `best_of`)."""
+    limit = body.get("max_tokens")
+    if not (isinstance(limit, int) and limit > 0):
+        limit = default or info.context_window or catalog.DEFAULT_MAX_TOKENS
+    choices = [v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and v > 1]
+    return limit * max(choices, default=1)
+
+
 def _check_context(body: dict[str, Any], ctx: Context) -> Iterator[Problem]:
     info = ctx.models.get(str(body.get("model")))
-    if info is None:
+    if info is None or info.context_window is None:  # not known: a model priced by a price file alone
         return
     prompt = estimate_prompt_tokens(body)
     wanted = prompt + max_output_tokens(body)

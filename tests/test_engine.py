@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import polars as pl
 import pytest
 from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
 import runner
-from runner import fleet
 from runner.cli import app
 from runner.connect import Connection
-from runner.engine import RunOptions, Verdict, run_job
-from runner.errors import BudgetExceeded, JobChanged, JobError, LedgerError, RunBusy, Unpriced
+from runner.engine import RunOptions, run_job
+from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy, Unpriced
 from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
-from runner.jobs import JobSummary, iter_requests, validate_job
+from runner.http import Timeouts
+from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
@@ -52,12 +51,11 @@ def job_lines(n: int, prefix: str = "q", max_tokens: int = 50) -> list[dict[str,
 
 
 async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any:
-    provider = OrthogonalProvider(api_key="k", base_url=sim.base_url, timeout=httpx.Timeout(1.0))
+    provider = OrthogonalProvider(api_key="k", base_url=sim.base_url, timeouts=Timeouts(1.0, 1.0))
     try:
         budget = kw.pop("budget", None)
         max_usd = kw.pop("max_usd", Decimal("1") if budget is None else None)
         summary = kw.pop("summary", None)
-        helpers = kw.pop("fleet", ())
         options = RunOptions(**{"concurrency": 8, **kw})
         return await run_job(
             job,
@@ -67,7 +65,6 @@ async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any
             max_usd=max_usd,
             options=options,
             summary=summary,
-            fleet=helpers,
         )
     finally:
         await provider.aclose()
@@ -87,88 +84,6 @@ async def test_a_job_changed_after_validation_is_refused_before_any_send(
         await run(sim, job, ledger, summary=summary)
     assert ledger.runs() == []
     assert sim.books.stats()["counters"].get("run.call", 0) == 0
-
-
-async def test_with_the_verdict_still_to_come_no_dry_run_is_asked_and_every_problem_is_named(
-    sim: SimulatorThread, write_job: Callable[..., Path]
-) -> None:
-    """A helper validating while this process quotes: quotes not in the cache wait for its verdict,
-    and an invalid job is refused with validation's own list of problems, leaving no run."""
-    ledger = Ledger()
-    rows = job_lines(40)
-    rows[25]["temperature"] = 9
-    rows[33]["custom_id"] = "q2"  # used twice
-    job = write_job(rows)
-    slow_validation_started = anyio.Event()
-
-    async def slow_validation() -> JobSummary:
-        slow_validation_started.set()
-        await anyio.sleep(0.3)
-        return validate_job(job)
-
-    verdict = Verdict(job, coming=slow_validation())
-    with pytest.raises(JobError) as caught:
-        await run(sim, job, ledger, summary=verdict)
-    assert slow_validation_started.is_set()
-    found = sorted((issue.line, issue.field) for issue in caught.value.issues)
-    assert found == [(26, "temperature"), (34, "custom_id")]
-    assert sim.books.stats()["counters"].get("run.dry_run", 0) == 0
-    assert sim.books.stats()["counters"].get("run.call", 0) == 0
-    assert ledger.runs() == []
-
-
-async def test_a_helper_lost_before_its_verdict_leaves_validation_and_the_run_to_this_process(
-    sim: SimulatorThread, write_job: Callable[..., Path]
-) -> None:
-    ledger = Ledger()
-    job = write_job(job_lines(30))
-    helpers = fleet.spawn(1, validate=job)
-    helpers[0].proc.kill()
-    helpers[0].proc.wait()
-    shown: list[JobSummary] = []
-    try:
-        verdict = Verdict.from_helper(job, helpers[0], on_valid=shown.append)
-        result = await run(sim, job, ledger, summary=verdict, fleet=helpers)
-    finally:
-        fleet.close(helpers)
-    assert helpers[0].lost and not helpers[0].started
-    assert result.states == {"ok": 30}
-    assert [summary.requests for summary in shown] == [30]  # validated here, and said once
-
-
-async def test_a_validator_says_its_verdict_and_ends_and_one_process_sends_the_run(
-    sim: SimulatorThread, write_job: Callable[..., Path]
-) -> None:
-    """The pre-flight of a run sent by one process: a helper validates the job meanwhile, says its
-    verdict and ends of its own accord (it is never told to go)."""
-    ledger = Ledger()
-    rows = job_lines(30)
-    job = write_job(rows)
-    validator = fleet.spawn_validator(job)
-    assert validator is not None
-    shown: list[JobSummary] = []
-    try:
-        verdict = Verdict.from_helper(job, validator, on_valid=shown.append)
-        result = await run(sim, job, ledger, summary=verdict)
-        assert validator.proc.wait(10) == 0  # ended by itself
-    finally:
-        validator.close_stream()  # as the command does with a helper never told to go
-        fleet.close([validator])
-    assert not validator.lost and not validator.started
-    assert result.states == {"ok": 30}
-    assert [summary.requests for summary in shown] == [30]
-    rows[7]["temperature"] = 9
-    bad = write_job(rows)
-    validator = fleet.spawn_validator(bad)
-    assert validator is not None
-    try:
-        with pytest.raises(JobError) as caught:
-            await run(sim, bad, ledger, summary=Verdict.from_helper(bad, validator))
-    finally:
-        validator.close_stream()
-        fleet.close([validator])
-    assert [(issue.line, issue.field) for issue in caught.value.issues] == [(8, "temperature")]
-    assert not validator.lost  # the helper's verdict, not a validation of this process's own
 
 
 async def test_run_settles_every_request_and_matches_the_simulator(
@@ -587,8 +502,8 @@ def test_estimate_cli_caches_quotes_and_exits_3_over_budget(write_job: Callable[
         (["--concurrency", "0"], "--concurrency must be 1 or more (got 0)"),
         (["--rpm", "-5"], "--rpm must be above 0 (got -5)"),
         (["--tpm", "0"], "--tpm must be above 0 (got 0)"),
-        (["--processes", "0"], "--processes must be from 1 to --concurrency (64); got 0"),
-        (["--processes", "9", "--concurrency", "8"], "from 1 to --concurrency (8); got 9"),
+        (["--timeout", "0"], "--timeout must be above 0 seconds (got 0)"),
+        (["--connect-timeout", "nan"], "--connect-timeout must be above 0 seconds (got nan)"),
     ],
 )
 def test_limits_out_of_range_are_usage_errors_named_before_any_work(
@@ -712,23 +627,3 @@ async def test_the_streamed_report_of_a_parquet_equals_the_in_memory_one(
     assert models["ok"].to_list() == [5, 11]
     assert models["failed"].to_list() == [0, 1]
     assert errors["count"].to_list() == [1]
-
-
-def test_share_divides_the_limits_among_the_processes() -> None:
-    parts = fleet.share(RunOptions(concurrency=10, rpm=600, tpm=90_000, handle_signals=True), 3)
-    assert [p.concurrency for p in parts] == [4, 3, 3]
-    assert [p.rpm for p in parts] == [200, 200, 200]
-    assert [p.tpm for p in parts] == [30_000, 30_000, 30_000]
-    assert [p.handle_signals for p in parts] == [True, False, False]  # the main process relays Ctrl-C
-    assert fleet.share(RunOptions(concurrency=4), 1)[0].rpm is None
-
-
-def test_processes_with_the_in_process_simulator_reach_it_from_the_helpers(
-    write_job: Callable[..., Path],
-) -> None:
-    job = write_job(job_lines(150))
-    args = ["--provider", "simulator", "--max-usd", "1", "--concurrency", "8", "--processes", "2"]
-    result = cli.invoke(app, ["run", str(job), *args])
-    assert result.exit_code == 0, result.output
-    run = Ledger().runs()[0]
-    assert run["states"] == {"ok": 150}

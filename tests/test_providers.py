@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from typer.testing import CliRunner
 
@@ -25,6 +28,12 @@ from runner.providers.orthogonal import OrthogonalProvider
 from runner.simulator import Books, SimulatorThread
 
 KEY = "sk-test-very-secret-key-123"
+
+
+def reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> http.Reply:
+    return http.Reply(status, CIMultiDict(headers or {}), json.dumps(payload).encode())
+
+
 BODY: dict[str, Any] = {
     "model": "openai/gpt-oss-120b",
     "messages": [{"role": "user", "content": "Say hello."}],
@@ -90,13 +99,13 @@ def test_classification(status: int | None, code: str | None, expected: type) ->
     ],
 )
 def test_error_shapes(status: int, payload: dict[str, Any], message: str) -> None:
-    error = error_from_response(httpx.Response(status, json=payload))
+    error = error_from_response(reply(status, payload))
     assert message in str(error)
     assert error.status == status
 
 
 def test_html_502_is_retryable_with_a_readable_message() -> None:
-    response = httpx.Response(502, text="<html><body><h1>502 Bad Gateway</h1></body></html>")
+    response = http.Reply(502, CIMultiDict(), b"<html><body><h1>502 Bad Gateway</h1></body></html>")
     error = error_from_response(response)
     assert isinstance(error, RetryableError)
     assert "non-JSON reply: 502 Bad Gateway" in str(error)
@@ -112,34 +121,37 @@ def test_html_502_is_retryable_with_a_readable_message() -> None:
     ],
 )
 def test_retry_after(headers: dict[str, str], seconds: float | None) -> None:
-    assert http.retry_after(httpx.Headers(headers)) == seconds
+    assert http.retry_after(CIMultiDict(headers)) == seconds
 
 
 def test_x_should_retry_overrides_status() -> None:
-    response = httpx.Response(400, json={"error": "x"}, headers={"x-should-retry": "true"})
+    response = reply(400, {"error": "x"}, {"X-Should-Retry": "true"})
     assert isinstance(error_from_response(response), RetryableError)
-    response = httpx.Response(503, json={"error": "x"}, headers={"x-should-retry": "false"})
+    response = reply(503, {"error": "x"}, {"x-should-retry": "false"})
     assert isinstance(error_from_response(response), RequestFatalError)
 
 
 def test_rate_limit_headers() -> None:
     limits = http.RateLimits.from_headers(
-        httpx.Headers({"x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "6m0s"})
+        CIMultiDict({"x-ratelimit-remaining-requests": "9", "x-ratelimit-reset-requests": "6m0s"})
     )
     assert limits.remaining_requests == 9
     assert limits.reset_requests_s == 360.0
 
 
-async def test_run_api_envelope_is_built_without_io() -> None:
+async def test_run_api_envelope_is_built_as_the_contract_says(
+    serve_app: Callable[[web.Application], Awaitable[str]],
+) -> None:
     seen: list[dict[str, Any]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(json.loads(request.content))
+    async def run(request: web.Request) -> web.Response:
+        seen.append(await request.json())
         assert request.headers["authorization"] == f"Bearer {KEY}"
-        return httpx.Response(200, json={"success": True, "price": "0.000123456"})
+        return web.json_response({"success": True, "price": "0.000123456"})
 
-    mock = httpx.MockTransport(handler)
-    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test", transport=mock)
+    app = web.Application()
+    app.router.add_post("/v1/run", run)
+    provider = OrthogonalProvider(api_key=KEY, base_url=await serve_app(app))
     quote = await provider.quote(chat())
     assert quote.amount == Decimal("0.000123456")
     assert quote.exact
@@ -147,12 +159,15 @@ async def test_run_api_envelope_is_built_without_io() -> None:
     await provider.aclose()
 
 
-async def test_refused_dry_run_falls_back_to_a_marked_estimate() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(400, json={"success": False, "error": "dryRun not supported"})
+async def test_refused_dry_run_falls_back_to_a_marked_estimate(
+    serve_app: Callable[[web.Application], Awaitable[str]],
+) -> None:
+    async def run(request: web.Request) -> web.Response:
+        return web.json_response({"success": False, "error": "dryRun not supported"}, status=400)
 
-    mock = httpx.MockTransport(handler)
-    provider = OrthogonalProvider(api_key=KEY, base_url="http://unit.test", transport=mock)
+    app = web.Application()
+    app.router.add_post("/v1/run", run)
+    provider = OrthogonalProvider(api_key=KEY, base_url=await serve_app(app))
     quote = await provider.quote(chat())
     assert quote.source == "estimate"
     assert not quote.exact
@@ -177,8 +192,8 @@ async def test_openai_quote_is_a_price_table_bound_and_unknown_when_unpriced() -
 
 def providers(sim: SimulatorThread) -> list[Any]:
     return [
-        OrthogonalProvider(api_key=KEY, base_url=sim.base_url, timeout=httpx.Timeout(2.0)),
-        OpenAIProvider(api_key=KEY, base_url=sim.base_url + "/v1", timeout=httpx.Timeout(2.0)),
+        OrthogonalProvider(api_key=KEY, base_url=sim.base_url, timeouts=http.Timeouts(2.0, 2.0)),
+        OpenAIProvider(api_key=KEY, base_url=sim.base_url + "/v1", timeouts=http.Timeouts(2.0, 2.0)),
     ]
 
 

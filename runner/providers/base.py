@@ -8,11 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
-
-import httpx
-from httpx_sse import EventSource
 
 from runner import codec, http, schema
 from runner.errors import (
@@ -94,9 +90,7 @@ def error_message(payload: Any) -> tuple[str | None, str | None]:
     return message, code if isinstance(code, str) else None
 
 
-def error_from_response(
-    response: httpx.Response | http.Reply, secret: http.Secret | None = None
-) -> ProviderError:
+def error_from_response(response: http.Reply, secret: http.Secret | None = None) -> ProviderError:
     """Classify a non-2xx (or success:false) response; the message never carries the key."""
     text = response.text
     try:
@@ -119,12 +113,14 @@ def error_from_response(
     )
 
 
-def transport_error(exc: httpx.TransportError, *, billable: bool) -> ProviderError:
-    """A network failure: retry if it never reached the server or nothing is billed, else unknown."""
-    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    if billable and http.was_sent(exc):
-        return OutcomeUnknown(f"outcome unknown after the request was sent ({message})")
-    return RetryableError(message)
+def transport_error(exc: http.NetworkError, *, billable: bool) -> ProviderError:
+    """A network failure: fatal for the run when no retry can help (TLS, unknown host, nobody
+    listening); retried if it never reached the server or nothing is billed; else unknown."""
+    if exc.fatal:
+        return RunFatalError(str(exc), kind=exc.kind)
+    if billable and exc.sent:
+        return OutcomeUnknown(f"outcome unknown after the request was sent ({exc})", kind=exc.kind)
+    return RetryableError(str(exc), kind=exc.kind)
 
 
 class StreamAssembly:
@@ -212,7 +208,7 @@ class HttpProvider:
     ) -> tuple[http.Reply, Any]:
         try:
             response = await self._endpoint.call(method, path, body)
-        except httpx.TransportError as exc:
+        except http.NetworkError as exc:
             raise transport_error(exc, billable=billable) from None
         if response.status_code >= 400:
             raise error_from_response(response, self._secret)
@@ -224,44 +220,32 @@ class HttpProvider:
                 raise OutcomeUnknown(str(error), status=response.status_code) from None
             raise RetryableError(str(error), status=response.status_code) from None
 
-    async def _send_stream(self, request: httpx.Request) -> tuple[StreamAssembly, JSON, float | None]:
+    async def _send_stream(self, path: str, body: JSON) -> tuple[StreamAssembly, JSON, float | None]:
         """(assembled chunks, any non-chunk events, time to first token) of an SSE reply."""
         started = time.perf_counter()
         first_token: float | None = None
         assembly = StreamAssembly()
         trailer: JSON = {}
         try:
-            response = await self._endpoint.send(request)
-        except httpx.TransportError as exc:
-            raise transport_error(exc, billable=True) from None
-        try:
-            if response.status_code >= 400:
-                await response.aread()
-                raise error_from_response(response, self._secret)
-            async for data in _sse_data(response):
-                if data == "[DONE]":
-                    break
-                event = codec.loads(data)
-                if event.get("object") == "chat.completion.chunk":
-                    if first_token is None and event.get("choices"):
-                        first_token = time.perf_counter() - started
-                    assembly.add(event)
-                else:
-                    trailer.update(event)
-        except httpx.TransportError as exc:
+            async with self._endpoint.stream("POST", path, body) as response:
+                if response.status_code >= 400:
+                    raise error_from_response(await response.read(), self._secret)
+                async for data in http.sse_data(response.lines()):
+                    if data == "[DONE]":
+                        break
+                    event = codec.loads(data)
+                    if event.get("object") == "chat.completion.chunk":
+                        if first_token is None and event.get("choices"):
+                            first_token = time.perf_counter() - started
+                        assembly.add(event)
+                    else:
+                        trailer.update(event)
+        except http.NetworkError as exc:
             raise transport_error(exc, billable=True) from None
         except ValueError as exc:
             msg = f"unreadable stream event ({exc})"
             raise OutcomeUnknown(msg) from None
-        finally:
-            await response.aclose()
         return assembly, trailer, first_token
-
-
-async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
-    async for event in EventSource(response).aiter_sse():
-        if event.data:
-            yield event.data
 
 
 def outcome_from(
@@ -277,14 +261,15 @@ def outcome_from(
     )
 
 
-def table_quote(body: JSON, info: Any) -> Quote:
-    """An upper bound from a price table: estimated input tokens × input + max_tokens × output."""
+def table_quote(body: JSON, info: Any, *, default_max_tokens: int | None = None) -> Quote:
+    """A true upper bound from a price table: a bound on the prompt's tokens × the input price, plus
+    the most tokens the answer can have × the output price (`schema.prompt_token_bound`)."""
     if info is None or not info.priced:
         reason = "model not in the price table" if info is None else "no published price"
         return Quote(amount=None, exact=False, source="price_table", reason=reason)
     amount = (
-        schema.estimate_prompt_tokens(body) * info.input_price
-        + schema.max_output_tokens(body) * info.output_price
+        schema.prompt_token_bound(body, info) * info.input_price
+        + schema.output_token_bound(body, info, default=default_max_tokens) * info.output_price
     )
     return Quote(amount=amount, exact=False, source="price_table")
 

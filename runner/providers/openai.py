@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
-
 from runner import catalog, http
 from runner.catalog import ModelInfo
 from runner.models import ChatRequest, Outcome, Quote, Usage
@@ -31,22 +29,15 @@ class OpenAIProvider(HttpProvider):
         api_key: str = "",
         prices: dict[str, ModelInfo] | None = None,
         max_connections: int = 256,
-        timeout: httpx.Timeout = http.DEFAULT_TIMEOUT,
-        transport: httpx.AsyncBaseTransport | None = None,
+        timeouts: http.Timeouts = http.Timeouts(),
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        secret = http.Secret(api_key)
         endpoint = http.Endpoint(
-            base_url,
-            headers=headers,
-            max_connections=max_connections,
-            timeout=timeout,
-            transport=transport,
+            base_url, headers=headers, max_connections=max_connections, timeouts=timeouts, secret=secret
         )
-        super().__init__(endpoint, http.Secret(api_key))
+        super().__init__(endpoint, secret)
         self.prices = prices if prices is not None else catalog.MODELS
-
-    def chat_request(self, request: ChatRequest) -> httpx.Request:
-        return self._endpoint.request("POST", CHAT_PATH, with_usage_option(request.body))
 
     async def quote(self, request: ChatRequest) -> Quote:
         return table_quote(request.body, self.prices.get(request.model))
@@ -57,7 +48,8 @@ class OpenAIProvider(HttpProvider):
     async def complete(self, request: ChatRequest) -> Outcome:
         started = time.perf_counter()
         if request.stream:
-            assembly, _, first = await self._send_stream(self.chat_request(request))
+            body = with_usage_option(request.body)
+            assembly, _, first = await self._send_stream(CHAT_PATH, body)
             completion = assembly.completion()
             usage = Usage.from_openai(completion.get("usage"))
             return outcome_from(completion, self.price(request.model, usage), started, first, None)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
-
 from runner import catalog, http
 from runner.errors import OutcomeUnknown, ProviderError, RequestFatalError
 from runner.models import JSON, ChatRequest, Outcome, Quote
@@ -24,6 +22,7 @@ DEFAULT_BASE_URL = "https://api.orth.sh"
 DEFAULT_API = "baseten"
 CHAT_PATH = "/v1/chat/completions"
 RUN_PATH = "/v1/run"
+MAX_TOKENS = catalog.DEFAULT_MAX_TOKENS  # the contract's default max_tokens
 
 
 def build_run(body: JSON, *, api: str, path: str = CHAT_PATH, dry_run: bool = False) -> JSON:
@@ -65,21 +64,18 @@ class OrthogonalProvider(HttpProvider):
         base_url: str = DEFAULT_BASE_URL,
         api: str = DEFAULT_API,
         max_connections: int = 256,
-        timeout: httpx.Timeout = http.DEFAULT_TIMEOUT,
-        transport: httpx.AsyncBaseTransport | None = None,
+        timeouts: http.Timeouts = http.Timeouts(),
     ) -> None:
+        secret = http.Secret(api_key)
         endpoint = http.Endpoint(
             base_url,
             headers={"Authorization": f"Bearer {api_key}"},
             max_connections=max_connections,
-            timeout=timeout,
-            transport=transport,
+            timeouts=timeouts,
+            secret=secret,
         )
-        super().__init__(endpoint, http.Secret(api_key))
+        super().__init__(endpoint, secret)
         self.api = api
-
-    def run_request(self, body: JSON, *, dry_run: bool = False) -> httpx.Request:
-        return self._endpoint.request("POST", RUN_PATH, build_run(body, api=self.api, dry_run=dry_run))
 
     async def quote(self, request: ChatRequest) -> Quote:
         try:
@@ -88,11 +84,11 @@ class OrthogonalProvider(HttpProvider):
             reply = parse_envelope(payload)
         except RequestFatalError as exc:
             # a refused dry run: fall back to the price table, marked as an estimate
-            fallback = table_quote(request.body, catalog.get(request.model))
+            fallback = table_quote(request.body, catalog.get(request.model), default_max_tokens=MAX_TOKENS)
             return Quote(fallback.amount, exact=False, source="estimate", reason=str(exc))
         price = parse_price(reply)
         if price is None:
-            fallback = table_quote(request.body, catalog.get(request.model))
+            fallback = table_quote(request.body, catalog.get(request.model), default_max_tokens=MAX_TOKENS)
             reason = "the dry run gave no price"
             return Quote(fallback.amount, exact=False, source="estimate", reason=reason)
         return Quote(amount=price, exact=True, source="dry_run")
@@ -101,7 +97,7 @@ class OrthogonalProvider(HttpProvider):
         started = time.perf_counter()
         body = with_usage_option(request.body)
         if body.get("stream"):
-            assembly, trailer, first = await self._send_stream(self.run_request(body))
+            assembly, trailer, first = await self._send_stream(RUN_PATH, build_run(body, api=self.api))
             if trailer.get("success") is False:
                 raise parse_error(trailer)
             return outcome_from(
