@@ -394,13 +394,13 @@ def test_retries_end_with_each_request_paid_once(
 def test_a_line_changed_mid_run_is_an_error_of_the_job(
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
-    """Lines are read a chunk ahead of the sending: a line changed beyond that is caught before it
-    is sent, and stops the run as an error of the job."""
+    """Lines are read two chunks (of 500) ahead of the sending: a line changed beyond that is caught
+    before it is sent, and stops the run as an error of the job."""
     sim = sim_process("0.05-0.1")
-    job_lines, job, db, ledger = night_job(tmp_path, "e", 1500)
+    job_lines, job, db, ledger = night_job(tmp_path, "e", 2000)
     proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "24")
     assert wait_for(lambda: sim.charges() >= 20, proc)
-    edited = [{**line, "max_tokens": 61} if i >= 1200 else line for i, line in enumerate(job_lines)]
+    edited = [{**line, "max_tokens": 61} if i >= 1600 else line for i, line in enumerate(job_lines)]
     job.write_text("".join(json.dumps(line) + "\n" for line in edited))  # same ids, other bodies
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, output  # the job is wrong, not the run stopped
