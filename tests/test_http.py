@@ -1,0 +1,285 @@
+"""HTTP conventions users expect of any client (as httpx and the OpenAI SDK give them), on loopback:
+proxies from the environment, certificate authorities from SSL_CERT_FILE, compressed replies,
+307 redirects, failures that no retry can mend, the pool following --concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+from typer.testing import CliRunner
+
+from runner import http
+from runner.cli import app
+from runner.errors import OutcomeUnknown, RequestFatalError, RunFatalError
+from runner.jobs import body_sha256
+from runner.models import ChatRequest
+from runner.providers.openai import OpenAIProvider
+from runner.simulator import Books, SimulatorThread
+
+Serve = Callable[[web.Application], Awaitable[str]]
+BODY: dict[str, Any] = {
+    "model": "openai/gpt-oss-120b",
+    "messages": [{"role": "user", "content": "Say hello."}],
+    "max_tokens": 16,
+}
+COMPLETION: dict[str, Any] = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "openai/gpt-oss-120b",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+}
+
+
+def chat(body: dict[str, Any] | None = None) -> ChatRequest:
+    body = body or BODY
+    return ChatRequest("job.jsonl", 1, "x", body, {}, body_sha256(body))
+
+
+def forward_proxy(seen: list[str]) -> web.Application:
+    """A plain HTTP forward proxy: notes each request's absolute target and forwards it."""
+
+    async def forward(request: web.Request) -> web.Response:
+        seen.append(f"{request.method} {request.url}")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "proxy-connection")}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(request.method, request.url, data=await request.read(), headers=headers) as reply,
+        ):
+            body = await reply.read()
+            kept = {
+                k: v for k, v in reply.headers.items() if k.lower() in ("content-type", "content-encoding")
+            }
+            return web.Response(status=reply.status, body=body, headers=kept)
+
+    proxy = web.Application()
+    proxy.router.add_route("*", "/{tail:.*}", forward)
+    return proxy
+
+
+async def test_requests_go_through_http_proxy_unless_no_proxy_names_the_host(
+    sim: SimulatorThread, serve_app: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    monkeypatch.setenv("HTTP_PROXY", await serve_app(forward_proxy(seen)))
+    provider = OpenAIProvider(api_key="k", base_url=sim.base_url + "/v1")
+    outcome = await provider.complete(chat())
+    await provider.aclose()
+    assert outcome.message["content"]
+    assert seen == [f"POST {sim.base_url}/v1/chat/completions"]
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    provider = OpenAIProvider(api_key="k", base_url=sim.base_url + "/v1")
+    await provider.complete(chat())
+    await provider.aclose()
+    assert len(seen) == 1  # straight to the host this time
+
+
+@pytest.fixture(scope="module")
+def authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_sim(authority: trustme.CA) -> Iterator[SimulatorThread]:
+    """The simulator over TLS, its certificate signed by an authority made for the test."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(context)
+    with SimulatorThread(Books(), ssl_context=context) as server:
+        yield server
+
+
+async def test_a_private_authority_named_by_ssl_cert_file_is_trusted(
+    tls_sim: SimulatorThread, authority: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    provider = OpenAIProvider(api_key="k", base_url=tls_sim.base_url + "/v1")
+    outcome = await provider.complete(chat())
+    await provider.aclose()
+    assert outcome.message["content"]
+
+
+async def test_a_private_authority_in_ssl_cert_dir_is_trusted(
+    tls_sim: SimulatorThread, authority: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "certs"
+    folder.mkdir()
+    authority.cert_pem.write_to_path(str(folder / "ca.pem"))
+    # OpenSSL finds a CA in a folder by the hash of its subject, as `openssl rehash` names it
+    subject_hash = _subject_hash(folder / "ca.pem")
+    (folder / f"{subject_hash}.0").symlink_to(folder / "ca.pem")
+    monkeypatch.setenv("SSL_CERT_DIR", str(folder))
+    provider = OpenAIProvider(api_key="k", base_url=tls_sim.base_url + "/v1")
+    outcome = await provider.complete(chat())
+    await provider.aclose()
+    assert outcome.message["content"]
+
+
+def _subject_hash(pem: Path) -> str:
+    import subprocess  # noqa: PLC0415 - only this test asks openssl
+
+    done = subprocess.run(
+        ["openssl", "x509", "-hash", "-noout", "-in", str(pem)], capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+async def test_an_untrusted_certificate_is_fatal_and_names_the_host_and_ssl_cert_file(
+    tls_sim: SimulatorThread,
+) -> None:
+    provider = OpenAIProvider(api_key="k", base_url=tls_sim.base_url + "/v1")
+    with pytest.raises(RunFatalError) as caught:
+        await provider.complete(chat())
+    await provider.aclose()
+    assert caught.value.error_type == "tls"
+    assert "127.0.0.1" in str(caught.value) and "SSL_CERT_FILE" in str(caught.value)
+    assert tls_sim.books.stats()["counters"].get("openai.chat", 0) == 0
+
+
+def test_a_run_against_an_untrusted_certificate_stops_at_once_with_the_reason(
+    tls_sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    job = write_job([{**BODY, "custom_id": f"c{i}"} for i in range(20)])
+    started = time.monotonic()
+    args = ["--provider", "openai", "--base-url", tls_sim.base_url + "/v1", "--max-usd", "1"]
+    result = CliRunner().invoke(app, ["run", str(job), *args])
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 4, result.output
+    assert "TLS failed with 127.0.0.1" in result.output and "SSL_CERT_FILE" in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_gzip_replies_are_decoded_ok_or_not(serve_app: Serve) -> None:
+    async def completions(request: web.Request) -> web.Response:
+        assert "gzip" in request.headers.get("Accept-Encoding", "")
+        body = await request.json()
+        status, payload = (200, COMPLETION) if body["max_tokens"] < 100 else (400, {"error": "too many"})
+        packed = gzip.compress(json.dumps(payload).encode())
+        return web.Response(
+            status=status,
+            body=packed,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", completions)
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1")
+    outcome = await provider.complete(chat())
+    assert outcome.message["content"] == "hello" and outcome.usage.prompt_tokens == 5
+    with pytest.raises(RequestFatalError, match="HTTP 400: too many"):
+        await provider.complete(chat({**BODY, "max_tokens": 500}))
+    await provider.aclose()
+
+
+@pytest.mark.parametrize("status", [307, 308])
+async def test_a_temporary_or_permanent_redirect_keeps_method_and_body(serve_app: Serve, status: int) -> None:
+    received: list[tuple[str, Any]] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise (
+            web.HTTPTemporaryRedirect("/v2/chat/completions")
+            if status == 307
+            else (web.HTTPPermanentRedirect("/v2/chat/completions"))
+        )
+
+    async def completions(request: web.Request) -> web.Response:
+        received.append((request.method, await request.json()))
+        return web.json_response(COMPLETION)
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", moved)
+    server.router.add_post("/v2/chat/completions", completions)
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1")
+    outcome = await provider.complete(chat())
+    await provider.aclose()
+    assert outcome.message["content"] == "hello"
+    assert received == [("POST", BODY)]
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_nobody_listening_is_fatal_before_any_reply_and_retryable_after() -> None:
+    endpoint = http.Endpoint(f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(http.NetworkError) as caught:
+        await endpoint.call("GET", "/v1/models")
+    assert caught.value.kind == "connect" and caught.value.fatal and not caught.value.sent
+    assert "cannot connect to 127.0.0.1" in str(caught.value)
+    endpoint.replied = True  # once the server has answered, a refused connection may be a restart
+    with pytest.raises(http.NetworkError) as caught:
+        await endpoint.call("GET", "/v1/models")
+    assert not caught.value.fatal and not caught.value.sent
+    await endpoint.aclose()
+
+
+async def test_an_unknown_host_is_fatal_and_named() -> None:
+    provider = OpenAIProvider(base_url="http://no-such-host.invalid/v1")
+    with pytest.raises(RunFatalError, match=r"cannot resolve the host no-such-host\.invalid") as caught:
+        await provider.complete(chat())
+    await provider.aclose()
+    assert caught.value.error_type == "dns"
+
+
+async def test_a_silent_server_is_a_read_timeout_after_sending(serve_app: Serve) -> None:
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response(COMPLETION)
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", silent)
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1", timeouts=http.Timeouts(2.0, 0.3))
+    started = time.monotonic()
+    with pytest.raises(OutcomeUnknown, match=r"no reply .* for 0.3 s") as caught:
+        await provider.complete(chat())
+    assert time.monotonic() - started < 2
+    assert caught.value.error_type == "timeout"
+    await provider.aclose()
+
+
+async def test_the_pool_holds_as_many_connections_as_the_concurrency(serve_app: Serve) -> None:
+    """300 calls at once, each held by the server until all have arrived: a pool capped below 300
+    would leave the server waiting for ever."""
+    arrived = 0
+    all_in = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 300:
+            all_in.set()
+        await all_in.wait()
+        return web.json_response({"ok": True})
+
+    server = web.Application()
+    server.router.add_get("/held", held)
+    endpoint = http.Endpoint(await serve_app(server), max_connections=300)
+    async with asyncio.timeout(20):
+        replies = await asyncio.gather(*(endpoint.call("GET", "/held") for _ in range(300)))
+    await endpoint.aclose()
+    assert [r.status_code for r in replies] == [200] * 300
+
+
+def test_timeouts_are_options_of_run_and_estimate(write_job: Callable[..., Path]) -> None:
+    job = write_job([BODY])
+    for command in ("run", "estimate"):
+        result = CliRunner().invoke(app, [command, str(job), "--provider", "simulator", "--timeout", "-1"])
+        assert result.exit_code == 2, result.output
+        assert "--timeout must be above 0 seconds" in result.output
