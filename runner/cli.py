@@ -515,7 +515,7 @@ def estimate(
         async with connect(settings) as conn:
             with Progress("quoting", summary.requests) as progress:
                 return await quote_requests(
-                    iter_requests(job),
+                    iter_requests(job, price_table(settings)),
                     provider=conn.provider,
                     scope=conn.scope,
                     ledger=ledger,

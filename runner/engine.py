@@ -41,6 +41,7 @@ from runner.errors import (
     RunFatalError,
     RunnerError,
     Unpriced,
+    printable,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
 from runner.jobs import JobChunks, JobSummary, file_digest, iter_requests, validate_job
@@ -98,6 +99,14 @@ class RunResult:
     resumable: bool = True  # False when running the same command again cannot finish the run
 
 
+@dataclass(frozen=True)
+class Checked:
+    """A job validated against `models` (None: the catalog), and what validation found."""
+
+    summary: JobSummary
+    models: dict[str, ModelInfo] | None
+
+
 @dataclass
 class _Plan:
     run_id: str
@@ -137,6 +146,7 @@ class Engine:
         self.rng = random.Random()
         self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
         self._counter = itertools.count()
+        self.over_quote = 0  # requests charged above their hold (a price table too low)
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
@@ -292,7 +302,13 @@ class Engine:
 
             granted = await self.writer.submit(reserve_and_mark)
             if not granted:
-                self.stop("stopped", "budget reached: the next reservation did not fit")
+                reason = "budget reached: the next reservation did not fit"
+                if self.over_quote:
+                    reason += (
+                        f" ({self.over_quote} request(s) were charged above their quotes: the price "
+                        "file's prices or template allowances are too low)"
+                    )
+                self.stop("stopped", reason)
                 return None
             return await self._send_with_retries(request, row_id, quote, done_attempts)
         finally:
@@ -407,6 +423,17 @@ class Engine:
             "error_message": None if price is not None else "no price reported; charged the quote",
         }
 
+        if price is not None and price > quote:
+            self.over_quote += 1
+            if self.over_quote == 1:
+                self.on_event(
+                    Notice(
+                        f"{printable(request.custom_id)} was charged {format_usd(price)}, above its quote of "
+                        f"{format_usd(quote)}: the excess counts against the budget; check the "
+                        "price file's prices and allowances"
+                    )
+                )
+
         def apply(db: Db) -> None:
             _record(db, row_id, attempts, "ok", None, outcome.latency_s)
             charged = price if price is not None else quote
@@ -506,7 +533,15 @@ def _take(iterator: Any, size: int) -> list[ChatRequest]:
 # ---- pre-flight ---------------------------------------------------------------------------------
 
 
-async def _sync_rows(ledger: Ledger, job: Path, run_id: str, scope: str, *, creating: bool) -> None:
+async def _sync_rows(
+    ledger: Ledger,
+    job: Path,
+    run_id: str,
+    scope: str,
+    models: dict[str, ModelInfo] | None,
+    *,
+    creating: bool,
+) -> None:
     """Give every line of the job its row in the run, or check that the rows still match the file.
 
     A run's rows are written in chunks and `total` is set after the last one, so a process killed
@@ -516,7 +551,7 @@ async def _sync_rows(ledger: Ledger, job: Path, run_id: str, scope: str, *, crea
 
     def work() -> None:
         total = 0
-        iterator = iter_requests(job)
+        iterator = iter_requests(job, models)
         while chunk := _take(iterator, 5000):
             rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
             missing = [r for r in chunk if r.custom_id not in rows]
@@ -620,7 +655,8 @@ async def run_job(
     summary.raise_for_issues()
     owner = this_process()
     job_key = str(await anyio.Path(job).resolve())
-    plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, summary, owner, on_event)
+    checked = Checked(summary, models)
+    plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, checked, owner, on_event)
     run_id = plan.run_id
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
     engine = Engine(conn, ledger, plan, options, on_event)
@@ -661,7 +697,7 @@ async def _prepare(
     budget: str | None,
     max_usd: Decimal | None,
     options: RunOptions,
-    summary: JobSummary,
+    checked: Checked,
     owner: str,
     on_event: Listener,
 ) -> _Plan:
@@ -676,9 +712,9 @@ async def _prepare(
     try:
         with claim:
             if existing:  # a resumed run's rows are checked against the file as it is
-                await _sync_rows(ledger, job, existing, conn.scope, creating=not complete)
+                await _sync_rows(ledger, job, existing, conn.scope, checked.models, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
-            estimate = await _quote(job, conn, ledger, run_id if not existing else None, summary, on_event)
+            estimate = await _quote(job, conn, ledger, run_id if not existing else None, checked, on_event)
             if existing:
                 await _recover(ledger, existing, options.retry_possibly_billed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
@@ -688,7 +724,7 @@ async def _prepare(
         if claim.lost:
             raise claim.busy()
         if not existing and estimate.unquoted_count and not options.partial:
-            raise _unpriced(estimate, summary.requests)
+            raise _unpriced(estimate, checked.summary.requests)
         fit, shortfall = fits_nanos(needed, view.remaining_nanos)
         if not fit and not options.partial:
             msg = (
@@ -772,7 +808,7 @@ async def _quote(
     conn: Connection,
     ledger: Ledger,
     preparing: str | None,
-    summary: JobSummary,
+    checked: Checked,
     on_event: Listener,
 ) -> Estimate:
     """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
@@ -786,13 +822,14 @@ async def _quote(
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 
+    summary = checked.summary
     on_event(Phase("quoting", summary.requests))
     # Rows are made only from the file as it was validated: this read's digest is compared with
     # validation's before anything is sent (when validation took none, each line is checked again);
     # a row's line is checked by its hash before it is sent.
     digest = file_digest() if preparing and summary.digest else None
     estimate = await quote_requests(
-        iter_requests(job, check=bool(preparing) and digest is None, digest=digest),
+        iter_requests(job, checked.models, check=bool(preparing) and digest is None, digest=digest),
         provider=conn.provider,
         scope=conn.scope,
         ledger=ledger,

@@ -164,7 +164,13 @@ class BudgetView:
 
     @property
     def remaining_nanos(self) -> int:
-        return self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos
+        """What can still be reserved: never below zero, even when charges above their quotes (a
+        price file too low) took the budget past its limit."""
+        return max(0, self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos)
+
+    @property
+    def overspent_nanos(self) -> int:
+        return max(0, self.spent_nanos + self.reserved_nanos + self.possibly_billed_nanos - self.limit_nanos)
 
 
 class RequestRow(NamedTuple):

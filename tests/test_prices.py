@@ -1,0 +1,161 @@
+"""Price files and the upper-bound quote of an OpenAI-compatible endpoint: any model the price file
+prices, a quote no charge can exceed, and what happens when a price file is wrong anyway."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from runner import catalog, schema
+from runner.cli import app
+from runner.connect import Connection, ProviderSettings, load_prices, price_table
+from runner.engine import RunOptions, run_job
+from runner.errors import ConfigError
+from runner.ledger import Ledger
+from runner.providers.base import table_quote
+from runner.providers.openai import OpenAIProvider
+
+Serve = Callable[[web.Application], Awaitable[str]]
+
+
+def test_a_price_file_prices_a_model_outside_the_catalog(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(
+        '[models.smollm2]\ninput = 0.10\noutput = "0.50"\ncontext_window = 2048\n'
+        'per_message_tokens = 4\nper_request_tokens = 32\n\n[models."my/model"]\ninput = 1\noutput = 2\n'
+    )
+    table = price_table(ProviderSettings("openai", price_file=prices))
+    small = table["smollm2"]
+    assert (small.input_price, small.output_price) == (Decimal("0.0000001"), Decimal("0.0000005"))
+    assert (small.context_window, small.per_message_tokens, small.per_request_tokens) == (2048, 4, 32)
+    mine = table["my/model"]
+    assert mine.context_window is None and mine.per_request_tokens == catalog.PER_REQUEST_TOKENS
+    assert "openai/gpt-oss-120b" in table  # the catalog stays
+    # the Run API's models are the catalog's whatever the price file says
+    assert "smollm2" not in price_table(ProviderSettings("orthogonal", price_file=prices))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[models.m]\ninput = 1\n", "m: give 'input' and 'output'"),
+        ("[models.m]\ninput = 1\noutput = -2\n", "m: output: -2 is not an amount"),
+        ("[models.m]\ninput = 1\noutput = 2\ncontext = 9\n", "m: unknown key 'context'"),
+        ("[models.m]\ninput = 1\noutput = 2\ncontext_window = 1.5\n", "context_window: must be a whole"),
+        ('[models."a\\u001b[31m"]\ninput = 1\noutput = true\n', "a\\x1b[31m: output"),
+        ("[models.m\n", "cannot read the price file"),
+    ],
+)
+def test_a_wrong_price_file_is_named_with_the_model_and_key(tmp_path: Path, text: str, message: str) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_prices(prices)
+    assert message in str(caught.value) and str(prices) in str(caught.value)
+    assert "\x1b" not in str(caught.value)
+
+
+def test_a_job_of_a_priced_model_validates_and_an_unpriced_one_is_named(
+    tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text("[models.smollm2]\ninput = 0.1\noutput = 0.5\n")
+    job = write_job([{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}])
+    args = ["estimate", str(job), "--provider", "openai", "--base-url", "http://127.0.0.1:9/v1"]
+    result = CliRunner().invoke(app, [*args, "--price-file", str(prices)])
+    assert result.exit_code == 0, result.output
+    assert "upper bound" in result.output
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "unknown model 'smollm2'" in result.output
+
+
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=200)}
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=200)
+@given(messages=messages, max_tokens=st.integers(1, 5000), n=st.integers(1, 4))
+def test_the_bound_covers_every_byte_and_every_answer_token(
+    messages: list[dict[str, str]], max_tokens: int, n: int
+) -> None:
+    """A byte-level tokenizer makes at most one token per UTF-8 byte of the text; the answer has at
+    most max_tokens per choice."""
+    info = catalog.ModelInfo("m", None, False, False, Decimal(1), Decimal(1000))
+    body: dict[str, Any] = {"model": "m", "messages": messages, "max_tokens": max_tokens, "n": n}
+    text_bytes = sum(len(m["content"].encode()) + len(m["role"].encode()) for m in messages)
+    assert schema.prompt_token_bound(body, info) >= text_bytes + info.per_request_tokens
+    assert schema.output_token_bound(body, info) == max_tokens * n
+    quote = table_quote(body, info)
+    assert quote.amount == schema.prompt_token_bound(body, info) + max_tokens * n * 1000
+    assert not quote.exact
+
+
+def test_without_max_tokens_the_answer_is_bounded_by_the_context_window() -> None:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    known = catalog.ModelInfo("m", 2048, False, False, Decimal(1), Decimal(1))
+    unknown = catalog.ModelInfo("m", None, False, False, Decimal(1), Decimal(1))
+    assert schema.output_token_bound(body, known) == 2048
+    assert schema.output_token_bound(body, unknown) == catalog.DEFAULT_MAX_TOKENS
+
+
+async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_limit(
+    serve_app: Serve, write_job: Callable[..., Path]
+) -> None:
+    """A server whose usage is far above anything the price file's bound allows (a wrong price file,
+    as it looks to the runner): the excess is charged to the budget, launching stops with the reason,
+    and what is left never reads below zero."""
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                ],
+                "usage": {"prompt_tokens": 100_000, "completion_tokens": 1, "total_tokens": 100_001},
+            }
+        )
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", completions)
+    prices = {"m": catalog.ModelInfo("m", None, False, False, Decimal("0.000001"), Decimal("0.000001"))}
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1", prices=prices)
+    line = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    job = write_job([{**line, "custom_id": f"r{i}"} for i in range(40)])
+    ledger = Ledger()
+    notices: list[str] = []
+    try:
+        result = await run_job(
+            job,
+            conn=Connection(provider, "openai:test"),
+            ledger=ledger,
+            max_usd=Decimal("0.5"),
+            options=RunOptions(concurrency=1, partial=True),
+            models=prices,
+            on_event=lambda event: notices.append(str(getattr(event, "message", ""))),
+        )
+    finally:
+        await provider.aclose()
+    assert result.state == "stopped"
+    assert result.reason is not None and "charged above their quotes" in result.reason
+    assert any("above its quote" in n for n in notices)
+    view = ledger.budget_by_id(ledger.run(result.run_id)["budget_id"])
+    assert result.states["ok"] == 5  # $0.10 each: the sixth reservation no longer fits
+    assert view.spent_nanos == 5 * 100_001_000 and view.remaining_nanos == 0 and view.overspent_nanos > 0
