@@ -1,0 +1,170 @@
+"""The real workload: many calls in flight, each taking seconds, against the simulator in its own process.
+
+    uv run python benchmarks/latency.py [--requests 20000] [--latency 2] [--concurrency 2000]
+                                        [--provider orthogonal|openai] [--rounds 1]
+
+Measured in the same run, against the same simulator process (`runner simulator --latency S`):
+- the baseline: a bare aiohttp loop (one session, a pool as large as the concurrency, as many
+  workers) posting the same chat bodies the runner sends, its wall clock and CPU seconds;
+- `runner run` in its own process with the same concurrency: the run phase (from the first request
+  sent to the last one settled, read from the ledger's timestamps), the whole command's wall clock
+  (start-up, validation, quotes, run, Parquet, report), and its CPU seconds (user + sys).
+Each figure is printed beside the baseline's as a ratio. The simulator must not be the bottleneck:
+its own CPU seconds are printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+MODEL = "openai/gpt-oss-120b"
+
+
+def body(i: int) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": 40, "messages": [{"role": "user", "content": f"question {i}"}]}
+
+
+class Simulator:
+    def __init__(self, latency: float) -> None:
+        command = [sys.executable, "-m", "runner", "simulator", "--port", "0", "--latency", str(latency)]
+        command += ["--balance", "1000000"]
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.url = line.split("listening on ")[1].split()[0]
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+async def bare_loop(url: str, provider: str, n: int, concurrency: int) -> float:
+    """The baseline: `concurrency` workers over one aiohttp session; returns seconds."""
+    if provider == "orthogonal":
+        target = f"{url}/v1/run"
+
+        def payload(i: int) -> dict[str, Any]:
+            return {"api": "baseten", "path": "/v1/chat/completions", "body": body(i)}
+    else:
+        target = f"{url}/v1/chat/completions"
+        payload = body
+    headers = {"Authorization": "Bearer bench"}
+    counter = iter(range(n))
+    ok = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        for i in counter:
+            async with session.post(target, json=payload(i), headers=headers) as reply:
+                data = await reply.json()
+                ok += reply.status == 200 and bool(data)
+
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    assert ok == n, f"the bare loop got {ok} of {n} replies"
+    return elapsed
+
+
+def run_phase_s(db: Path) -> float:
+    with sqlite3.connect(db) as c:
+        first, last = c.execute("SELECT min(started_at), max(finished_at) FROM requests").fetchone()
+    return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+
+
+def runner_run(sim: Simulator, provider: str, n: int, concurrency: int, folder: Path) -> dict[str, float]:
+    job = folder / "job.jsonl"
+    job.write_text("".join(json.dumps({"custom_id": f"r{i}", **body(i)}) + "\n" for i in range(n)))
+    db = folder / f"ledger-{time.monotonic_ns()}.db"
+    base = sim.url if provider == "orthogonal" else f"{sim.url}/v1"
+    command = [sys.executable, "-m", "runner", "run", str(job), "--provider", provider, "--base-url", base]
+    command += ["--concurrency", str(concurrency), "--max-usd", "1000", "-o", str(folder / "out.parquet")]
+    env = {
+        **os.environ,
+        "RUNNER_DB": f"sqlite:///{db}",
+        "ORTHOGONAL_API_KEY": "bench",
+        "OPENAI_API_KEY": "bench",
+        "COLUMNS": "200",
+    }
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    whole = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        sys.exit(f"runner run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"whole_s": whole, "run_s": run_phase_s(db), "cpu_s": cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--latency", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=2000)
+    parser.add_argument("--provider", choices=["orthogonal", "openai"], default="orthogonal")
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    n, c = args.requests, args.concurrency
+    print(f"{n:,} calls, simulator latency {args.latency:g} s, concurrency {c:,}, provider {args.provider}")
+    print(f"ceiling: {c / args.latency:,.0f} req/s (concurrency / latency)")
+    sim = Simulator(args.latency)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for round_ in range(1, args.rounds + 1):
+                sim_cpu = sim.cpu_s()
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                loop_s = asyncio.run(bare_loop(sim.url, args.provider, n, c))
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                loop_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                loop_sim_cpu, sim_cpu = sim.cpu_s() - sim_cpu, sim.cpu_s()
+                runner = runner_run(sim, args.provider, n, c, Path(tmp))
+                runner_sim_cpu = sim.cpu_s() - sim_cpu
+                loop_rate = n / loop_s
+                print(f"round {round_}:")
+                print(
+                    f"  bare aiohttp loop    {loop_rate:8,.0f} req/s  {loop_cpu:6.1f} s CPU "
+                    f"({1000 * loop_cpu / n:.2f} s per 1,000)   simulator {loop_sim_cpu:.1f} s CPU"
+                )
+                run_rate, whole_rate = n / runner["run_s"], n / runner["whole_s"]
+                print(
+                    f"  runner, run phase    {run_rate:8,.0f} req/s  = {run_rate / loop_rate:.2f} x the loop"
+                )
+                whole_ratio, cpu = whole_rate / loop_rate, runner["cpu_s"]
+                print(
+                    f"  runner, whole command{whole_rate:8,.0f} req/s  = {whole_ratio:.2f} x the loop"
+                    f"  ({runner['whole_s']:.1f} s)"
+                )
+                print(
+                    f"  runner CPU           {cpu:8.1f} s     = {cpu / loop_cpu:.2f} x the loop's "
+                    f"({1000 * cpu / n:.2f} s per 1,000)   simulator {runner_sim_cpu:.1f} s CPU"
+                )
+    finally:
+        sim.close()
+
+
+if __name__ == "__main__":
+    main()
