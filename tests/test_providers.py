@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,12 +20,16 @@ from typer.testing import CliRunner
 
 from runner import catalog, http
 from runner.cli import app
+from runner.connect import Connection
+from runner.engine import RunOptions, run_job
 from runner.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
 from runner.jobs import body_sha256, read_job
+from runner.ledger import Ledger
 from runner.models import ChatRequest
 from runner.providers.base import classify, error_from_response
 from runner.providers.openai import OpenAIProvider
 from runner.providers.orthogonal import OrthogonalProvider
+from runner.report import run_frame
 from runner.simulator import Books, SimulatorThread
 
 KEY = "sk-test-very-secret-key-123"
@@ -423,3 +428,47 @@ def test_models_cli_lists_the_live_models_of_a_provider(
     result = CliRunner().invoke(app, ["models", "--provider", "orthogonal"])
     assert result.exit_code == 2
     assert "ORTHOGONAL_API_KEY" in result.output
+
+
+@pytest.mark.parametrize("name", ["orthogonal", "openai"])
+async def test_two_hundred_streamed_requests_all_settle_with_nothing_possibly_billed(
+    sim: SimulatorThread, write_job: Callable[..., Path], name: str
+) -> None:
+    """Whole SSE bodies arriving in one read once closed connections other requests had taken from
+    the pool: every streamed request must end ok, with its usage, and nothing possibly billed."""
+    sim.books.configure({"latency": "0.05-0.3"})
+    lines = [
+        {**BODY, "custom_id": f"s{i}", "stream": True, "messages": [{"role": "user", "content": f"q {i}"}]}
+        for i in range(200)
+    ]
+    job = write_job(lines)
+    orth, oai = providers(sim)
+    provider = orth if name == "orthogonal" else oai
+    try:
+        result = await run_job(
+            job,
+            conn=Connection(provider, name),
+            ledger=Ledger(),
+            max_usd=Decimal(1),
+            options=RunOptions(concurrency=100),
+        )
+    finally:
+        await orth.aclose()
+        await oai.aclose()
+    assert result.states == {"ok": 200}
+    frame = run_frame(Ledger(), result.run_id, ["status", "completion_tokens", "error_type"])
+    assert frame["completion_tokens"].min() > 0
+    assert frame["error_type"].null_count() == 200
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (429, "RATE_LIMITED", "http_429"),  # the status decides, whatever the code says
+        (None, "RATE_LIMITED", "rate_limited"),
+        (None, "SOMETHING_NEW", "provider_error"),
+        (502, "UPSTREAM_ERROR", "http_502"),
+    ],
+)
+def test_error_types_are_stable_names(status: int | None, code: str, expected: str) -> None:
+    assert classify(status, "x", code=code).error_type == expected
