@@ -1,6 +1,6 @@
 """Rate limit: `runner run --rpm 600` against the simulator; the send rate it keeps.
 
-    uv run python benchmarks/rpm.py [--rpm 600] [--window 30] [--processes 1]
+    uv run python benchmarks/rpm.py [--rpm 600] [--window 30]
 
 The runner runs as its own process (the real CLI); the simulator runs here and timestamps every call
 it receives. Printed: the rate over the measured window after the first seconds (target: within the
@@ -25,7 +25,6 @@ def main() -> None:
     parser.add_argument("--rpm", type=float, default=600)
     parser.add_argument("--window", type=float, default=30.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds skipped at the start")
-    parser.add_argument("--processes", type=int, default=1, help="runner run --processes (limit shared)")
     args = parser.parse_args()
     per_second = args.rpm / 60
     # enough requests for warm-up + window + a tail, and for a full 60 s span when the window allows
@@ -44,7 +43,6 @@ def main() -> None:
         env = {**os.environ, "RUNNER_DB": f"sqlite:///{folder}/ledger.db", "ORTHOGONAL_API_KEY": "bench"}
         command = [sys.executable, "-m", "runner", "run", str(job), "--provider", "orthogonal"]
         command += ["--base-url", sim.base_url, "--max-usd", "10", "--rpm", f"{args.rpm:g}"]
-        command += ["--processes", str(args.processes)]
         command += ["--concurrency", "64", "--output", f"{folder}/out.parquet"]
         print(f"{n} requests at --rpm {args.rpm:g} (about {n / per_second:.0f} s) ...", flush=True)
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -1,6 +1,6 @@
 """End-to-end `runner run` against a fixed-reply loopback server, beside bare client loops, in one run.
 
-    uv run python benchmarks/run.py [--requests 20000] [--concurrency 64] [--processes 2] [--rounds 3]
+    uv run python benchmarks/run.py [--requests 20000] [--concurrency 64] [--rounds 3]
                                     [--latency-requests 12800] [--rss-requests 1000000]
 
 1. Throughput, zero latency: nginx (Debian's package; `apt-get install nginx-light`) answers every
@@ -11,8 +11,8 @@
    transport), and the real CLI
    `runner run` in its own process, quotes cached beforehand by `runner estimate`. For the runner two
    figures: the wall clock of the whole command (start-up, validation, ledger, export, report) and the
-   sustained send rate the server saw from its first to its last call; then the same with
-   `--processes 2` (up to --processes N): the run sent by that many processes. The machine's speed
+   sustained send rate the server saw from its first to its last call. A micro-benchmark: no user's
+   API answers at once (benchmarks/latency.py measures the real workload). The machine's speed
    drifts from minute to minute, so --rounds rounds are run interleaved (baseline, the loop as a
    command, each runner) and medians reported, with each round's own ratios.
 2. Latency-bound: the same reply after 200 ms (a bare asyncio server in its own process), concurrency
@@ -309,9 +309,7 @@ def megabytes(kib: int) -> str:
     return f"{kib * 1024 / 1e6:8,.1f} MB ({kib / 1024:,.1f} MiB)"
 
 
-def run_case(
-    folder: Path, server: Server, n: int, concurrency: int, name: str, processes: int = 1
-) -> tuple[float, float, int]:
+def run_case(folder: Path, server: Server, n: int, concurrency: int, name: str) -> tuple[float, float, int]:
     """`runner estimate` (quotes cached, not timed), then the timed `runner run` (a fresh run)."""
     job = folder / f"{name}.jsonl"
     if not job.exists():
@@ -319,7 +317,7 @@ def run_case(
         runner(folder, server, job, "estimate", "--concurrency", str(min(concurrency, 64)))
     server.reset()
     out = ["--output", str(folder / f"{name}.parquet"), "--new"]
-    options = ["--max-usd", "1000", "--concurrency", str(concurrency), "--processes", str(processes), *out]
+    options = ["--max-usd", "1000", "--concurrency", str(concurrency), *out]
     wall, rss = runner(folder, server, job, "run", *options)
     calls, sustained = server.sustained()
     assert calls == n, f"the server saw {calls} calls, expected {n}"
@@ -332,7 +330,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-requests", type=int, default=12_800)
     parser.add_argument("--rss-requests", type=int, default=0)
-    parser.add_argument("--processes", type=int, default=2, help="also time --processes 2..N (1: skip)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported")
     args = parser.parse_args()
     n, c = args.requests, args.concurrency
@@ -344,22 +341,20 @@ def main() -> None:
             kind = "nginx" if use_nginx else "asyncio stand-in (nginx not installed)"
             print(f"1. zero latency, {n:,} requests, concurrency {c}, server: {kind}", flush=True)
             plain = asyncio.run(bare_httpx(server.url, n, c))  # slow, and far behind: timed once
-            counts = range(1, args.processes + 1)
-            got: dict[str, list[float]] = {"base": [], "alone": []}
-            for p in counts:
-                got[f"whole{p}"], got[f"sent{p}"] = [], []
+            got: dict[str, list[float]] = {"base": [], "alone": [], "whole": [], "sent": []}
             rss = 0
             for turn in range(1, args.rounds + 1):  # interleaved: the machine's drift hits every figure
                 got["base"].append(asyncio.run(bare_aiohttp(server.url, n, c)))
                 got["alone"].append(bare_aiohttp_process(server.url, n, c))
-                for p in counts:
-                    wall, sustained, peak = run_case(folder, server, n, c, "zero", processes=p)
-                    got[f"whole{p}"].append(wall)
-                    got[f"sent{p}"].append(sustained)
-                    rss = max(rss, peak) if p == 1 else rss
+                wall, sustained, peak = run_case(folder, server, n, c, "zero")
+                got["whole"].append(wall)
+                got["sent"].append(sustained)
+                rss = max(rss, peak)
                 now = got["base"][-1]
-                line = ", ".join(f"{p} process(es) {got[f'whole{p}'][-1] / now:.2f} x" for p in counts)
-                print(f"   round {turn}: bare aiohttp {now:,.0f} req/s; runner run whole: {line}", flush=True)
+                print(
+                    f"   round {turn}: bare aiohttp {now:,.0f} req/s; runner run whole: {wall / now:.2f} x",
+                    flush=True,
+                )
             mid = {key: statistics.median(values) for key, values in got.items()}
             base, alone = mid["base"], mid["alone"]
             print(f"   medians of {args.rounds} rounds:")
@@ -369,14 +364,12 @@ def main() -> None:
                 f"   bare aiohttp loop as a command    {alone:8,.0f} req/s  {alone / base:.2f} x"
                 " (its own process: start-up included)"
             )
-            for p in counts:
-                name = "runner run" + (f" --processes {p}" if p > 1 else "")
-                whole, sent = mid[f"whole{p}"], mid[f"sent{p}"]
-                print(
-                    f"   {name + ', whole command':<33} {whole:8,.0f} req/s  {whole / base:.2f} x"
-                    f" ({whole / alone:.2f} x the loop as a command)"
-                )
-                print(f"   {name + ', sustained send rate':<33} {sent:8,.0f} req/s  {sent / base:.2f} x")
+            whole, sent = mid["whole"], mid["sent"]
+            print(
+                f"   {'runner run, whole command':<33} {whole:8,.0f} req/s  {whole / base:.2f} x"
+                f" ({whole / alone:.2f} x the loop as a command)"
+            )
+            print(f"   {'runner run, sustained send rate':<33} {sent:8,.0f} req/s  {sent / base:.2f} x")
             print(f"   runner run peak RSS               {megabytes(rss)}", flush=True)
 
             if args.rss_requests:

@@ -1,11 +1,14 @@
-"""HTTP transport throughput against one zero-latency loopback server, all in the same run.
+"""HTTP clients against one loopback server that answers after a delay, all in the same run: the
+measurement behind the choice made in runner/http.py.
 
-    uv run python benchmarks/transport.py [--requests 5000] [--concurrency 64]
+    uv run python benchmarks/transport.py [--requests 20000] [--concurrency 2000] [--latency 2]
+                                          [--httpx-default]
 
-The server is a separate process (aiohttp, a fixed ~400-byte Run API reply), so it does not share the
-client's event loop. Compared: httpx's default transport, httpx over httpx-aiohttp's transport,
-runner.http.Endpoint (httpx requests over runner.wire, asyncio protocols), and a bare aiohttp loop
-as the baseline.
+The server is a separate process (aiohttp, a fixed ~400-byte Run API reply after --latency seconds),
+so it does not share the clients' event loop. Compared, each with its rate and CPU seconds: a bare
+aiohttp loop (the baseline), runner.http.Endpoint (aiohttp behind runner's seam), httpx over
+httpx-aiohttp's transport, and with --httpx-default httpx's default transport (slow at thousands of
+connections: minutes at the defaults).
 """
 
 from __future__ import annotations
@@ -44,14 +47,16 @@ REPLY = json.dumps(
 BODY = {"api": "baseten", "path": "/v1/chat/completions", "body": {"model": "m", "messages": []}}
 
 
-def serve(port: int) -> None:
+def serve(port: int, latency: float) -> None:
     async def handle(request: web.Request) -> web.Response:
         await request.read()
+        if latency:
+            await asyncio.sleep(latency)
         return web.Response(body=REPLY, content_type="application/json")
 
     app = web.Application()
     app.router.add_post("/v1/run", handle)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=2048)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, backlog=4096)
 
 
 def free_port() -> int:
@@ -60,32 +65,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def drive(send: object, total: int, concurrency: int) -> float:
+async def drive(send: object, total: int, concurrency: int) -> tuple[float, float]:
+    """(requests per second, CPU seconds of this process)."""
     queue = iter(range(total))
 
     async def worker() -> None:
         for _ in queue:
             await send()  # type: ignore[operator]
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return total / (time.perf_counter() - start)
+    return total / (time.perf_counter() - start), time.process_time() - cpu
 
 
 async def bench_httpx(
     url: str, total: int, concurrency: int, transport: httpx.AsyncBaseTransport | None
-) -> float:
+) -> tuple[float, float]:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, transport=transport) as client:
 
         async def send() -> None:
             (await client.post("/v1/run", json=BODY)).json()
 
-        await drive(send, 200, concurrency)  # warm-up
         return await drive(send, total, concurrency)
 
 
-async def bench_aiohttp(url: str, total: int, concurrency: int) -> float:
+async def bench_aiohttp(url: str, total: int, concurrency: int) -> tuple[float, float]:
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
 
@@ -93,22 +98,17 @@ async def bench_aiohttp(url: str, total: int, concurrency: int) -> float:
             async with session.post("/v1/run", json=BODY) as response:
                 await response.json()
 
-        await drive(send, 200, concurrency)
         return await drive(send, total, concurrency)
 
 
-async def bench_endpoint(url: str, total: int, concurrency: int, *, call: bool) -> float:
-    """Endpoint.call (what providers use) or Endpoint.read of an httpx.Request, over runner.wire."""
+async def bench_endpoint(url: str, total: int, concurrency: int) -> tuple[float, float]:
+    """Endpoint.call: what the providers use."""
     endpoint = http.Endpoint(url, max_connections=concurrency)
 
     async def send() -> None:
-        if call:
-            (await endpoint.call("POST", "/v1/run", BODY)).json()
-        else:
-            (await endpoint.read(endpoint.request("POST", "/v1/run", BODY))).json()
+        (await endpoint.call("POST", "/v1/run", BODY)).json()
 
     try:
-        await drive(send, 200, concurrency)
         return await drive(send, total, concurrency)
     finally:
         await endpoint.aclose()
@@ -116,36 +116,39 @@ async def bench_endpoint(url: str, total: int, concurrency: int, *, call: bool) 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=2.0)
+    parser.add_argument("--httpx-default", action="store_true", help="also httpx's default transport")
     args = parser.parse_args()
+    n, c = args.requests, args.concurrency
     port = free_port()
-    server = multiprocessing.Process(target=serve, args=(port,), daemon=True)
+    server = multiprocessing.Process(target=serve, args=(port, args.latency), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
-            httpx.post(f"{url}/v1/run", json=BODY)
+            httpx.post(f"{url}/v1/run", json=BODY, timeout=args.latency + 10)
             break
         except httpx.TransportError:
             time.sleep(0.05)
+    results: dict[str, tuple[float, float]] = {}
     try:
-        baseline = asyncio.run(bench_aiohttp(url, args.requests, args.concurrency))
-        default = asyncio.run(bench_httpx(url, args.requests, args.concurrency, None))
-        limits = httpx.Limits(max_connections=args.concurrency)
-        over_aiohttp = asyncio.run(
-            bench_httpx(url, args.requests, args.concurrency, AiohttpTransport(limits=limits))
+        results["bare aiohttp loop (baseline)"] = asyncio.run(bench_aiohttp(url, n, c))
+        results["runner.http.Endpoint (aiohttp)"] = asyncio.run(bench_endpoint(url, n, c))
+        limits = httpx.Limits(max_connections=c)
+        results["httpx over httpx-aiohttp"] = asyncio.run(
+            bench_httpx(url, n, c, AiohttpTransport(limits=limits))
         )
-        requests = asyncio.run(bench_endpoint(url, args.requests, args.concurrency, call=False))
-        ours = asyncio.run(bench_endpoint(url, args.requests, args.concurrency, call=True))
+        if args.httpx_default:
+            results["httpx default transport"] = asyncio.run(bench_httpx(url, n, c, None))
     finally:
         server.terminate()
-    print(f"{args.requests} requests, concurrency {args.concurrency}, loopback, one aiohttp server process")
-    print(f"bare aiohttp loop (baseline):   {baseline:8,.0f} req/s  1.00 x")
-    print(f"httpx default transport:        {default:8,.0f} req/s  {default / baseline:.2f} x")
-    print(f"httpx over httpx-aiohttp:       {over_aiohttp:8,.0f} req/s  {over_aiohttp / baseline:.2f} x")
-    print(f"runner.wire, httpx.Request:     {requests:8,.0f} req/s  {requests / baseline:.2f} x")
-    print(f"runner.wire, Endpoint.call:     {ours:8,.0f} req/s  {ours / baseline:.2f} x")
+    print(f"{n:,} requests, concurrency {c:,}, server latency {args.latency:g} s (loopback, own process)")
+    base_rate, base_cpu = results["bare aiohttp loop (baseline)"]
+    for name, (rate, cpu) in results.items():
+        ratios = f"{rate / base_rate:.2f} x   {cpu:6.1f} s CPU  {cpu / base_cpu:.2f} x"
+        print(f"{name:32} {rate:8,.0f} req/s  {ratios}")
 
 
 if __name__ == "__main__":

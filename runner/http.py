@@ -1,11 +1,12 @@
 """The one place an HTTP client is made: aiohttp's client, behind `Endpoint`.
 
-Why aiohttp directly: the workload is thousands of calls in flight, each taking seconds. Measured on
-this 2-core machine (20,000 calls, simulator at 2 s latency, concurrency 2,000): a bare aiohttp loop
-905 req/s with 5.3 s of CPU; httpx's AsyncClient over the httpx-aiohttp transport 587 req/s with
-22.7 s of CPU (the httpx layer costs four times aiohttp's own work per call, and the run phase must
-stay within 0.9 x the bare loop); httpx's default transport 31 req/s (its pool does not scale to
-thousands of connections). `benchmarks/latency.py` measures the run phase against the bare loop.
+Why aiohttp directly: the workload is thousands of calls in flight, each taking seconds, on a machine
+whose CPU the ledger and the event loop share. `benchmarks/transport.py` (20,000 calls, a loopback
+server answering after 2 s, concurrency 2,000, this 2-core machine): a bare aiohttp loop 949 req/s
+with 3.2 s of CPU; this Endpoint 943 req/s (0.99 x) with 3.2 s; httpx's AsyncClient over the
+httpx-aiohttp transport 879 req/s (0.93 x) with 8.6 s (2.7 x the CPU: the httpx layer costs more than
+aiohttp's own work per call). httpx's default transport does not scale to thousands of connections
+(31 req/s at 2,000 in flight). `benchmarks/latency.py` measures the whole run phase.
 
 What a user of an HTTP client expects holds here as in httpx and the OpenAI SDK:
 - proxies from HTTP_PROXY / HTTPS_PROXY / NO_PROXY, read as aiohttp's `trust_env` reads them, but
