@@ -45,7 +45,7 @@ from runner import codec
 USER_AGENT = "runner"
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the OpenAI SDK's default: a long non-streamed reasoning call stays quiet
-KEEPALIVE_S = 15.0  # under the idle timeouts servers use, so a reused connection is rarely closing
+KEEPALIVE_S = 4.0  # under the 5 s idle timeout of uvicorn (vLLM) and llama.cpp, so a reused connection is rarely closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +273,9 @@ def network_error(exc: BaseException, endpoint: Endpoint, *, sent: bool | None =
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         msg = f"timed out connecting to {host} ({endpoint.timeouts.connect_s:g} s)"
         return NetworkError(msg, kind="connect_timeout", sent=False)
+    if _unwritten(exc):  # the server closed a pooled connection just before we wrote on it
+        msg = f"{host} closed the connection before the request was written ({detail})"
+        return NetworkError(msg, kind="disconnected", sent=False)
     went_out = True if sent is None else sent
     if isinstance(exc, asyncio.TimeoutError):
         msg = f"no reply from {host} for {endpoint.timeouts.read_s:g} s (--timeout)"
@@ -285,6 +288,16 @@ def network_error(exc: BaseException, endpoint: Endpoint, *, sent: bool | None =
         return NetworkError(msg, kind="protocol", sent=False, fatal=True)
     msg = f"{type(exc).__name__} from {host}: {detail}"
     return NetworkError(msg, kind="protocol", sent=went_out)
+
+
+def _unwritten(exc: BaseException) -> bool:
+    """A request that never reached the server whole: aiohttp could not write it (a connection taken
+    from the pool that the server was closing, as llama.cpp's server does after a streamed reply). A
+    server acts on no request whose body it did not receive."""
+    text = str(exc)
+    return isinstance(exc, aiohttp.ClientOSError | ConnectionResetError) and (
+        "Can not write request body" in text or "Cannot write to closing transport" in text
+    )
 
 
 async def sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[str]:

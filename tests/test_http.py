@@ -283,3 +283,22 @@ def test_timeouts_are_options_of_run_and_estimate(write_job: Callable[..., Path]
         result = CliRunner().invoke(app, [command, str(job), "--provider", "simulator", "--timeout", "-1"])
         assert result.exit_code == 2, result.output
         assert "--timeout must be above 0 seconds" in result.output
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        aiohttp.ClientOSError(None, "Can not write request body for http://127.0.0.1/v1/chat/completions"),
+        aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+    ],
+)
+def test_a_request_that_could_not_be_written_was_not_sent(exc: Exception) -> None:
+    """A pooled connection the server closed (llama.cpp's server does after each streamed reply): the
+    request never reached it whole, so it is retried, not called possibly billed."""
+    error = http.network_error(exc, http.Endpoint("http://127.0.0.1"))
+    assert not error.sent and not error.fatal and error.kind == "disconnected"
+
+
+def test_a_reply_cut_off_after_sending_is_an_unknown_outcome() -> None:
+    error = http.network_error(aiohttp.ServerDisconnectedError(), http.Endpoint("http://127.0.0.1"))
+    assert error.sent and not error.fatal
