@@ -45,7 +45,9 @@ from runner import codec
 USER_AGENT = "runner"
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the OpenAI SDK's default: a long non-streamed reasoning call stays quiet
-KEEPALIVE_S = 4.0  # under the 5 s idle timeout of uvicorn (vLLM) and llama.cpp, so a reused connection is rarely closing
+# idle connections kept under the 5 s idle timeout of uvicorn (vLLM) and llama.cpp's server, so that
+# a connection taken from the pool is rarely one the server is closing
+KEEPALIVE_S = 4.0
 
 
 @dataclass(frozen=True, slots=True)
