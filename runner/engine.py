@@ -612,25 +612,27 @@ def _row(run_id: str, request: ChatRequest, quote: Any) -> dict[str, Any]:
     }
 
 
+INTERRUPTED = {"error_type": "interrupted", "error_message": "the process stopped during the request"}
+
+
 async def _recover(ledger: Ledger, run_id: str, retry_possibly_billed: bool) -> None:
-    """After a crash: `sending` rows are unknown outcomes; `reserved` rows were never sent."""
+    """After a crash: `sending` rows are unknown outcomes, each attempt recorded as such; `reserved`
+    rows were never sent. With `retry_possibly_billed` every possibly billed request of the run goes
+    back to pending, what it held still counted as possibly billed (`Ledger.send_again`)."""
 
     def work() -> None:
-        unknown = ledger.interrupted_sends(run_id)
+        unknown = ledger.interrupted_attempts(run_id)
         stale = ledger.stale_reservations(run_id)
-        fields = {
-            "error_type": "interrupted",
-            "error_message": "the process stopped during the request",
-        }
         with ledger.transaction() as db:
-            for row_id in unknown:
-                ledger.mark_possibly_billed(db, row_id, fields)
+            for row_id, number in unknown:
+                db.attempt(row_id, number, "unknown", None, INTERRUPTED["error_message"], None)
+                ledger.mark_possibly_billed(db, row_id, INTERRUPTED)
             for row_id in stale:
                 ledger.release(db, row_id, state="pending", fields={})
-            if retry_possibly_billed:
+        if retry_possibly_billed:  # its own transaction: it reads what the one above wrote
+            with ledger.transaction() as db:
                 for row_id in ledger.possibly_billed(run_id, db):
-                    ledger.forgive_possibly_billed(db, row_id)
-                    ledger.release(db, row_id, state="pending", fields={})
+                    ledger.send_again(db, row_id)
 
     await anyio.to_thread.run_sync(work)
 

@@ -449,3 +449,46 @@ def test_ctrl_c_during_the_dry_runs_leaves_no_run(
     assert "Traceback" not in output
     assert sim.stats()["counters"].get("run.call", 0) == 0
     assert ledger.runs() == []
+
+
+def test_retry_possibly_billed_on_the_first_resume_keeps_what_the_first_attempt_held(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """SIGKILL with requests in flight, then the first resume with --retry-possibly-billed: those
+    requests are sent again, each attempt keeps its row, and what the first attempts held stays
+    counted as possibly billed, so spent + possibly billed is never below what the provider charged."""
+    sim = sim_process("0.3-0.6")
+    _, job, db, ledger = night_job(tmp_path, "p", 200)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "64")
+    assert wait_for(lambda: sim.charges() >= 40, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    quiet(sim)  # requests the killed process had sent are still served, and charged
+
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "64", "--retry-possibly-billed")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    quiet(sim)
+    run = ledger.runs()[0]
+    assert run["states"] == {"ok": 200}
+    rows = {r["id"]: r for batch in ledger.iter_request_rows(run["id"]) for r in batch}
+    with sqlite3.connect(db) as c:
+        attempts = c.execute("SELECT request_id, number, outcome FROM attempts ORDER BY request_id, number")
+        by_request: dict[int, list[tuple[int, str]]] = {}
+        for request_id, number, outcome in attempts:
+            by_request.setdefault(request_id, []).append((number, outcome))
+        kept = dict(
+            c.execute("SELECT id, possibly_billed_nanos FROM requests WHERE possibly_billed_nanos > 0")
+        )
+    assert kept, "the kill left requests in flight"
+    for request_id, held in kept.items():  # sent twice: both attempts on record, the first unknown
+        assert by_request[request_id] == [(1, "unknown"), (2, "ok")]
+        assert rows[request_id]["attempts"] == 2
+        assert held == rows[request_id]["quote_nanos"]
+    view = ledger.budget("night")
+    charged = int(sim.stats()["charged_nanos"])
+    assert view.spent_nanos == sum(r["price_nanos"] for r in rows.values())
+    assert view.possibly_billed_nanos == sum(kept.values())
+    assert view.spent_nanos + view.possibly_billed_nanos >= charged
+    assert view.spent_nanos < charged  # some first attempts were charged too: the hold covers them
+    assert_within_budget(ledger, "night")

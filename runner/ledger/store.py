@@ -375,14 +375,17 @@ class Ledger:
         tx.entry("possibly_billed", hold.amount, hold, request_id)
 
     @staticmethod
-    def forgive_possibly_billed(tx: Tx, request_id: int) -> None:
-        """The user chose to re-send: the possibly-billed hold becomes an ordinary reservation."""
+    def send_again(tx: Tx, request_id: int) -> None:
+        """The user chose to re-send a possibly billed request: it goes back to pending, and what its
+        earlier attempt held stays counted as possibly billed (it may have been charged) on the
+        request and in the budget, until the provider's books say otherwise."""
         hold = tx.hold(request_id)
-        totals = tx.totals(hold.budget_id)
-        totals.possibly_billed -= hold.amount
-        totals.reserved += hold.amount
-        tx.update_request(request_id, {"state": "reserved"})
-        tx.entry("reserve", hold.amount, hold, request_id)
+        earlier = tx.possibly_billed(request_id)
+        tx.set_hold(request_id, Hold(0, hold.budget_id, hold.run_id))
+        tx.update_request(
+            request_id, {"state": "pending", "possibly_billed_nanos": earlier + hold.amount, "finished_at": None}
+        )
+        tx.entry("send_again", hold.amount, hold, request_id)
 
     # ---- quotes --------------------------------------------------------------------------
 
@@ -537,9 +540,11 @@ class Ledger:
         )
         return {row[1]: RequestRow(*row) for row in self._select_in(sql, custom_ids, run_id)}
 
-    def interrupted_sends(self, run_id: str) -> list[int]:
-        """Requests a killed process left as `sending`: their outcome is unknown."""
-        return self._ids_in_state(run_id, "sending")
+    def interrupted_attempts(self, run_id: str) -> list[tuple[int, int]]:
+        """(request id, attempt number) of what a killed process left `sending`: outcomes unknown."""
+        sql = "SELECT id, attempts FROM requests WHERE run_id = ? AND state = 'sending'"
+        with self.db.reading() as c:
+            return [(int(row[0]), int(row[1])) for row in c.execute(sql, (run_id,))]
 
     def stale_reservations(self, run_id: str) -> list[int]:
         """Reserved but never sent by a process that died: safe to release."""

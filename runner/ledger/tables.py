@@ -63,7 +63,11 @@ class Request(SQLModel, table=True):
     state: str = "pending"
     quote_nanos: int | None = nanos(None, nullable=True)
     quote_exact: bool = False
-    reserved_nanos: int = nanos()
+    reserved_nanos: int = nanos()  # the current attempt's hold (a possibly billed one's, once marked)
+    # earlier attempts' holds kept as possibly billed when the request was sent again
+    possibly_billed_nanos: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
+    )
     price_nanos: int | None = nanos(None, nullable=True)
     attempts: int = 0
     prompt_tokens: int | None = None

@@ -80,6 +80,14 @@ class Tx:
             found = self._holds[request_id] = Hold(int(row[0]), int(row[1]), str(row[2]))
         return found
 
+    def possibly_billed(self, request_id: int) -> int:
+        """What earlier attempts of a request hold as possibly billed, as this transaction leaves it."""
+        found = self._updates.get(request_id, {}).get("possibly_billed_nanos")
+        if found is None:
+            sql = "SELECT possibly_billed_nanos FROM requests WHERE id = ?"
+            found = self._one(sql, request_id, "request")[0]
+        return int(found)
+
     def state(self, request_id: int) -> str:
         """A request's state as this transaction leaves it so far."""
         found = self._updates.get(request_id, {}).get("state")
