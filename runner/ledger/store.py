@@ -14,8 +14,6 @@ import json
 import os
 import socket
 import sqlite3
-import threading
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,11 +30,6 @@ from runner.money import format_usd
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-
-try:
-    import fcntl
-except ImportError:  # Windows has no fcntl: SQLite's locking alone
-    fcntl = None  # type: ignore[assignment]
 
 OWNER_STALE_S = 30.0  # a run's owner that has not been seen for this long is taken for gone
 BUDGET_COLUMNS = "id, name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos"
@@ -61,46 +54,6 @@ def migrations_dir() -> Path:
 def head_revision() -> str:
     """The newest migration's revision: revisions are the numbers their files are named by, in order."""
     return max(path.name.split("_", 1)[0] for path in (migrations_dir() / "versions").glob("[0-9]*_*.py"))
-
-
-class _WriteTurns:
-    """Writers of one SQLite file take turns through a lock on a file beside it (`<ledger>-lock`).
-
-    SQLite alone makes a writer that finds the file locked sleep and try again (1 ms, then 2, 5,
-    10 ...), so processes committing hundreds of times a second each (`runner run --processes`,
-    several runners on one budget) would spend their time asleep. Waiting on flock instead, the
-    next writer is woken the moment the last one commits. The kernel drops the lock of a process
-    that dies. SQLite's own locking still guards the file (and other programs' writes).
-    """
-
-    def __init__(self, database: str) -> None:
-        self.path: str | None = f"{database}-lock" if fcntl is not None else None
-        self._local = threading.local()  # a descriptor per thread: flock excludes descriptors
-        self._fds: list[int] = []
-        weakref.finalize(self, _close_all, self._fds)
-
-    def __enter__(self) -> None:
-        local = self._local
-        local.depth = getattr(local, "depth", 0) + 1
-        if local.depth > 1 or self.path is None:  # held already by this thread, or no lock file
-            return
-        fd = getattr(local, "fd", None)
-        if fd is None:
-            try:
-                fd = local.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                self._fds.append(fd)
-            except OSError:  # a folder we cannot write: SQLite's locking alone
-                self.path = None
-                return
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        local.locked = True
-
-    def __exit__(self, *exc: object) -> None:
-        local = self._local
-        local.depth -= 1
-        if local.depth == 0 and getattr(local, "locked", False):  # whatever became of self.path
-            fcntl.flock(local.fd, fcntl.LOCK_UN)
-            local.locked = False
 
 
 def _close_all(fds: list[int]) -> None:
@@ -196,7 +149,6 @@ class Ledger:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_url()
         self.db = Database(sqlite_path(self.url))
-        self._turns = _WriteTurns(self.db.path)
         try:
             self.migrate()
         except sqlite3.Error as exc:  # a folder that does not exist, a file that is not a ledger
@@ -219,7 +171,7 @@ class Ledger:
         config.set_main_option("script_location", str(migrations_dir()))
         engine = migration_engine(f"sqlite:///{self.db.path}")
         try:
-            with self._turns, engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
+            with engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
         except DBAPIError as exc:  # the driver's own error, as the ledger's connections raise it
@@ -240,11 +192,10 @@ class Ledger:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """A write transaction (BEGIN IMMEDIATE); what it buffered is written at the end."""
-        with self._turns, self.db.writing() as conn:
-            tx = Tx(conn)
-            yield tx
-            tx.flush()
+        """A write transaction (BEGIN IMMEDIATE): committed when the block ends, rolled back if it
+        raises."""
+        with self.db.writing() as conn:
+            yield Tx(conn)
 
     def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A connection in a read transaction (one snapshot for everything read through it)."""
@@ -314,21 +265,15 @@ class Ledger:
         with self.db.reading() as c:
             return rows_as_dicts(c.execute(query, (budget.id, limit)), times=("at",))
 
-    # ---- money (call inside `transaction()`; the Writer groups many into one) ---------------
-    # These only touch the Tx buffer: totals read once per budget, rows written by executemany at
-    # the commit (runner/ledger/tx.py, benchmarks/ledger.py).
+    # ---- money (each called inside `transaction()`; the Writer may commit several in one) ------
 
     @staticmethod
     def reserve(tx: Tx, budget_id: int, run_id: str, request_id: int, amount: int) -> bool:
         """Hold `amount`: granted only if spent + reserved + possibly billed + amount <= limit."""
-        totals = tx.totals(budget_id)
-        if not totals.fits(amount):
+        if not tx.reserve_funds(budget_id, amount):
             return False
-        totals.reserved += amount
-        hold = Hold(amount, budget_id, run_id)
-        tx.set_hold(request_id, hold)
-        tx.update_request(request_id, {"state": "reserved"})
-        tx.entry("reserve", amount, hold, request_id)
+        tx.update_request(request_id, {"state": "reserved", "reserved_nanos": amount})
+        tx.entry("reserve", amount, Hold(amount, budget_id, run_id), request_id)
         return True
 
     @staticmethod
@@ -344,12 +289,9 @@ class Ledger:
         """The reservation becomes the real charge, with the response, in one transaction."""
         request_id, price = settlement.request_id, settlement.price_nanos
         hold = settlement.hold or tx.hold(request_id)
-        totals = tx.totals(hold.budget_id)
-        totals.reserved -= hold.amount
-        totals.spent += price
-        tx.update_request(request_id, {"state": "ok", "price_nanos": price, "finished_at": NOW})
-        tx.update_request(request_id, settlement.fields)
-        tx.set_hold(request_id, Hold(0, hold.budget_id, hold.run_id))
+        tx.move_funds(hold.budget_id, reserved=-hold.amount, spent=price)
+        values = {"state": "ok", "price_nanos": price, "finished_at": NOW, "reserved_nanos": 0}
+        tx.update_request(request_id, {**values, **settlement.fields})
         tx.entry("settle", price, hold, request_id)
         if hold.amount > price:
             tx.entry("release", hold.amount - price, hold, request_id)
@@ -358,9 +300,8 @@ class Ledger:
     def release(tx: Tx, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
         """Give back an unused reservation (the request failed before anything was billed)."""
         hold = tx.hold(request_id)
-        tx.totals(hold.budget_id).reserved -= hold.amount
-        tx.update_request(request_id, {"state": state, "finished_at": NOW, **fields})
-        tx.set_hold(request_id, Hold(0, hold.budget_id, hold.run_id))
+        tx.move_funds(hold.budget_id, reserved=-hold.amount)
+        tx.update_request(request_id, {"state": state, "finished_at": NOW, "reserved_nanos": 0, **fields})
         if hold.amount:
             tx.entry("release", hold.amount, hold, request_id)
 
@@ -368,9 +309,7 @@ class Ledger:
     def mark_possibly_billed(tx: Tx, request_id: int, fields: dict[str, Any]) -> None:
         """An unknown outcome: the reservation stays counted, as possibly billed."""
         hold = tx.hold(request_id)
-        totals = tx.totals(hold.budget_id)
-        totals.reserved -= hold.amount
-        totals.possibly_billed += hold.amount
+        tx.move_funds(hold.budget_id, reserved=-hold.amount, possibly_billed=hold.amount)
         tx.update_request(request_id, {"state": "possibly_billed", "finished_at": NOW, **fields})
         tx.entry("possibly_billed", hold.amount, hold, request_id)
 
@@ -381,10 +320,8 @@ class Ledger:
         request and in the budget, until the provider's books say otherwise."""
         hold = tx.hold(request_id)
         earlier = tx.possibly_billed(request_id)
-        tx.set_hold(request_id, Hold(0, hold.budget_id, hold.run_id))
-        tx.update_request(
-            request_id, {"state": "pending", "possibly_billed_nanos": earlier + hold.amount, "finished_at": None}
-        )
+        values = {"state": "pending", "possibly_billed_nanos": earlier + hold.amount, "reserved_nanos": 0}
+        tx.update_request(request_id, {**values, "finished_at": None})
         tx.entry("send_again", hold.amount, hold, request_id)
 
     # ---- quotes --------------------------------------------------------------------------
