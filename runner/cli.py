@@ -35,7 +35,7 @@ from runner.errors import (
 )
 from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
-from runner.jobs import JobSummary, iter_requests, validate_job
+from runner.jobs import MAX_LINE_BYTES, JobSummary, iter_requests, validate_job
 from runner.ledger import BudgetView, Ledger
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
@@ -147,9 +147,10 @@ def _print_summary(summary: JobSummary) -> None:
 def validate(
     jobs: Annotated[list[Path], typer.Argument(help="Job files (JSONL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document.")] = False,
+    max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
 ) -> None:
     """Check every line of the job files against the provider's contract; spends nothing."""
-    summaries = [validate_job(path) for path in jobs]
+    summaries = [validate_job(path, None, _max_line(max_line_bytes)) for path in jobs]
     if as_json:
         out.print_json(data={"jobs": [_summary_json(s) for s in summaries]})
     else:
@@ -219,6 +220,18 @@ def models(
 
 
 # ---- shared options ------------------------------------------------------------------------
+
+MaxLineOpt = Annotated[
+    int, typer.Option("--max-line-bytes", help="The longest job line read (16 MiB by default).")
+]
+
+
+def _max_line(value: int) -> int:
+    if value < 1:
+        msg = f"--max-line-bytes must be 1 or more (got {value})"
+        raise ConfigError(msg)
+    return value
+
 
 ProviderOpt = Annotated[
     str, typer.Option("--provider", help="orthogonal | openai | simulator (in-process, offline).")
@@ -500,13 +513,14 @@ def estimate(
     concurrency: int = 32,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
+    max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
     db: DbOpt = None,
 ) -> None:
     """Validate, then quote every request (dry runs, cached in the ledger); exit 3 if over budget."""
     settings = _settings(
         provider, base_url, price_file, sim_pricing, concurrency, _timeouts(timeout, connect_timeout)
     )
-    summary = validate_job(job, price_table(settings))
+    summary = validate_job(job, price_table(settings), _max_line(max_line_bytes))
     summary.raise_for_issues()
     ledger = Ledger(db)
     remaining = ledger.budget(budget).remaining_nanos if budget else None
@@ -515,7 +529,7 @@ def estimate(
         async with connect(settings) as conn:
             with Progress("quoting", summary.requests) as progress:
                 return await quote_requests(
-                    iter_requests(job, price_table(settings)),
+                    iter_requests(job, price_table(settings), max_line=max_line_bytes),
                     provider=conn.provider,
                     scope=conn.scope,
                     ledger=ledger,
@@ -557,6 +571,7 @@ def run(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
+    max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
     db: DbOpt = None,
 ) -> None:
     """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
@@ -568,6 +583,7 @@ def run(
         new=new,
         retry_possibly_billed=retry_possibly_billed,
         handle_signals=True,
+        max_line_bytes=max_line_bytes,
     )
     if output is not None:
         _check_writable(output)  # found out now, not after the money is spent
@@ -612,7 +628,7 @@ def _run(
 ) -> tuple[Ledger, RunResult]:
     """Validate → quote → budget check → run."""
     models = price_table(settings)
-    summary = validate_job(job, models)
+    summary = validate_job(job, models, options.max_line_bytes)
     summary.raise_for_issues()
     _print_summary(summary)
     _note_unknown_context(summary, models)
@@ -630,6 +646,7 @@ def _run(
                     options=options,
                     on_event=progress,
                     summary=summary,
+                    models=models,
                 )
 
     return ledger, run_async(work)

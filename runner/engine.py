@@ -44,7 +44,7 @@ from runner.errors import (
     printable,
 )
 from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import JobChunks, JobSummary, file_digest, iter_requests, validate_job
+from runner.jobs import MAX_LINE_BYTES, JobChunks, JobSummary, file_digest, iter_requests, validate_job
 from runner.ledger import Ledger, Settlement
 from runner.ledger.store import metadata_text, this_process
 from runner.ledger.tx import Hold
@@ -73,6 +73,7 @@ class RunOptions:
     policy: http.RetryPolicy = field(default_factory=http.RetryPolicy)
     grace_s: float = 30.0
     handle_signals: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -82,6 +83,9 @@ class RunOptions:
             if value is not None and not value > 0:  # NaN is not > 0 either
                 msg = f"{name} must be above 0 (got {value:g}); leave it out for no limit"
                 raise ConfigError(msg)
+        if self.max_line_bytes < 1:
+            msg = f"--max-line-bytes must be 1 or more (got {self.max_line_bytes})"
+            raise ConfigError(msg)
         if self.grace_s < 0:
             msg = f"the grace period cannot be negative (got {self.grace_s:g} s)"
             raise ConfigError(msg)
@@ -105,6 +109,7 @@ class Checked:
 
     summary: JobSummary
     models: dict[str, ModelInfo] | None
+    max_line: int = MAX_LINE_BYTES
 
 
 @dataclass
@@ -261,7 +266,7 @@ class Engine:
             return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
 
         # each line was validated before its row was made; an unchanged hash means it still is
-        lines = JobChunks(job, self.plan.chunk_lines)
+        lines = JobChunks(job, self.plan.chunk_lines, self.options.max_line_bytes)
         try:
             for index in self._counter:
                 chunk = await anyio.to_thread.run_sync(lines.take, index)
@@ -538,7 +543,7 @@ async def _sync_rows(
     job: Path,
     run_id: str,
     scope: str,
-    models: dict[str, ModelInfo] | None,
+    checked: Checked,
     *,
     creating: bool,
 ) -> None:
@@ -551,7 +556,7 @@ async def _sync_rows(
 
     def work() -> None:
         total = 0
-        iterator = iter_requests(job, models)
+        iterator = iter_requests(job, checked.models, max_line=checked.max_line)
         while chunk := _take(iterator, 5000):
             rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
             missing = [r for r in chunk if r.custom_id not in rows]
@@ -653,11 +658,11 @@ async def run_job(
     run or resume."""
     options = options or RunOptions()
     if summary is None:
-        summary = await anyio.to_thread.run_sync(validate_job, job, models)
+        summary = await anyio.to_thread.run_sync(validate_job, job, models, options.max_line_bytes)
     summary.raise_for_issues()
     owner = this_process()
     job_key = str(await anyio.Path(job).resolve())
-    checked = Checked(summary, models)
+    checked = Checked(summary, models, options.max_line_bytes)
     plan = await _prepare(job, job_key, conn, ledger, budget, max_usd, options, checked, owner, on_event)
     run_id = plan.run_id
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
@@ -714,7 +719,7 @@ async def _prepare(
     try:
         with claim:
             if existing:  # a resumed run's rows are checked against the file as it is
-                await _sync_rows(ledger, job, existing, conn.scope, checked.models, creating=not complete)
+                await _sync_rows(ledger, job, existing, conn.scope, checked, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
             estimate = await _quote(job, conn, ledger, run_id if not existing else None, checked, on_event)
             if existing:
@@ -831,7 +836,13 @@ async def _quote(
     # a row's line is checked by its hash before it is sent.
     digest = file_digest() if preparing and summary.digest else None
     estimate = await quote_requests(
-        iter_requests(job, checked.models, check=bool(preparing) and digest is None, digest=digest),
+        iter_requests(
+            job,
+            checked.models,
+            check=bool(preparing) and digest is None,
+            digest=digest,
+            max_line=checked.max_line,
+        ),
         provider=conn.provider,
         scope=conn.scope,
         ledger=ledger,

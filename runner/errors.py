@@ -38,8 +38,10 @@ class Issue:
     message: str
 
     def __str__(self) -> str:
+        """file:line: field: message, with anything from the job file escaped for a terminal."""
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        text = f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        return printable(text)
 
 
 class JobError(RunnerError):

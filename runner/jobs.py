@@ -28,6 +28,8 @@ CHAT_PATH = "/v1/chat/completions"
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body", "metadata"})
 ENVELOPE_KEYS = frozenset({"api", "path", "body", "custom_id", "metadata"})
 ISSUES_KEPT = 1000  # a summary keeps this many issues; the count covers them all
+MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is not read (--max-line-bytes raises it)
+MAX_DEPTH = 64  # JSON nested deeper than this is refused (a chat request needs a handful of levels)
 
 LineResult = ChatRequest | list[Issue]
 
@@ -57,6 +59,39 @@ def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:
         return obj.get("body"), obj.get("custom_id"), obj.get("metadata"), problems
     body = {k: v for k, v in obj.items() if k not in ("custom_id", "metadata")}
     return body, obj.get("custom_id"), obj.get("metadata"), problems
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels (checked without recursion)."""
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [
+            inner
+            for outer in level
+            for inner in (outer.values() if isinstance(outer, dict) else outer)
+            if isinstance(inner, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def lines_of(handle: Any, limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(number, raw line) of a file opened in binary mode, each read with a bound: a line longer
+    than `limit` bytes comes as None, and nothing after it is read (a file with no line ends, such
+    as /dev/zero, is not read into memory)."""
+    number = 0
+    while raw := handle.readline(limit + 1):
+        number += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            yield number, None
+            return
+        yield number, raw
+
+
+def too_long(file: str, line: int, limit: int) -> list[Issue]:
+    message = f"longer than {limit:,} bytes (--max-line-bytes): the file was not read past it"
+    return [Issue(file, line, "", message)]
 
 
 def parse_line(
@@ -92,8 +127,19 @@ def parse_line(
             obj = codec.loads_exact(text)
         except json.JSONDecodeError as exc:
             return issue("", f"not valid JSON: {exc.msg} at column {exc.colno}")
+        except RecursionError:
+            return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
+        try:  # what orjson refused and the standard library read may hold a lone surrogate
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+            return issue("", f"a lone surrogate ({bad}) is not text: not valid Unicode")
+        except RecursionError:
+            return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
     if not isinstance(obj, dict):
         return issue("", f"a line must be a JSON object, not {type(obj).__name__}")
+    if _deeper_than(obj, MAX_DEPTH):
+        return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
     body, custom_id, metadata, shape_problems = _unwrap(obj)
     problems = list(shape_problems)
     if not isinstance(body, dict):
@@ -124,6 +170,7 @@ def read_job(
     check: bool = True,
     digest: Any = None,
     hashed: bool = True,
+    max_line: int = MAX_LINE_BYTES,
 ) -> Iterator[LineResult]:
     """Stream a job file: every non-blank line as a ChatRequest or its issues, in file order.
 
@@ -139,7 +186,10 @@ def read_job(
         return
     with handle:
         count = 0
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in lines_of(handle, max_line):
+            if raw is None:
+                yield too_long(file, number, max_line)
+                return
             if digest is not None:
                 digest.update(raw)
             result = parse_line(raw, file=file, line=number, models=known, check=check, hashed=hashed)
@@ -243,7 +293,9 @@ class JobSummary:
         )
 
 
-def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -> JobSummary:
+def validate_job(
+    path: str | Path, models: dict[str, ModelInfo] | None = None, max_line: int = MAX_LINE_BYTES
+) -> JobSummary:
     """Validate a whole job file in one streamed pass, collecting every issue (in line order)."""
     summary = JobSummary(file=str(path))
     ids = _Ids()
@@ -255,7 +307,7 @@ def validate_job(path: str | Path, models: dict[str, ModelInfo] | None = None) -
             if len(summary.issues) < ISSUES_KEPT:
                 summary.issues.append(issue)
 
-    for result in read_job(path, models, digest=digest, hashed=False):
+    for result in read_job(path, models, digest=digest, hashed=False, max_line=max_line):
         if isinstance(result, ChatRequest):
             summary.per_model[result.model] += 1
             ids.add(result.custom_id, result.line)
@@ -275,8 +327,8 @@ class JobChunks:
     recorded when it was validated. A line that no longer parses raises JobError.
     """
 
-    def __init__(self, path: str | Path, size: int) -> None:
-        self.file, self.size = str(path), size
+    def __init__(self, path: str | Path, size: int, max_line: int = MAX_LINE_BYTES) -> None:
+        self.file, self.size, self.max_line = str(path), size, max_line
         self._handle = Path(path).open("rb")  # noqa: SIM115 - closed by close()
         self._next = 1  # the number of the line the handle reads next
 
@@ -288,15 +340,17 @@ class JobChunks:
             raise ValueError(msg)
         readline = self._handle.readline
         while self._next < first:
-            if not readline():
+            if not readline(self.max_line + 1):
                 return None
             self._next += 1
         chunk: list[ChatRequest] = []
         for number in range(first, first + self.size):
-            raw = readline()
+            raw = readline(self.max_line + 1)
             if not raw:
                 return chunk if number > first else None
             self._next += 1
+            if len(raw) > self.max_line and not raw.endswith(b"\n"):
+                raise _changed_while_read(self.file, too_long(self.file, number, self.max_line))
             result = parse_line(raw, file=self.file, line=number, models=catalog.MODELS, check=False)
             if isinstance(result, ChatRequest):
                 chunk.append(result)
@@ -338,6 +392,7 @@ def iter_requests(
     *,
     check: bool = True,
     digest: Any = None,
+    max_line: int = MAX_LINE_BYTES,
 ) -> Iterator[ChatRequest]:
     """Stream the requests of a job already validated; any issue met raises JobError.
 
@@ -345,7 +400,7 @@ def iter_requests(
     hash with the hash recorded when the line was validated. Duplicate custom_ids are not looked
     for here (`validate_job` does): a caller that makes or runs rows guards against them itself.
     """
-    for result in read_job(path, models, check=check, digest=digest):
+    for result in read_job(path, models, check=check, digest=digest, max_line=max_line):
         if not isinstance(result, ChatRequest):
             raise _changed_while_read(str(path), result)
         yield result

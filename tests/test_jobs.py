@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -256,3 +260,51 @@ def test_count_lines_counts_a_last_line_without_its_newline(tmp_path: Path) -> N
         path.write_text(text)
         assert count_lines(path) == expected
     assert count_lines(tmp_path / "missing.jsonl") == 0
+
+
+def test_hostile_lines_are_line_errors_never_tracebacks(write_job: Callable[..., Path]) -> None:
+    good = '{"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}]}\n'
+    deep = '{"model": "openai/gpt-oss-120b", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    job = write_job(
+        [
+            good.replace('"hi"', '"\\ud800 alone"'),
+            deep,
+            good.replace('"model"', '"\\u001b[31mred\\u001b[0m": 1, "model"'),
+            good.replace('"hi"', '"nested"').replace(
+                "}]}", '}], "metadata": ' + '{"a": ' * 80 + "1" + "}" * 80 + "}"
+            ),
+        ]
+    )
+    result = CliRunner().invoke(app, ["validate", str(job)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert ":1: a lone surrogate (\\ud800) is not text" in result.output
+    assert ":2: JSON nested more than 64 levels deep" in result.output
+    assert ":3: \\x1b[31mred\\x1b[0m: unknown field" in result.output
+    assert "\x1b" not in result.output
+    assert ":4: JSON nested more than 64 levels deep" in result.output
+
+
+def test_a_file_without_line_ends_is_not_read_into_memory(tmp_path: Path) -> None:
+    """/dev/zero has no line end: the first 16 MiB are found too long for a line, and nothing more is
+    read (the process stays small and ends)."""
+    command = [sys.executable, "-m", "runner", "validate", "/dev/zero"]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert done.returncode == 1, done.stderr
+    assert "/dev/zero:1: longer than 16,777,216 bytes (--max-line-bytes)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30
+    assert usage.ru_maxrss < 400 * 1024  # KiB: the interpreter and its libraries, one bounded line
+
+
+def test_max_line_bytes_can_be_raised_or_lowered(write_job: Callable[..., Path]) -> None:
+    line = {"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "x" * 2000}]}
+    job = write_job([line])
+    assert CliRunner().invoke(app, ["validate", str(job)]).exit_code == 0
+    result = CliRunner().invoke(app, ["validate", str(job), "--max-line-bytes", "1000"])
+    assert result.exit_code == 1
+    assert "longer than 1,000 bytes" in result.output
+    result = CliRunner().invoke(app, ["validate", str(job), "--max-line-bytes", "0"])
+    assert result.exit_code == 2
