@@ -136,9 +136,14 @@ async def quote_requests(
                 into[key] = await quote_with_retries(provider, request, policy, on_event)
             estimate.quote_calls += 1
 
-        async with anyio.create_task_group() as tg:
-            for key, request in missing:
-                tg.start_soon(ask, key, request, quotes)
+        try:
+            async with anyio.create_task_group() as tg:
+                for key, request in missing:
+                    tg.start_soon(ask, key, request, quotes)
+        except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
+            first = group.exceptions[0]
+            msg = f"the provider refused the dry runs, nothing was sent: {first}"
+            raise RunFatalError(msg, status=getattr(first, "status", None)) from None
         fresh = [
             {
                 "key": key,

@@ -627,3 +627,24 @@ async def test_the_streamed_report_of_a_parquet_equals_the_in_memory_one(
     assert models["ok"].to_list() == [5, 11]
     assert models["failed"].to_list() == [0, 1]
     assert errors["count"].to_list() == [1]
+
+
+@pytest.mark.parametrize("refusal", ["401", "402"])
+def test_a_401_or_402_during_the_dry_runs_stops_with_a_message_and_leaves_no_run(
+    sim: SimulatorThread, write_job: Callable[..., Path], refusal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = write_job(job_lines(40))
+    if refusal == "401":
+        sim.books.api_key = "the-right-key"
+    else:
+        sim.books.configure({"script": [{"fault": "402", "target": "dry_run"}] * 80})  # two commands
+    monkeypatch.setenv("ORTHOGONAL_API_KEY", "a-wrong-key")
+    base = ["--provider", "orthogonal", "--base-url", sim.base_url]
+    for command in (["run", str(job), *base, "--max-usd", "1"], ["estimate", str(job), *base]):
+        result = cli.invoke(app, command)
+        assert result.exit_code == 4, result.output
+        assert f"the provider refused the dry runs, nothing was sent: HTTP {refusal}" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert "a-wrong-key" not in result.output
+    assert Ledger().runs() == []
+    assert sim.books.stats()["counters"].get("run.call", 0) == 0
