@@ -28,6 +28,7 @@ from runner.errors import (
     BudgetExceeded,
     ConfigError,
     JobError,
+    LedgerUnavailable,
     ProviderError,
     RunnerError,
     Unpriced,
@@ -105,7 +106,7 @@ def _interrupt_handled() -> None:
 def exit_code_for(exc: RunnerError) -> int:
     if isinstance(exc, BudgetExceeded | Unpriced):
         return EXIT_OVER_BUDGET
-    if isinstance(exc, ProviderError):
+    if isinstance(exc, ProviderError | LedgerUnavailable):
         return EXIT_RUN_STOPPED
     if isinstance(exc, ConfigError):
         return EXIT_USAGE

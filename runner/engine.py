@@ -33,6 +33,7 @@ from runner.errors import (
     BudgetExceeded,
     ConfigError,
     JobChanged,
+    LedgerUnavailable,
     OutcomeUnknown,
     ProviderError,
     RequestFatalError,
@@ -152,6 +153,7 @@ class Engine:
         self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
         self._counter = itertools.count()
         self.over_quote = 0  # requests charged above their hold (a price table too low)
+        self.ledger_gone: str | None = None  # the ledger's file was deleted or replaced under the run
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
@@ -181,6 +183,10 @@ class Engine:
         run_id, owner = self.plan.run_id, self.plan.owner
         last_touch = time.monotonic()
         while True:
+            gone = self.ledger.db.gone()
+            if gone is not None and self.ledger_gone is None:
+                self.ledger_gone = gone
+                self.stop("stopped", f"the ledger file {self.ledger.db.path} was {gone} during the run")
             view = await anyio.to_thread.run_sync(self.ledger.budget_by_id, self.plan.budget_id)
             self.on_event(
                 Funds(view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
@@ -691,6 +697,8 @@ async def run_job(
         )
     with anyio.CancelScope(shield=True):
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
+    if engine.ledger_gone:
+        raise await _ledger_saved(ledger, run_id, engine.ledger_gone)
     states, spent, estimate = info["states"], info["spent_nanos"], plan.estimate
     assert estimate is not None
     return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
@@ -874,6 +882,22 @@ def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:
         assert isinstance(first, RunnerError)
         return first
     return None
+
+
+async def _ledger_saved(ledger: Ledger, run_id: str, gone: str) -> LedgerUnavailable:
+    """The ledger's file went while the run was writing to it: what the run recorded is copied back
+    to its path (or beside it when another file took its place), and the run stops there."""
+    path = ledger.db.path
+    with anyio.CancelScope(shield=True):
+        where = await anyio.to_thread.run_sync(ledger.db.save_copy, f"{path}.saved-{run_id}")
+    resume = (
+        "run the same command again to resume" if where == path else f"use --db sqlite:///{where} to resume"
+    )
+    msg = (
+        f"the ledger file {path} was {gone} during run {run_id}: nothing more was sent after that; "
+        f"what the run recorded was saved to {where}; {resume} to resume"
+    )
+    return LedgerUnavailable(msg, path=path, reason=gone)
 
 
 def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:

@@ -4,6 +4,7 @@
     ├── JobError                     a job file cannot be used (carries every issue found)
     ├── ConfigError                  a setting, flag or price file is wrong
     ├── LedgerError                  the ledger refused an operation
+    │   ├── LedgerUnavailable        the ledger cannot be read or written (damaged, disk full, gone)
     │   ├── BudgetNotFound
     │   ├── BudgetExceeded           a reservation does not fit the budget
     │   ├── Unpriced                 requests without a price cannot be reserved
@@ -57,6 +58,13 @@ class ConfigError(RunnerError):
 
 class LedgerError(RunnerError):
     pass
+
+
+class LedgerUnavailable(LedgerError):
+    def __init__(self, msg: str, *, path: str, reason: str) -> None:
+        super().__init__(msg)
+        self.path = path
+        self.reason = reason
 
 
 class BudgetNotFound(LedgerError):

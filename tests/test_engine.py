@@ -24,7 +24,7 @@ import runner
 from runner.cli import app
 from runner.connect import Connection
 from runner.engine import RunOptions, run_job
-from runner.errors import BudgetExceeded, JobChanged, LedgerError, RunBusy, Unpriced
+from runner.errors import BudgetExceeded, JobChanged, LedgerError, LedgerUnavailable, RunBusy, Unpriced
 from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.http import Timeouts
 from runner.jobs import iter_requests, validate_job
@@ -362,13 +362,15 @@ async def test_a_ledger_that_cannot_be_written_stops_the_run_with_a_message_and_
     @contextlib.contextmanager
     def filling_up() -> Any:
         commits[0] += 1
-        if commits[0] > 12:  # a few commits into the run
-            raise sqlite3.OperationalError("database or disk is full")
         with transaction() as tx:
+            if commits[0] > 12:  # a few commits into the run, as the driver says it
+                raise sqlite3.OperationalError("database or disk is full")
             yield tx
 
     monkeypatch.setattr(ledger, "transaction", filling_up)
-    with pytest.raises(LedgerError, match=r"could not be written \(database or disk is full\)"):
+    with pytest.raises(
+        LedgerUnavailable, match=r"cannot be used \(database or disk is full\); free some space"
+    ):
         await run(sim, job, ledger, concurrency=4)
     monkeypatch.undo()
     resumed = await run(sim, job, ledger, concurrency=4)

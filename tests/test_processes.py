@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -96,7 +97,12 @@ def body_sha(line: dict[str, Any]) -> str:
 
 
 def start_runner(
-    sim: SimProcess, job: Path, db: Path, *args: str, session: bool = False
+    sim: SimProcess,
+    job: Path,
+    db: Path,
+    *args: str,
+    session: bool = False,
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.Popen[str]:
     command = [
         sys.executable,
@@ -121,6 +127,7 @@ def start_runner(
         text=True,
         cwd=job.parent,
         start_new_session=session,  # its own process group, as a terminal's foreground job is
+        preexec_fn=preexec,  # noqa: PLW1509 - a resource limit for one test, no threads started yet
     )
 
 
@@ -492,3 +499,72 @@ def test_retry_possibly_billed_on_the_first_resume_keeps_what_the_first_attempt_
     assert view.spent_nanos + view.possibly_billed_nanos >= charged
     assert view.spent_nanos < charged  # some first attempts were charged too: the hold covers them
     assert_within_budget(ledger, "night")
+
+
+def test_a_ledger_that_fills_the_disk_stops_the_run_and_it_resumes_paying_each_request_once(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """The ledger's files may not grow past 2 MB (a full disk, as the process sees it): the run stops
+    with the reason (exit 4, no traceback), and the same command without the limit finishes it."""
+    sim = sim_process("0.01-0.03")
+    job_lines = [
+        {**line, "messages": [{"role": "user", "content": f"q {i} " + "x" * 300}]}
+        for i, line in enumerate(lines("d", 2000))
+    ]
+    job = tmp_path / "d.jsonl"
+    job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(f"sqlite:///{db}")
+    ledger.create_budget("night", to_nanos(Decimal(5)))
+
+    def full_at_two_megabytes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+
+    proc = start_runner(
+        sim, job, db, "--budget", "night", "--concurrency", "32", preexec=full_at_two_megabytes
+    )
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 4, output
+    assert f"the ledger {db} cannot be used" in output and "run the same command again" in output
+    assert "Traceback" not in output
+    assert 0 < sim.charges() < 2000
+    quiet(sim)
+
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "32")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 5), output  # 5: requests in flight when the ledger failed
+    assert "resuming run" in output
+    assert_books_match(ledger, sim, job_lines, "night")
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_a_ledger_deleted_or_replaced_during_a_run_stops_it_and_nothing_is_paid_twice(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess], change: str
+) -> None:
+    """What the run recorded lives on in its open connections: it is saved back to the ledger's path
+    (or beside a file that took its place), the run stops (exit 4), and resuming from the saved copy
+    sends only what was never sent."""
+    sim = sim_process("0.1-0.2")
+    job_lines, job, db, _ = night_job(tmp_path, "g", 600)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "16")
+    assert wait_for(lambda: sim.charges() >= 60, proc)
+    db.unlink()
+    if change == "replaced":
+        other = sqlite3.connect(db)
+        other.execute("CREATE TABLE unrelated (x)")
+        other.close()
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 4, output
+    assert f"the ledger file {db} was {change} during run" in output
+    assert "Traceback" not in output
+    run_id = output.split(f"was {change} during run ")[1].split(":")[0]
+    saved = db if change == "deleted" else Path(f"{db}.saved-{run_id}")
+    assert f"saved to {saved}" in output
+    assert sim.charges() < 600
+    quiet(sim)
+    proc = start_runner(sim, job, saved, "--budget", "night", "--concurrency", "16")  # as it says
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 5), output
+    assert "resuming run" in output
+    assert_books_match(Ledger(f"sqlite:///{saved}"), sim, job_lines, "night")

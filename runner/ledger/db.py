@@ -18,9 +18,10 @@ import threading
 import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, LedgerUnavailable
 
 BUSY_TIMEOUT_MS = 30_000
 STORED_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how the ledger writes UTC (SQLAlchemy's DateTime on SQLite)
@@ -51,7 +52,37 @@ class Database:
         self.path = path
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file first opened
         weakref.finalize(self, _close_all, self._idle)  # a ledger dropped unclosed closes its files
+
+    def gone(self) -> str | None:
+        """Whether the file opened is no longer at its path: 'deleted', 'replaced' or None."""
+        if self._identity is None:
+            return None
+        try:
+            found = Path(self.path).stat()
+        except FileNotFoundError:
+            return "deleted"
+        except OSError:
+            return None  # cannot tell: the connections will say if they cannot work
+        return None if (found.st_dev, found.st_ino) == self._identity else "replaced"
+
+    def save_copy(self, fallback: str) -> str:
+        """Copy what the open connections see (a consistent snapshot) to the ledger's path when the
+        file there was deleted, else to `fallback`; the connections are closed (the next ones open
+        the file at the path). Returns where the copy is."""
+        staging = f"{fallback}.part"
+        with self._connection() as source:
+            target = sqlite3.connect(staging)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        self.close()  # the last connection of the deleted file ends its WAL files at the path
+        where = self.path if not Path(self.path).exists() else fallback
+        Path(staging).replace(where)
+        self._identity = None
+        return where
 
     def _open(self) -> sqlite3.Connection:
         # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours
@@ -60,6 +91,9 @@ class Database:
         )
         for pragma in PRAGMAS:
             conn.execute(pragma)
+        if self._identity is None:
+            found = Path(self.path).stat()
+            self._identity = (found.st_dev, found.st_ino)
         return conn
 
     @contextlib.contextmanager
@@ -70,13 +104,15 @@ class Database:
             conn = self._open()
         try:
             yield conn
-        except BaseException:
+        except BaseException as exc:
             try:
                 conn.rollback()
             except sqlite3.Error:  # a damaged file, a full disk: this connection is not kept
                 conn.close()
             else:
                 self._keep(conn)
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+                raise unavailable(self.path, exc) from None
             raise
         self._keep(conn)
 
@@ -107,6 +143,26 @@ class Database:
             idle = self._idle[:]
             self._idle.clear()
         _close_all(idle)
+
+
+def unavailable(path: str, exc: sqlite3.Error) -> LedgerUnavailable:
+    """What the driver said of the file, as a message that says what to do."""
+    reason = str(exc)
+    if "full" in reason:
+        advice = "free some space, then run the same command again: the run resumes where it stopped"
+    elif "malformed" in reason or "not a database" in reason:
+        advice = (
+            "the file is damaged (it is left as it is): restore it from a backup and run the same "
+            "command again, or point --db / RUNNER_DB at another file"
+        )
+    elif "readonly" in reason or "read-only" in reason:
+        advice = (
+            "the file or its folder cannot be written: fix its permissions, then run the same command again"
+        )
+    else:
+        advice = "once it can be used again, run the same command again: the run resumes where it stopped"
+    msg = f"the ledger {path} cannot be used ({reason}); {advice}"
+    return LedgerUnavailable(msg, path=path, reason=reason)
 
 
 def _close_all(connections: list[sqlite3.Connection]) -> None:

@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import platformdirs
 
-from runner.errors import BudgetLimitTooLow, BudgetNotFound, ConfigError, LedgerError, RunBusy
+from runner.errors import (
+    BudgetLimitTooLow,
+    BudgetNotFound,
+    ConfigError,
+    LedgerError,
+    LedgerUnavailable,
+    RunBusy,
+)
 from runner.ledger.db import Database, parse_time, rows_as_dicts, sqlite_path, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.money import format_usd
@@ -151,8 +158,9 @@ class Ledger:
         self.db = Database(sqlite_path(self.url))
         try:
             self.migrate()
-        except sqlite3.Error as exc:  # a folder that does not exist, a file that is not a ledger
-            msg = f"the ledger {self.db.path} cannot be opened ({exc}); check --db or RUNNER_DB"
+        except (sqlite3.Error, LedgerUnavailable) as exc:  # a missing folder, a file not a ledger
+            reason = exc.reason if isinstance(exc, LedgerUnavailable) else str(exc)
+            msg = f"the ledger {self.db.path} cannot be opened ({reason}); check --db or RUNNER_DB"
             raise ConfigError(msg) from None
 
     def close(self) -> None:
@@ -184,8 +192,8 @@ class Ledger:
         try:
             with self.db.reading() as c:
                 row = c.execute("SELECT version_num FROM alembic_version").fetchone()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):  # a blank database
+        except LedgerUnavailable as exc:
+            if "no such table" in exc.reason:  # a blank database
                 return None
             raise
         return None if row is None else str(row[0])

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from runner.errors import LedgerError
 from runner.ledger.store import Ledger
 from runner.ledger.tx import Tx
 
@@ -104,15 +102,8 @@ class Writer:
                     op.result = op.apply(tx)
             self.commits += 1
         except BaseException as exc:  # every caller of the batch learns the transaction failed
-            error = exc
-            if isinstance(exc, sqlite3.Error):  # a full disk, a read-only or damaged file: say so plainly
-                msg = (
-                    f"the ledger could not be written ({exc}); no request is sent before its "
-                    "reservation is written: once the ledger can be written, run the same command to resume"
-                )
-                error = LedgerError(msg)
             for op in batch:
-                op.error = error
+                op.error = exc
 
 
 def _wake(batch: list[_Op]) -> None:
