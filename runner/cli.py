@@ -49,8 +49,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
+
+
+class _Console(Console):
+    """A console that goes quiet when its reader has gone (`runner run … | tee log` and Ctrl-C, or
+    `| head`): rich would end the program there, before the run drains and writes its Parquet."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.file.fileno())  # later writes, and the flush at exit, go nowhere
+        os.close(devnull)
+
+
+out = _Console(width=None if sys.stdout.isatty() else 160)
+err = _Console(stderr=True, soft_wrap=True)
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2

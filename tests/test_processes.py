@@ -568,3 +568,20 @@ def test_a_ledger_deleted_or_replaced_during_a_run_stops_it_and_nothing_is_paid_
     assert proc.returncode in (0, 5), output
     assert "resuming run" in output
     assert_books_match(Ledger(f"sqlite:///{saved}"), sim, job_lines, "night")
+
+
+def test_a_reader_that_goes_away_never_stops_the_run_before_it_drains_and_writes_its_parquet(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """`runner run … | head`, or `| tee log` ended by the same Ctrl-C: the output's reader is gone,
+    and the run carries on to its end, its Parquet written."""
+    sim = sim_process("0.05-0.1")
+    job_lines, job, db, ledger = night_job(tmp_path, "h", 300)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "16")
+    assert proc.stdout is not None
+    proc.stdout.read(10)
+    proc.stdout.close()  # every later write of the runner meets a closed pipe
+    assert proc.wait(timeout=60) == 0
+    assert ledger.runs()[0]["state"] == "done"
+    assert pl.read_parquet(job.with_suffix(".parquet")).height == 300
+    assert_books_match(ledger, sim, job_lines, "night")
