@@ -102,18 +102,9 @@ def friendly(func: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(exit_code_for(exc)) from None
         except KeyboardInterrupt:  # before the run phase, which handles Ctrl-C itself
             err.print("interrupted; the ledger is consistent: run the same command again to continue")
-            _interrupt_handled()
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
-
-
-def _interrupt_handled() -> None:
-    """Tell CPython the KeyboardInterrupt was handled. When one escapes code run by exec() or eval()
-    from a string (a dataclass or a named tuple being made as a module loads, say), CPython notes it
-    as unhandled, and a `python -m` process then ends by killing itself with SIGINT whatever exit
-    code it chose. Each such run clears the note as it starts: one harmless run is enough."""
-    eval("None")  # noqa: S307 - a constant
 
 
 def exit_code_for(exc: RunnerError) -> int:

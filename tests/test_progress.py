@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -74,30 +70,3 @@ def test_the_bar_is_updated_ten_times_a_second_not_per_request(monkeypatch: pyte
     assert 9 <= len(shown) <= 11
     progress(RequestFinished("last", "ok", 0))
     assert shown[-1] == 1000  # the end is always shown
-
-
-def test_a_ctrl_c_met_inside_exec_still_ends_with_exit_130(tmp_path: Path) -> None:
-    """CPython notes a KeyboardInterrupt that escapes exec() or eval() as unhandled, and a
-    `python -m` process then kills itself with SIGINT at exit (-2), whatever code it chose."""
-    module = tmp_path / "interrupted.py"
-    module.write_text(
-        "import typer\n"
-        "from runner.cli import friendly\n"
-        "app = typer.Typer()\n"
-        "@app.command()\n"
-        "@friendly\n"
-        "def go() -> None:\n"
-        "    exec('import os, signal, time\\nos.kill(os.getpid(), signal.SIGINT)\\ntime.sleep(5)')\n"
-        "app()\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    done = subprocess.run(
-        [sys.executable, "-m", "interrupted"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 130, done.stderr
-    assert "interrupted; the ledger is consistent" in done.stderr
