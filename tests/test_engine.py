@@ -164,7 +164,7 @@ async def test_a_line_changed_after_the_checks_is_caught_before_it_is_sent(
         lines[4]["messages"][0]["content"] = "edited between the checks and the sends"
         write_job(lines)
 
-    monkeypatch.setattr("runner.engine._recover", edit_after_checks)
+    monkeypatch.setattr("runner.preflight.recover", edit_after_checks)
     with pytest.raises(JobChanged, match=r"job.jsonl:5: custom_id 'q4' changed"):
         await run(sim, job, ledger, concurrency=1)
     rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(first.run_id) for r in batch}
@@ -184,13 +184,13 @@ async def test_a_line_copied_into_the_job_during_the_run_is_sent_once(
     assert first.states == {"pending": 3}
     sent = sim.books.counters["run.call"]
     sim.books.configure({"balance": "100"})
-    recover = runner.engine._recover
+    recover = runner.preflight.recover
 
     async def copy_a_line_after_the_checks(*args: Any, **kwargs: Any) -> None:
         await recover(*args, **kwargs)
         write_job([*lines, lines[1], lines[1]])
 
-    monkeypatch.setattr("runner.engine._recover", copy_a_line_after_the_checks)
+    monkeypatch.setattr("runner.preflight.recover", copy_a_line_after_the_checks)
     result = await run(sim, job, ledger, concurrency=4)
     assert result.states == {"ok": 3}
     assert sim.books.counters["run.call"] - sent == 3
@@ -217,7 +217,7 @@ async def test_a_run_left_while_it_was_being_prepared_starts_afresh(
     ledger.create_run(
         "left", str(job.resolve()), ledger.create_budget("b", 10**9).id, "sim", state="preparing"
     )
-    ledger.add_requests([runner.engine._row("left", r, (1, True)) for r in iter_requests(job)])
+    ledger.add_requests([runner.preflight._row("left", r, (1, True)) for r in iter_requests(job)])
     lines[0]["messages"][0]["content"] = "edited since"
     write_job(lines)  # a resumed run would call this line changed
     result = await run(sim, job, ledger)
@@ -284,7 +284,8 @@ async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
     """Quoting a big job takes minutes: without touches another process would take the run at 30 s."""
     ledger = Ledger()
     monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
-    quote = runner.engine._quote
+    monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
+    quote = runner.preflight._quote
     seen: list[Any] = []
 
     async def slow_quote(*args: Any, **kwargs: Any) -> Any:
@@ -296,7 +297,7 @@ async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
             seen.append((before, c.execute("SELECT seen_at FROM runs").fetchone()[0]))
         return estimate
 
-    monkeypatch.setattr("runner.engine._quote", slow_quote)
+    monkeypatch.setattr("runner.preflight._quote", slow_quote)
     result = await run(sim, write_job(job_lines(3)), ledger)
     assert result.state == "done"
     [(before, after)] = seen
@@ -313,7 +314,8 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
     sim.books.configure({"balance": "100"})
     sent = sim.books.counters["run.call"]
     monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
-    quote = runner.engine._quote
+    monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
+    quote = runner.preflight._quote
 
     async def taken_over_meanwhile(*args: Any, **kwargs: Any) -> Any:
         estimate = await quote(*args, **kwargs)
@@ -322,7 +324,7 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
         await anyio.sleep(0.3)
         return estimate
 
-    monkeypatch.setattr("runner.engine._quote", taken_over_meanwhile)
+    monkeypatch.setattr("runner.preflight._quote", taken_over_meanwhile)
     with pytest.raises(RunBusy, match="taken over"):
         await run(sim, job, ledger)
     assert sim.books.counters["run.call"] == sent
@@ -335,7 +337,8 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
     no run to belong to: a RunBusy, not a database error."""
     ledger = Ledger()
     monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
-    quote = runner.engine._quote
+    monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
+    quote = runner.preflight._quote
 
     async def taken_and_discarded(*args: Any, **kwargs: Any) -> Any:
         run_id = ledger.runs()[0]["id"]
@@ -345,7 +348,7 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
         ledger.discard_run(run_id)
         return await quote(*args, **kwargs)
 
-    monkeypatch.setattr("runner.engine._quote", taken_and_discarded)
+    monkeypatch.setattr("runner.preflight._quote", taken_and_discarded)
     with pytest.raises(RunBusy, match="taken over"):
         await run(sim, write_job(job_lines(3)), ledger)
     assert sim.books.counters["run.call"] == 0

@@ -1,0 +1,349 @@
+"""The pre-flight of a run: the run to send (resumed, or new with a row per line), every request
+quoted (dry runs, or a price table's bound), the total checked against the budget, and what a killed
+process left behind recovered. Nothing is sent here."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from runner.catalog import ModelInfo
+from runner.connect import Connection
+from runner.errors import BudgetExceeded, ConfigError, JobChanged, RunBusy, RunnerError, Unpriced
+from runner.events import Listener, Notice, Phase
+from runner.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
+from runner.ledger import Ledger
+from runner.ledger.store import metadata_text
+from runner.models import ChatRequest, Quote
+from runner.money import format_usd, from_nanos, to_nanos
+from runner.quote import Estimate, cache_key, quote_requests
+
+BATCH = 500
+OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A job validated against `models` (None: the catalog), and what validation found."""
+
+    summary: JobSummary
+    models: dict[str, ModelInfo] | None
+    max_line: int = MAX_LINE_BYTES
+
+
+@dataclass
+class Plan:
+    run_id: str
+    budget_id: int
+    resumed: bool
+    estimate: Estimate | None
+    owner: str
+    chunk_lines: int = BATCH  # the job's lines are read in chunks of this many
+
+
+def _take(iterator: Any, size: int) -> list[ChatRequest]:
+    chunk: list[ChatRequest] = []
+    for item in iterator:
+        chunk.append(item)
+        if len(chunk) >= size:
+            break
+    return chunk
+
+
+# ---- pre-flight ---------------------------------------------------------------------------------
+
+
+async def _sync_rows(
+    ledger: Ledger,
+    job: Path,
+    run_id: str,
+    scope: str,
+    checked: Checked,
+    *,
+    creating: bool,
+) -> None:
+    """Give every line of the job its row in the run, or check that the rows still match the file.
+
+    A run's rows are written in chunks and `total` is set after the last one, so a process killed
+    half-way leaves a run with `total == 0`: resuming it finishes the rows instead of calling the
+    missing lines "new". Once a run is complete, a new or changed line is an error.
+    """
+
+    def work() -> None:
+        total = 0
+        iterator = iter_requests(job, checked.models, max_line=checked.max_line)
+        while chunk := _take(iterator, 5000):
+            rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
+            missing = [r for r in chunk if r.custom_id not in rows]
+            _check_unique(job, run_id, missing)
+            if missing and not creating:
+                raise changed(job, missing[0], run_id, "is new")
+            for r in chunk:
+                row = rows.get(r.custom_id)
+                if row is not None and row.sha256 != r.sha256:
+                    raise changed(job, r, run_id, "changed")
+            if missing:
+                cached = ledger.cached_quotes([cache_key(scope, r) for r in missing])
+                quotes = [_known(cached.get(cache_key(scope, r))) for r in missing]
+                ledger.add_requests([_row(run_id, r, q) for r, q in zip(missing, quotes, strict=True)])
+            total += len(chunk)
+        if creating:
+            ledger.set_total(run_id, total)
+
+    await anyio.to_thread.run_sync(work)
+
+
+def _check_unique(job: Path, run_id: str, requests: list[ChatRequest]) -> None:
+    """Rows are made once per custom_id: a file changed since validation may use one twice."""
+    seen: set[str] = set()
+    for request in requests:
+        if request.custom_id in seen:
+            raise changed(job, request, run_id, "is used twice")
+        seen.add(request.custom_id)
+
+
+def _known(quote: Any) -> Any:
+    return quote if quote is not None and quote[0] is not None else None
+
+
+def changed(job: Path, request: ChatRequest, run_id: str, what: str) -> JobChanged:
+    msg = (
+        f"{job}:{request.line}: custom_id '{request.custom_id}' {what} since run {run_id} began; "
+        "restore the line, or start a fresh run with --new"
+    )
+    return JobChanged(msg)
+
+
+def _row(run_id: str, request: ChatRequest, quote: Any) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "custom_id": request.custom_id,
+        "line": request.line,
+        "model": request.model,
+        "sha256": request.sha256,
+        "state": "pending" if quote is not None else "skipped",
+        "quote_nanos": quote[0] if quote is not None else None,
+        "quote_exact": bool(quote[1]) if quote is not None else False,
+        "reserved_nanos": 0,
+        "attempts": 0,
+        "error_type": None if quote is not None else "no_quote",
+        "error_message": None if quote is not None else "no price could be quoted",
+        "metadata_json": metadata_text(request.metadata),
+    }
+
+
+INTERRUPTED = {"error_type": "interrupted", "error_message": "the process stopped during the request"}
+
+
+async def recover(ledger: Ledger, run_id: str, retry_possibly_billed: bool) -> None:
+    """After a crash: `sending` rows are unknown outcomes, each attempt recorded as such; `reserved`
+    rows were never sent. With `retry_possibly_billed` every possibly billed request of the run goes
+    back to pending, what it held still counted as possibly billed (`Ledger.send_again`)."""
+
+    def work() -> None:
+        unknown = ledger.interrupted_attempts(run_id)
+        stale = ledger.stale_reservations(run_id)
+        with ledger.transaction() as db:
+            for row_id, number in unknown:
+                db.attempt(row_id, number, "unknown", None, INTERRUPTED["error_message"], None)
+                ledger.mark_possibly_billed(db, row_id, INTERRUPTED)
+            for row_id in stale:
+                ledger.release(db, row_id, state="pending", fields={})
+        if retry_possibly_billed:  # its own transaction: it reads what the one above wrote
+            with ledger.transaction() as db:
+                for row_id in ledger.possibly_billed(run_id, db):
+                    ledger.send_again(db, row_id)
+
+    await anyio.to_thread.run_sync(work)
+
+
+async def prepare(
+    job: Path,
+    job_key: str,
+    conn: Connection,
+    ledger: Ledger,
+    budget: str | None,
+    max_usd: Decimal | None,
+    checked: Checked,
+    owner: str,
+    on_event: Listener,
+    *,
+    new: bool = False,
+    partial: bool = False,
+    retry_possibly_billed: bool = False,
+) -> Plan:
+    """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
+    existing, complete = await _resumable(ledger, job_key, conn.scope, owner, new)
+    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
+    run_id = existing or uuid.uuid4().hex[:12]
+    if not existing:  # its rows are made as the quotes come: one pass over the job for both
+        create = functools.partial(ledger.create_run, owner=owner, state="preparing")
+        await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
+    claim = _KeptClaim(ledger, run_id, owner)  # the pre-flight of a big job takes minutes
+    try:
+        with claim:
+            if existing:  # a resumed run's rows are checked against the file as it is
+                await _sync_rows(ledger, job, existing, conn.scope, checked, creating=not complete)
+                on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
+            estimate = await _quote(job, conn, ledger, run_id if not existing else None, checked, on_event)
+            if existing:
+                await recover(ledger, existing, retry_possibly_billed)
+                needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
+            else:
+                needed = estimate.total_nanos
+            view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
+        if claim.lost:
+            raise claim.busy()
+        if not existing and estimate.unquoted_count and not partial:
+            raise _unpriced(estimate, checked.summary.requests)
+        fit, shortfall = fits_nanos(needed, view.remaining_nanos)
+        if not fit and not partial:
+            msg = (
+                f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
+                f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
+                "raise the budget, or run what fits with --partial"
+            )
+            raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
+    except BaseException as exc:
+        if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(ledger.discard_run, run_id)
+        if claim.lost and isinstance(exc, Exception) and not isinstance(exc, RunnerError):
+            raise claim.busy() from None  # e.g. its rows' run was discarded by the process that took it
+        raise
+    return Plan(run_id, budget_id, bool(existing), estimate, owner)
+
+
+def _unpriced(estimate: Estimate, total: int) -> Unpriced:
+    custom_id, reason = estimate.unquoted[0]
+    msg = (
+        f"{estimate.unquoted_count} of {total} requests could not be priced, so they cannot be reserved "
+        f"against the budget (the first, '{custom_id}': {reason}); nothing was sent. Fix the cause and "
+        "run again, or run the priced ones with --partial"
+    )
+    return Unpriced(msg, count=estimate.unquoted_count)
+
+
+async def _resumable(
+    ledger: Ledger, job_key: str, scope: str, owner: str, new: bool
+) -> tuple[str | None, bool]:
+    """The job's unfinished run, claimed by this process, and whether all its rows were made; None
+    for a fresh start. A run left while it was being prepared (nothing sent yet) is discarded."""
+    existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
+    if existing is None:
+        return None, False
+    await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
+    info = await anyio.to_thread.run_sync(ledger.run, existing)
+    if info["state"] == "preparing":
+        await anyio.to_thread.run_sync(ledger.discard_run, existing)
+        return None, False
+    return existing, bool(info["total"])
+
+
+class _KeptClaim:
+    """Keeps this process's claim on a run fresh while it prepares it (the engine keeps it while it
+    runs): a pre-flight longer than OWNER_STALE_S would otherwise let another process take the run.
+    A thread of its own, so that no step of the pre-flight has to remember it."""
+
+    def __init__(self, ledger: Ledger, run_id: str, owner: str) -> None:
+        self.ledger, self.run_id, self.owner = ledger, run_id, owner
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, name="runner-claim", daemon=True)
+
+    def __enter__(self) -> _KeptClaim:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy(self) -> RunBusy:
+        msg = f"run {self.run_id} was taken over by another process while this one prepared it"
+        return RunBusy(msg, owner="another process")
+
+    def _keep(self) -> None:
+        while not self._stop.wait(OWNER_TOUCH_S):
+            try:
+                with self.ledger.transaction() as tx:
+                    if not self.ledger.touch_run(tx, self.run_id, self.owner):
+                        self.lost = True
+                        return
+            except Exception:  # noqa: S112 - a busy ledger: the next touch tries again
+                continue
+
+
+async def _quote(
+    job: Path,
+    conn: Connection,
+    ledger: Ledger,
+    preparing: str | None,
+    checked: Checked,
+    on_event: Listener,
+) -> Estimate:
+    """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
+    total = 0
+
+    async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
+        nonlocal total
+        assert preparing is not None
+        known = [None if q.nanos is None else (q.nanos, q.exact) for q in quotes]
+        rows = [_row(preparing, r, k) for r, k in zip(chunk, known, strict=True)]
+        await anyio.to_thread.run_sync(ledger.add_requests, rows)
+        total += len(chunk)
+
+    summary = checked.summary
+    on_event(Phase("quoting", summary.requests))
+    # Rows are made only from the file as it was validated: this read's digest is compared with
+    # validation's before anything is sent (when validation took none, each line is checked again);
+    # a row's line is checked by its hash before it is sent.
+    digest = file_digest() if preparing and summary.digest else None
+    estimate = await quote_requests(
+        iter_requests(
+            job,
+            checked.models,
+            check=bool(preparing) and digest is None,
+            digest=digest,
+            max_line=checked.max_line,
+        ),
+        provider=conn.provider,
+        scope=conn.scope,
+        ledger=ledger,
+        on_event=on_event,
+        on_chunk=add_rows if preparing else None,
+    )
+    if digest is not None and digest.hexdigest() != summary.digest:
+        msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"
+        raise JobChanged(msg)
+    if preparing:
+        await anyio.to_thread.run_sync(ledger.set_total, preparing, total)
+    return estimate
+
+
+def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:
+    return needed <= remaining, from_nanos(max(0, needed - remaining))
+
+
+def _budget_for(ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None) -> int:
+    if existing:  # a resumed run keeps the budget it began with
+        budget_id = int(ledger.run(existing)["budget_id"])
+        if budget is not None and ledger.budget(budget).id != budget_id:
+            msg = f"run {existing} belongs to another budget; resume it without --budget, or use --new"
+            raise ConfigError(msg)
+        return budget_id
+    if budget is not None:
+        return ledger.budget(budget).id
+    if max_usd is not None:
+        name = f"max-usd-{uuid.uuid4().hex[:8]}"
+        return ledger.create_budget(name, to_nanos(max_usd), ephemeral=True).id
+    msg = "give a budget: --budget NAME (see `runner budget create`) or --max-usd USD"
+    raise ConfigError(msg)
