@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tomllib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,8 +22,6 @@ from runner.providers.orthogonal import DEFAULT_API, DEFAULT_BASE_URL, Orthogona
 
 if TYPE_CHECKING:
     from runner.simulator import Books
-
-PROVIDERS = ("orthogonal", "openai", "simulator")
 
 
 @dataclass(frozen=True)
@@ -46,9 +43,6 @@ class Connection:
     provider: Provider
     scope: str  # what quotes are cached under
     books: Books | None = None  # the in-process simulator's books
-    # how another process reaches the same provider (the sending helpers); its API key is read from
-    # the same environment, except the in-process simulator's, which is no secret
-    reach: ProviderSettings | None = None
 
 
 PRICE_KEYS = frozenset({"input", "output", "context_window", "per_message_tokens", "per_request_tokens"})
@@ -119,65 +113,77 @@ def _http_url(url: str) -> str:
 
 
 @asynccontextmanager
-async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
-    if settings.name == "simulator":
-        # imported here: the simulator's server (aiohttp) costs memory a run elsewhere does not need
-        from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415
+async def _simulator(settings: ProviderSettings) -> AsyncIterator[Connection]:
+    # imported here: the simulator's server costs memory a run elsewhere does not need
+    from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415
 
-        books = Books(pricing=settings.sim_pricing, latency=parse_latency(settings.sim_latency))
-        books.configure({"balance": settings.sim_balance})
-        async with serve(books) as url:
-            provider = OrthogonalProvider(
-                api_key="simulator-key",
-                base_url=url,
-                api=settings.api,
-                max_connections=settings.max_connections,
-                timeouts=settings.timeouts,
-            )
-            try:
-                reach = ProviderSettings("orthogonal", url, "simulator-key", settings.api)
-                yield Connection(provider, f"simulator:{settings.sim_pricing}", books, reach)
-            finally:
-                await provider.aclose()
-        return
-    if settings.name == "orthogonal":
-        key = settings.api_key or os.environ.get("ORTHOGONAL_API_KEY")
-        if not key:
-            msg = "set ORTHOGONAL_API_KEY (or use --provider simulator to try runner offline)"
-            raise ConfigError(msg)
-        base = _http_url(settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL)
-        orth = OrthogonalProvider(
-            api_key=key,
-            base_url=base,
+    books = Books(pricing=settings.sim_pricing, latency=parse_latency(settings.sim_latency))
+    books.configure({"balance": settings.sim_balance})
+    async with serve(books) as url:
+        provider = OrthogonalProvider(
+            api_key="simulator-key",
+            base_url=url,
             api=settings.api,
             max_connections=settings.max_connections,
             timeouts=settings.timeouts,
         )
         try:
-            reach = dataclasses.replace(settings, base_url=base)
-            yield Connection(orth, f"orthogonal:{base}:{settings.api}", reach=reach)
+            yield Connection(provider, f"simulator:{settings.sim_pricing}", books)
         finally:
-            await orth.aclose()
-        return
-    if settings.name == "openai":
-        openai_base = settings.base_url or os.environ.get("OPENAI_BASE_URL")
-        if not openai_base:
-            msg = "set OPENAI_BASE_URL or --base-url for the openai provider"
-            raise ConfigError(msg)
-        openai_base = _http_url(openai_base)
-        key = settings.api_key or os.environ.get("OPENAI_API_KEY") or ""
-        oai = OpenAIProvider(
-            base_url=openai_base,
-            api_key=key,
-            prices=price_table(settings),
-            max_connections=settings.max_connections,
-            timeouts=settings.timeouts,
-        )
-        try:
-            reach = dataclasses.replace(settings, base_url=openai_base)
-            yield Connection(oai, f"openai:{openai_base}", reach=reach)
-        finally:
-            await oai.aclose()
-        return
-    msg = f"unknown provider '{settings.name}'; choose one of {', '.join(PROVIDERS)}"
-    raise ConfigError(msg)
+            await provider.aclose()
+
+
+@asynccontextmanager
+async def _orthogonal(settings: ProviderSettings) -> AsyncIterator[Connection]:
+    key = settings.api_key or os.environ.get("ORTHOGONAL_API_KEY")
+    if not key:
+        msg = "set ORTHOGONAL_API_KEY (or use --provider simulator to try runner offline)"
+        raise ConfigError(msg)
+    base = _http_url(settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL)
+    provider = OrthogonalProvider(
+        api_key=key,
+        base_url=base,
+        api=settings.api,
+        max_connections=settings.max_connections,
+        timeouts=settings.timeouts,
+    )
+    try:
+        yield Connection(provider, f"orthogonal:{base}:{settings.api}")
+    finally:
+        await provider.aclose()
+
+
+@asynccontextmanager
+async def _openai(settings: ProviderSettings) -> AsyncIterator[Connection]:
+    base = settings.base_url or os.environ.get("OPENAI_BASE_URL")
+    if not base:
+        msg = "set OPENAI_BASE_URL or --base-url for the openai provider"
+        raise ConfigError(msg)
+    base = _http_url(base)
+    provider = OpenAIProvider(
+        base_url=base,
+        api_key=settings.api_key or os.environ.get("OPENAI_API_KEY") or "",
+        prices=price_table(settings),
+        max_connections=settings.max_connections,
+        timeouts=settings.timeouts,
+    )
+    try:
+        yield Connection(provider, f"openai:{base}")
+    finally:
+        await provider.aclose()
+
+
+# --provider NAME → how to open it: a new provider is a module of its own and one line here
+PROVIDERS: dict[str, Callable[[ProviderSettings], AbstractAsyncContextManager[Connection]]] = {
+    "orthogonal": _orthogonal,
+    "openai": _openai,
+    "simulator": _simulator,
+}
+
+
+def connect(settings: ProviderSettings) -> AbstractAsyncContextManager[Connection]:
+    opener = PROVIDERS.get(settings.name)
+    if opener is None:
+        msg = f"unknown provider '{settings.name}'; choose one of {', '.join(PROVIDERS)}"
+        raise ConfigError(msg)
+    return opener(settings)

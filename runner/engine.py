@@ -21,7 +21,6 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from runner import codec, http, schema
 from runner.catalog import ModelInfo
@@ -49,6 +48,7 @@ from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
 from runner.preflight import OWNER_TOUCH_S, Checked, Plan, changed, prepare, recover
 from runner.quote import Estimate
+from runner.retry import retrying
 
 FUNDS_EVERY_S = 1.0
 RPM_PACE = 0.995  # share of --rpm actually used
@@ -299,19 +299,12 @@ class Engine:
             self.limit.release()
             self._taken.discard(row_id)  # its row no longer reads `pending` (or the run is stopping)
 
-    def _backoff(self, attempt: int, exc: BaseException | None) -> float:
-        after = exc.retry_after if isinstance(exc, ProviderError) else None
-        wait = http.backoff_s(self.options.policy, attempt, after, self.rng)
-        self.on_event(Retrying("", attempt, wait, str(exc)))
-        return wait
-
-    def _wait(self, state: RetryCallState) -> float:
-        # tenacity counts from the first retry; the first attempt was made before it started
-        return self._backoff(state.attempt_number + 1, state.outcome.exception() if state.outcome else None)
+    def _retried(self, attempt: int, wait: float, error: BaseException | None) -> None:
+        self.on_event(Retrying("", attempt, wait, str(error)))
 
     async def _attempts(self, request: ChatRequest, row_id: int, tries: list[int]) -> Outcome | None:
-        """The first attempt directly (most calls succeed at once), the rest through tenacity:
-        exponential backoff with full jitter, Retry-After honoured, a cap on attempts.
+        """The first attempt directly (most calls succeed at once: tenacity's loop costs more than a
+        call's own bookkeeping), the rest through `retry.retrying`.
 
         None means the run is stopping between attempts: the request goes back to pending.
         """
@@ -321,15 +314,10 @@ class Engine:
         except RetryableError as exc:
             if self.options.policy.attempts <= 1:
                 raise
-            await anyio.sleep(self._backoff(1, exc))
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.options.policy.attempts - 1),
-            wait=self._wait,
-            retry=retry_if_exception_type(RetryableError),
-            sleep=anyio.sleep,
-            reraise=True,
-        )
-        async for attempt in retrying:
+            after = http.backoff_s(self.options.policy, 1, exc.retry_after, self.rng)
+            self._retried(1, after, exc)
+            await anyio.sleep(after)
+        async for attempt in retrying(self.options.policy, self._retried, made=1):
             with attempt:
                 if self.stopping.is_set():
                     return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from runner.ledger import Ledger
 from runner.models import ChatRequest, Quote
 from runner.money import from_nanos
 from runner.providers.base import Provider
+from runner.retry import retrying
 
 BATCH = 1000
 
@@ -81,21 +81,23 @@ def _chunks(items: Iterable[ChatRequest], size: int) -> Iterator[list[ChatReques
 async def quote_with_retries(
     provider: Provider, request: ChatRequest, policy: http.RetryPolicy, on_event: Listener
 ) -> Quote:
-    rng = random.Random()
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return await provider.quote(request)
-        except RetryableError as exc:
-            if attempt == policy.attempts:
-                return Quote(None, exact=False, source="dry_run", reason=f"gave up: {exc}")
-            wait = http.backoff_s(policy, attempt, exc.retry_after, rng)
-            on_event(Retrying(request.custom_id, attempt, wait, str(exc)))
-            await anyio.sleep(wait)
-        except RunFatalError:
-            raise
-        except ProviderError as exc:
-            return Quote(None, exact=False, source="dry_run", reason=str(exc))
-    raise AssertionError  # pragma: no cover
+    """A dry run, retried as calls are (`retry.retrying`); a quote that cannot be had is unknown,
+    with the reason. A 401 or 402 is raised: it stops the pre-flight."""
+
+    def retried(attempt: int, wait: float, error: BaseException | None) -> None:
+        on_event(Retrying(request.custom_id, attempt, wait, str(error)))
+
+    try:
+        async for attempt in retrying(policy, retried):
+            with attempt:
+                return await provider.quote(request)
+    except RetryableError as exc:
+        return Quote(None, exact=False, source="dry_run", reason=f"gave up: {exc}")
+    except RunFatalError:
+        raise
+    except ProviderError as exc:
+        return Quote(None, exact=False, source="dry_run", reason=str(exc))
+    raise AssertionError  # pragma: no cover - tenacity returns, retries or re-raises
 
 
 async def quote_requests(

@@ -1,0 +1,36 @@
+"""The one retry path, for dry runs and calls alike: tenacity, exponential backoff with full jitter
+under a cap, the server's Retry-After honoured, and only what the provider calls retryable retried."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from runner import http
+from runner.errors import ProviderError, RetryableError
+
+OnRetry = Callable[[int, float, BaseException | None], None]  # (attempt that failed, wait, error)
+
+
+def retrying(policy: http.RetryPolicy, on_retry: OnRetry, *, made: int = 0) -> AsyncRetrying:
+    """Attempts up to `policy.attempts` in all, `made` of them already made before this loop."""
+    rng = random.Random()
+
+    def wait(state: RetryCallState) -> float:
+        failed = made + state.attempt_number
+        error = state.outcome.exception() if state.outcome else None
+        after = error.retry_after if isinstance(error, ProviderError) else None
+        seconds = http.backoff_s(policy, failed, after, rng)
+        on_retry(failed, seconds, error)
+        return seconds
+
+    return AsyncRetrying(
+        stop=stop_after_attempt(max(1, policy.attempts - made)),
+        wait=wait,
+        retry=retry_if_exception_type(RetryableError),
+        sleep=anyio.sleep,
+        reraise=True,
+    )
