@@ -680,16 +680,16 @@ def runs(db: DbOpt = None) -> None:
     for column in ("run", "job", "state", "ok", "failed", "possibly billed", "total", "spent"):
         table.add_column(column, no_wrap=column != "job")
     for r in Ledger(db).runs():
-        states = r["states"]
+        states = r.states
         table.add_row(
-            r["id"],
-            Path(r["job_path"]).name,
-            r["state"],
+            r.id,
+            Path(r.job_path).name,
+            r.state,
             str(states.get("ok", 0)),
             str(states.get("failed", 0)),
             str(states.get("possibly_billed", 0)),
-            str(r["total"]),
-            format_usd(r["spent_nanos"], places=6),
+            str(r.total),
+            format_usd(r.spent_nanos, places=6),
         )
     out.print(table)
 
@@ -699,11 +699,11 @@ def runs(db: DbOpt = None) -> None:
 def status(run_id: str, db: DbOpt = None) -> None:
     """One run: its state, request counts and money."""
     r = Ledger(db).run(run_id)
-    out.print(f"run {r['id']} · {r['job_path']} · {r['provider']}", highlight=False)
-    out.print(f"state: {r['state']}" + (f" ({r['reason']})" if r["reason"] else ""), highlight=False)
-    for state, count in sorted(r["states"].items()):
+    out.print(f"run {r.id} · {r.job_path} · {r.provider}", highlight=False)
+    out.print(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""), highlight=False)
+    for state, count in sorted(r.states.items()):
         out.print(f"  {state}: {count}", highlight=False)
-    out.print(f"spent: {format_usd(r['spent_nanos'], places=9)}", highlight=False)
+    out.print(f"spent: {format_usd(r.spent_nanos, places=9)}", highlight=False)
 
 
 @app.command("export")
@@ -720,10 +720,10 @@ def export_cmd(
     if fmt not in ("parquet", "jsonl"):
         msg = f"--format: '{fmt}' is not parquet or jsonl"
         raise ConfigError(msg)
-    path = output or Path("results") / f"{Path(run_info['job_path']).stem}-{run_info['id']}.{fmt}"
+    path = output or Path("results") / f"{Path(run_info.job_path).stem}-{run_info.id}.{fmt}"
     _check_writable(path)
     writer = export_parquet if fmt == "parquet" else export_jsonl
-    rows = _export(writer, ledger, run_info["id"], path)
+    rows = _export(writer, ledger, run_info.id, path)
     out.print(f"{rows} rows written to {path}", highlight=False)
 
 
@@ -783,11 +783,11 @@ def report(
     """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output."""
     ledger = Ledger(db)
     run = ledger.run(run_id)
-    _print_report(ledger, run["id"])
+    _print_report(ledger, run.id)
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)
-            page = html_report.render(run, run_frame(ledger, run["id"], REPORT_NEEDS))
+            page = html_report.render(run, run_frame(ledger, run.id, REPORT_NEEDS))
             html.write_text(page, encoding="utf-8")
         except OSError as exc:
             msg = f"{html}: cannot write the report: {exc.strerror}"

@@ -529,7 +529,7 @@ async def run_job(
         retry_possibly_billed=options.retry_possibly_billed,
     )
     run_id = plan.run_id
-    pending = (await anyio.to_thread.run_sync(ledger.run, run_id))["states"].get("pending", 0)
+    pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
     engine = Engine(conn, ledger, plan, options, on_event)
     on_event(Phase("running", pending))
     try:
@@ -544,7 +544,7 @@ async def run_job(
         with anyio.CancelScope(shield=True):
             await recover(ledger, run_id, retry_possibly_billed=False)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
-    left = info["states"].get("pending", 0)
+    left = info.states.get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
     lines_missing = bool(left) and not engine.stopping.is_set()
     if lines_missing:  # every line was read, and some rows were not sent
@@ -557,7 +557,7 @@ async def run_job(
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
     if engine.ledger_gone:
         raise await _ledger_saved(ledger, run_id, engine.ledger_gone)
-    states, spent, estimate = info["states"], info["spent_nanos"], plan.estimate
+    states, spent, estimate = info.states, info.spent_nanos, plan.estimate
     assert estimate is not None
     return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
 

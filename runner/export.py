@@ -118,8 +118,8 @@ def _table(raw: pl.DataFrame, provider: str) -> pl.DataFrame:
 def frames(ledger: Ledger, run_id: str, batch: int = BATCH) -> Iterator[pl.DataFrame]:
     """The run's rows in the §5 schema, a batch at a time, in line order."""
     run = ledger.run(run_id)
-    provider = str(run["provider"]).split(":", 1)[0]
-    for rows in ledger.iter_request_tuples(run["id"], list(COLUMNS), batch):
+    provider = str(run.provider).split(":", 1)[0]
+    for rows in ledger.iter_request_tuples(run.id, list(COLUMNS), batch):
         yield _table(_columns(rows), provider)
 
 
@@ -166,7 +166,7 @@ def export_jsonl(ledger: Ledger, run_id: str, path: Path) -> int:
     count = 0
     run = ledger.run(run_id)
     with path.open("w") as handle:
-        for rows in ledger.iter_request_rows(run["id"]):
+        for rows in ledger.iter_request_rows(run.id):
             for row in rows:
                 handle.write(json.dumps(batch_line(row)) + "\n")
                 count += 1

@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 
+from runner.ledger import RunView
 from runner.money import format_usd
 from runner.report import COLUMNS, cells, per_model, top_errors
 
@@ -33,28 +34,28 @@ svg text { font: 11px system-ui, sans-serif; fill: #3b4252; }
 """
 
 
-def render(run: dict[str, Any], df: pl.DataFrame) -> str:
+def render(run: RunView, df: pl.DataFrame) -> str:
     """The page for one run: `run` as Ledger.run gives it, `df` as report.run_frame gives it."""
     models = per_model(df)
     errors = top_errors(df, limit=10)
-    states = run.get("states", {})
+    states = run.states
     cards = [
-        ("requests", f"{int(run.get('total') or len(df)):,}"),
+        ("requests", f"{int(run.total or len(df)):,}"),
         ("ok", f"{states.get('ok', 0):,}"),
         ("failed", f"{states.get('failed', 0):,}"),
         ("possibly billed", f"{states.get('possibly_billed', 0):,}"),
         ("not sent", f"{sum(v for k, v in states.items() if k in ('pending', 'skipped')):,}"),
-        ("charged", format_usd(int(run.get("spent_nanos", 0)), places=6)),
+        ("charged", format_usd(run.spent_nanos, places=6)),
     ]
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
-        f"<title>runner report {escape(run['id'])}</title><style>{STYLE}</style></head><body>",
-        f"<h1>Run {escape(run['id'])}</h1>",
-        f"<div class=meta>{escape(str(run.get('job_path', '')))}"
-        f" · provider {escape(str(run.get('provider')))}"
-        f" · state <b>{escape(str(run.get('state')))}</b>"
-        + (f" ({escape(str(run['reason']))})" if run.get("reason") else "")
-        + f" · started {escape(_when(run.get('created_at')))}</div>",
+        f"<title>runner report {escape(run.id)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Run {escape(run.id)}</h1>",
+        f"<div class=meta>{escape(run.job_path)}"
+        f" · provider {escape(run.provider)}"
+        f" · state <b>{escape(run.state)}</b>"
+        + (f" ({escape(run.reason)})" if run.reason else "")
+        + f" · started {escape(_when(run.created_at))}</div>",
         "<div class=cards>"
         + "".join(f"<div class=card><b>{escape(v)}</b><span>{escape(k)}</span></div>" for k, v in cards)
         + "</div>",

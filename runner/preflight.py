@@ -242,10 +242,10 @@ async def _resumable(
         return None, False
     await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
     info = await anyio.to_thread.run_sync(ledger.run, existing)
-    if info["state"] == "preparing":
+    if info.state == "preparing":
         await anyio.to_thread.run_sync(ledger.discard_run, existing)
         return None, False
-    return existing, bool(info["total"])
+    return existing, bool(info.total)
 
 
 class _KeptClaim:
@@ -335,7 +335,7 @@ def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:
 
 def _budget_for(ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None) -> int:
     if existing:  # a resumed run keeps the budget it began with
-        budget_id = int(ledger.run(existing)["budget_id"])
+        budget_id = int(ledger.run(existing).budget_id)
         if budget is not None and ledger.budget(budget).id != budget_id:
             msg = f"run {existing} belongs to another budget; resume it without --budget, or use --new"
             raise ConfigError(msg)

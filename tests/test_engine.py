@@ -222,7 +222,7 @@ async def test_a_run_left_while_it_was_being_prepared_starts_afresh(
     write_job(lines)  # a resumed run would call this line changed
     result = await run(sim, job, ledger)
     assert result.state == "done" and not result.resumed
-    assert [r["id"] for r in ledger.runs()] == [result.run_id]
+    assert [r.id for r in ledger.runs()] == [result.run_id]
     assert sim.books.counters["run.call"] == 6
 
 
@@ -233,7 +233,7 @@ async def test_a_run_that_sent_requests_is_never_discarded(
     result = await run(sim, write_job(job_lines(2)), ledger)
     with pytest.raises(LedgerError, match="has sent requests"):
         ledger.discard_run(result.run_id)
-    assert ledger.run(result.run_id)["states"] == {"ok": 2}
+    assert ledger.run(result.run_id).states == {"ok": 2}
 
 
 async def test_lines_removed_from_the_job_are_named_when_the_run_cannot_finish(
@@ -341,7 +341,7 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
     quote = runner.preflight._quote
 
     async def taken_and_discarded(*args: Any, **kwargs: Any) -> Any:
-        run_id = ledger.runs()[0]["id"]
+        run_id = ledger.runs()[0].id
         with ledger.transaction() as tx:
             tx.conn.execute("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (run_id,))
         await anyio.sleep(0.3)
@@ -379,7 +379,7 @@ async def test_a_ledger_that_cannot_be_written_stops_the_run_with_a_message_and_
     resumed = await run(sim, job, ledger, concurrency=4)
     assert resumed.resumed and resumed.state == "done"
     assert set(resumed.states) <= {"ok", "possibly_billed"}
-    view = ledger.budget_by_id(ledger.run(resumed.run_id)["budget_id"])
+    view = ledger.budget_by_id(ledger.run(resumed.run_id).budget_id)
     charged_unrecorded = sim.books.charged_nanos - resumed.spent_nanos
     assert 0 <= charged_unrecorded <= view.possibly_billed_nanos  # paid but unrecorded: possibly billed
 
@@ -429,7 +429,7 @@ async def test_fault_matrix(
     assert rows["q1"]["state"] == state
     assert rows["q1"]["attempts"] == attempts
     assert rows["q0"]["state"] == rows["q2"]["state"] == "ok"
-    view = ledger.budget_by_id(ledger.run(result.run_id)["budget_id"])
+    view = ledger.budget_by_id(ledger.run(result.run_id).budget_id)
     assert view.reserved_nanos == 0
     held = rows["q1"]["reserved_nanos"] if state == "possibly_billed" else 0
     assert view.possibly_billed_nanos == held

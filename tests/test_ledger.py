@@ -41,7 +41,7 @@ def url(tmp_path: Path, name: str = "l.db") -> str:
 
 
 def add_request(ledger: Ledger, budget_id: int, run_id: str, n: int) -> list[int]:
-    if not ledger.runs() or run_id not in {r["id"] for r in ledger.runs()}:
+    if not ledger.runs() or run_id not in {r.id for r in ledger.runs()}:
         ledger.create_run(run_id, f"/jobs/{run_id}.jsonl", budget_id, "test")
     rows = [
         {
@@ -312,7 +312,7 @@ def test_a_run_owned_by_a_live_process_is_not_taken(tmp_path: Path) -> None:
         live.kill()
         live.wait()
     ledger.claim_run(run_id, this_process())  # its process is gone: taken over at once
-    assert ledger.run(run_id)["owner"] == this_process()
+    assert ledger.run(run_id).owner == this_process()
 
 
 def test_an_owner_on_another_host_is_gone_once_it_has_not_been_seen_for_a_while(tmp_path: Path) -> None:
@@ -336,7 +336,7 @@ def test_an_owner_taken_over_learns_it_at_its_next_sign_of_life(tmp_path: Path) 
         assert not ledger.touch_run(tx, run_id, "elsewhere:1234")
         assert ledger.touch_run(tx, run_id, this_process())
     ledger.finish_run(run_id, "done")
-    assert ledger.run(run_id)["owner"] is None
+    assert ledger.run(run_id).owner is None
 
 
 @pytest.mark.parametrize(
@@ -387,3 +387,26 @@ def test_a_ledger_that_cannot_be_opened_is_named_with_the_reason(tmp_path: Path)
         assert result.exit_code == 2, result.output
         assert f"the ledger {path} cannot be opened ({reason}" in result.output
         assert "Traceback" not in result.output
+
+
+def test_the_sql_run_at_run_time_names_only_what_the_sqlmodel_tables_declare(tmp_path: Path) -> None:
+    """The tables are declared once (runner/ledger/tables.py); the plain SQL the ledger runs is
+    prepared against a ledger migrated from them, so a column it names that they lack fails here."""
+    from sqlmodel import SQLModel  # noqa: PLC0415 - the declared schema
+
+    from runner import export  # noqa: PLC0415
+    from runner.ledger import store, tables, tx  # noqa: PLC0415
+
+    assert tables  # the module that declares the tables is loaded
+    declared = {name: {c.name for c in table.columns} for name, table in SQLModel.metadata.tables.items()}
+    assert set(store.RUN_COLUMNS.split(", ")) <= declared["runs"]
+    assert set(store.BUDGET_COLUMNS.split(", ")) <= declared["budgets"]
+    assert set(export.COLUMNS) <= declared["requests"]
+    assert set(store.RequestRow._fields) <= declared["requests"]
+    Ledger(url(tmp_path))
+    db = sqlite3.connect(tmp_path / "l.db")
+    statements = [tx.RESERVE, tx.MOVE, tx.HOLD, store.IDS_IN_STATE]
+    statements.append(f"SELECT {store.RUN_COLUMNS} FROM runs")
+    statements.append(f"SELECT {', '.join(export.COLUMNS)} FROM requests")
+    for sql in statements:
+        db.execute(f"EXPLAIN {sql}", [None] * sql.count("?"))  # fails on a column the table lacks

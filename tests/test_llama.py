@@ -169,7 +169,7 @@ def test_a_budget_below_the_real_cost_is_never_exceeded(
     ok = frame.filter(pl.col("status") == "ok")
     assert 0 < ok.height < 30
     run = Ledger().runs()[0]
-    view = Ledger().budget_by_id(run["budget_id"])
+    view = Ledger().budget_by_id(run.budget_id)
     assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
     assert view.spent_nanos == sum(int(p * 10**9) for p in ok["price_usd"])
     assert json.loads(json.dumps(frame["status"].unique().sort().to_list())) == ["ok", "skipped"]

@@ -166,7 +166,7 @@ def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str
     equals the simulator's charges to the nano-dollar, possibly-billed rows accounted for."""
     quiet(sim)
     runs = ledger.runs()
-    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0]["id"]) for r in batch}
+    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0].id) for r in batch}
     assert len(rows) == len(job_lines)
     by_line = {body_sha(line): line["custom_id"] for line in job_lines}
     charged: dict[str, list[int]] = {}
@@ -199,7 +199,7 @@ def resume_to_done(sim: SimProcess, job: Path, db: Path, run_id: str, n: int, *a
     proc = start_runner(sim, job, db, *args)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
-    assert Ledger(f"sqlite:///{db}").run(run_id)["states"] == {"ok": n}
+    assert Ledger(f"sqlite:///{db}").run(run_id).states == {"ok": n}
     assert sim.charges() == n
 
 
@@ -237,7 +237,7 @@ def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
 
     runs = ledger.runs()
     assert len(runs) == 1, "every restart resumed the same run"
-    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0]["id"]) for r in batch}
+    rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0].id) for r in batch}
     assert len(rows) == len(job_lines)
     states = Counter(r["state"] for r in rows.values())
     assert set(states) == {"ok", "possibly_billed"}, states  # kills mid-request leave unknown outcomes
@@ -272,7 +272,7 @@ def test_two_runners_share_one_budget_and_both_stop_at_it(
     assert view.reserved_nanos == 0 and view.possibly_billed_nanos == 0
     assert view.spent_nanos == int(sim.stats()["charged_nanos"])
     assert view.spent_nanos <= view.limit_nanos
-    done = sum(r["states"].get("ok", 0) for r in ledger.runs())
+    done = sum(r.states.get("ok", 0) for r in ledger.runs())
     assert done == sim.charges() and done < 300
 
 
@@ -292,8 +292,8 @@ def test_ctrl_c_drains_in_flight_requests_and_the_run_resumes(
 
     ledger = Ledger(f"sqlite:///{db}")
     run = ledger.runs()[0]
-    assert run["state"] == "interrupted"
-    states = run["states"]
+    assert run.state == "interrupted"
+    states = run.states
     assert set(states) == {"ok", "pending"}, states  # drained: nothing left sending or possibly billed
     assert states["ok"] == sim.charges()
 
@@ -304,10 +304,10 @@ def test_ctrl_c_drains_in_flight_requests_and_the_run_resumes(
     assert (df["status"] == "ok").sum() == states["ok"]
     unsent = df.filter(pl.col("status") == "skipped")
     assert unsent.height == states["pending"] and set(unsent["error_type"]) == {"not_sent"}
-    spent = ledger.run(run["id"])["spent_nanos"]
+    spent = ledger.run(run.id).spent_nanos
     assert to_nanos(df["price_usd"].sum()) == spent == sim.stats()["charged_nanos"]
 
-    resume_to_done(sim, job, db, run["id"], 64, "--concurrency", "8")
+    resume_to_done(sim, job, db, run.id, 64, "--concurrency", "8")
 
 
 def test_a_second_ctrl_c_aborts_and_marks_in_flight_requests_possibly_billed(
@@ -330,8 +330,8 @@ def test_a_second_ctrl_c_aborts_and_marks_in_flight_requests_possibly_billed(
 
     ledger = Ledger(f"sqlite:///{db}")
     run = ledger.runs()[0]
-    assert run["states"] == {"possibly_billed": 4, "pending": 16}
-    view = ledger.budget_by_id(run["budget_id"])
+    assert run.states == {"possibly_billed": 4, "pending": 16}
+    view = ledger.budget_by_id(run.budget_id)
     assert view.reserved_nanos == 0
     assert view.possibly_billed_nanos > 0
 
@@ -369,12 +369,12 @@ def test_a_402_mid_run_stops_it_within_two_seconds_with_the_reason(
 
     ledger = Ledger(f"sqlite:///{db}")
     run = ledger.runs()[0]
-    assert run["state"] == "stopped"
-    assert set(run["states"]) <= {"ok", "pending"}, run["states"]
-    view = ledger.budget_by_id(run["budget_id"])
+    assert run.state == "stopped"
+    assert set(run.states) <= {"ok", "pending"}, run.states
+    view = ledger.budget_by_id(run.budget_id)
     assert view.reserved_nanos == 0 and view.possibly_billed_nanos == 0
     assert view.spent_nanos == int(sim.stats()["charged_nanos"])
-    assert run["states"]["ok"] == sim.charges() < 600
+    assert run.states["ok"] == sim.charges() < 600
 
 
 def test_retries_end_with_each_request_paid_once(
@@ -388,7 +388,7 @@ def test_retries_end_with_each_request_paid_once(
     proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
-    states = ledger.runs()[0]["states"]
+    states = ledger.runs()[0].states
     assert states["ok"] >= 298, states  # a request fails only if all 6 attempts did (0.2**6 each)
     assert set(states) <= {"ok", "failed"}, states
     assert_books_match(ledger, sim, job_lines, "night")
@@ -477,8 +477,8 @@ def test_retry_possibly_billed_on_the_first_resume_keeps_what_the_first_attempt_
     assert proc.returncode == 0, output
     quiet(sim)
     run = ledger.runs()[0]
-    assert run["states"] == {"ok": 200}
-    rows = {r["id"]: r for batch in ledger.iter_request_rows(run["id"]) for r in batch}
+    assert run.states == {"ok": 200}
+    rows = {r["id"]: r for batch in ledger.iter_request_rows(run.id) for r in batch}
     with sqlite3.connect(db) as c:
         attempts = c.execute("SELECT request_id, number, outcome FROM attempts ORDER BY request_id, number")
         by_request: dict[int, list[tuple[int, str]]] = {}
@@ -582,6 +582,6 @@ def test_a_reader_that_goes_away_never_stops_the_run_before_it_drains_and_writes
     proc.stdout.read(10)
     proc.stdout.close()  # every later write of the runner meets a closed pipe
     assert proc.wait(timeout=60) == 0
-    assert ledger.runs()[0]["state"] == "done"
+    assert ledger.runs()[0].state == "done"
     assert pl.read_parquet(job.with_suffix(".parquet")).height == 300
     assert_books_match(ledger, sim, job_lines, "night")

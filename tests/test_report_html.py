@@ -20,6 +20,7 @@ import runner
 from runner import html_report
 from runner.cli import app
 from runner.export import SCHEMA
+from runner.ledger import RunView
 
 cli = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,7 +120,7 @@ def test_provider_and_job_text_is_escaped() -> None:
             },
         ]
     )
-    run = {"id": "r1", "job_path": "/j/<img src=x>.jsonl", "provider": "sim", "state": "done", "states": {}}
+    run = view("r1", "/j/<img src=x>.jsonl", "done")
     text = html_report.render(run, df)
     page = parse(text)
     assert page.fetches == []
@@ -130,7 +131,7 @@ def test_provider_and_job_text_is_escaped() -> None:
 
 
 def test_empty_run_renders() -> None:
-    run = {"id": "r0", "job_path": "/j.jsonl", "provider": "sim", "state": "stopped", "states": {}}
+    run = view("r0", "/j.jsonl", "stopped")
     text = html_report.render(run, pl.DataFrame())
     assert "No requests." in text and "Nothing charged." in text
 
@@ -166,3 +167,7 @@ def test_chromium_renders_the_page_without_any_request_of_its_own(tmp_path: Path
     # Chromium's own background calls have no origin; anything the page asked for would carry one
     from_page = [p["url"] for p in fetched if p.get("initiator") != "not an origin"]
     assert from_page == []
+
+
+def view(run_id: str, job_path: str, state: str) -> RunView:
+    return RunView(run_id, job_path, 1, "sim", state, None, 0, None, None, None, None, {}, 0)

@@ -1,5 +1,5 @@
 """The ledger: budgets, runs, requests and money, in SQLite (sqlmodel + alembic)."""
 
-from runner.ledger.store import BudgetView, Ledger, Settlement
+from runner.ledger.store import BudgetView, Ledger, RequestRow, RunView, Settlement
 
-__all__ = ["BudgetView", "Ledger", "Settlement"]
+__all__ = ["BudgetView", "Ledger", "RequestRow", "RunView", "Settlement"]

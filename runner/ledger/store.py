@@ -16,7 +16,7 @@ import socket
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -131,6 +131,29 @@ class BudgetView:
     @property
     def overspent_nanos(self) -> int:
         return max(0, self.spent_nanos + self.reserved_nanos + self.possibly_billed_nanos - self.limit_nanos)
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    """A run as the ledger holds it, with its requests counted by state and what they cost."""
+
+    id: str
+    job_path: str
+    budget_id: int
+    provider: str
+    state: str
+    reason: str | None
+    total: int
+    created_at: datetime | None
+    finished_at: datetime | None
+    owner: str | None
+    seen_at: datetime | None
+    states: dict[str, int]
+    spent_nanos: int
+
+
+# the runs table's columns a RunView holds (the rest it counts from the requests)
+RUN_COLUMNS = ", ".join(f.name for f in fields(RunView) if f.name not in ("states", "spent_nanos"))
 
 
 class RequestRow(NamedTuple):
@@ -453,26 +476,28 @@ class Ledger:
             row = c.execute(query, (job_path, provider)).fetchone()
         return None if row is None else str(row[0])
 
-    def run(self, run_id: str) -> dict[str, Any]:
+    def run(self, run_id: str) -> RunView:
         """A run (named by its id or the start of it) with its request counts by state and spend."""
         with self.db.reading() as c:
             # a prefix compared as text: LIKE would read '_' and '%' in what the user typed as wildcards
-            query = "SELECT * FROM runs WHERE substr(id, 1, length(?)) = ? ORDER BY created_at DESC LIMIT 1"
-            found = rows_as_dicts(c.execute(query, (run_id, run_id)), times=RUN_TIMES)
-            if not found:
+            where = "substr(id, 1, length(?)) = ? ORDER BY created_at DESC LIMIT 1"
+            query = f"SELECT {RUN_COLUMNS} FROM runs WHERE {where}"  # noqa: S608 - our names
+            row = c.execute(query, (run_id, run_id)).fetchone()
+            if row is None:
                 msg = f"no run '{run_id}' (see `runner runs`)"
                 raise LedgerError(msg)
-            run = found[0]
             counts = c.execute(
                 "SELECT state, count(*), coalesce(sum(price_nanos), 0) FROM requests WHERE run_id = ?"
                 " GROUP BY state",
-                (run["id"],),
+                (row[0],),
             ).fetchall()
-        run["states"] = {state: int(n) for state, n, _ in counts}
-        run["spent_nanos"] = sum(int(s) for _, _, s in counts)
-        return run
+        values = dict(zip(RUN_COLUMNS.split(", "), row, strict=True))
+        for name in RUN_TIMES:
+            values[name] = parse_time(values[name])
+        states = {state: int(n) for state, n, _ in counts}
+        return RunView(**values, states=states, spent_nanos=sum(int(s) for _, _, s in counts))
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[RunView]:
         with self.db.reading() as c:
             ids = [row[0] for row in c.execute("SELECT id FROM runs ORDER BY created_at DESC")]
         return [self.run(run_id) for run_id in ids]
