@@ -6,8 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import sys
-import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -16,13 +14,22 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import anyio
 import polars as pl
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from runner import catalog, html_report, http
 from runner.connect import ProviderSettings, connect, price_table
+from runner.console import (
+    ERRORS_SHOWN,
+    Progress,
+    budget_table,
+    err,
+    estimate_table,
+    note_unknown_context,
+    out,
+    print_report,
+    print_summary,
+    summary_json,
+)
 from runner.engine import RunOptions, RunResult, run_job
 from runner.errors import (
     BudgetExceeded,
@@ -32,16 +39,13 @@ from runner.errors import (
     ProviderError,
     RunnerError,
     Unpriced,
-    printable,
 )
-from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.export import export_jsonl, export_parquet
-from runner.jobs import MAX_LINE_BYTES, JobSummary, iter_requests, validate_job
-from runner.ledger import BudgetView, Ledger
+from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
+from runner.ledger import Ledger
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
-from runner.report import COLUMNS as REPORT_COLUMNS
-from runner.report import REPORT_NEEDS, cells, run_frame, summarize
+from runner.report import REPORT_NEEDS, run_frame
 
 app = typer.Typer(
     help="Cost-aware batch runner for LLM chat requests.",
@@ -51,27 +55,12 @@ app = typer.Typer(
 )
 
 
-class _Console(Console):
-    """A console that goes quiet when its reader has gone (`runner run … | tee log` and Ctrl-C, or
-    `| head`): rich would end the program there, before the run drains and writes its Parquet."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.file.fileno())  # later writes, and the flush at exit, go nowhere
-        os.close(devnull)
-
-
-out = _Console(width=None if sys.stdout.isatty() else 160)
-err = _Console(stderr=True, soft_wrap=True)
-
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_OVER_BUDGET = 3
 EXIT_RUN_STOPPED = 4
 EXIT_REQUESTS_FAILED = 5  # the run finished, but some requests failed or are possibly billed
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
-ERRORS_SHOWN = 20
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,36 +106,6 @@ def exit_code_for(exc: RunnerError) -> int:
     return EXIT_INVALID
 
 
-def _summary_json(summary: JobSummary) -> dict[str, Any]:
-    return {
-        "file": summary.file,
-        "ok": summary.ok,
-        "requests": summary.requests,
-        "per_model": dict(sorted(summary.per_model.items())),
-        "error_count": summary.issue_count,
-        "errors": [
-            {"file": i.file, "line": i.line, "field": i.field, "message": i.message} for i in summary.issues
-        ],
-    }
-
-
-def _print_summary(summary: JobSummary) -> None:
-    if not summary.ok:
-        for issue in summary.issues[:ERRORS_SHOWN]:
-            err.print(str(issue), markup=False, highlight=False)
-        if summary.issue_count > ERRORS_SHOWN:
-            err.print(f"… and {summary.issue_count - ERRORS_SHOWN} more", highlight=False)
-        err.print(f"{summary.file}: invalid, {summary.issue_count} problem(s)", highlight=False)
-        return
-    table = Table(title=f"{summary.file}: valid", title_justify="left")
-    table.add_column("model")
-    table.add_column("requests", justify="right")
-    for model, count in sorted(summary.per_model.items()):
-        table.add_row(model, f"{count:,}")
-    table.add_row("[b]total[/b]", f"[b]{summary.requests:,}[/b]")
-    out.print(table)
-
-
 @app.command()
 @friendly
 def validate(
@@ -157,10 +116,10 @@ def validate(
     """Check every line of the job files against the provider's contract; spends nothing."""
     summaries = [validate_job(path, None, _max_line(max_line_bytes)) for path in jobs]
     if as_json:
-        out.print_json(data={"jobs": [_summary_json(s) for s in summaries]})
+        out.print_json(data={"jobs": [summary_json(s) for s in summaries]})
     else:
         for summary in summaries:
-            _print_summary(summary)
+            print_summary(summary)
     if not all(s.ok for s in summaries):
         raise typer.Exit(EXIT_INVALID)
 
@@ -300,27 +259,6 @@ budget_app = typer.Typer(help="Budgets kept in the ledger: a hard stop on spendi
 app.add_typer(budget_app, name="budget")
 
 
-def _budget_table(views: list[BudgetView], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("budget", "limit", "spent", "reserved", "possibly billed", "remaining"):
-        table.add_column(column, justify="left" if column == "budget" else "right", no_wrap=True)
-    for v in views:
-        table.add_row(
-            v.name,
-            *(
-                format_usd(n)
-                for n in (
-                    v.limit_nanos,
-                    v.spent_nanos,
-                    v.reserved_nanos,
-                    v.possibly_billed_nanos,
-                    v.remaining_nanos,
-                )
-            ),
-        )
-    return table
-
-
 @budget_app.command("create")
 @friendly
 def budget_create(
@@ -330,21 +268,21 @@ def budget_create(
 ) -> None:
     """Create a budget with a spending limit."""
     view = Ledger(db).create_budget(name, to_nanos(_usd_arg(limit, "--limit")))
-    out.print(_budget_table([view], "budget created"))
+    out.print(budget_table([view], "budget created"))
 
 
 @budget_app.command("list")
 @friendly
 def budget_list(db: DbOpt = None) -> None:
     """List the budgets."""
-    out.print(_budget_table(Ledger(db).budgets(), "budgets"))
+    out.print(budget_table(Ledger(db).budgets(), "budgets"))
 
 
 @budget_app.command("show")
 @friendly
 def budget_show(name: str, db: DbOpt = None) -> None:
     """Limit, spent, reserved, possibly billed and remaining money of one budget."""
-    out.print(_budget_table([Ledger(db).budget(name)], f"budget {name}"))
+    out.print(budget_table([Ledger(db).budget(name)], f"budget {name}"))
 
 
 @budget_app.command("raise")
@@ -366,7 +304,7 @@ def budget_raise(
         if to is not None
         else current.limit_nanos + to_nanos(_usd_arg(by or "0", "--by"))
     )
-    out.print(_budget_table([ledger.set_limit(name, limit)], f"budget {name}"))
+    out.print(budget_table([ledger.set_limit(name, limit)], f"budget {name}"))
 
 
 @budget_app.command("history")
@@ -388,122 +326,6 @@ def budget_history(name: str, db: DbOpt = None, limit: int = 50) -> None:
 
 
 # ---- estimate and run ----------------------------------------------------------------------
-
-
-def _estimate_table(estimate: Estimate, remaining: int | None) -> Table:
-    table = Table(title="quote", title_justify="left")
-    for column in ("model", "requests", "quoted", "kind"):
-        table.add_column(column, justify="left" if column in ("model", "kind") else "right", no_wrap=True)
-    for model, q in sorted(estimate.per_model.items()):
-        kind = "exact" if q.exact else "upper bound"
-        if q.unknown:
-            kind += f", {q.unknown} unquoted"
-        table.add_row(model, f"{q.requests:,}", format_usd(q.nanos, places=6), kind)
-    table.add_row(
-        "[b]total[/b]",
-        "",
-        f"[b]{format_usd(estimate.total_nanos, places=6)}[/b]",
-        "exact" if estimate.exact else "upper bound",
-    )
-    if remaining is not None:
-        table.add_row("budget remaining", "", format_usd(remaining, places=6), "")
-    return table
-
-
-class Progress:
-    """Rich progress on a terminal; a plain line every few seconds otherwise (logs, CI, pipes)."""
-
-    LINE_EVERY_S = 5.0
-    BAR_EVERY_S = 0.1
-
-    def __init__(self, label: str, total: int) -> None:
-        self.bar: RichProgress | None = None
-        if err.is_terminal:
-            self.bar = RichProgress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            )
-            self.task = self.bar.add_task(label, total=total, info="")
-        self.funds: Funds | None = None
-        self._begin(label, total)
-
-    def _begin(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
-        self.done = self.failed = self.spent = 0
-        self.started = time.monotonic()
-        self.last_line = self.started
-        if self.bar:
-            self.bar.reset(self.task, total=total, description=label, info="")
-
-    def __enter__(self) -> Progress:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def above(self, show: Callable[[T], None]) -> Callable[[T], None]:
-        """`show`, printing above the bar (which is taken down meanwhile)."""
-
-        def shown(value: T) -> None:
-            if self.bar:
-                self.bar.stop()
-            show(value)
-            if self.bar:
-                self.bar.start()
-
-        return shown
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, Notice):
-            err.print(event.message, markup=False, highlight=False)
-            return
-        if isinstance(event, Phase):
-            self._begin(event.name, event.total)
-        elif isinstance(event, Funds):
-            self.funds = event
-        elif isinstance(event, Quoted):
-            self.done += 1
-        elif isinstance(event, RequestFinished):
-            self.done += 1
-            self.failed += event.state != "ok"
-            self.spent += event.price_nanos
-        else:
-            return
-        self._show()
-
-    def status(self, now: float) -> str:
-        elapsed = max(1e-6, now - self.started)
-        rate = self.done / elapsed
-        parts = [f"{self.failed} failed", f"{rate:,.0f}/s"]
-        if self.label == "running":
-            per_minute = self.spent * 60_000 // max(1, round(elapsed * 1000))  # integer nano-USD
-            parts += [f"{format_usd(self.spent)} spent", f"{format_usd(per_minute)}/min"]
-            if self.funds is not None:
-                parts.append(f"{format_usd(self.funds.reserved_nanos)} reserved")
-                parts.append(f"{format_usd(self.funds.remaining_nanos)} left in the budget")
-        return " · ".join(parts)
-
-    def _show(self) -> None:
-        now = time.monotonic()
-        if self.bar:
-            # the bar is drawn ten times a second: updating it per request would cost more than the request
-            if now - self.last_line >= self.BAR_EVERY_S or self.done >= self.total:
-                self.last_line = now
-                self.bar.update(self.task, completed=self.done, info=self.status(now))
-        elif now - self.last_line >= self.LINE_EVERY_S:
-            self.last_line = now
-            rate = self.done / max(1e-6, now - self.started)
-            left = self.total - self.done
-            eta = f" · ETA {left / rate:,.0f} s" if rate and left > 0 else ""
-            err.print(f"{self.label}: {self.done}/{self.total} · {self.status(now)}{eta}", highlight=False)
 
 
 @app.command()
@@ -543,7 +365,7 @@ def estimate(
                 )
 
     result = run_async(work)
-    out.print(_estimate_table(result, remaining))
+    out.print(estimate_table(result, remaining))
     out.print(f"quote calls made: {result.quote_calls}", highlight=False)
     for custom_id, reason in result.unquoted[:ERRORS_SHOWN]:
         err.print(f"not quoted: {custom_id}: {reason}", markup=False, highlight=False)
@@ -599,8 +421,8 @@ def run(
     ledger, result = _run(job, budget, cap, settings, options, db)
     path = output or Path("results") / f"{job.stem}-{result.run_id}.parquet"
     rows = _export(export_parquet, ledger, result.run_id, path)
-    out.print(_estimate_table(result.estimate, None))
-    _print_report(ledger, result.run_id, path)
+    out.print(estimate_table(result.estimate, None))
+    print_report(ledger, result.run_id, path)
     out.print(
         f"run {result.run_id}: {result.state}" + (f" ({result.reason})" if result.reason else ""),
         highlight=False,
@@ -635,8 +457,8 @@ def _run(
     models = price_table(settings)
     summary = validate_job(job, models, options.max_line_bytes)
     summary.raise_for_issues()
-    _print_summary(summary)
-    _note_unknown_context(summary, models)
+    print_summary(summary)
+    note_unknown_context(summary, models)
     ledger = Ledger(db)
 
     async def work() -> RunResult:
@@ -655,21 +477,6 @@ def _run(
                 )
 
     return ledger, run_async(work)
-
-
-def _note_unknown_context(summary: JobSummary, models: dict[str, catalog.ModelInfo]) -> None:
-    for model in sorted(summary.per_model):
-        info = models.get(model)
-        if info is not None and info.context_window is None:
-            err.print(
-                f"note: {printable(model)} has no context window in the price file: "
-                "its prompts were not checked against one",
-                markup=False,
-                highlight=False,
-            )
-
-
-# ---- runs, export, report ------------------------------------------------------------------
 
 
 @app.command()
@@ -751,28 +558,6 @@ def _export(writer: Callable[[Ledger, str, Path], int], ledger: Ledger, run_id: 
         raise ConfigError(msg) from None
 
 
-def _print_report(ledger: Ledger, run_id: str, parquet: Path | None = None) -> None:
-    """The per-model table and the top errors: from the run's Parquet when there is one (streamed),
-    else from the ledger."""
-    if parquet is not None:
-        models, errors = summarize(pl.scan_parquet(parquet).select(REPORT_NEEDS))
-    else:
-        frame = run_frame(ledger, run_id, REPORT_NEEDS)
-        models, errors = summarize(frame.lazy()) if not frame.is_empty() else (frame, frame)
-    table = Table(title="report", title_justify="left")
-    for column in REPORT_COLUMNS:
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for row in models.iter_rows(named=True):
-        table.add_row(*cells(row))
-    out.print(table)
-    for row in errors.iter_rows(named=True):
-        out.print(
-            f"  {row['count']} × {row['error_type']}: {row['example']}",
-            markup=False,
-            highlight=False,
-        )
-
-
 @app.command()
 @friendly
 def report(
@@ -783,7 +568,7 @@ def report(
     """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output."""
     ledger = Ledger(db)
     run = ledger.run(run_id)
-    _print_report(ledger, run.id)
+    print_report(ledger, run.id)
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)

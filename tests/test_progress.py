@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from runner import cli
+from runner import console as cli
 from runner.events import Funds, Phase, Quoted, RequestFinished
 from runner.money import to_nanos
 
