@@ -6,13 +6,14 @@ from decimal import Decimal
 from pathlib import Path
 
 from runner.connect import Connection, ProviderSettings, connect
-from runner.engine import RunOptions, RunResult, run_job
+from runner.engine import RunOptions
 from runner.export import export_jsonl, export_parquet, lazy_run
 from runner.jobs import JobSummary, read_job, validate_job
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Outcome, Quote, Usage
 from runner.quote import Estimate, quote_requests
 from runner.report import per_model, run_frame, top_errors
+from runner.run import RunResult, run_job
 
 
 async def run_simulated(job: str | Path, max_usd: str = "1.00", ledger: Ledger | None = None) -> RunResult:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated
 
 import anyio
 import polars as pl
@@ -20,25 +19,27 @@ from runner import catalog, html_report, http
 from runner.connect import ProviderSettings, connect, price_table
 from runner.console import (
     ERRORS_SHOWN,
+    EXIT_INVALID,
+    EXIT_OVER_BUDGET,
+    EXIT_REQUESTS_FAILED,
+    EXIT_RUN_STOPPED,
     Progress,
     budget_table,
     err,
     estimate_table,
+    friendly,
     note_unknown_context,
     out,
+    print_catalog,
     print_report,
     print_summary,
+    run_async,
+    runs_table,
     summary_json,
 )
-from runner.engine import RunOptions, RunResult, run_job
+from runner.engine import RunOptions
 from runner.errors import (
-    BudgetExceeded,
     ConfigError,
-    JobError,
-    LedgerUnavailable,
-    ProviderError,
-    RunnerError,
-    Unpriced,
 )
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
@@ -46,6 +47,7 @@ from runner.ledger import Ledger
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.quote import Estimate, fits, quote_requests
 from runner.report import REPORT_NEEDS, run_frame
+from runner.run import RunResult, run_job
 
 app = typer.Typer(
     help="Cost-aware batch runner for LLM chat requests.",
@@ -53,57 +55,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-EXIT_INVALID = 1
-EXIT_USAGE = 2
-EXIT_OVER_BUDGET = 3
-EXIT_RUN_STOPPED = 4
-EXIT_REQUESTS_FAILED = 5  # the run finished, but some requests failed or are possibly billed
-EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
-
-P = ParamSpec("P")
-R = TypeVar("R")
-T = TypeVar("T")
-
-
-def run_async(main: Callable[[], Awaitable[R]]) -> R:
-    """The one place the CLI starts an event loop: anyio on asyncio's standard loop (uvloop measured
-    no faster here: benchmarks/run.py, `runner run` 4,315 vs 4,627 req/s sustained)."""
-    return anyio.run(main)
-
-
-def friendly(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn runner's own errors into a message and an exit code, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except JobError as exc:
-            for issue in exc.issues[:ERRORS_SHOWN]:
-                err.print(str(issue), markup=False, highlight=False)
-            if exc.total > ERRORS_SHOWN:
-                err.print(f"… and {exc.total - ERRORS_SHOWN} more", highlight=False)
-            raise typer.Exit(EXIT_INVALID) from None
-        except RunnerError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(exit_code_for(exc)) from None
-        except KeyboardInterrupt:  # before the run phase, which handles Ctrl-C itself
-            err.print("interrupted; the ledger is consistent: run the same command again to continue")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-
-    return wrapper
-
-
-def exit_code_for(exc: RunnerError) -> int:
-    if isinstance(exc, BudgetExceeded | Unpriced):
-        return EXIT_OVER_BUDGET
-    if isinstance(exc, ProviderError | LedgerUnavailable):
-        return EXIT_RUN_STOPPED
-    if isinstance(exc, ConfigError):
-        return EXIT_USAGE
-    return EXIT_INVALID
 
 
 @app.command()
@@ -149,38 +100,7 @@ def models(
                 known = "" if slug in catalog.MODELS else "  (not in runner's catalog)"
                 out.print(f"{slug}{known}", markup=False, highlight=False)
         return
-    rows = list(catalog.MODELS.values())
-
-    def per_million(price: Any) -> str:
-        return "unknown" if price is None else format_usd(price * catalog.PER_MILLION, places=2)
-
-    if as_json:
-        data = [
-            {
-                "model": m.slug,
-                "context_window": m.context_window,
-                "reasoning_effort": m.reasoning_effort,
-                "always_reasons": m.always_reasons,
-                "input_per_million": per_million(m.input_price),
-                "output_per_million": per_million(m.output_price),
-            }
-            for m in rows
-        ]
-        out.print(json.dumps(data, indent=2), markup=False, highlight=False)
-        return
-    table = Table(title="models")
-    for column in ("model", "context", "reasoning", "input / 1M", "output / 1M"):
-        table.add_column(column)
-    for m in rows:
-        reasoning = "always" if m.always_reasons else ("effort" if m.reasoning_effort else "-")
-        table.add_row(
-            m.slug,
-            f"{m.context_window:,}",
-            reasoning,
-            per_million(m.input_price),
-            per_million(m.output_price),
-        )
-    out.print(table)
+    print_catalog(as_json=as_json)
 
 
 # ---- shared options ------------------------------------------------------------------------
@@ -483,22 +403,7 @@ def _run(
 @friendly
 def runs(db: DbOpt = None) -> None:
     """List runs: job, state, done/failed/total, spent."""
-    table = Table(title="runs", title_justify="left")
-    for column in ("run", "job", "state", "ok", "failed", "possibly billed", "total", "spent"):
-        table.add_column(column, no_wrap=column != "job")
-    for r in Ledger(db).runs():
-        states = r.states
-        table.add_row(
-            r.id,
-            Path(r.job_path).name,
-            r.state,
-            str(states.get("ok", 0)),
-            str(states.get("failed", 0)),
-            str(states.get("possibly_billed", 0)),
-            str(r.total),
-            format_usd(r.spent_nanos, places=6),
-        )
-    out.print(table)
+    out.print(runs_table(Ledger(db).runs()))
 
 
 @app.command()

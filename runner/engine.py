@@ -8,14 +8,12 @@ the response, or releases the reservation, or keeps it as possibly billed when t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import random
 import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -23,31 +21,26 @@ import anyio
 from anyio.abc import TaskGroup
 
 from runner import codec, http, schema
-from runner.catalog import ModelInfo
 from runner.connect import Connection
 from runner.errors import (
     ConfigError,
-    LedgerUnavailable,
     OutcomeUnknown,
     ProviderError,
     RequestFatalError,
     RetryableError,
     RunFatalError,
-    RunnerError,
     printable,
 )
-from runner.events import Funds, Listener, Notice, Phase, RequestFinished, Retrying, ignore
-from runner.jobs import MAX_LINE_BYTES, JobChunks, JobSummary, validate_job
+from runner.events import Funds, Listener, Notice, RequestFinished, Retrying
+from runner.jobs import MAX_LINE_BYTES, JobChunks
 from runner.ledger import Ledger, Settlement
-from runner.ledger.store import this_process
 from runner.ledger.tx import Hold
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
 from runner.limits import AdaptiveLimit, TokenBucket
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
-from runner.preflight import OWNER_TOUCH_S, Checked, Plan, changed, prepare, recover
-from runner.quote import Estimate
+from runner.preflight import OWNER_TOUCH_S, Plan, changed
 from runner.retry import retrying
 
 FUNDS_EVERY_S = 1.0
@@ -82,18 +75,6 @@ class RunOptions:
         if self.grace_s < 0:
             msg = f"the grace period cannot be negative (got {self.grace_s:g} s)"
             raise ConfigError(msg)
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    resumed: bool
-    state: str
-    reason: str | None
-    states: dict[str, int]
-    spent_nanos: int
-    estimate: Estimate
-    resumable: bool = True  # False when running the same command again cannot finish the run
 
 
 class Engine:
@@ -493,108 +474,4 @@ class _Pending:
         return item
 
 
-async def run_job(
-    job: Path,
-    *,
-    conn: Connection,
-    ledger: Ledger,
-    budget: str | None = None,
-    max_usd: Decimal | None = None,
-    options: RunOptions | None = None,
-    on_event: Listener = ignore,
-    summary: JobSummary | None = None,
-    models: dict[str, ModelInfo] | None = None,
-) -> RunResult:
-    """Validate (against `models`, unless given the job's `summary`), quote, check the budget, then
-    run or resume."""
-    options = options or RunOptions()
-    if summary is None:
-        summary = await anyio.to_thread.run_sync(validate_job, job, models, options.max_line_bytes)
-    summary.raise_for_issues()
-    owner = this_process()
-    job_key = str(await anyio.Path(job).resolve())
-    checked = Checked(summary, models, options.max_line_bytes)
-    plan = await prepare(
-        job,
-        job_key,
-        conn,
-        ledger,
-        budget,
-        max_usd,
-        checked,
-        owner,
-        on_event,
-        new=options.new,
-        partial=options.partial,
-        retry_possibly_billed=options.retry_possibly_billed,
-    )
-    run_id = plan.run_id
-    pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
-    engine = Engine(conn, ledger, plan, options, on_event)
-    on_event(Phase("running", pending))
-    try:
-        await engine.run(job)
-    except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
-        # the requests it cut off are unknown outcomes; marked now if the ledger can be written,
-        # else by the next run
-        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await recover(ledger, run_id, retry_possibly_billed=False)
-        raise _sole_runner_error(group) or group from None
-    if engine.aborted:
-        with anyio.CancelScope(shield=True):
-            await recover(ledger, run_id, retry_possibly_billed=False)
-    info = await anyio.to_thread.run_sync(ledger.run, run_id)
-    left = info.states.get("pending", 0)
-    state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
-    lines_missing = bool(left) and not engine.stopping.is_set()
-    if lines_missing:  # every line was read, and some rows were not sent
-        state = "stopped"
-        reason = (
-            f"{left} request(s) of the run have no line in {job} any more; restore those lines, "
-            "or start a fresh run with --new"
-        )
-    with anyio.CancelScope(shield=True):
-        await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
-    if engine.ledger_gone:
-        raise await _ledger_saved(ledger, run_id, engine.ledger_gone)
-    states, spent, estimate = info.states, info.spent_nanos, plan.estimate
-    assert estimate is not None
-    return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
-
-
-def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:
-    """The first of the group's errors when all of them are runner's own (a user-facing message)."""
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        else:
-            leaves.append(exc)
-
-    collect(group)
-    if leaves and all(isinstance(exc, RunnerError) for exc in leaves):
-        first = leaves[0]
-        assert isinstance(first, RunnerError)
-        return first
-    return None
-
-
-async def _ledger_saved(ledger: Ledger, run_id: str, gone: str) -> LedgerUnavailable:
-    """The ledger's file went while the run was writing to it: what the run recorded is copied back
-    to its path (or beside it when another file took its place), and the run stops there."""
-    path = ledger.db.path
-    with anyio.CancelScope(shield=True):
-        where = await anyio.to_thread.run_sync(ledger.db.save_copy, f"{path}.saved-{run_id}")
-    resume = (
-        "run the same command again to resume" if where == path else f"use --db sqlite:///{where} to resume"
-    )
-    msg = (
-        f"the ledger file {path} was {gone} during run {run_id}: nothing more was sent after that; "
-        f"what the run recorded was saved to {where}; {resume} to resume"
-    )
-    return LedgerUnavailable(msg, path=path, reason=gone)
-
-
-__all__ = ["Engine", "RunOptions", "RunResult", "run_job"]
+__all__ = ["Engine", "RunOptions"]

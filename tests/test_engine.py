@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import runner
 from runner.cli import app
 from runner.connect import Connection
-from runner.engine import RunOptions, run_job
+from runner.engine import RunOptions
 from runner.errors import BudgetExceeded, JobChanged, LedgerError, LedgerUnavailable, RunBusy, Unpriced
 from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.http import Timeouts
@@ -32,6 +32,7 @@ from runner.ledger import Ledger
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
+from runner.run import run_job
 from runner.simulator import SimulatorThread
 
 cli = CliRunner()

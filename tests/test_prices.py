@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 from runner import catalog, schema
 from runner.cli import app
 from runner.connect import Connection, ProviderSettings, load_prices, price_table
-from runner.engine import RunOptions, run_job
+from runner.engine import RunOptions
 from runner.errors import ConfigError
 from runner.ledger import Ledger
 from runner.providers.base import table_quote
 from runner.providers.openai import OpenAIProvider
+from runner.run import run_job
 
 Serve = Callable[[web.Application], Awaitable[str]]
 

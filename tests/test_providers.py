@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from runner import catalog, http
 from runner.cli import app
 from runner.connect import Connection
-from runner.engine import RunOptions, run_job
+from runner.engine import RunOptions
 from runner.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
 from runner.jobs import body_sha256, read_job
 from runner.ledger import Ledger
@@ -30,6 +30,7 @@ from runner.providers.base import classify, error_from_response
 from runner.providers.openai import OpenAIProvider
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.report import run_frame
+from runner.run import run_job
 from runner.simulator import Books, SimulatorThread
 
 KEY = "sk-test-very-secret-key-123"

@@ -1,5 +1,6 @@
 """The ledger: budgets, runs, requests and money, in SQLite (sqlmodel + alembic)."""
 
-from runner.ledger.store import BudgetView, Ledger, RequestRow, RunView, Settlement
+from runner.ledger.store import Ledger
+from runner.ledger.views import BudgetView, RequestRow, RunView, Settlement
 
 __all__ = ["BudgetView", "Ledger", "RequestRow", "RunView", "Settlement"]

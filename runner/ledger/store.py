@@ -16,10 +16,9 @@ import socket
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
@@ -33,6 +32,7 @@ from runner.errors import (
 )
 from runner.ledger.db import Database, parse_time, rows_as_dicts, sqlite_path, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
+from runner.ledger.views import RUN_COLUMNS, BudgetView, RequestRow, RunView, Settlement
 from runner.money import format_usd
 
 if TYPE_CHECKING:
@@ -111,68 +111,6 @@ def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> b
     if seen_at.tzinfo is None:  # stored as UTC without its zone
         seen_at = seen_at.replace(tzinfo=UTC)
     return (utcnow() - seen_at).total_seconds() < stale_after_s
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetView:
-    id: int
-    name: str
-    limit_nanos: int
-    spent_nanos: int
-    reserved_nanos: int
-    possibly_billed_nanos: int
-
-    @property
-    def remaining_nanos(self) -> int:
-        """What can still be reserved: never below zero, even when charges above their quotes (a
-        price file too low) took the budget past its limit."""
-        return max(0, self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos)
-
-    @property
-    def overspent_nanos(self) -> int:
-        return max(0, self.spent_nanos + self.reserved_nanos + self.possibly_billed_nanos - self.limit_nanos)
-
-
-@dataclass(frozen=True, slots=True)
-class RunView:
-    """A run as the ledger holds it, with its requests counted by state and what they cost."""
-
-    id: str
-    job_path: str
-    budget_id: int
-    provider: str
-    state: str
-    reason: str | None
-    total: int
-    created_at: datetime | None
-    finished_at: datetime | None
-    owner: str | None
-    seen_at: datetime | None
-    states: dict[str, int]
-    spent_nanos: int
-
-
-# the runs table's columns a RunView holds (the rest it counts from the requests)
-RUN_COLUMNS = ", ".join(f.name for f in fields(RunView) if f.name not in ("states", "spent_nanos"))
-
-
-class RequestRow(NamedTuple):
-    id: int
-    custom_id: str
-    sha256: str
-    state: str
-    quote_nanos: int | None
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """The outcome of one request, written in the transaction that turns its reservation into a charge."""
-
-    request_id: int
-    price_nanos: int
-    fields: dict[str, Any]
-    hold: Hold | None = None  # what the request holds, when the caller knows (saves a read)
 
 
 class Ledger:

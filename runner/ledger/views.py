@@ -1,0 +1,71 @@
+"""What the ledger gives back: small frozen records, never dicts read by string key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from runner.ledger.tx import Hold
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetView:
+    id: int
+    name: str
+    limit_nanos: int
+    spent_nanos: int
+    reserved_nanos: int
+    possibly_billed_nanos: int
+
+    @property
+    def remaining_nanos(self) -> int:
+        """What can still be reserved: never below zero, even when charges above their quotes (a
+        price file too low) took the budget past its limit."""
+        return max(0, self.limit_nanos - self.spent_nanos - self.reserved_nanos - self.possibly_billed_nanos)
+
+    @property
+    def overspent_nanos(self) -> int:
+        return max(0, self.spent_nanos + self.reserved_nanos + self.possibly_billed_nanos - self.limit_nanos)
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    """A run as the ledger holds it, with its requests counted by state and what they cost."""
+
+    id: str
+    job_path: str
+    budget_id: int
+    provider: str
+    state: str
+    reason: str | None
+    total: int
+    created_at: datetime | None
+    finished_at: datetime | None
+    owner: str | None
+    seen_at: datetime | None
+    states: dict[str, int]
+    spent_nanos: int
+
+
+# the runs table's columns a RunView holds (the rest it counts from the requests)
+RUN_COLUMNS = ", ".join(f.name for f in fields(RunView) if f.name not in ("states", "spent_nanos"))
+
+
+class RequestRow(NamedTuple):
+    id: int
+    custom_id: str
+    sha256: str
+    state: str
+    quote_nanos: int | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The outcome of one request, written in the transaction that turns its reservation into a charge."""
+
+    request_id: int
+    price_nanos: int
+    fields: dict[str, Any]
+    hold: Hold | None = None  # what the request holds, when the caller knows (saves a read)
