@@ -181,13 +181,12 @@ class Ledger:
             if conn.execute("SELECT id FROM budgets WHERE name = ?", (name,)).fetchone():
                 msg = f"budget '{name}' already exists (use `runner budget raise`)"
                 raise LedgerError(msg)
-            cursor = conn.execute(
+            (budget_id,) = conn.execute(
                 "INSERT INTO budgets (name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos,"
-                " ephemeral, created_at) VALUES (?, ?, 0, 0, 0, ?, ?)",
+                " ephemeral, created_at) VALUES (?, ?, 0, 0, 0, ?, ?) RETURNING id",
                 (name, limit_nanos, ephemeral, tx.now),
-            )
-            assert cursor.lastrowid is not None
-            tx.budget_entry(cursor.lastrowid, "create", limit_nanos)
+            ).fetchone()
+            tx.budget_entry(int(budget_id), "create", limit_nanos)
         return self.budget(name)
 
     def budget(self, name: str, conn: sqlite3.Connection | None = None) -> BudgetView:
@@ -319,8 +318,10 @@ class Ledger:
             return
         with self.transaction() as tx:
             tx.conn.executemany(
-                "INSERT OR REPLACE INTO quotes (key, amount_nanos, exact, source, reason, at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO quotes (key, amount_nanos, exact, source, reason, at) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET amount_nanos = excluded.amount_nanos,"
+                " exact = excluded.exact, source = excluded.source, reason = excluded.reason,"
+                " at = excluded.at",
                 [(r["key"], r["amount_nanos"], r["exact"], r["source"], r["reason"], tx.now) for r in rows],
             )
 
