@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from runner import codec, http, schema
+from runner import codec, http
 from runner.connect import Connection
 from runner.errors import (
     ConfigError,
@@ -37,14 +37,13 @@ from runner.ledger import Ledger, Settlement
 from runner.ledger.tx import Hold
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
-from runner.limits import AdaptiveLimit, TokenBucket
+from runner.limits import Limits, request_tokens
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
 from runner.preflight import OWNER_TOUCH_S, Plan, changed
 from runner.retry import retrying
 
 FUNDS_EVERY_S = 1.0
-RPM_PACE = 0.995  # share of --rpm actually used
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
 
@@ -85,6 +84,7 @@ class Engine:
         plan: Plan,
         options: RunOptions,
         on_event: Listener,
+        limits: Limits | None = None,
     ) -> None:
         self.provider = conn.provider
         self.scope = conn.scope
@@ -93,11 +93,8 @@ class Engine:
         self.options = options
         self.on_event = on_event
         self.writer = Writer(ledger)
-        self.limit = AdaptiveLimit(options.concurrency)
-        # RPM starts empty (no burst at the start), so no 60 s span of the run exceeds the limit,
-        # and paces 0.5 % under it, so timing jitter on either side cannot push a span over
-        self.rpm = TokenBucket(options.rpm * RPM_PACE, start=0) if options.rpm else None
-        self.tpm = TokenBucket(options.tpm, burst=options.tpm / 60 * 5) if options.tpm else None
+        self.limits = limits or Limits(options.concurrency, options.rpm, options.tpm)
+        self.limit = self.limits.window
         self.stopping = anyio.Event()
         self.aborted = False
         self._work = anyio.CancelScope()
@@ -329,12 +326,7 @@ class Engine:
 
     async def _pace(self, request: ChatRequest) -> None:
         """Wait for the RPM and TPM buckets (before the reservation, so no hold waits on them)."""
-        if self.rpm is not None:
-            await self.rpm.take()
-        if self.tpm is not None:
-            await self.tpm.take(
-                schema.estimate_prompt_tokens(request.body) + schema.max_output_tokens(request.body)
-            )
+        await self.limits.pace(request_tokens(request))
 
     async def _attempt(self, request: ChatRequest, row_id: int, number: int, *, first: bool) -> Outcome:
         if not first:  # the first attempt was paced and marked `sending` with its reservation

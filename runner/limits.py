@@ -6,6 +6,9 @@ import time
 
 import anyio
 
+from runner import schema
+from runner.models import ChatRequest
+
 
 class AdaptiveLimit:
     """A concurrency cap that halves on 429 and grows back by one slot per window of successes."""
@@ -59,3 +62,29 @@ class TokenBucket:
                     self.level -= amount
                     return
                 await anyio.sleep((amount - self.level) / self.rate)
+
+
+RPM_PACE = 0.995  # share of --rpm actually used: timing jitter either side cannot push a span over
+
+
+class Limits:
+    """Every limit a run's calls obey, dry runs and calls alike: the concurrency window and the
+    --rpm / --tpm pacing. One object serves the pre-flight and the run phase of a command."""
+
+    def __init__(self, concurrency: int, rpm: float | None = None, tpm: float | None = None) -> None:
+        self.window = AdaptiveLimit(concurrency)
+        # RPM starts empty (no burst at the start), so no 60 s span of the run exceeds the limit
+        self.rpm = TokenBucket(rpm * RPM_PACE, start=0) if rpm else None
+        self.tpm = TokenBucket(tpm, burst=tpm / 60 * 5) if tpm else None
+
+    async def pace(self, tokens: int) -> None:
+        """Wait for the RPM and TPM buckets: one request of `tokens` tokens."""
+        if self.rpm is not None:
+            await self.rpm.take()
+        if self.tpm is not None:
+            await self.tpm.take(tokens)
+
+
+def request_tokens(request: ChatRequest) -> int:
+    """What --tpm counts for a request: its prompt estimate plus the most its answer can take."""
+    return schema.estimate_prompt_tokens(request.body) + schema.max_output_tokens(request.body)

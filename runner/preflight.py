@@ -22,6 +22,7 @@ from runner.events import Listener, Notice, Phase
 from runner.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
 from runner.ledger import Ledger
 from runner.ledger.store import metadata_text
+from runner.limits import Limits
 from runner.models import ChatRequest, Quote
 from runner.money import format_usd, from_nanos, to_nanos
 from runner.quote import Estimate, cache_key, quote_requests
@@ -179,6 +180,7 @@ async def prepare(
     new: bool = False,
     partial: bool = False,
     retry_possibly_billed: bool = False,
+    limits: Limits | None = None,
 ) -> Plan:
     """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
     existing, complete = await _resumable(ledger, job_key, conn.scope, owner, new)
@@ -193,7 +195,8 @@ async def prepare(
             if existing:  # a resumed run's rows are checked against the file as it is
                 await _sync_rows(ledger, job, existing, conn.scope, checked, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
-            estimate = await _quote(job, conn, ledger, run_id if not existing else None, checked, on_event)
+            preparing = run_id if not existing else None
+            estimate = await _quote(job, conn, ledger, preparing, checked, on_event, limits)
             if existing:
                 await recover(ledger, existing, retry_possibly_billed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
@@ -289,6 +292,7 @@ async def _quote(
     preparing: str | None,
     checked: Checked,
     on_event: Listener,
+    limits: Limits | None = None,
 ) -> Estimate:
     """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
     total = 0
@@ -320,6 +324,7 @@ async def _quote(
         ledger=ledger,
         on_event=on_event,
         on_chunk=add_rows if preparing else None,
+        limits=limits,
     )
     if digest is not None and digest.hexdigest() != summary.digest:
         msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"

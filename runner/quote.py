@@ -15,6 +15,7 @@ from runner import http
 from runner.errors import ConfigError, ProviderError, RetryableError, RunFatalError
 from runner.events import Listener, Quoted, Retrying, ignore
 from runner.ledger import Ledger
+from runner.limits import Limits, request_tokens
 from runner.models import ChatRequest, Quote
 from runner.money import from_nanos
 from runner.providers.base import Provider
@@ -107,6 +108,7 @@ async def quote_requests(
     scope: str,
     ledger: Ledger,
     concurrency: int = 32,
+    limits: Limits | None = None,
     policy: http.RetryPolicy | None = None,
     on_event: Listener = ignore,
     on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None = None,
@@ -123,7 +125,8 @@ async def quote_requests(
         raise ConfigError(msg)
     policy = policy or http.RetryPolicy()
     estimate = Estimate()
-    limiter = anyio.CapacityLimiter(concurrency)
+    limits = limits or Limits(concurrency)
+    paced = getattr(provider, "dry_runs", False)  # a dry run is a call the provider counts
     for chunk in _chunks(requests, BATCH):
         keys = [cache_key(scope, r) for r in chunk]
         cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
@@ -134,8 +137,13 @@ async def quote_requests(
             before_asking = None
 
         async def ask(key: str, request: ChatRequest, into: dict[str, Quote]) -> None:
-            async with limiter:
+            await limits.window.acquire()
+            try:
+                if paced:
+                    await limits.pace(request_tokens(request))
                 into[key] = await quote_with_retries(provider, request, policy, on_event)
+            finally:
+                limits.window.release()
             estimate.quote_calls += 1
 
         try:

@@ -19,6 +19,7 @@ from runner.events import Listener, Phase, ignore
 from runner.jobs import JobSummary, validate_job
 from runner.ledger import Ledger
 from runner.ledger.store import this_process
+from runner.limits import Limits
 from runner.preflight import Checked, prepare, recover
 from runner.quote import Estimate
 
@@ -56,6 +57,8 @@ async def run_job(
     owner = this_process()
     job_key = str(await anyio.Path(job).resolve())
     checked = Checked(summary, models, options.max_line_bytes)
+    limits = Limits(options.concurrency, options.rpm, options.tpm)  # the dry runs' and the calls'
+
     plan = await prepare(
         job,
         job_key,
@@ -69,10 +72,11 @@ async def run_job(
         new=options.new,
         partial=options.partial,
         retry_possibly_billed=options.retry_possibly_billed,
+        limits=limits,
     )
     run_id = plan.run_id
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
-    engine = Engine(conn, ledger, plan, options, on_event)
+    engine = Engine(conn, ledger, plan, options, on_event, limits)
     on_event(Phase("running", pending))
     try:
         await engine.run(job)

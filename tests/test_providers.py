@@ -473,3 +473,30 @@ async def test_two_hundred_streamed_requests_all_settle_with_nothing_possibly_bi
 )
 def test_error_types_are_stable_names(status: int | None, code: str, expected: str) -> None:
     assert classify(status, "x", code=code).error_type == expected
+
+
+async def test_dry_runs_share_the_runs_limits_where_the_provider_counts_them(sim: SimulatorThread) -> None:
+    """One Limits for both phases: the Run API's dry runs are calls, paced by --rpm like the run's
+    own; an OpenAI-compatible endpoint's quotes are a table lookup, not paced."""
+    import time  # noqa: PLC0415
+
+    from runner.limits import Limits  # noqa: PLC0415
+    from runner.quote import quote_requests  # noqa: PLC0415
+
+    requests = [
+        chat({**BODY, "messages": [{"role": "user", "content": f"q{i}"}]}, f"r{i}") for i in range(10)
+    ]
+    orth, oai = providers(sim)
+    timings = {}
+    for provider in (orth, oai):
+        started = time.monotonic()
+        estimate = await quote_requests(
+            requests, provider=provider, scope=provider.name, ledger=Ledger(), limits=Limits(8, rpm=600)
+        )
+        timings[provider.name] = time.monotonic() - started
+        assert estimate.unquoted_count == 0
+    await orth.aclose()
+    await oai.aclose()
+    assert timings["orthogonal"] >= 0.9  # 10 dry runs at 10 a second, the bucket starting empty
+    assert timings["openai"] < 0.5
+    assert sim.books.stats()["counters"]["run.dry_run"] == 10

@@ -30,6 +30,7 @@ _TAGS = re.compile(r"<[^>]+>")
 
 class Provider(Protocol):
     name: str
+    dry_runs: bool  # whether a quote is a call to the provider (paced like calls) or a table lookup
 
     async def quote(self, request: ChatRequest) -> Quote: ...
 
@@ -192,6 +193,7 @@ class HttpProvider:
     """Sending and receiving for the concrete providers: the one place they do I/O."""
 
     name = "http"
+    dry_runs = False
 
     def __init__(self, endpoint: http.Endpoint, secret: http.Secret) -> None:
         self._endpoint = endpoint

@@ -56,6 +56,7 @@ def parse_price(payload: JSON) -> Any:
 
 class OrthogonalProvider(HttpProvider):
     name = "orthogonal"
+    dry_runs = True  # quotes are calls: they count against the run's rate limits
 
     def __init__(
         self,
