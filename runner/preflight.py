@@ -93,7 +93,7 @@ async def _sync_rows(
                     raise changed(job, r, run_id, "changed")
             if missing:
                 cached = ledger.cached_quotes([cache_key(scope, r) for r in missing])
-                quotes = [_known(cached.get(cache_key(scope, r))) for r in missing]
+                quotes = [cached.get(cache_key(scope, r)) for r in missing]
                 ledger.add_requests([_row(run_id, r, q) for r, q in zip(missing, quotes, strict=True)])
             total += len(chunk)
         if creating:
@@ -111,10 +111,6 @@ def _check_unique(job: Path, run_id: str, requests: list[ChatRequest]) -> None:
         seen.add(request.custom_id)
 
 
-def _known(quote: Any) -> Any:
-    return quote if quote is not None and quote[0] is not None else None
-
-
 def changed(job: Path, request: ChatRequest, run_id: str, what: str) -> JobChanged:
     msg = (
         f"{job}:{request.line}: custom_id '{request.custom_id}' {what} since run {run_id} began; "
@@ -123,20 +119,22 @@ def changed(job: Path, request: ChatRequest, run_id: str, what: str) -> JobChang
     return JobChanged(msg)
 
 
-def _row(run_id: str, request: ChatRequest, quote: Any) -> dict[str, Any]:
+def _row(run_id: str, request: ChatRequest, quote: Quote | None) -> dict[str, Any]:
+    """A request's row; a request with no known price is skipped (it cannot be reserved)."""
+    known = quote is not None and quote.nanos is not None
     return {
         "run_id": run_id,
         "custom_id": request.custom_id,
         "line": request.line,
         "model": request.model,
         "sha256": request.sha256,
-        "state": "pending" if quote is not None else "skipped",
-        "quote_nanos": quote[0] if quote is not None else None,
-        "quote_exact": bool(quote[1]) if quote is not None else False,
+        "state": "pending" if known else "skipped",
+        "quote_nanos": quote.nanos if quote is not None and known else None,
+        "quote_exact": bool(quote.exact) if quote is not None and known else False,
         "reserved_nanos": 0,
         "attempts": 0,
-        "error_type": None if quote is not None else "no_quote",
-        "error_message": None if quote is not None else "no price could be quoted",
+        "error_type": None if known else "no_quote",
+        "error_message": None if known else "no price could be quoted",
         "metadata_json": metadata_text(request.metadata),
     }
 
@@ -300,8 +298,7 @@ async def _quote(
     async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
         nonlocal total
         assert preparing is not None
-        known = [None if q.nanos is None else (q.nanos, q.exact) for q in quotes]
-        rows = [_row(preparing, r, k) for r, k in zip(chunk, known, strict=True)]
+        rows = [_row(preparing, r, q) for r, q in zip(chunk, quotes, strict=True)]
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 

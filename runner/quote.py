@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,14 +58,6 @@ class Estimate:
         assert quote.nanos is not None
         entry.nanos += quote.nanos
         entry.exact = entry.exact and quote.exact
-
-
-@functools.lru_cache(maxsize=4096)
-def _cached_quote(nanos: int | None, exact: bool, source: str, reason: str | None) -> Quote:
-    """A cached quote as a Quote: a job's quotes repeat (same model, similar length), and a Quote is
-    frozen, so one object serves every line with the same price."""
-    amount = None if nanos is None else from_nanos(nanos)
-    return Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
 
 
 def cache_key(scope: str, request: ChatRequest) -> str:
@@ -130,7 +121,7 @@ async def quote_requests(
     for chunk in _chunks(requests, BATCH):
         keys = [cache_key(scope, r) for r in chunk]
         cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
-        quotes = {key: _cached_quote(*found) for key, found in cached.items()}
+        quotes = dict(cached)
         missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
         if missing and before_asking is not None:
             await before_asking()

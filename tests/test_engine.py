@@ -29,6 +29,7 @@ from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.http import Timeouts
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
+from runner.models import Quote
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
@@ -218,7 +219,12 @@ async def test_a_run_left_while_it_was_being_prepared_starts_afresh(
     ledger.create_run(
         "left", str(job.resolve()), ledger.create_budget("b", 10**9).id, "sim", state="preparing"
     )
-    ledger.add_requests([runner.preflight._row("left", r, (1, True)) for r in iter_requests(job)])
+    ledger.add_requests(
+        [
+            runner.preflight._row("left", r, Quote(Decimal("0.000000001"), exact=True, source="dry_run"))
+            for r in iter_requests(job)
+        ]
+    )
     lines[0]["messages"][0]["content"] = "edited since"
     write_job(lines)  # a resumed run would call this line changed
     result = await run(sim, job, ledger)

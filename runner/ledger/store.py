@@ -10,6 +10,7 @@ loaded only to migrate a ledger that is not at the newest migration.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -33,7 +34,8 @@ from runner.errors import (
 from runner.ledger.db import Database, parse_time, rows_as_dicts, sqlite_path, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.ledger.views import RUN_COLUMNS, BudgetView, RequestRow, RunView, Settlement
-from runner.money import format_usd
+from runner.models import Quote
+from runner.money import format_usd, from_nanos
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -111,6 +113,14 @@ def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> b
     if seen_at.tzinfo is None:  # stored as UTC without its zone
         seen_at = seen_at.replace(tzinfo=UTC)
     return (utcnow() - seen_at).total_seconds() < stale_after_s
+
+
+@functools.lru_cache(maxsize=4096)
+def stored_quote(nanos: int | None, exact: bool, source: str, reason: str | None) -> Quote:
+    """A quote kept in the ledger, as a Quote: a job's quotes repeat (same model, similar length),
+    and a Quote is frozen, so one object serves every line with the same price."""
+    amount = None if nanos is None else from_nanos(nanos)
+    return Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
 
 
 class Ledger:
@@ -294,11 +304,11 @@ class Ledger:
 
     # ---- quotes --------------------------------------------------------------------------
 
-    def cached_quotes(self, keys: Sequence[str]) -> dict[str, tuple[int | None, bool, str, str | None]]:
-        found: dict[str, tuple[int | None, bool, str, str | None]] = {}
+    def cached_quotes(self, keys: Sequence[str]) -> dict[str, Quote]:
+        found: dict[str, Quote] = {}
         sql = "SELECT key, amount_nanos, exact, source, reason FROM quotes WHERE key IN ({})"
         for key, amount, exact, source, reason in self._select_in(sql, keys):
-            found[key] = (amount, bool(exact), source, reason)
+            found[key] = stored_quote(amount, bool(exact), source, reason)
         return found
 
     def _select_in(self, sql: str, keys: Sequence[Any], *params: Any) -> Iterator[tuple[Any, ...]]:
