@@ -7,6 +7,11 @@ The commits happen in one thread of their own, which takes whatever is queued, c
 transaction, hands the results back to the event loop and goes straight on with what queued up
 meanwhile. It never waits for the event loop: when the loop is busy with a wave of replies the
 commits keep their pace, and the callers of a batch run while the next batch commits.
+
+Each operation's statements run when it does, inside the batch's transaction, so every read sees
+what the batch wrote before it. Measured on the real workload (benchmarks/latency.py: 20,000 calls
+at 2 s latency, 2,000 in flight): one transaction per operation gives the same run phase (0.96 x the
+bare loop) for 21.4 s of CPU against 14.8 s grouped, and a whole command of 0.65 x against 0.71 x.
 """
 
 from __future__ import annotations
