@@ -39,8 +39,9 @@ def body(i: int) -> dict[str, Any]:
 
 
 class Simulator:
-    def __init__(self, latency: float) -> None:
+    def __init__(self, latency: float, dry_run_latency: str) -> None:
         command = [sys.executable, "-m", "runner", "simulator", "--port", "0", "--latency", str(latency)]
+        command += ["--dry-run-latency", dry_run_latency]
         command += ["--balance", "1000000"]
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"}
@@ -127,11 +128,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2000)
     parser.add_argument("--provider", choices=["orthogonal", "openai"], default="orthogonal")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--dry-run-latency", default="0.05-0.2", help="the simulator's (its default)")
     args = parser.parse_args()
     n, c = args.requests, args.concurrency
-    print(f"{n:,} calls, simulator latency {args.latency:g} s, concurrency {c:,}, provider {args.provider}")
+    print(
+        f"{n:,} calls, simulator latency {args.latency:g} s (dry runs {args.dry_run_latency} s), "
+        f"concurrency {c:,}, provider {args.provider}"
+    )
     print(f"ceiling: {c / args.latency:,.0f} req/s (concurrency / latency)")
-    sim = Simulator(args.latency)
+    sim = Simulator(args.latency, args.dry_run_latency)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for round_ in range(1, args.rounds + 1):

@@ -49,6 +49,10 @@ from runner.quote import Estimate, fits, quote_requests
 from runner.report import REPORT_NEEDS, run_frame
 from runner.run import RunResult, run_job
 
+# `runner simulator` is realistic unless told otherwise: calls of a second or two, dry runs a round trip
+SIMULATED_LATENCY = "0.5-2"
+SIMULATED_DRY_RUN_LATENCY = "0.05-0.2"
+
 app = typer.Typer(
     help="Cost-aware batch runner for LLM chat requests.",
     no_args_is_help=True,
@@ -493,7 +497,12 @@ def report(
 def simulator(
     host: str = "127.0.0.1",
     port: int = 8787,
-    latency: Annotated[str, typer.Option(help="Seconds: 0.2, 0.1-0.3 (uniform) or exp:0.2.")] = "0",
+    latency: Annotated[
+        str, typer.Option(help="A call's seconds: 0.2, 0.1-0.3 (uniform) or exp:0.2.")
+    ] = SIMULATED_LATENCY,
+    dry_run_latency: Annotated[
+        str, typer.Option("--dry-run-latency", help="A dry run's seconds (a round trip, as a real API's).")
+    ] = SIMULATED_DRY_RUN_LATENCY,
     balance: Annotated[str, typer.Option(help="Starting balance in USD.")] = "100",
     pricing: Annotated[str, typer.Option(help="tokens | flat ($0.01 a call).")] = "tokens",
     fault_rate: Annotated[float, typer.Option(help="Share of calls that fail (0..1).")] = 0.0,
@@ -502,7 +511,13 @@ def simulator(
     """Serve the simulated Run API and OpenAI-compatible API (fake answers, real protocol)."""
     from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415 - only this command serves
 
-    books = Books(pricing=pricing, latency=parse_latency(latency), fault_rate=fault_rate, api_key=api_key)
+    books = Books(
+        pricing=pricing,
+        latency=parse_latency(latency),
+        dry_run_latency=parse_latency(dry_run_latency),
+        fault_rate=fault_rate,
+        api_key=api_key,
+    )
     books.configure({"balance": balance})
 
     async def serve_forever() -> None:

@@ -36,6 +36,7 @@ class ProviderSettings:
     sim_balance: str = "100"
     sim_pricing: str = "tokens"
     sim_latency: str = "0"
+    sim_dry_run_latency: str = "0.05-0.2"  # the in-process simulator's dry runs take a round trip
 
 
 @dataclass
@@ -117,7 +118,11 @@ async def _simulator(settings: ProviderSettings) -> AsyncIterator[Connection]:
     # imported here: the simulator's server costs memory a run elsewhere does not need
     from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415
 
-    books = Books(pricing=settings.sim_pricing, latency=parse_latency(settings.sim_latency))
+    books = Books(
+        pricing=settings.sim_pricing,
+        latency=parse_latency(settings.sim_latency),
+        dry_run_latency=parse_latency(settings.sim_dry_run_latency),
+    )
     books.configure({"balance": settings.sim_balance})
     async with serve(books) as url:
         provider = OrthogonalProvider(

@@ -33,8 +33,9 @@ class SimProcess:
     """`runner simulator` in its own process, on an ephemeral port."""
 
     def __init__(self, latency: str) -> None:
+        command = [sys.executable, "-m", "runner", "simulator", "--port", "0", "--latency", latency]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runner", "simulator", "--port", "0", "--latency", latency],
+            [*command, "--dry-run-latency", "0.01-0.03"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"},

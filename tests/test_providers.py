@@ -500,3 +500,22 @@ async def test_dry_runs_share_the_runs_limits_where_the_provider_counts_them(sim
     assert timings["orthogonal"] >= 0.9  # 10 dry runs at 10 a second, the bucket starting empty
     assert timings["openai"] < 0.5
     assert sim.books.stats()["counters"]["run.dry_run"] == 10
+
+
+async def test_the_simulators_dry_runs_take_a_round_trip(sim: SimulatorThread) -> None:
+    import time  # noqa: PLC0415
+
+    sim.books.configure({"dry_run_latency": "0.2"})
+    orth, oai = providers(sim)
+    started = time.monotonic()
+    quote = await orth.quote(chat())
+    assert quote.exact and time.monotonic() - started >= 0.2
+    await orth.aclose()
+    await oai.aclose()
+
+
+def test_the_simulator_command_is_realistic_by_default() -> None:
+    from runner.cli import SIMULATED_DRY_RUN_LATENCY, SIMULATED_LATENCY  # noqa: PLC0415
+    from runner.simulator import parse_latency  # noqa: PLC0415
+
+    assert parse_latency(SIMULATED_DRY_RUN_LATENCY)[1] > 0 and parse_latency(SIMULATED_LATENCY)[1] >= 0.5

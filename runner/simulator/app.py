@@ -179,6 +179,8 @@ async def _serve_chat(
     tokens = prompt_tokens(body)
     if dry_run:
         books.counters["run.dry_run"] += 1
+        if wait := books.delay(dry_run=True):
+            await asyncio.sleep(wait)
         return _json({"success": True, "price": f"{books.quote(body, tokens):f}", "dryRun": True})
     books.counters["run.call" if run_api else "openai.chat"] += 1
     fake = generate(body, catalog.get(body["model"]))

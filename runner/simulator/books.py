@@ -44,6 +44,7 @@ class Books:
     pricing: str = "tokens"  # tokens | flat
     balance_nanos: int = to_nanos(Decimal(100))
     latency: tuple[str, float, float] = ("fixed", 0.0, 0.0)
+    dry_run_latency: tuple[str, float, float] = ("fixed", 0.0, 0.0)  # a dry run's round trip
     fault_rate: float = 0.0
     fault_kinds: tuple[str, ...] = FAULT_KINDS
     retry_after_s: float = 1.0
@@ -95,8 +96,8 @@ class Books:
     def charged_nanos(self) -> int:
         return sum(int(t["amount_nanos"]) for t in self.transactions)
 
-    def delay(self) -> float:
-        kind, a, b = self.latency
+    def delay(self, *, dry_run: bool = False) -> float:
+        kind, a, b = self.dry_run_latency if dry_run else self.latency
         if kind == "uniform":
             return self.rng.uniform(a, b)
         if kind == "exp":
@@ -129,6 +130,8 @@ class Books:
             self.stall_s = float(settings["stall_s"])
         if "latency" in settings:
             self.latency = parse_latency(settings["latency"])
+        if "dry_run_latency" in settings:
+            self.dry_run_latency = parse_latency(settings["dry_run_latency"])
         if "pricing" in settings:
             self.pricing = str(settings["pricing"])
         for item in settings.get("script", []):
