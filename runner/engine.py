@@ -332,13 +332,13 @@ class Engine:
         if not first:  # the first attempt was paced and marked `sending` with its reservation
             await self._pace(request)
             await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
-        started = time.perf_counter()
+        started = time.monotonic()
         try:
             return await self.provider.complete(request)
         except RetryableError as exc:
             if exc.status == 429 or exc.code == "RATE_LIMITED":
-                self.limit.on_rate_limited()
-            latency = time.perf_counter() - started
+                self.limit.on_rate_limited(started)
+            latency = time.monotonic() - started
             error = exc
             await self.writer.submit(lambda db: _record(db, row_id, number, "retry", error, latency))
             raise

@@ -11,13 +11,16 @@ from runner.models import ChatRequest
 
 
 class AdaptiveLimit:
-    """A concurrency cap that halves on 429 and grows back by one slot per window of successes."""
+    """A concurrency window, as TCP's: halved once per window of requests that were in flight
+    together when a 429 comes back (the rest of that burst's 429s say nothing new), and grown back
+    by one slot per window of successes."""
 
     def __init__(self, maximum: int, minimum: int = 1) -> None:
         self.maximum = maximum
         self.minimum = minimum
         self.current = float(maximum)
         self.in_flight = 0
+        self.cut_at = float("-inf")  # when the window was last halved
         self._freed: anyio.Event | None = None  # set when a slot frees up, for whoever waits
 
     async def acquire(self) -> None:
@@ -37,8 +40,13 @@ class AdaptiveLimit:
     def on_success(self) -> None:
         self.current = min(self.maximum, self.current + 1 / max(1.0, self.current))
 
-    def on_rate_limited(self) -> None:
+    def on_rate_limited(self, sent_at: float) -> None:
+        """A 429 for a request sent at `sent_at` (time.monotonic()): a request sent before the last
+        cut was in flight with the one that caused it, and cuts nothing more."""
+        if sent_at <= self.cut_at:
+            return
         self.current = max(self.minimum, self.current / 2)
+        self.cut_at = time.monotonic()
 
 
 class TokenBucket:

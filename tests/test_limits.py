@@ -1,0 +1,44 @@
+"""The concurrency window under 429s, as a remote API gives them: in bursts."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+
+from runner.limits import AdaptiveLimit, Limits
+
+
+async def test_a_burst_of_429s_from_requests_in_flight_together_cuts_the_window_once() -> None:
+    limit = AdaptiveLimit(64)
+    sent = []
+    for _ in range(64):
+        await limit.acquire()
+        sent.append(time.monotonic())
+    for sent_at in sent:  # every one of the 64 comes back 429
+        limit.on_rate_limited(sent_at)
+        limit.release()
+    assert limit.current == 32  # halved once, not 64 times down to 1
+    await anyio.sleep(0.01)
+    limit.on_rate_limited(time.monotonic())  # a request sent after the cut: a new signal
+    assert limit.current == 16
+
+
+def test_the_window_grows_back_by_a_slot_per_window_of_successes() -> None:
+    limit = AdaptiveLimit(64)
+    limit.on_rate_limited(time.monotonic())
+    assert limit.current == 32
+    for _ in range(32):  # one window's worth of successes
+        limit.on_success()
+    assert 32.9 < limit.current < 33.1
+    for _ in range(10_000):
+        limit.on_success()
+    assert limit.current == 64  # never past the concurrency asked for
+
+
+async def test_limits_pace_at_the_rpm_from_an_empty_bucket() -> None:
+    limits = Limits(4, rpm=1200)  # 20 a second at 99.5 %
+    started = time.monotonic()
+    for _ in range(5):
+        await limits.pace(10)
+    assert 0.2 < time.monotonic() - started < 0.6  # no burst at the start
