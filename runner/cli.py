@@ -37,10 +37,8 @@ from runner.console import (
     runs_table,
     summary_json,
 )
-from runner.engine import RunOptions
-from runner.errors import (
-    ConfigError,
-)
+from runner.engine import RunOptions, parse_deadline
+from runner.errors import ConfigError, printable
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
 from runner.ledger import Ledger
@@ -292,7 +290,14 @@ def estimate(
     out.print(estimate_table(result, remaining))
     out.print(f"quote calls made: {result.quote_calls}", highlight=False)
     for custom_id, reason in result.unquoted[:ERRORS_SHOWN]:
-        err.print(f"not quoted: {custom_id}: {reason}", markup=False, highlight=False)
+        err.print(f"not quoted: {printable(custom_id)}: {reason}", markup=False, highlight=False)
+    if result.unquoted_count:  # as `run` refuses them: they cannot be held against a budget
+        err.print(
+            f"{result.unquoted_count} request(s) could not be priced: `runner run` would refuse them "
+            "(or run the rest with --partial)",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_OVER_BUDGET)
     if remaining is not None:
         fit, shortfall = fits(result, remaining)
         if not fit:
@@ -312,6 +317,13 @@ def run(
     sim_pricing: SimPricingOpt = "tokens",
     concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 64,
     rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.")] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option("--deadline", help="Stop launching then (2h30m, 06:30, or a date and time); drain."),
+    ] = None,
+    max_usd_per_hour: Annotated[
+        str | None, typer.Option("--max-usd-per-hour", help="Spend (held quotes) per hour at most.")
+    ] = None,
     tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most.")] = None,
     partial: Annotated[bool, typer.Option(help="Run what fits the budget, in file order.")] = False,
     new: Annotated[bool, typer.Option("--new", help="Start a fresh run, do not resume.")] = False,
@@ -335,6 +347,8 @@ def run(
         retry_possibly_billed=retry_possibly_billed,
         handle_signals=True,
         max_line_bytes=max_line_bytes,
+        deadline=parse_deadline(deadline) if deadline is not None else None,
+        max_usd_per_hour=_usd_arg(max_usd_per_hour, "--max-usd-per-hour") if max_usd_per_hour else None,
     )
     if output is not None:
         _check_writable(output)  # found out now, not after the money is spent

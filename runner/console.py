@@ -162,13 +162,16 @@ def estimate_table(estimate: Estimate, remaining: int | None) -> Table:
         table.add_column(column, justify="left" if column in ("model", "kind") else "right", no_wrap=True)
     for model, q in sorted(estimate.per_model.items()):
         kind = "exact" if q.exact else "upper bound"
-        if q.unknown:
-            kind += f", {q.unknown} unquoted"
-        table.add_row(model, f"{q.requests:,}", format_usd(q.nanos, places=6), kind)
+        quoted = format_usd(q.nanos, places=6)
+        if q.unknown:  # an unknown price is never shown as $0: what is known, and how much is not
+            kind = f"unknown for {q.unknown}" + ("" if q.unknown == q.requests else f", {kind} for the rest")
+            quoted = "unknown" if q.unknown == q.requests else f"{quoted} + unknown"
+        table.add_row(printable(model), f"{q.requests:,}", quoted, kind)
+    total = format_usd(estimate.total_nanos, places=6)
     table.add_row(
         "[b]total[/b]",
         "",
-        f"[b]{format_usd(estimate.total_nanos, places=6)}[/b]",
+        f"[b]{total + ' + unknown' if estimate.unquoted_count else total}[/b]",
         "exact" if estimate.exact else "upper bound",
     )
     if remaining is not None:

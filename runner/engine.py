@@ -14,6 +14,8 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ class RunOptions:
     grace_s: float = 30.0
     handle_signals: bool = False
     max_line_bytes: int = MAX_LINE_BYTES
+    deadline: float | None = None  # time.time() after which nothing more is launched
+    max_usd_per_hour: Decimal | None = None  # a cap on the rate of spending (quotes held per hour)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -68,6 +72,9 @@ class RunOptions:
             if value is not None and not value > 0:  # NaN is not > 0 either
                 msg = f"{name} must be above 0 (got {value:g}); leave it out for no limit"
                 raise ConfigError(msg)
+        if self.max_usd_per_hour is not None and not self.max_usd_per_hour > 0:
+            msg = f"--max-usd-per-hour must be above 0 (got {self.max_usd_per_hour})"
+            raise ConfigError(msg)
         if self.max_line_bytes < 1:
             msg = f"--max-line-bytes must be 1 or more (got {self.max_line_bytes})"
             raise ConfigError(msg)
@@ -93,7 +100,9 @@ class Engine:
         self.options = options
         self.on_event = on_event
         self.writer = Writer(ledger)
-        self.limits = limits or Limits(options.concurrency, options.rpm, options.tpm)
+        self.limits = limits or Limits(
+            options.concurrency, options.rpm, options.tpm, usd_per_hour=options.max_usd_per_hour
+        )
         self.limit = self.limits.window
         self.stopping = anyio.Event()
         self.aborted = False
@@ -119,6 +128,8 @@ class Engine:
             try:
                 async with anyio.create_task_group() as aux:  # funds reports, signal watcher, grace timer
                     aux.start_soon(self._report_funds)
+                    if self.options.deadline is not None:
+                        aux.start_soon(self._stop_at_deadline, self.options.deadline)
                     if self.options.handle_signals:
                         aux.start_soon(self._watch_signals, aux)
                     try:
@@ -128,6 +139,11 @@ class Engine:
                         aux.cancel_scope.cancel()
             finally:
                 self.writer.close()
+
+    async def _stop_at_deadline(self, deadline: float) -> None:
+        await anyio.sleep(max(0.0, deadline - time.time()))
+        when = time.strftime("%H:%M:%S", time.localtime(deadline))
+        self.stop("stopped", f"deadline {when} reached: nothing more is launched, what is in flight finishes")
 
     async def _report_funds(self) -> None:
         """Every second the budget's funds; every few seconds the owner's sign of life."""
@@ -254,6 +270,9 @@ class Engine:
             budget_id, run_id = self.plan.budget_id, self.plan.run_id
             first = done_attempts + 1
             await self._pace(request)
+            await self.limits.spend(quote)
+            if self.stopping.is_set():
+                return None
 
             def reserve_and_mark(db: Db) -> bool:
                 # one commit: held, then `sending` (recorded before the call, as every attempt is)
@@ -420,6 +439,30 @@ class Engine:
             await self.writer.submit(apply)
         if state != "pending":
             self.on_event(RequestFinished(request.custom_id, state, 0))
+
+
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """--deadline: a duration (90s, 45m, 2h30m, or seconds), a time of day (06:30, the next one) or
+    a date and time (2026-12-03T06:30); returns a time.time() instant."""
+    now = time.time() if now is None else now
+    seconds = http.duration_s(text.strip())
+    if seconds is not None:
+        return now + seconds
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        try:
+            clock = datetime.strptime(text.strip(), "%H:%M").time()  # noqa: DTZ007 - local time, as typed
+        except ValueError:
+            msg = f"--deadline: '{text}' is not a duration (2h30m), a time (06:30) or a date and time"
+            raise ConfigError(msg) from None
+        today = datetime.fromtimestamp(now).astimezone()
+        moment = datetime.combine(today.date(), clock, tzinfo=today.tzinfo)
+        if moment.timestamp() <= now:
+            moment += timedelta(days=1)
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time, as typed
+    return moment.timestamp()
 
 
 def _record(

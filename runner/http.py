@@ -372,11 +372,11 @@ class RateLimits:
             remaining_requests=number("x-ratelimit-remaining-requests"),
             limit_tokens=number("x-ratelimit-limit-tokens"),
             remaining_tokens=number("x-ratelimit-remaining-tokens"),
-            reset_requests_s=_duration(headers.get("x-ratelimit-reset-requests")),
+            reset_requests_s=duration_s(headers.get("x-ratelimit-reset-requests")),
         )
 
 
-def _duration(text: str | None) -> float | None:
+def duration_s(text: str | None) -> float | None:
     """'1s', '6m0s', '250ms' or a bare number of seconds."""
     if not text:
         return None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 import anyio
 
 from runner import schema
 from runner.models import ChatRequest
+from runner.money import to_nanos
 
 
 class AdaptiveLimit:
@@ -79,11 +81,26 @@ class Limits:
     """Every limit a run's calls obey, dry runs and calls alike: the concurrency window and the
     --rpm / --tpm pacing. One object serves the pre-flight and the run phase of a command."""
 
-    def __init__(self, concurrency: int, rpm: float | None = None, tpm: float | None = None) -> None:
+    def __init__(
+        self,
+        concurrency: int,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        *,
+        usd_per_hour: Decimal | None = None,
+    ) -> None:
         self.window = AdaptiveLimit(concurrency)
+        # money per minute, in nano-USD, with a minute's worth of burst
+        per_minute = float(to_nanos(usd_per_hour) / 60) if usd_per_hour is not None else None
+        self.spending = TokenBucket(per_minute, burst=per_minute) if per_minute else None
         # RPM starts empty (no burst at the start), so no 60 s span of the run exceeds the limit
         self.rpm = TokenBucket(rpm * RPM_PACE, start=0) if rpm else None
         self.tpm = TokenBucket(tpm, burst=tpm / 60 * 5) if tpm else None
+
+    async def spend(self, nanos: int) -> None:
+        """Wait until `nanos` more can be held under --max-usd-per-hour."""
+        if self.spending is not None:
+            await self.spending.take(nanos)
 
     async def pace(self, tokens: int) -> None:
         """Wait for the RPM and TPM buckets: one request of `tokens` tokens."""

@@ -57,7 +57,8 @@ async def run_job(
     owner = this_process()
     job_key = str(await anyio.Path(job).resolve())
     checked = Checked(summary, models, options.max_line_bytes)
-    limits = Limits(options.concurrency, options.rpm, options.tpm)  # the dry runs' and the calls'
+    # the dry runs' and the calls'
+    limits = Limits(options.concurrency, options.rpm, options.tpm, usd_per_hour=options.max_usd_per_hour)
 
     plan = await prepare(
         job,

@@ -660,3 +660,35 @@ def test_a_401_or_402_during_the_dry_runs_stops_with_a_message_and_leaves_no_run
         assert "a-wrong-key" not in result.output
     assert Ledger().runs() == []
     assert sim.books.stats()["counters"].get("run.call", 0) == 0
+
+
+def test_estimate_shows_an_unknown_price_as_unknown_and_exits_as_run_does(
+    write_job: Callable[..., Path],
+) -> None:
+    """Kimi-K2-Thinking has no published price: never $0, and a job with it is refused as `run`
+    refuses it (exit 3)."""
+    lines = [*job_lines(2), {**job_lines(1, "k")[0], "model": "moonshotai/Kimi-K2-Thinking"}]
+    result = cli.invoke(
+        app,
+        ["estimate", str(write_job(lines)), "--provider", "openai", "--base-url", "http://127.0.0.1:9/v1"],
+    )
+    assert result.exit_code == 3, result.output
+    kimi = next(line for line in result.output.splitlines() if "Kimi-K2-Thinking" in line)
+    assert "unknown" in kimi and "$0.000000" not in kimi
+    assert "1 request(s) could not be priced" in result.output
+
+
+async def test_a_deadline_stops_launching_and_the_run_drains(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    import time  # noqa: PLC0415
+
+    sim.books.configure({"latency": "0.2"})
+    ledger = Ledger()
+    result = await run(sim, write_job(job_lines(40)), ledger, concurrency=2, deadline=time.time() + 1.0)
+    assert result.state == "stopped" and result.reason is not None and "deadline" in result.reason
+    assert 0 < result.states["ok"] < 40
+    assert set(result.states) == {"ok", "pending"}  # nothing cut off: in flight drained
+    assert result.spent_nanos == sim.books.charged_nanos
+    path = tmp_path / "d.parquet"
+    assert export_parquet(ledger, result.run_id, path) == 40

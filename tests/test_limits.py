@@ -42,3 +42,32 @@ async def test_limits_pace_at_the_rpm_from_an_empty_bucket() -> None:
     for _ in range(5):
         await limits.pace(10)
     assert 0.2 < time.monotonic() - started < 0.6  # no burst at the start
+
+
+async def test_spending_is_paced_under_max_usd_per_hour() -> None:
+    from decimal import Decimal  # noqa: PLC0415
+
+    limits = Limits(4, usd_per_hour=Decimal("3.6"))  # $0.001 a second, a minute's worth at once
+    started = time.monotonic()
+    await limits.spend(60_000_000)  # $0.06: the first minute's worth, at once
+    assert time.monotonic() - started < 0.1
+    await limits.spend(500_000)  # $0.0005 more waits half a second
+    assert 0.4 < time.monotonic() - started < 0.8
+
+
+def test_a_deadline_is_a_duration_a_time_of_day_or_a_date_and_time() -> None:
+    from datetime import datetime  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    from runner.engine import parse_deadline  # noqa: PLC0415
+    from runner.errors import ConfigError  # noqa: PLC0415
+
+    now = datetime(2026, 12, 2, 22, 0).astimezone().timestamp()
+    assert parse_deadline("2h30m", now) == now + 9000
+    assert parse_deadline("90", now) == now + 90
+    assert parse_deadline("06:30", now) == datetime(2026, 12, 3, 6, 30).astimezone().timestamp()
+    assert parse_deadline("23:15", now) == datetime(2026, 12, 2, 23, 15).astimezone().timestamp()
+    assert parse_deadline("2026-12-03T05:00", now) == datetime(2026, 12, 3, 5, 0).astimezone().timestamp()
+    with pytest.raises(ConfigError, match="is not a duration"):
+        parse_deadline("soon", now)
