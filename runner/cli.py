@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
+import sys
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -331,6 +333,12 @@ def run(
         bool,
         typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
     ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Send the run's failed requests again.")
+    ] = False,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Go on with this run of the job (any unfinished one).")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
@@ -345,6 +353,8 @@ def run(
         partial=partial,
         new=new,
         retry_possibly_billed=retry_possibly_billed,
+        retry_failed=retry_failed,
+        run_id=run_id,
         handle_signals=True,
         max_line_bytes=max_line_bytes,
         deadline=parse_deadline(deadline) if deadline is not None else None,
@@ -371,7 +381,9 @@ def run(
     )
     if result.state != "done":
         if result.resumable:
-            out.print("the run is resumable: run the same command again to continue it", highlight=False)
+            out.print(
+                f"the run is resumable; to go on with it: {resume_command(result.run_id)}", highlight=False
+            )
         raise typer.Exit(EXIT_RUN_STOPPED)
     unfinished = {s: result.states.get(s, 0) for s in ("failed", "possibly_billed")}
     if any(unfinished.values()):
@@ -381,6 +393,20 @@ def run(
             highlight=False,
         )
         raise typer.Exit(EXIT_REQUESTS_FAILED)
+
+
+def resume_command(run_id: str) -> str:
+    """This command line, as the shell would take it, going on with `run_id` (a --new or --run
+    given dropped)."""
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word == "--run":
+            skip = True
+        elif word != "--new" and not word.startswith("--run="):
+            words.append(word)
+    return shlex.join(["runner", *words, "--run", run_id])
 
 
 def _run(

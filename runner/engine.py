@@ -57,6 +57,8 @@ class RunOptions:
     partial: bool = False
     new: bool = False
     retry_possibly_billed: bool = False
+    retry_failed: bool = False  # failed requests of the run are sent again (new attempts)
+    run_id: str | None = None  # go on with this run of the job instead of its newest
     policy: http.RetryPolicy = field(default_factory=http.RetryPolicy)
     grace_s: float = 30.0
     handle_signals: bool = False

@@ -142,7 +142,9 @@ def _row(run_id: str, request: ChatRequest, quote: Quote | None) -> dict[str, An
 INTERRUPTED = {"error_type": "interrupted", "error_message": "the process stopped during the request"}
 
 
-async def recover(ledger: Ledger, run_id: str, retry_possibly_billed: bool) -> None:
+async def recover(
+    ledger: Ledger, run_id: str, retry_possibly_billed: bool, *, retry_failed: bool = False
+) -> None:
     """After a crash: `sending` rows are unknown outcomes, each attempt recorded as such; `reserved`
     rows were never sent. With `retry_possibly_billed` every possibly billed request of the run goes
     back to pending, what it held still counted as possibly billed (`Ledger.send_again`)."""
@@ -160,6 +162,9 @@ async def recover(ledger: Ledger, run_id: str, retry_possibly_billed: bool) -> N
             with ledger.transaction() as db:
                 for row_id in ledger.possibly_billed(run_id, db):
                     ledger.send_again(db, row_id)
+        if retry_failed:  # failed requests held nothing: back to pending, their attempts kept
+            with ledger.transaction() as db:
+                ledger.retry_failed(db, run_id)
 
     await anyio.to_thread.run_sync(work)
 
@@ -178,10 +183,16 @@ async def prepare(
     new: bool = False,
     partial: bool = False,
     retry_possibly_billed: bool = False,
+    retry_failed: bool = False,
+    named_run: str | None = None,
     limits: Limits | None = None,
 ) -> Plan:
     """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
-    existing, complete = await _resumable(ledger, job_key, conn.scope, owner, new)
+    existing, complete = await _resumable(ledger, job_key, conn.scope, owner, new, named_run)
+    if existing and budget is not None and await _finished_elsewhere(ledger, existing, budget, retry_failed):
+        on_event(Notice(f"run {existing} of {job} is finished; a new run starts under budget '{budget}'"))
+        await anyio.to_thread.run_sync(ledger.release_claim, existing, owner)
+        existing, complete = None, False
     budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
     run_id = existing or uuid.uuid4().hex[:12]
     if not existing:  # its rows are made as the quotes come: one pass over the job for both
@@ -196,7 +207,7 @@ async def prepare(
             preparing = run_id if not existing else None
             estimate = await _quote(job, conn, ledger, preparing, checked, on_event, limits)
             if existing:
-                await recover(ledger, existing, retry_possibly_billed)
+                await recover(ledger, existing, retry_possibly_billed, retry_failed=retry_failed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
             else:
                 needed = estimate.total_nanos
@@ -234,11 +245,20 @@ def _unpriced(estimate: Estimate, total: int) -> Unpriced:
 
 
 async def _resumable(
-    ledger: Ledger, job_key: str, scope: str, owner: str, new: bool
+    ledger: Ledger, job_key: str, scope: str, owner: str, new: bool, run_id: str | None = None
 ) -> tuple[str | None, bool]:
-    """The job's unfinished run, claimed by this process, and whether all its rows were made; None
-    for a fresh start. A run left while it was being prepared (nothing sent yet) is discarded."""
-    existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
+    """The run to go on with (the one named, else the job's newest), claimed by this process, and
+    whether all its rows were made; None for a fresh start. A run left while it was being prepared
+    (nothing sent yet) is discarded."""
+    if run_id is not None:
+        named = await anyio.to_thread.run_sync(ledger.run, run_id)
+        if named.job_path != job_key or named.provider != scope:
+            where = named.provider.split(":", 1)[0]
+            msg = f"run {named.id} is a run of {named.job_path} on {where}, not of this job"
+            raise ConfigError(msg)
+        existing: str | None = named.id
+    else:
+        existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
     if existing is None:
         return None, False
     await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
@@ -247,6 +267,16 @@ async def _resumable(
         await anyio.to_thread.run_sync(ledger.discard_run, existing)
         return None, False
     return existing, bool(info.total)
+
+
+async def _finished_elsewhere(ledger: Ledger, run_id: str, budget: str, retry_failed: bool) -> bool:
+    """A finished run (nothing pending, nothing to retry) under another budget than the one given:
+    running the job again under that budget is a new run, not an error."""
+    info = await anyio.to_thread.run_sync(ledger.run, run_id)
+    view = await anyio.to_thread.run_sync(ledger.budget, budget)
+    unfinished = any(info.states.get(state) for state in ("pending", "sending", "reserved"))
+    to_retry = retry_failed and info.states.get("failed")
+    return info.state == "done" and not unfinished and not to_retry and view.id != info.budget_id
 
 
 class _KeptClaim:

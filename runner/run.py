@@ -73,6 +73,8 @@ async def run_job(
         new=options.new,
         partial=options.partial,
         retry_possibly_billed=options.retry_possibly_billed,
+        retry_failed=options.retry_failed,
+        named_run=options.run_id,
         limits=limits,
     )
     run_id = plan.run_id

@@ -692,3 +692,66 @@ async def test_a_deadline_stops_launching_and_the_run_drains(
     assert result.spent_nanos == sim.books.charged_nanos
     path = tmp_path / "d.parquet"
     assert export_parquet(ledger, result.run_id, path) == 40
+
+
+def _cli_run(sim: SimulatorThread, job: Path, *args: str) -> Any:
+    base = ["run", str(job), "--provider", "orthogonal", "--base-url", sim.base_url, "--concurrency", "4"]
+    return cli.invoke(app, [*base, *args], env={"ORTHOGONAL_API_KEY": "k"})
+
+
+def test_retry_failed_sends_the_failed_requests_again_as_new_attempts(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    job = write_job(job_lines(10))
+    assert cli.invoke(app, ["budget", "create", "night", "--limit", "1"]).exit_code == 0
+    sim.books.configure({"script": [{"fault": "400", "match": "question q 3"}]})
+    first = _cli_run(sim, job, "--budget", "night")
+    assert first.exit_code == 5, first.output  # finished, one failed
+    run = Ledger().runs()[0]
+    assert run.states == {"ok": 9, "failed": 1}
+    again = _cli_run(sim, job, "--budget", "night", "--retry-failed")
+    assert again.exit_code == 0, again.output
+    assert Ledger().run(run.id).states == {"ok": 10}
+    with Ledger().reading() as c:
+        sql = (
+            "SELECT outcome FROM attempts JOIN requests ON requests.id = attempts.request_id"
+            " WHERE custom_id = 'q3' ORDER BY attempts.id"
+        )
+        outcomes = [row[0] for row in c.execute(sql)]
+    assert outcomes == ["fatal", "ok"]  # both attempts on record
+    assert sim.books.stats()["counters"]["run.call"] == 10  # the 400 is answered before it counts a call
+
+
+def test_a_run_orphaned_by_new_is_finished_with_run_and_the_stop_hint_says_how(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    job = write_job(job_lines(6))
+    sim.books.configure({"balance": "0.0000001"})  # every run stops at once: its lines stay pending
+    first = _cli_run(sim, job, "--max-usd", "1")
+    assert first.exit_code == 4
+    orphan = Ledger().runs()[0].id
+    assert f"--run {orphan}" in first.output
+    second = _cli_run(sim, job, "--max-usd", "1", "--new")
+    assert second.exit_code == 4
+    assert "--new" not in second.output.split("to go on with it:")[1].splitlines()[0]
+    sim.books.configure({"balance": "100"})
+    third = _cli_run(sim, job, "--max-usd", "1", "--run", orphan)
+    assert third.exit_code == 0, third.output
+    assert Ledger().run(orphan).states == {"ok": 6}
+    assert len(Ledger().runs()) == 2
+    elsewhere = write_job(job_lines(2), "other.jsonl")
+    wrong = _cli_run(sim, elsewhere, "--max-usd", "1", "--run", orphan)
+    assert wrong.exit_code == 2 and "not of this job" in wrong.output
+
+
+def test_a_finished_job_run_again_under_another_budget_is_a_new_run(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    job = write_job(job_lines(4))
+    for name in ("first", "second"):
+        assert cli.invoke(app, ["budget", "create", name, "--limit", "1"]).exit_code == 0
+    assert _cli_run(sim, job, "--budget", "first").exit_code == 0
+    again = _cli_run(sim, job, "--budget", "second")
+    assert again.exit_code == 0, again.output
+    assert "is finished; a new run starts under budget 'second'" in again.output
+    assert [r.states for r in Ledger().runs()] == [{"ok": 4}, {"ok": 4}]

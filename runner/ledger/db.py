@@ -45,6 +45,15 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+# what the driver raises for a mistake in runner's own SQL or data, not for the file: a defect to see
+DEFECTS = (
+    sqlite3.IntegrityError,
+    sqlite3.ProgrammingError,
+    sqlite3.InterfaceError,
+    sqlite3.NotSupportedError,
+)
+
+
 class Database:
     """Connections to one SQLite file, each used by one thread at a time and then kept for the next."""
 
@@ -111,7 +120,7 @@ class Database:
                 conn.close()
             else:
                 self._keep(conn)
-            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, DEFECTS):
                 raise unavailable(self.path, exc) from None
             raise
         self._keep(conn)

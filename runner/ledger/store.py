@@ -410,6 +410,17 @@ class Ledger:
                 raise RunBusy(msg, owner=current)
             tx.conn.execute("UPDATE runs SET owner = ?, seen_at = ? WHERE id = ?", (owner, tx.now, run_id))
 
+    def release_claim(self, run_id: str, owner: str) -> None:
+        """`owner` lets the run go (it is not going to send it)."""
+        with self.transaction() as tx:
+            tx.conn.execute("UPDATE runs SET owner = NULL WHERE id = ? AND owner = ?", (run_id, owner))
+
+    @staticmethod
+    def retry_failed(tx: Tx, run_id: str) -> int:
+        """A run's failed requests (they held nothing) go back to pending; their attempts stay."""
+        sql = "UPDATE requests SET state = 'pending', finished_at = NULL WHERE run_id = ? AND state = ?"
+        return int(tx.conn.execute(sql, (run_id, "failed")).rowcount)
+
     @staticmethod
     def touch_run(tx: Tx, run_id: str, owner: str) -> bool:
         """The owner's sign of life; False when the run has another owner now (it was taken over)."""
