@@ -26,18 +26,24 @@ from runner.console import (
     EXIT_REQUESTS_FAILED,
     EXIT_RUN_STOPPED,
     Progress,
+    budget_json,
     budget_table,
     err,
+    estimate_json,
     estimate_table,
     friendly,
     note_unknown_context,
     out,
     print_catalog,
+    print_json,
     print_report,
     print_summary,
+    report_json,
     run_async,
+    run_json,
     runs_table,
     summary_json,
+    usd,
 )
 from runner.engine import RunOptions, parse_deadline
 from runner.errors import ConfigError, printable
@@ -109,6 +115,7 @@ def models(
 
 # ---- shared options ------------------------------------------------------------------------
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document (money as decimal strings).")]
 MaxLineOpt = Annotated[
     int, typer.Option("--max-line-bytes", help="The longest job line read (16 MiB by default).")
 ]
@@ -197,16 +204,24 @@ def budget_create(
 
 @budget_app.command("list")
 @friendly
-def budget_list(db: DbOpt = None) -> None:
+def budget_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the budgets."""
-    out.print(budget_table(Ledger(db).budgets(), "budgets"))
+    views = Ledger(db).budgets()
+    if as_json:
+        print_json([budget_json(v) for v in views])
+        return
+    out.print(budget_table(views, "budgets"))
 
 
 @budget_app.command("show")
 @friendly
-def budget_show(name: str, db: DbOpt = None) -> None:
+def budget_show(name: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Limit, spent, reserved, possibly billed and remaining money of one budget."""
-    out.print(budget_table([Ledger(db).budget(name)], f"budget {name}"))
+    view = Ledger(db).budget(name)
+    if as_json:
+        print_json(budget_json(view))
+        return
+    out.print(budget_table([view], f"budget {name}"))
 
 
 @budget_app.command("raise")
@@ -233,8 +248,18 @@ def budget_raise(
 
 @budget_app.command("history")
 @friendly
-def budget_history(name: str, db: DbOpt = None, limit: int = 50) -> None:
+def budget_history(name: str, db: DbOpt = None, limit: int = 50, as_json: JsonOpt = False) -> None:
     """A budget's ledger entries, newest first."""
+    if as_json:
+        entries = Ledger(db).history(name, limit)
+        keys = ("kind", "run_id", "request_id")
+        print_json(
+            [
+                {**{k: e[k] for k in keys}, "at": e["at"].isoformat(), "amount_usd": usd(e["amount_nanos"])}
+                for e in entries
+            ]
+        )
+        return
     table = Table(title=f"history of {name}", title_justify="left")
     for column in ("when (UTC)", "entry", "amount", "run", "request"):
         table.add_column(column, no_wrap=True)
@@ -266,6 +291,7 @@ def estimate(
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
     db: DbOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Validate, then quote every request (dry runs, cached in the ledger); exit 3 if over budget."""
     settings = _settings(
@@ -289,8 +315,11 @@ def estimate(
                 )
 
     result = run_async(work)
-    out.print(estimate_table(result, remaining))
-    out.print(f"quote calls made: {result.quote_calls}", highlight=False)
+    if as_json:
+        print_json(estimate_json(result, remaining))
+    else:
+        out.print(estimate_table(result, remaining))
+        out.print(f"quote calls made: {result.quote_calls}", highlight=False)
     for custom_id, reason in result.unquoted[:ERRORS_SHOWN]:
         err.print(f"not quoted: {printable(custom_id)}: {reason}", markup=False, highlight=False)
     if result.unquoted_count:  # as `run` refuses them: they cannot be held against a budget
@@ -445,16 +474,23 @@ def _run(
 
 @app.command()
 @friendly
-def runs(db: DbOpt = None) -> None:
+def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List runs: job, state, done/failed/total, spent."""
-    out.print(runs_table(Ledger(db).runs()))
+    found = Ledger(db).runs()
+    if as_json:
+        print_json([run_json(r) for r in found])
+        return
+    out.print(runs_table(found))
 
 
 @app.command()
 @friendly
-def status(run_id: str, db: DbOpt = None) -> None:
+def status(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """One run: its state, request counts and money."""
     r = Ledger(db).run(run_id)
+    if as_json:
+        print_json(run_json(r))
+        return
     out.print(f"run {r.id} · {r.job_path} · {r.provider}", highlight=False)
     out.print(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""), highlight=False)
     for state, count in sorted(r.states.items()):
@@ -513,11 +549,15 @@ def report(
     run_id: str,
     html: Annotated[Path | None, typer.Option("--html", help="Also write a self-contained page.")] = None,
     db: DbOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output."""
     ledger = Ledger(db)
     run = ledger.run(run_id)
-    print_report(ledger, run.id)
+    if as_json:
+        print_json(report_json(ledger, run))
+    else:
+        print_report(ledger, run.id)
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -34,7 +35,7 @@ from runner.errors import (
 from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.jobs import JobSummary
 from runner.ledger import BudgetView, Ledger, RunView
-from runner.money import format_usd
+from runner.money import format_usd, from_nanos
 from runner.quote import Estimate
 from runner.report import COLUMNS as REPORT_COLUMNS
 from runner.report import REPORT_NEEDS, cells, run_frame, summarize
@@ -348,3 +349,74 @@ def runs_table(runs: list[RunView]) -> Table:
             format_usd(r.spent_nanos, places=6),
         )
     return table
+
+
+# ---- --json: documents for scripts, money as decimal strings ----------------------------------
+
+
+def usd(nanos: int) -> str:
+    return f"{from_nanos(nanos):f}"
+
+
+def print_json(data: Any) -> None:
+    out.print(json.dumps(data, indent=2, default=str), markup=False, highlight=False, soft_wrap=True)
+
+
+def budget_json(view: BudgetView) -> dict[str, Any]:
+    return {
+        "name": view.name,
+        "limit_usd": usd(view.limit_nanos),
+        "spent_usd": usd(view.spent_nanos),
+        "reserved_usd": usd(view.reserved_nanos),
+        "possibly_billed_usd": usd(view.possibly_billed_nanos),
+        "remaining_usd": usd(view.remaining_nanos),
+    }
+
+
+def run_json(run: RunView) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "job": run.job_path,
+        "provider": run.provider,
+        "state": run.state,
+        "reason": run.reason,
+        "total": run.total,
+        "states": dict(sorted(run.states.items())),
+        "spent_usd": usd(run.spent_nanos),
+        "created_at": run.created_at.isoformat() if run.created_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+    }
+
+
+def estimate_json(estimate: Estimate, remaining: int | None) -> dict[str, Any]:
+    return {
+        "total_usd": usd(estimate.total_nanos),
+        "exact": estimate.exact,
+        "unquoted": estimate.unquoted_count,
+        "quote_calls": estimate.quote_calls,
+        "per_model": {
+            model: {
+                "requests": q.requests,
+                "quoted_usd": usd(q.nanos),
+                "exact": q.exact,
+                "unquoted": q.unknown,
+            }
+            for model, q in sorted(estimate.per_model.items())
+        },
+        "unquoted_examples": [{"custom_id": c, "reason": r} for c, r in estimate.unquoted[:ERRORS_SHOWN]],
+        "budget_remaining_usd": None if remaining is None else usd(remaining),
+    }
+
+
+def report_json(ledger: Ledger, run: RunView) -> dict[str, Any]:
+    frame = run_frame(ledger, run.id, REPORT_NEEDS)
+    models, errors = summarize(frame.lazy()) if not frame.is_empty() else (frame, frame)
+
+    def plain(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: (f"{v:f}" if isinstance(v, Decimal) else v) for k, v in row.items()}
+
+    return {
+        "run": run_json(run),
+        "models": [plain(row) for row in models.iter_rows(named=True)],
+        "errors": [plain(row) for row in errors.iter_rows(named=True)],
+    }

@@ -755,3 +755,38 @@ def test_a_finished_job_run_again_under_another_budget_is_a_new_run(
     assert again.exit_code == 0, again.output
     assert "is finished; a new run starts under budget 'second'" in again.output
     assert [r.states for r in Ledger().runs()] == [{"ok": 4}, {"ok": 4}]
+
+
+def test_json_documents_parse_and_carry_money_as_decimal_strings(write_job: Callable[..., Path]) -> None:
+    job = write_job(job_lines(5))
+    assert cli.invoke(app, ["budget", "create", "night", "--limit", "1"]).exit_code == 0
+    estimate = cli.invoke(
+        app, ["estimate", str(job), "--provider", "simulator", "--budget", "night", "--json"]
+    )
+    assert estimate.exit_code == 0, estimate.output
+    quoted = json.loads(estimate.output)
+    assert Decimal(quoted["total_usd"]) > 0 and quoted["budget_remaining_usd"] == "1.000000000"
+    assert quoted["per_model"]["openai/gpt-oss-120b"]["requests"] == 5
+    ran = cli.invoke(app, ["run", str(job), "--provider", "simulator", "--budget", "night"])
+    assert ran.exit_code == 0, ran.output
+    run_id = Ledger().runs()[0].id
+    documents = {
+        "runs": ["runs", "--json"],
+        "status": ["status", run_id, "--json"],
+        "list": ["budget", "list", "--json"],
+        "show": ["budget", "show", "night", "--json"],
+        "history": ["budget", "history", "night", "--json"],
+        "report": ["report", run_id, "--json"],
+    }
+    got = {}
+    for name, args in documents.items():
+        result = cli.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        got[name] = json.loads(result.output)
+    spent = Decimal(got["status"]["spent_usd"])
+    assert got["runs"][0]["id"] == run_id and got["status"]["states"] == {"ok": 5}
+    assert Decimal(got["show"]["spent_usd"]) == spent == Decimal(got["list"][0]["spent_usd"])
+    assert {e["kind"] for e in got["history"]} >= {"create", "reserve", "settle"}
+    assert all(isinstance(e["amount_usd"], str) for e in got["history"])
+    model = got["report"]["models"][0]
+    assert Decimal(model["charged_usd"]) == spent and model["ok"] == 5
