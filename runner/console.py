@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -102,8 +103,9 @@ class QuietConsole(Console):
         os.close(devnull)
 
 
-out = QuietConsole(width=None if sys.stdout.isatty() else 160)
-err = QuietConsole(stderr=True, soft_wrap=True)
+# a log or a pipe gets every figure: no width to cut lines or table cells to
+out = QuietConsole(width=None if sys.stdout.isatty() else 10_000)
+err = QuietConsole(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 10_000)
 
 
 def summary_json(summary: JobSummary) -> dict[str, Any]:
@@ -186,16 +188,22 @@ class Progress:
     LINE_EVERY_S = 5.0
     BAR_EVERY_S = 0.1
 
-    def __init__(self, label: str, total: int) -> None:
+    NARROW = 110  # below this many columns the line keeps the essentials: done/total, failed, $, ETA
+    RATE_WINDOW_S = 60.0  # rate and ETA over the last minute, not the whole run's average
+
+    def __init__(self, label: str, total: int, console: Console | None = None) -> None:
+        self.console = console or err
         self.bar: RichProgress | None = None
-        if err.is_terminal:
+        self.narrow = self.console.width < self.NARROW
+        self.samples: deque[tuple[float, int]] = deque()
+        if self.console.is_terminal:
             self.bar = RichProgress(
                 TextColumn("{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=10 if self.narrow else 30),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"),
                 TimeRemainingColumn(),
-                console=err,
+                console=self.console,
                 transient=True,
             )
             self.task = self.bar.add_task(label, total=total, info="")
@@ -206,6 +214,8 @@ class Progress:
         self.label, self.total = label, total
         self.done = self.failed = self.spent = 0
         self.started = time.monotonic()
+        self.samples.clear()
+        self.samples.append((self.started, 0))
         self.last_line = self.started
         if self.bar:
             self.bar.reset(self.task, total=total, description=label, info="")
@@ -221,7 +231,7 @@ class Progress:
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Notice):
-            err.print(event.message, markup=False, highlight=False)
+            self.console.print(event.message, markup=False, highlight=False)
             return
         if isinstance(event, Phase):
             self._begin(event.name, event.total)
@@ -237,13 +247,31 @@ class Progress:
             return
         self._show()
 
+    def _sample(self, now: float) -> None:
+        self.samples.append((now, self.done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW_S:
+            self.samples.popleft()  # one sample older than the window stays: the window's start
+
+    def rate(self, now: float) -> float:
+        """Requests a second over the last RATE_WINDOW_S (the run's average until then)."""
+        then, done_then = self.samples[0] if self.samples else (self.started, 0)
+        return (self.done - done_then) / max(1e-6, now - then)
+
     def status(self, now: float) -> str:
         elapsed = max(1e-6, now - self.started)
-        rate = self.done / elapsed
-        parts = [f"{self.failed} failed", f"{rate:,.0f}/s"]
+        rate = self.rate(now)
+        parts = [f"{self.failed} failed"]
+        stalled = self.funds.stalled if self.funds is not None else 0
+        if stalled:
+            parts.append(f"{stalled} stalled")
+        if self.label == "running":
+            parts.append(f"{format_usd(self.spent)} spent")
+        if self.narrow:
+            return " · ".join(parts)
+        parts.insert(1, f"{rate:,.0f}/s")
         if self.label == "running":
             per_minute = self.spent * 60_000 // max(1, round(elapsed * 1000))  # integer nano-USD
-            parts += [f"{format_usd(self.spent)} spent", f"{format_usd(per_minute)}/min"]
+            parts.append(f"{format_usd(per_minute)}/min")
             if self.funds is not None:
                 parts.append(f"{format_usd(self.funds.reserved_nanos)} reserved")
                 parts.append(f"{format_usd(self.funds.remaining_nanos)} left in the budget")
@@ -251,6 +279,8 @@ class Progress:
 
     def _show(self) -> None:
         now = time.monotonic()
+        if now - self.samples[-1][0] >= 1.0:
+            self._sample(now)
         if self.bar:
             # the bar is drawn ten times a second: updating it per request would cost more than the request
             if now - self.last_line >= self.BAR_EVERY_S or self.done >= self.total:
@@ -258,10 +288,10 @@ class Progress:
                 self.bar.update(self.task, completed=self.done, info=self.status(now))
         elif now - self.last_line >= self.LINE_EVERY_S:
             self.last_line = now
-            rate = self.done / max(1e-6, now - self.started)
-            left = self.total - self.done
+            status = self.status(now)
+            rate, left = self.rate(now), self.total - self.done
             eta = f" · ETA {left / rate:,.0f} s" if rate and left > 0 else ""
-            err.print(f"{self.label}: {self.done}/{self.total} · {self.status(now)}{eta}", highlight=False)
+            self.console.print(f"{self.label}: {self.done}/{self.total} · {status}{eta}", highlight=False)
 
 
 def note_unknown_context(summary: JobSummary, models: dict[str, catalog.ModelInfo]) -> None:
@@ -279,26 +309,50 @@ def note_unknown_context(summary: JobSummary, models: dict[str, catalog.ModelInf
 # ---- runs, export, report ------------------------------------------------------------------
 
 
-def print_report(ledger: Ledger, run_id: str, parquet: Path | None = None) -> None:
+REPORT_TABLE_WIDTH = 150  # narrower than this, the report is a block of lines per model
+
+
+def print_report(
+    ledger: Ledger, run_id: str, parquet: Path | None = None, console: Console | None = None
+) -> None:
     """The per-model table and the top errors: from the run's Parquet when there is one (streamed),
-    else from the ledger."""
+    else from the ledger. On a narrow terminal, one block per model, no figure cut."""
+    console = console or out
     if parquet is not None:
         models, errors = summarize(pl.scan_parquet(parquet).select(REPORT_NEEDS))
     else:
         frame = run_frame(ledger, run_id, REPORT_NEEDS)
         models, errors = summarize(frame.lazy()) if not frame.is_empty() else (frame, frame)
-    table = Table(title="report", title_justify="left")
-    for column in REPORT_COLUMNS:
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
-    for row in models.iter_rows(named=True):
-        table.add_row(*cells(row))
-    out.print(table)
+    if console.width < REPORT_TABLE_WIDTH:
+        console.print("report", highlight=False)
+        for row in models.iter_rows(named=True):
+            console.print(report_block(cells(row)), markup=False, highlight=False)
+    else:
+        table = Table(title="report", title_justify="left")
+        for column in REPORT_COLUMNS:
+            table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True)
+        for row in models.iter_rows(named=True):
+            table.add_row(*cells(row))
+        console.print(table)
     for row in errors.iter_rows(named=True):
-        out.print(
-            f"  {row['count']} × {row['error_type']}: {row['example']}",
+        console.print(
+            f"  {row['count']} × {row['error_type']}: {printable(str(row['example']))}",
             markup=False,
             highlight=False,
         )
+
+
+def report_block(texts: list[str]) -> str:
+    """One model's report as short lines (each under 80 columns for any figure it can hold)."""
+    f = dict(zip(REPORT_COLUMNS, texts, strict=True))
+    lines = [
+        printable(f["model"]),
+        f"  ok {f['ok']} · failed {f['failed']} · possibly billed {f['possibly billed']}",
+        f"  tokens: prompt {f['prompt tok']} · output {f['output tok']} · reasoning {f['reasoning tok']}",
+        f"  quoted {f['quoted']} · charged {f['charged']} · drift {f['drift']}",
+        f"  latency p50 {f['p50 s']} s · p95 {f['p95 s']} s · {f['$/1k out']} per 1k out",
+    ]
+    return "\n".join(lines)
 
 
 def print_catalog(*, as_json: bool) -> None:

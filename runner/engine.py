@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import random
 import signal
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from runner.preflight import OWNER_TOUCH_S, Plan, changed
 from runner.retry import retrying
 
 FUNDS_EVERY_S = 1.0
+STALL_FACTOR = 5.0  # in flight this many times the median call: shown as stalled
+STALL_MIN_S = 10.0
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
 
@@ -115,6 +118,8 @@ class Engine:
         self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
         self._counter = itertools.count()
         self.over_quote = 0  # requests charged above their hold (a price table too low)
+        self._sent_at: dict[int, float] = {}  # requests in flight: when their attempt went out
+        self._latencies: deque[float] = deque(maxlen=512)  # recent calls' times, for "stalled"
         self.ledger_gone: str | None = None  # the ledger's file was deleted or replaced under the run
 
     def stop(self, state: str, reason: str) -> None:
@@ -157,14 +162,21 @@ class Engine:
                 self.ledger_gone = gone
                 self.stop("stopped", f"the ledger file {self.ledger.db.path} was {gone} during the run")
             view = await anyio.to_thread.run_sync(self.ledger.budget_by_id, self.plan.budget_id)
-            self.on_event(
-                Funds(view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
-            )
+            funds = (view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
+            self.on_event(Funds(*funds, stalled=self._stalled()))
             if time.monotonic() - last_touch >= OWNER_TOUCH_S:
                 last_touch = time.monotonic()
                 if not await self.writer.submit(lambda db: self.ledger.touch_run(db, run_id, owner)):
                     self.stop("stopped", "another process took this run over (this one was taken for gone)")
             await anyio.sleep(FUNDS_EVERY_S)
+
+    def _stalled(self) -> int:
+        """Requests in flight STALL_FACTOR times longer than the median call (and over 10 s)."""
+        if len(self._latencies) < 20:
+            return 0
+        limit = max(STALL_MIN_S, STALL_FACTOR * statistics.median(self._latencies))
+        now = time.monotonic()
+        return sum(now - sent > limit for sent in list(self._sent_at.values()))
 
     def abort(self, reason: str) -> None:
         """Cancel in-flight requests now; the run's `sending` rows are then marked possibly billed."""
@@ -353,16 +365,21 @@ class Engine:
         if not first:  # the first attempt was paced and marked `sending` with its reservation
             await self._pace(request)
             await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
-        started = time.monotonic()
+        started = self._sent_at[row_id] = time.monotonic()
         try:
-            return await self.provider.complete(request)
+            outcome = await self.provider.complete(request)
         except RetryableError as exc:
+            self._sent_at.pop(row_id, None)
             if exc.status == 429 or exc.code == "RATE_LIMITED":
                 self.limit.on_rate_limited(started)
             latency = time.monotonic() - started
             error = exc
             await self.writer.submit(lambda db: _record(db, row_id, number, "retry", error, latency))
             raise
+        finally:
+            self._sent_at.pop(row_id, None)
+        self._latencies.append(time.monotonic() - started)
+        return outcome
 
     def _settle(
         self, request: ChatRequest, row_id: int, quote: int, outcome: Outcome, attempts: int

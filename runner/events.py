@@ -49,6 +49,7 @@ class Funds:
     reserved_nanos: int
     possibly_billed_nanos: int
     remaining_nanos: int
+    stalled: int = 0  # requests in flight far longer than the run's median call
 
 
 Event = Quoted | RequestFinished | Retrying | Notice | Phase | Funds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,47 @@ def test_the_bar_is_updated_ten_times_a_second_not_per_request(monkeypatch: pyte
     assert 9 <= len(shown) <= 11
     progress(RequestFinished("last", "ok", 0))
     assert shown[-1] == 1000  # the end is always shown
+
+
+def test_at_80_columns_the_progress_line_keeps_done_total_failed_spent_and_eta() -> None:
+    from rich.console import Console  # noqa: PLC0415
+
+    terminal = Console(width=80, force_terminal=True, file=io.StringIO(), record=True)
+    progress = cli.Progress("running", 20_000, console=terminal)
+    assert progress.bar is not None
+    progress(Funds(0, to_nanos(Decimal(3)), 0, to_nanos(Decimal(40)), stalled=2))
+    for i in range(1_000):
+        progress(RequestFinished("r", "ok" if i % 100 else "failed", to_nanos(Decimal("0.0123"))))
+    progress.last_line = 0.0
+    progress._show()
+    screen = Console(width=80, file=io.StringIO(), record=True, force_terminal=True)
+    screen.print(progress.bar.get_renderable())
+    line = screen.export_text().strip()
+    assert "1000/20000" in line
+    assert "10 failed" in line and "2 stalled" in line and "$12.3000 spent" in line
+    assert line.rstrip().endswith(("-:--:--", "0:00:00")) or ":" in line.split()[-1]  # the ETA column
+    assert "…" not in line and len(line) <= 80
+
+
+def test_at_80_columns_the_report_is_a_block_per_model_with_every_figure(tmp_path: Path) -> None:
+    from rich.console import Console  # noqa: PLC0415
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from runner.cli import app  # noqa: PLC0415
+    from runner.ledger import Ledger  # noqa: PLC0415
+
+    demo = Path(__file__).resolve().parent.parent / "jobs" / "demo.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["run", str(demo), "--provider", "simulator", "--max-usd", "1", "-o", str(tmp_path / "d.parquet")],
+    )
+    assert result.exit_code == 0, result.output
+    run_id = Ledger().runs()[0].id
+    terminal = Console(width=80, file=io.StringIO(), record=True)
+    cli.print_report(Ledger(), run_id, console=terminal)
+    text = terminal.export_text()
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    for model in ("openai/gpt-oss-120b", "zai-org/GLM-4.6", "moonshotai/Kimi-K2.5"):
+        assert model in text
+    assert text.count("  ok ") == 6 and text.count("charged $") == 6 and text.count("latency p50") == 6
