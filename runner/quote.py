@@ -122,7 +122,8 @@ async def quote_requests(
         keys = [cache_key(scope, r) for r in chunk]
         cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
         quotes = dict(cached)
-        missing = [(k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes]
+        # identical bodies (same model, same request) are asked once: the key names the body
+        missing = list({k: (k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes}.values())
         if missing and before_asking is not None:
             await before_asking()
             before_asking = None

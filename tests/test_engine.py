@@ -790,3 +790,34 @@ def test_json_documents_parse_and_carry_money_as_decimal_strings(write_job: Call
     assert all(isinstance(e["amount_usd"], str) for e in got["history"])
     model = got["report"]["models"][0]
     assert Decimal(model["charged_usd"]) == spent and model["ok"] == 5
+
+
+async def test_a_request_far_slower_than_the_rest_is_reported_as_stalled(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.events import Funds  # noqa: PLC0415
+
+    monkeypatch.setattr("runner.engine.FUNDS_EVERY_S", 0.05)
+    monkeypatch.setattr("runner.engine.STALL_MIN_S", 0.3)
+    sim.books.configure({"latency": "0.02", "script": [{"fault": "stall", "match": "question q 30"}]})
+    seen: list[int] = []
+
+    def listen(event: object) -> None:
+        if isinstance(event, Funds):
+            seen.append(event.stalled)
+
+    ledger = Ledger()
+    provider = OrthogonalProvider(api_key="k", base_url=sim.base_url, timeouts=Timeouts(1.0, 1.0))
+    try:
+        result = await run_job(
+            write_job(job_lines(60)),
+            conn=Connection(provider, "sim"),
+            ledger=ledger,
+            max_usd=Decimal(1),
+            options=RunOptions(concurrency=4),
+            on_event=listen,
+        )
+    finally:
+        await provider.aclose()
+    assert max(seen) == 1  # the one stalled call, while it hung
+    assert seen[-1] == 0 or result.states.get("possibly_billed") == 1

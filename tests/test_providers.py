@@ -519,3 +519,15 @@ def test_the_simulator_command_is_realistic_by_default() -> None:
     from runner.simulator import parse_latency  # noqa: PLC0415
 
     assert parse_latency(SIMULATED_DRY_RUN_LATENCY)[1] > 0 and parse_latency(SIMULATED_LATENCY)[1] >= 0.5
+
+
+async def test_identical_bodies_are_dry_run_once(sim: SimulatorThread) -> None:
+    from runner.quote import quote_requests  # noqa: PLC0415
+
+    requests = [chat(BODY, f"same{i}") for i in range(12)] + [chat({**BODY, "max_tokens": 7}, "other")]
+    orth, oai = providers(sim)
+    estimate = await quote_requests(requests, provider=orth, scope="s", ledger=Ledger())
+    await orth.aclose()
+    await oai.aclose()
+    assert estimate.quote_calls == 2 and sim.books.stats()["counters"]["run.dry_run"] == 2
+    assert estimate.per_model["openai/gpt-oss-120b"].requests == 13
