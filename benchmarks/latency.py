@@ -31,6 +31,8 @@ from typing import Any
 
 import aiohttp
 
+from runner.simulator import parse_latency
+
 MODEL = "openai/gpt-oss-120b"
 
 
@@ -90,10 +92,14 @@ async def bare_loop(url: str, provider: str, n: int, concurrency: int) -> float:
     return elapsed
 
 
-def run_phase_s(db: Path) -> float:
+def phases_s(db: Path) -> tuple[float, float]:
+    """(pre-flight, run phase) seconds from the ledger: the run is made when quoting starts, its
+    first request is sent when quoting is over."""
     with sqlite3.connect(db) as c:
+        (made,) = c.execute("SELECT created_at FROM runs").fetchone()
         first, last = c.execute("SELECT min(started_at), max(finished_at) FROM requests").fetchone()
-    return (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    start, sent, done = (datetime.fromisoformat(t) for t in (made, first, last))
+    return (sent - start).total_seconds(), (done - sent).total_seconds()
 
 
 def runner_run(sim: Simulator, provider: str, n: int, concurrency: int, folder: Path) -> dict[str, float]:
@@ -118,7 +124,8 @@ def runner_run(sim: Simulator, provider: str, n: int, concurrency: int, folder: 
     if done.returncode != 0:
         sys.exit(f"runner run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"whole_s": whole, "run_s": run_phase_s(db), "cpu_s": cpu}
+    preflight, run = phases_s(db)
+    return {"whole_s": whole, "run_s": run, "preflight_s": preflight, "cpu_s": cpu}
 
 
 def main() -> None:
@@ -159,6 +166,12 @@ def main() -> None:
                     f"  runner, run phase    {run_rate:8,.0f} req/s  = {run_rate / loop_rate:.2f} x the loop"
                 )
                 whole_ratio, cpu = whole_rate / loop_rate, runner["cpu_s"]
+                high = parse_latency(args.dry_run_latency)
+                ideal = n * (high[1] if high[0] == "fixed" else (high[1] + high[2]) / 2) / c
+                print(
+                    f"  runner, pre-flight   {runner['preflight_s']:8.1f} s      = "
+                    f"{runner['preflight_s'] / ideal if ideal else 0:.2f} x N x dry-run latency / concurrency"
+                )
                 print(
                     f"  runner, whole command{whole_rate:8,.0f} req/s  = {whole_ratio:.2f} x the loop"
                     f"  ({runner['whole_s']:.1f} s)"

@@ -118,7 +118,9 @@ async def quote_requests(
     estimate = Estimate()
     limits = limits or Limits(concurrency)
     paced = getattr(provider, "dry_runs", False)  # a dry run is a call the provider counts
-    for chunk in _chunks(requests, BATCH):
+    # a chunk's dry runs go out together: at least as many as may be in flight, so that a round trip
+    # per chunk does not cap the rate below the concurrency
+    for chunk in _chunks(requests, max(BATCH, limits.window.maximum)):
         keys = [cache_key(scope, r) for r in chunk]
         cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
         quotes = dict(cached)
