@@ -9,6 +9,8 @@ from decimal import Decimal
 from itertools import islice
 
 import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from runner import http
 from runner.errors import ConfigError, ProviderError, RetryableError, RunFatalError
@@ -92,6 +94,19 @@ async def quote_with_retries(
     raise AssertionError  # pragma: no cover - tenacity returns, retries or re-raises
 
 
+@dataclass
+class _Chunk:
+    """A chunk of requests whose dry runs are under way; `done` once every one has its quote."""
+
+    requests: list[ChatRequest]
+    keys: list[str]
+    cached: set[str]
+    quotes: dict[str, Quote]
+    asked: list[str]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    left: int = 0
+
+
 async def quote_requests(
     requests: Iterable[ChatRequest],
     *,
@@ -103,13 +118,13 @@ async def quote_requests(
     policy: http.RetryPolicy | None = None,
     on_event: Listener = ignore,
     on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None = None,
-    before_asking: Callable[[], Awaitable[object]] | None = None,
 ) -> Estimate:
-    """Quote every request (cached quotes reused), store new quotes, and total them per model.
+    """Quote every request (cached quotes reused, identical bodies asked once), store new quotes,
+    and total them per model.
 
-    `on_chunk` gets each chunk of requests with their quotes, in file order, once they are known;
-    `before_asking` is awaited once before the first quote that is not cached is asked for (a
-    validation still under way elsewhere: nothing goes out for a job it would refuse).
+    The dry runs are a pipeline: chunks are read ahead and their dry runs started while earlier
+    chunks finish, so the network is kept busy at the concurrency; `on_chunk` still gets each chunk
+    of requests with their quotes in file order, once they are known.
     """
     if concurrency < 1:
         msg = f"--concurrency must be 1 or more (got {concurrency})"
@@ -118,54 +133,76 @@ async def quote_requests(
     estimate = Estimate()
     limits = limits or Limits(concurrency)
     paced = getattr(provider, "dry_runs", False)  # a dry run is a call the provider counts
-    # a chunk's dry runs go out together: at least as many as may be in flight, so that a round trip
-    # per chunk does not cap the rate below the concurrency
-    for chunk in _chunks(requests, max(BATCH, limits.window.maximum)):
-        keys = [cache_key(scope, r) for r in chunk]
-        cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
-        quotes = dict(cached)
-        # identical bodies (same model, same request) are asked once: the key names the body
-        missing = list({k: (k, r) for k, r in zip(keys, chunk, strict=True) if k not in quotes}.values())
-        if missing and before_asking is not None:
-            await before_asking()
-            before_asking = None
+    ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency
 
-        async def ask(key: str, request: ChatRequest, into: dict[str, Quote]) -> None:
-            await limits.window.acquire()
-            try:
-                if paced:
-                    await limits.pace(request_tokens(request))
-                into[key] = await quote_with_retries(provider, request, policy, on_event)
-            finally:
-                limits.window.release()
-            estimate.quote_calls += 1
-
+    async def ask(chunk: _Chunk, key: str, request: ChatRequest) -> None:
+        await limits.window.acquire()
         try:
-            async with anyio.create_task_group() as tg:
-                for key, request in missing:
-                    tg.start_soon(ask, key, request, quotes)
-        except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
-            first = group.exceptions[0]
-            msg = f"the provider refused the dry runs, nothing was sent: {first}"
-            raise RunFatalError(msg, status=getattr(first, "status", None)) from None
-        fresh = [
-            {
-                "key": key,
-                "amount_nanos": q.nanos,
-                "exact": q.exact,
-                "source": q.source,
-                "reason": q.reason or None,
-            }
-            for key, _ in missing
-            if (q := quotes[key]).amount is not None  # unknown quotes are asked again next time
-        ]
-        await anyio.to_thread.run_sync(ledger.store_quotes, fresh)
-        if on_chunk is not None:
-            await on_chunk(chunk, [quotes[key] for key in keys])
-        for key, request in zip(keys, chunk, strict=True):
-            estimate.add(request, quotes[key])
-            on_event(Quoted(request.custom_id, cached=key in cached, known=quotes[key].known))
+            if paced:
+                await limits.pace(request_tokens(request))
+            chunk.quotes[key] = await quote_with_retries(provider, request, policy, on_event)
+        finally:
+            limits.window.release()
+        estimate.quote_calls += 1
+        chunk.left -= 1
+        if not chunk.left:
+            chunk.done.set()
+
+    async def start_all(tg: TaskGroup, send: MemoryObjectSendStream[_Chunk]) -> None:
+        async with send:
+            for part in _chunks(requests, BATCH):
+                keys = [cache_key(scope, r) for r in part]
+                cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
+                # identical bodies (same model, same request) are asked once: the key names the body
+                missing = {k: r for k, r in zip(keys, part, strict=True) if k not in cached}
+                chunk = _Chunk(part, keys, set(cached), dict(cached), list(missing), left=len(missing))
+                if not missing:
+                    chunk.done.set()
+                for key, request in missing.items():
+                    tg.start_soon(ask, chunk, key, request)
+                await send.send(chunk)  # waits while `ahead` chunks are under way
+
+    try:
+        async with anyio.create_task_group() as tg:
+            send, receive = anyio.create_memory_object_stream[_Chunk](ahead)
+            tg.start_soon(start_all, tg, send)
+            async with receive:
+                async for chunk in receive:
+                    await _finish(chunk, ledger, estimate, on_event, on_chunk)
+    except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
+        first = group.exceptions[0]
+        msg = f"the provider refused the dry runs, nothing was sent: {first}"
+        raise RunFatalError(msg, status=getattr(first, "status", None)) from None
     return estimate
+
+
+async def _finish(
+    chunk: _Chunk,
+    ledger: Ledger,
+    estimate: Estimate,
+    on_event: Listener,
+    on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None,
+) -> None:
+    """A chunk whose quotes are all in: kept in the ledger's cache, handed on, counted."""
+    await chunk.done.wait()
+    fresh = [
+        {
+            "key": k,
+            "amount_nanos": q.nanos,
+            "exact": q.exact,
+            "source": q.source,
+            "reason": q.reason or None,
+        }
+        for k in chunk.asked
+        if (q := chunk.quotes[k]).amount is not None  # unknown quotes are asked again next time
+    ]
+    await anyio.to_thread.run_sync(ledger.store_quotes, fresh)
+    quotes = [chunk.quotes[key] for key in chunk.keys]
+    if on_chunk is not None:
+        await on_chunk(chunk.requests, quotes)
+    for key, request, quote in zip(chunk.keys, chunk.requests, quotes, strict=True):
+        estimate.add(request, quote)
+        on_event(Quoted(request.custom_id, cached=key in chunk.cached, known=quote.known))
 
 
 def fits(estimate: Estimate, remaining_nanos: int) -> tuple[bool, Decimal]:
