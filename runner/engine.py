@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import signal
 import statistics
 import time
@@ -44,7 +43,7 @@ from runner.limits import Limits, request_tokens
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
 from runner.preflight import OWNER_TOUCH_S, Plan, changed
-from runner.retry import retrying
+from runner.retry import first_wait, retrying
 
 FUNDS_EVERY_S = 1.0
 STALL_FACTOR = 5.0  # in flight this many times the median call: shown as stalled
@@ -114,7 +113,6 @@ class Engine:
         self._work = anyio.CancelScope()
         self.reason: str | None = None
         self.state = "done"
-        self.rng = random.Random()
         self._taken: set[int] = set()  # rows handed to a worker whose request has not finished
         self._counter = itertools.count()
         self.over_quote = 0  # requests charged above their hold (a price table too low)
@@ -325,7 +323,7 @@ class Engine:
         except RetryableError as exc:
             if self.options.policy.attempts <= 1:
                 raise
-            after = http.backoff_s(self.options.policy, 1, exc.retry_after, self.rng)
+            after = first_wait(self.options.policy, exc)
             self._retried(1, after, exc)
             await anyio.sleep(after)
         async for attempt in retrying(self.options.policy, self._retried, made=1):

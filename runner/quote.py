@@ -20,7 +20,7 @@ from runner.limits import Limits, request_tokens
 from runner.models import ChatRequest, Quote
 from runner.money import from_nanos
 from runner.providers.base import Provider
-from runner.retry import retrying
+from runner.retry import first_wait, retrying
 
 BATCH = 1000
 
@@ -82,7 +82,15 @@ async def quote_with_retries(
         on_event(Retrying(request.custom_id, attempt, wait, str(error)))
 
     try:
-        async for attempt in retrying(policy, retried):
+        try:  # the first attempt directly: most dry runs succeed at once
+            return await provider.quote(request)
+        except RetryableError as exc:
+            if policy.attempts <= 1:
+                raise
+            wait = first_wait(policy, exc)
+            retried(1, wait, exc)
+            await anyio.sleep(wait)
+        async for attempt in retrying(policy, retried, made=1):
             with attempt:
                 return await provider.quote(request)
     except RetryableError as exc:

@@ -13,17 +13,23 @@ from runner import http
 from runner.errors import ProviderError, RetryableError
 
 OnRetry = Callable[[int, float, BaseException | None], None]  # (attempt that failed, wait, error)
+_JITTER = random.Random()  # one for all: seeding a Random costs more than a dry run's own bookkeeping
+
+
+def first_wait(policy: http.RetryPolicy, error: ProviderError) -> float:
+    """The wait after a first attempt made outside tenacity (most calls succeed at once, and
+    tenacity's loop costs more than a call's own bookkeeping)."""
+    return http.backoff_s(policy, 1, error.retry_after, _JITTER)
 
 
 def retrying(policy: http.RetryPolicy, on_retry: OnRetry, *, made: int = 0) -> AsyncRetrying:
     """Attempts up to `policy.attempts` in all, `made` of them already made before this loop."""
-    rng = random.Random()
 
     def wait(state: RetryCallState) -> float:
         failed = made + state.attempt_number
         error = state.outcome.exception() if state.outcome else None
         after = error.retry_after if isinstance(error, ProviderError) else None
-        seconds = http.backoff_s(policy, failed, after, rng)
+        seconds = http.backoff_s(policy, failed, after, _JITTER)
         on_retry(failed, seconds, error)
         return seconds
 
