@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from decimal import Decimal
 
 import anyio
@@ -23,24 +24,37 @@ class AdaptiveLimit:
         self.current = float(maximum)
         self.in_flight = 0
         self.cut_at = float("-inf")  # when the window was last halved
-        self._freed: anyio.Event | None = None  # set when a slot frees up, for whoever waits
+        self._waiting: deque[anyio.Event] = deque()  # first come, first served
 
     async def acquire(self) -> None:
-        """Take a slot; returns at once while the window has room (one event loop, no lock needed)."""
-        while self.in_flight >= int(self.current):
-            if self._freed is None:
-                self._freed = anyio.Event()
-            await self._freed.wait()
-        self.in_flight += 1
+        """Take a slot, in the order asked: a pipeline's earliest requests are not overtaken by
+        later ones (one event loop, no lock needed)."""
+        if self.in_flight < int(self.current) and not self._waiting:
+            self.in_flight += 1
+            return
+        granted = anyio.Event()
+        self._waiting.append(granted)
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():  # the slot came with the cancellation: hand it on
+                self.release()
+            else:
+                self._waiting.remove(granted)
+            raise
 
     def release(self) -> None:
         self.in_flight -= 1
-        if self._freed is not None:
-            self._freed.set()
-            self._freed = None
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self.in_flight < int(self.current):
+            self.in_flight += 1
+            self._waiting.popleft().set()
 
     def on_success(self) -> None:
         self.current = min(self.maximum, self.current + 1 / max(1.0, self.current))
+        self._grant()
 
     def on_rate_limited(self, sent_at: float) -> None:
         """A 429 for a request sent at `sent_at` (time.monotonic()): a request sent before the last

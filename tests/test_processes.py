@@ -586,3 +586,26 @@ def test_a_reader_that_goes_away_never_stops_the_run_before_it_drains_and_writes
     assert ledger.runs()[0].state == "done"
     assert pl.read_parquet(job.with_suffix(".parquet")).height == 300
     assert_books_match(ledger, sim, job_lines, "night")
+
+
+def test_a_pre_flight_killed_half_way_does_not_ask_its_dry_runs_again(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """Quotes are kept in the ledger chunk by chunk as they come: after SIGKILL in the pre-flight, the
+    next run asks only what was not answered yet."""
+    sim = sim_process("0.01")
+    job_lines, job, db, ledger = night_job(tmp_path, "q", 4000)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "100")
+    assert wait_for(lambda: sim.stats()["counters"].get("run.dry_run", 0) >= 2000, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    asked_before = sim.stats()["counters"]["run.dry_run"]
+    assert sim.charges() == 0
+    quiet(sim)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "100")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    asked_in_all = sim.stats()["counters"]["run.dry_run"]
+    assert asked_in_all - asked_before <= 4000 - asked_before + 1200  # at most what was in flight again
+    assert asked_in_all < 4000 + 1200
+    assert_books_match(ledger, sim, job_lines, "night")
