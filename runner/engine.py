@@ -358,6 +358,9 @@ class Engine:
     async def _pace(self, request: ChatRequest) -> None:
         """Wait for the RPM and TPM buckets (before the reservation, so no hold waits on them)."""
         await self.limits.pace(request_tokens(request))
+        paused = getattr(self.provider, "paused_until", 0.0) - time.monotonic()
+        if paused > 0:  # the server said its limit is used up until its reset
+            await anyio.sleep(paused)
 
     async def _attempt(self, request: ChatRequest, row_id: int, number: int, *, first: bool) -> Outcome:
         if not first:  # the first attempt was paced and marked `sending` with its reservation

@@ -358,6 +358,19 @@ class RateLimits:
     limit_tokens: int | None = None
     remaining_tokens: int | None = None
     reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+    def pause_s(self) -> float:
+        """How long to send nothing: until the reset, when the server says nothing is left."""
+        waits = [
+            reset if reset is not None else 1.0
+            for remaining, reset in (
+                (self.remaining_requests, self.reset_requests_s),
+                (self.remaining_tokens, self.reset_tokens_s),
+            )
+            if remaining is not None and remaining <= 0
+        ]
+        return max(waits, default=0.0)
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> RateLimits:
@@ -373,6 +386,7 @@ class RateLimits:
             limit_tokens=number("x-ratelimit-limit-tokens"),
             remaining_tokens=number("x-ratelimit-remaining-tokens"),
             reset_requests_s=duration_s(headers.get("x-ratelimit-reset-requests")),
+            reset_tokens_s=duration_s(headers.get("x-ratelimit-reset-tokens")),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
 import socket
 import ssl
@@ -302,3 +303,44 @@ def test_a_request_that_could_not_be_written_was_not_sent(exc: Exception) -> Non
 def test_a_reply_cut_off_after_sending_is_an_unknown_outcome() -> None:
     error = http.network_error(aiohttp.ServerDisconnectedError(), http.Endpoint("http://127.0.0.1"))
     assert error.sent and not error.fatal
+
+
+async def test_x_ratelimit_headers_pace_the_run_before_a_429_comes(
+    serve_app: Serve, write_job: Callable[..., Path]
+) -> None:
+    """The server says on the 3rd reply that no request is left for 0.8 s: the 4th waits for the
+    reset instead of meeting a 429."""
+    import time as clock  # noqa: PLC0415
+    from decimal import Decimal  # noqa: PLC0415
+
+    from runner.connect import Connection  # noqa: PLC0415
+    from runner.engine import RunOptions  # noqa: PLC0415
+    from runner.ledger import Ledger  # noqa: PLC0415
+    from runner.run import run_job  # noqa: PLC0415
+
+    arrivals: list[float] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        arrivals.append(clock.monotonic())
+        left = "0" if len(arrivals) == 3 else "50"
+        headers = {"x-ratelimit-remaining-requests": left, "x-ratelimit-reset-requests": "800ms"}
+        return web.json_response(COMPLETION, headers=headers)
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", completions)
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1")
+    job = write_job([{**BODY, "custom_id": f"c{i}"} for i in range(5)])
+    try:
+        result = await run_job(
+            job,
+            conn=Connection(provider, "openai:test"),
+            ledger=Ledger(),
+            max_usd=Decimal(1),
+            options=RunOptions(concurrency=1),
+        )
+    finally:
+        await provider.aclose()
+    assert result.states == {"ok": 5}
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert gaps[2] >= 0.75  # after the 3rd reply: the reset awaited
+    assert max(gaps[:2] + gaps[3:]) < 0.5

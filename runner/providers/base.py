@@ -198,6 +198,14 @@ class HttpProvider:
     def __init__(self, endpoint: http.Endpoint, secret: http.Secret) -> None:
         self._endpoint = endpoint
         self._secret = secret
+        self.paused_until = 0.0  # time.monotonic() before which the server asked for nothing more
+
+    def _note_limits(self, headers: Any) -> None:
+        """The server's x-ratelimit-* word on a reply: nothing left means wait for the reset."""
+        if "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers:
+            wait = http.RateLimits.from_headers(headers).pause_s()
+            if wait:
+                self.paused_until = max(self.paused_until, time.monotonic() + wait)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self._endpoint.base_url!r})"
@@ -214,6 +222,7 @@ class HttpProvider:
             raise transport_error(exc, billable=billable) from None
         if response.status_code >= 400:
             raise error_from_response(response, self._secret)
+        self._note_limits(response.headers)
         try:
             return response, response.json()
         except ValueError:
@@ -232,6 +241,7 @@ class HttpProvider:
             async with self._endpoint.stream("POST", path, body) as response:
                 if response.status_code >= 400:
                     raise error_from_response(await response.read(), self._secret)
+                self._note_limits(response.headers)
                 async for data in http.sse_data(response.lines()):
                     if data == "[DONE]":
                         break
