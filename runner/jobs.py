@@ -321,7 +321,7 @@ def validate_job(
 
 class JobChunks:
     """A validated job read in chunks of `size` physical lines, numbered from 0 and taken in rising
-    order: a process sending a share of a run reads past (without parsing) the chunks others took.
+    order; a chunk passed over is read past without parsing.
 
     The lines are not checked against the contract again: each one's hash is compared with the hash
     recorded when it was validated. A line that no longer parses raises JobError.
