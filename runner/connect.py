@@ -114,6 +114,15 @@ def _http_url(url: str) -> str:
 
 
 @asynccontextmanager
+async def _opened(provider: Provider, scope: str, books: Books | None = None) -> AsyncIterator[Connection]:
+    """A connection over `provider`, whose connections are closed after."""
+    try:
+        yield Connection(provider, scope, books)
+    finally:
+        await provider.aclose()
+
+
+@asynccontextmanager
 async def _simulator(settings: ProviderSettings) -> AsyncIterator[Connection]:
     # imported here: the simulator's server costs memory a run elsewhere does not need
     from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415
@@ -132,10 +141,8 @@ async def _simulator(settings: ProviderSettings) -> AsyncIterator[Connection]:
             max_connections=settings.max_connections,
             timeouts=settings.timeouts,
         )
-        try:
-            yield Connection(provider, f"simulator:{settings.sim_pricing}", books)
-        finally:
-            await provider.aclose()
+        async with _opened(provider, f"simulator:{settings.sim_pricing}", books) as conn:
+            yield conn
 
 
 @asynccontextmanager
@@ -152,10 +159,8 @@ async def _orthogonal(settings: ProviderSettings) -> AsyncIterator[Connection]:
         max_connections=settings.max_connections,
         timeouts=settings.timeouts,
     )
-    try:
-        yield Connection(provider, f"orthogonal:{base}:{settings.api}")
-    finally:
-        await provider.aclose()
+    async with _opened(provider, f"orthogonal:{base}:{settings.api}") as conn:
+        yield conn
 
 
 @asynccontextmanager
@@ -172,10 +177,8 @@ async def _openai(settings: ProviderSettings) -> AsyncIterator[Connection]:
         max_connections=settings.max_connections,
         timeouts=settings.timeouts,
     )
-    try:
-        yield Connection(provider, f"openai:{base}")
-    finally:
-        await provider.aclose()
+    async with _opened(provider, f"openai:{base}") as conn:
+        yield conn
 
 
 # --provider NAME → how to open it: a new provider is a module of its own and one line here

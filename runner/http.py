@@ -122,15 +122,20 @@ class StreamReply:
 
     async def lines(self) -> AsyncIterator[bytes]:
         """The body's lines without their line ends (a line may span many reads)."""
-        pending = b""
+        pending = bytearray()  # a line still arriving: appended to, never copied whole per read
         with self._endpoint.failures(sent=True):
             async for data in self._response.content.iter_any():
-                pending += data
-                *whole, pending = pending.split(b"\n")
-                for line in whole:
+                if b"\n" not in data:
+                    pending += data
+                    continue
+                first, *middle, last = data.split(b"\n")
+                pending += first
+                yield bytes(pending).removesuffix(b"\r")
+                for line in middle:
                     yield line.removesuffix(b"\r")
+                pending = bytearray(last)
         if pending:
-            yield pending.removesuffix(b"\r")
+            yield bytes(pending).removesuffix(b"\r")
 
 
 def ssl_context() -> ssl.SSLContext:

@@ -344,3 +344,24 @@ async def test_x_ratelimit_headers_pace_the_run_before_a_429_comes(
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert gaps[2] >= 0.75  # after the 3rd reply: the reset awaited
     assert max(gaps[:2] + gaps[3:]) < 0.5
+
+
+async def test_stream_lines_arrive_whole_however_the_bytes_are_cut(serve_app: Serve) -> None:
+    body = b"data: " + b"x" * 70_000 + b"\r\n\r\ndata: short\n\ndata: last"
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await reply.prepare(request)
+        for start in range(0, len(body), 997):  # cuts inside lines and inside line ends
+            await reply.write(body[start : start + 997])
+            await asyncio.sleep(0)
+        await reply.write_eof()
+        return reply
+
+    server = web.Application()
+    server.router.add_post("/s", stream)
+    endpoint = http.Endpoint(await serve_app(server))
+    async with endpoint.stream("POST", "/s", {}) as reply:
+        events = [data async for data in http.sse_data(reply.lines())]
+    await endpoint.aclose()
+    assert events == ["x" * 70_000, "short", "last"]

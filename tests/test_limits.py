@@ -41,7 +41,7 @@ async def test_limits_pace_at_the_rpm_from_an_empty_bucket() -> None:
     started = time.monotonic()
     for _ in range(5):
         await limits.pace(10)
-    assert 0.2 < time.monotonic() - started < 0.6  # no burst at the start
+    assert 0.2 < time.monotonic() - started < 2.0  # no burst at the start (the upper bound: a busy machine)
 
 
 async def test_spending_is_paced_under_max_usd_per_hour() -> None:
@@ -50,9 +50,9 @@ async def test_spending_is_paced_under_max_usd_per_hour() -> None:
     limits = Limits(4, usd_per_hour=Decimal("3.6"))  # $0.001 a second, a minute's worth at once
     started = time.monotonic()
     await limits.spend(60_000_000)  # $0.06: the first minute's worth, at once
-    assert time.monotonic() - started < 0.1
+    at_once = time.monotonic() - started
     await limits.spend(500_000)  # $0.0005 more waits half a second
-    assert 0.4 < time.monotonic() - started < 0.8
+    assert at_once < 0.3 < 0.4 < time.monotonic() - started < 2.0
 
 
 def test_a_deadline_is_a_duration_a_time_of_day_or_a_date_and_time() -> None:
