@@ -61,13 +61,15 @@ class Simulator:
         self.proc.wait(10)
 
 
-async def bare_loop(url: str, provider: str, n: int, concurrency: int) -> float:
-    """The baseline: `concurrency` workers over one aiohttp session; returns seconds."""
+async def bare_loop(url: str, provider: str, n: int, concurrency: int, *, dry_run: bool = False) -> float:
+    """The baseline: `concurrency` workers over one aiohttp session; returns seconds. With dry_run,
+    the Run API's dry runs of the same bodies (the pre-flight's network work)."""
     if provider == "orthogonal":
         target = f"{url}/v1/run"
 
         def payload(i: int) -> dict[str, Any]:
-            return {"api": "baseten", "path": "/v1/chat/completions", "body": body(i)}
+            envelope = {"api": "baseten", "path": "/v1/chat/completions", "body": body(i)}
+            return {**envelope, "dryRun": True} if dry_run else envelope
     else:
         target = f"{url}/v1/chat/completions"
         payload = body
@@ -116,6 +118,9 @@ def runner_run(sim: Simulator, provider: str, n: int, concurrency: int, folder: 
         "OPENAI_API_KEY": "bench",
         "COLUMNS": "200",
     }
+    # as on a user's machine, byte code is cached after the first command (an untimed --help)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "runner", "--help"], env=env, capture_output=True, check=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -126,6 +131,14 @@ def runner_run(sim: Simulator, provider: str, n: int, concurrency: int, folder: 
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     preflight, run = phases_s(db)
     return {"whole_s": whole, "run_s": run, "preflight_s": preflight, "cpu_s": cpu}
+
+
+def timed(work: Any) -> tuple[float, float]:
+    """(wall seconds the coroutine reports, CPU seconds of this process meanwhile)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = asyncio.run(work)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -148,11 +161,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for round_ in range(1, args.rounds + 1):
                 sim_cpu = sim.cpu_s()
-                before = resource.getrusage(resource.RUSAGE_SELF)
-                loop_s = asyncio.run(bare_loop(sim.url, args.provider, n, c))
-                after = resource.getrusage(resource.RUSAGE_SELF)
-                loop_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                loop_s, loop_cpu = timed(bare_loop(sim.url, args.provider, n, c))
                 loop_sim_cpu, sim_cpu = sim.cpu_s() - sim_cpu, sim.cpu_s()
+                dry = args.provider == "orthogonal"  # the Run API's quotes are dry runs over the network
+                dry_s, dry_cpu = (
+                    timed(bare_loop(sim.url, args.provider, n, c, dry_run=True)) if dry else (0, 0)
+                )
+                sim_cpu = sim.cpu_s()
                 runner = runner_run(sim, args.provider, n, c, Path(tmp))
                 runner_sim_cpu = sim.cpu_s() - sim_cpu
                 loop_rate = n / loop_s
@@ -161,6 +176,8 @@ def main() -> None:
                     f"  bare aiohttp loop    {loop_rate:8,.0f} req/s  {loop_cpu:6.1f} s CPU "
                     f"({1000 * loop_cpu / n:.2f} s per 1,000)   simulator {loop_sim_cpu:.1f} s CPU"
                 )
+                if dry:
+                    print(f"  bare dry-run loop    {dry_s:8.1f} s      {dry_cpu:6.1f} s CPU")
                 run_rate, whole_rate = n / runner["run_s"], n / runner["whole_s"]
                 print(
                     f"  runner, run phase    {run_rate:8,.0f} req/s  = {run_rate / loop_rate:.2f} x the loop"
@@ -171,6 +188,7 @@ def main() -> None:
                 print(
                     f"  runner, pre-flight   {runner['preflight_s']:8.1f} s      = "
                     f"{runner['preflight_s'] / ideal if ideal else 0:.2f} x N x dry-run latency / concurrency"
+                    + (f", {runner['preflight_s'] / dry_s:.2f} x the dry-run loop" if dry else "")
                 )
                 print(
                     f"  runner, whole command{whole_rate:8,.0f} req/s  = {whole_ratio:.2f} x the loop"
@@ -178,7 +196,9 @@ def main() -> None:
                 )
                 print(
                     f"  runner CPU           {cpu:8.1f} s     = {cpu / loop_cpu:.2f} x the loop's "
-                    f"({1000 * cpu / n:.2f} s per 1,000)   simulator {runner_sim_cpu:.1f} s CPU"
+                    f"({1000 * cpu / n:.2f} s per 1,000)"
+                    + (f", {cpu / (loop_cpu + dry_cpu):.2f} x both loops'" if dry else "")
+                    + f"   simulator {runner_sim_cpu:.1f} s CPU"
                 )
     finally:
         sim.close()

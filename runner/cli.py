@@ -424,6 +424,75 @@ def run(
         raise typer.Exit(EXIT_REQUESTS_FAILED)
 
 
+@app.command()
+@friendly
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The run (its id or the start of it; see `runner runs`).")],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 64,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most.")] = None,
+    deadline: Annotated[
+        str | None,
+        typer.Option("--deadline", help="Stop launching then (2h30m, 06:30, or a date and time); drain."),
+    ] = None,
+    max_usd_per_hour: Annotated[
+        str | None, typer.Option("--max-usd-per-hour", help="Spend (held quotes) per hour at most.")
+    ] = None,
+    retry_possibly_billed: Annotated[
+        bool,
+        typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Send the run's failed requests again.")
+    ] = False,
+    price_file: PriceFileOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
+    timeout: TimeoutOpt = http.READ_TIMEOUT_S,
+    connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
+    max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
+    db: DbOpt = None,
+) -> None:
+    """Go on with a run (e.g. one left after a --new): its job, provider and budget come from the
+    ledger; the rest as `run` takes it."""
+    info = Ledger(db).run(run_id)
+    provider, base_url, sim_pricing = provider_of_scope(info.provider)
+    run(
+        Path(info.job_path),
+        budget=None,
+        max_usd=None,
+        provider=provider,
+        base_url=base_url,
+        price_file=price_file,
+        sim_pricing=sim_pricing,
+        concurrency=concurrency,
+        rpm=rpm,
+        deadline=deadline,
+        max_usd_per_hour=max_usd_per_hour,
+        tpm=tpm,
+        partial=False,
+        new=False,
+        retry_possibly_billed=retry_possibly_billed,
+        retry_failed=retry_failed,
+        run_id=info.id,
+        output=output,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        max_line_bytes=max_line_bytes,
+        db=db,
+    )
+
+
+def provider_of_scope(scope: str) -> tuple[str, str | None, str]:
+    """(provider, base URL, simulator pricing) from what a run records of its provider:
+    `orthogonal:BASE:API`, `openai:BASE` or `simulator:PRICING`."""
+    name, _, rest = scope.partition(":")
+    if name == "simulator":
+        return name, None, rest or "tokens"
+    if name == "orthogonal":
+        return name, rest.rpartition(":")[0] or None, "tokens"
+    return name, rest or None, "tokens"
+
+
 def resume_command(run_id: str) -> str:
     """This command line, as the shell would take it, going on with `run_id` (a --new or --run
     given dropped)."""

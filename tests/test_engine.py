@@ -744,6 +744,33 @@ def test_a_run_orphaned_by_new_is_finished_with_run_and_the_stop_hint_says_how(
     assert wrong.exit_code == 2 and "not of this job" in wrong.output
 
 
+def test_resume_finishes_an_orphaned_run_from_what_the_ledger_recorded(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    job = write_job(job_lines(6))
+    sim.books.configure({"balance": "0.0000001"})  # both runs stop at once: their lines stay pending
+    assert _cli_run(sim, job, "--max-usd", "1").exit_code == 4
+    orphan = Ledger().runs()[0].id
+    assert _cli_run(sim, job, "--max-usd", "1", "--new").exit_code == 4
+    sim.books.configure({"balance": "100"})
+    env = {"ORTHOGONAL_API_KEY": "k"}
+    out = tmp_path / "resumed.parquet"
+    calls = sim.books.stats()["counters"]["run.call"]  # the refused ones of the two runs
+    # job, provider, base URL and budget from the ledger: none of them given again
+    done = cli.invoke(app, ["resume", orphan[:8], "--concurrency", "4", "-o", str(out)], env=env)
+    assert done.exit_code == 0, done.output
+    assert f"resuming run {orphan}" in done.output
+    assert Ledger().run(orphan).states == {"ok": 6}
+    assert pl.read_parquet(out).height == 6
+    assert sim.books.stats()["counters"]["run.call"] - calls == 6
+    unknown = cli.invoke(app, ["resume", "nosuchrun"], env=env)
+    assert unknown.exit_code == 1 and "no run 'nosuchrun'" in unknown.output
+    job.unlink()
+    other = Ledger().runs()[0].id
+    gone = cli.invoke(app, ["resume", other], env=env)
+    assert gone.exit_code == 1 and str(job) in gone.output and "Traceback" not in gone.output
+
+
 def test_a_finished_job_run_again_under_another_budget_is_a_new_run(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
