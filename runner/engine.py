@@ -39,7 +39,7 @@ from runner.ledger import Ledger, Settlement
 from runner.ledger.tx import Hold
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
-from runner.limits import Limits, request_tokens
+from runner.limits import Limits
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
 from runner.preflight import OWNER_TOUCH_S, Plan, changed
@@ -357,7 +357,7 @@ class Engine:
 
     async def _pace(self, request: ChatRequest) -> None:
         """Wait for the RPM and TPM buckets (before the reservation, so no hold waits on them)."""
-        await self.limits.pace(request_tokens(request))
+        await self.limits.pace(request)
         paused = getattr(self.provider, "paused_until", 0.0) - time.monotonic()
         if paused > 0:  # the server said its limit is used up until its reset
             await anyio.sleep(paused)

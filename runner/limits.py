@@ -116,12 +116,17 @@ class Limits:
         if self.spending is not None:
             await self.spending.take(nanos)
 
-    async def pace(self, tokens: int) -> None:
-        """Wait for the RPM and TPM buckets: one request of `tokens` tokens."""
+    @property
+    def rated(self) -> bool:
+        """Whether --rpm or --tpm is set (else `pace` has nothing to wait for)."""
+        return self.rpm is not None or self.tpm is not None
+
+    async def pace(self, request: ChatRequest) -> None:
+        """Wait for the RPM and TPM buckets: one request (its tokens counted only under --tpm)."""
         if self.rpm is not None:
             await self.rpm.take()
         if self.tpm is not None:
-            await self.tpm.take(tokens)
+            await self.tpm.take(request_tokens(request))
 
 
 def request_tokens(request: ChatRequest) -> int:

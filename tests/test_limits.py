@@ -7,6 +7,7 @@ import time
 import anyio
 
 from runner.limits import AdaptiveLimit, Limits
+from runner.models import ChatRequest
 
 
 async def test_a_burst_of_429s_from_requests_in_flight_together_cuts_the_window_once() -> None:
@@ -38,9 +39,10 @@ def test_the_window_grows_back_by_a_slot_per_window_of_successes() -> None:
 
 async def test_limits_pace_at_the_rpm_from_an_empty_bucket() -> None:
     limits = Limits(4, rpm=1200)  # 20 a second at 99.5 %
+    request = ChatRequest("job.jsonl", 1, "a", {"model": "m", "messages": []}, {}, "0" * 64)
     started = time.monotonic()
     for _ in range(5):
-        await limits.pace(10)
+        await limits.pace(request)
     assert 0.2 < time.monotonic() - started < 2.0  # no burst at the start (the upper bound: a busy machine)
 
 
