@@ -138,7 +138,8 @@ def parse_line(
             return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
     if not isinstance(obj, dict):
         return issue("", f"a line must be a JSON object, not {type(obj).__name__}")
-    if _deeper_than(obj, MAX_DEPTH):
+    # a line with no more than MAX_DEPTH opening brackets cannot nest deeper (most lines: no walk)
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(obj, MAX_DEPTH):
         return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
     body, custom_id, metadata, shape_problems = _unwrap(obj)
     problems = list(shape_problems)
