@@ -116,6 +116,14 @@ def models(
 # ---- shared options ------------------------------------------------------------------------
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document (money as decimal strings).")]
+CacheOpt = Annotated[
+    str,
+    typer.Option(
+        "--cache",
+        help="reuse: answers kept in the ledger are not bought again; refresh: buy them again; "
+        "off: send every line as written.",
+    ),
+]
 MaxLineOpt = Annotated[
     int, typer.Option("--max-line-bytes", help="The longest job line read (16 MiB by default).")
 ]
@@ -290,6 +298,7 @@ def estimate(
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
+    cache: CacheOpt = "reuse",
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -312,6 +321,7 @@ def estimate(
                     ledger=ledger,
                     concurrency=concurrency,
                     on_event=progress,
+                    cache=cache,
                 )
 
     result = run_async(work)
@@ -368,6 +378,7 @@ def run(
     run_id: Annotated[
         str | None, typer.Option("--run", help="Go on with this run of the job (any unfinished one).")
     ] = None,
+    cache: CacheOpt = "reuse",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
@@ -388,6 +399,7 @@ def run(
         max_line_bytes=max_line_bytes,
         deadline=parse_deadline(deadline) if deadline is not None else None,
         max_usd_per_hour=_usd_arg(max_usd_per_hour, "--max-usd-per-hour") if max_usd_per_hour else None,
+        cache=cache,
     )
     if output is not None:
         _check_writable(output)  # found out now, not after the money is spent
@@ -445,6 +457,7 @@ def resume(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Send the run's failed requests again.")
     ] = False,
+    cache: CacheOpt = "reuse",
     price_file: PriceFileOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
@@ -474,6 +487,7 @@ def resume(
         retry_possibly_billed=retry_possibly_billed,
         retry_failed=retry_failed,
         run_id=info.id,
+        cache=cache,
         output=output,
         timeout=timeout,
         connect_timeout=connect_timeout,

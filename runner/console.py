@@ -177,6 +177,9 @@ def estimate_table(estimate: Estimate, remaining: int | None) -> Table:
         f"[b]{total + ' + unknown' if estimate.unquoted_count else total}[/b]",
         "exact" if estimate.exact else "upper bound",
     )
+    if estimate.reused:  # answered from the ledger: not sent, not held
+        saved = format_usd(estimate.saved_nanos, places=6)
+        table.add_row("from the cache", f"{estimate.reused:,}", f"{saved} saved", "not sent")
     if remaining is not None:
         table.add_row("budget remaining", "", format_usd(remaining, places=6), "")
     return table
@@ -340,6 +343,13 @@ def print_report(
             markup=False,
             highlight=False,
         )
+    reused, saved = ledger.reused(run_id)
+    if reused:
+        console.print(
+            f"{reused:,} request(s) answered from the cache, not sent: "
+            f"{format_usd(saved, places=6)} saved (--cache refresh buys them again)",
+            highlight=False,
+        )
 
 
 def report_block(texts: list[str]) -> str:
@@ -448,6 +458,8 @@ def estimate_json(estimate: Estimate, remaining: int | None) -> dict[str, Any]:
         "exact": estimate.exact,
         "unquoted": estimate.unquoted_count,
         "quote_calls": estimate.quote_calls,
+        "from_cache": estimate.reused,
+        "saved_usd": usd(estimate.saved_nanos),
         "per_model": {
             model: {
                 "requests": q.requests,
@@ -469,8 +481,11 @@ def report_json(ledger: Ledger, run: RunView) -> dict[str, Any]:
     def plain(row: dict[str, Any]) -> dict[str, Any]:
         return {k: (f"{v:f}" if isinstance(v, Decimal) else v) for k, v in row.items()}
 
+    reused, saved = ledger.reused(run.id)
     return {
         "run": run_json(run),
         "models": [plain(row) for row in models.iter_rows(named=True)],
         "errors": [plain(row) for row in errors.iter_rows(named=True)],
+        "from_cache": reused,
+        "saved_usd": usd(saved),
     }

@@ -43,6 +43,7 @@ from runner.limits import Limits
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
 from runner.preflight import OWNER_TOUCH_S, Plan, changed
+from runner.quote import CACHE_MODES
 from runner.retry import first_wait, retrying
 
 FUNDS_EVERY_S = 1.0
@@ -67,8 +68,12 @@ class RunOptions:
     max_line_bytes: int = MAX_LINE_BYTES
     deadline: float | None = None  # time.time() after which nothing more is launched
     max_usd_per_hour: Decimal | None = None  # a cap on the rate of spending (quotes held per hour)
+    cache: str = "reuse"  # reuse | refresh | off: answers kept in the ledger (quote.Answers)
 
     def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            msg = f"--cache must be one of {', '.join(CACHE_MODES)} (got '{self.cache}')"
+            raise ConfigError(msg)
         if self.concurrency < 1:
             msg = f"--concurrency must be 1 or more (got {self.concurrency})"
             raise ConfigError(msg)

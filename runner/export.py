@@ -33,6 +33,7 @@ SCHEMA: dict[str, Any] = {
     "quote_usd": MONEY,
     "quote_kind": pl.String,  # exact (a dry run) | upper_bound (a price table's bound)
     "price_usd": MONEY,
+    "cached": pl.Boolean,  # answered from the ledger (an earlier run's answer, or an identical line's): $0
     "attempts": pl.Int64,
     "latency_s": pl.Float64,
     "first_token_s": pl.Float64,
@@ -64,6 +65,7 @@ COLUMNS: dict[str, Any] = {
     "quote_nanos": pl.Int64,
     "quote_exact": pl.Int64,  # SQLite keeps a boolean as 0 or 1
     "price_nanos": pl.Int64,
+    "cached_from": pl.Int64,
     "attempts": pl.Int64,
     "latency_s": pl.Float64,
     "first_token_s": pl.Float64,
@@ -103,6 +105,7 @@ def _table(raw: pl.DataFrame, provider: str) -> pl.DataFrame:
             .then(pl.lit("exact"))
             .otherwise(pl.lit("upper_bound")),
             price_usd=_usd("price_nanos"),
+            cached=pl.col("cached_from").is_not_null(),
             started_at=_utc("started_at"),
             finished_at=_utc("finished_at"),
             error_type=pl.coalesce("error_type", pl.when(~sent).then(pl.lit("not_sent"))),

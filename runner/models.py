@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from runner import codec
 from runner.money import to_nanos
 
 JSON = dict[str, Any]
@@ -29,6 +31,15 @@ class ChatRequest:
     @property
     def stream(self) -> bool:
         return bool(self.body.get("stream", False))
+
+    @property
+    def answer_key(self) -> str:
+        """What an answer is reused by: the body's hash, and the line's sample mark
+        (`metadata.sample`) when it has one, so identical lines marked as samples are each sent."""
+        sample = self.metadata.get("sample") if self.metadata else None
+        if sample is None:
+            return self.sha256
+        return hashlib.sha256(self.sha256.encode() + b"|" + codec.canonical(sample)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

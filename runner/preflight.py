@@ -25,7 +25,7 @@ from runner.ledger.store import metadata_text
 from runner.limits import Limits
 from runner.models import ChatRequest, Quote
 from runner.money import format_usd, from_nanos, to_nanos
-from runner.quote import Estimate, cache_key, quote_requests
+from runner.quote import Estimate, Reuse, cache_key, quote_requests
 
 BATCH = 500
 OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
@@ -119,8 +119,11 @@ def changed(job: Path, request: ChatRequest, run_id: str, what: str) -> JobChang
     return JobChanged(msg)
 
 
-def _row(run_id: str, request: ChatRequest, quote: Quote | None) -> dict[str, Any]:
-    """A request's row; a request with no known price is skipped (it cannot be reserved)."""
+def _row(
+    run_id: str, request: ChatRequest, quote: Quote | None, reuse: Reuse | None = None
+) -> dict[str, Any]:
+    """A request's row; a request with no known price is skipped (it cannot be reserved); one
+    answered from the ledger is a copy (of `reuse.source`, or of the identical line before it)."""
     known = quote is not None and quote.nanos is not None
     return {
         "run_id": run_id,
@@ -128,7 +131,9 @@ def _row(run_id: str, request: ChatRequest, quote: Quote | None) -> dict[str, An
         "line": request.line,
         "model": request.model,
         "sha256": request.sha256,
-        "state": "pending" if known else "skipped",
+        "answer_key": request.answer_key,
+        "cached_from": reuse.source if reuse is not None else None,
+        "state": ("copy" if reuse is not None else "pending") if known else "skipped",
         "quote_nanos": quote.nanos if quote is not None and known else None,
         "quote_exact": bool(quote.exact) if quote is not None and known else False,
         "reserved_nanos": 0,
@@ -186,6 +191,7 @@ async def prepare(
     retry_failed: bool = False,
     named_run: str | None = None,
     limits: Limits | None = None,
+    cache: str = "reuse",
 ) -> Plan:
     """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
     existing, complete = await _resumable(ledger, job_key, conn.scope, owner, new, named_run)
@@ -205,7 +211,7 @@ async def prepare(
                 await _sync_rows(ledger, job, existing, conn.scope, checked, creating=not complete)
                 on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
             preparing = run_id if not existing else None
-            estimate = await _quote(job, conn, ledger, preparing, checked, on_event, limits)
+            estimate = await _quote(job, conn, ledger, preparing, checked, on_event, limits, cache)
             if existing:
                 await recover(ledger, existing, retry_possibly_billed, retry_failed=retry_failed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
@@ -321,14 +327,15 @@ async def _quote(
     checked: Checked,
     on_event: Listener,
     limits: Limits | None = None,
+    cache: str = "reuse",
 ) -> Estimate:
     """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
     total = 0
 
-    async def add_rows(chunk: list[ChatRequest], quotes: list[Quote]) -> None:
+    async def add_rows(chunk: list[ChatRequest], quotes: list[Quote], reuse: list[Reuse | None]) -> None:
         nonlocal total
         assert preparing is not None
-        rows = [_row(preparing, r, q) for r, q in zip(chunk, quotes, strict=True)]
+        rows = [_row(preparing, r, q, u) for r, q, u in zip(chunk, quotes, reuse, strict=True)]
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 
@@ -352,6 +359,7 @@ async def _quote(
         on_event=on_event,
         on_chunk=add_rows if preparing else None,
         limits=limits,
+        cache=cache,
     )
     if digest is not None and digest.hexdigest() != summary.digest:
         msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"

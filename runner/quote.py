@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from runner.providers.base import Provider
 from runner.retry import first_wait, retrying
 
 BATCH = 1000
+# what is done with each chunk of requests and their quotes (and how each is answered), in file order
+OnChunk = Callable[[list[ChatRequest], list[Quote], list["Reuse | None"]], Awaitable[None]]
 
 
 @dataclass
@@ -33,12 +36,28 @@ class ModelQuote:
     unknown: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """A request that is not sent: its answer is an earlier run's (`source`, which cost
+    `source_nanos`), or, with no source, that of an identical earlier line of the job."""
+
+    source: int | None
+    source_nanos: int = 0
+
+
+REUSED = Quote(Decimal(0), exact=True, source="cache")  # what a request answered from the ledger costs
+
+
 @dataclass
 class Estimate:
+    """Per model: the requests to send and their quotes; apart, those answered from the ledger."""
+
     per_model: dict[str, ModelQuote] = field(default_factory=lambda: defaultdict(ModelQuote))
     unquoted: list[tuple[str, str]] = field(default_factory=list)  # (custom_id, reason), capped
     unquoted_count: int = 0
     quote_calls: int = 0
+    reused: int = 0  # requests answered from the ledger (an earlier run, or an identical line)
+    saved_nanos: int = 0  # what they cost (or were quoted) when first asked
 
     @property
     def total_nanos(self) -> int:
@@ -48,7 +67,11 @@ class Estimate:
     def exact(self) -> bool:
         return all(m.exact for m in self.per_model.values())
 
-    def add(self, request: ChatRequest, quote: Quote) -> None:
+    def add(self, request: ChatRequest, quote: Quote, reuse: Reuse | None = None) -> None:
+        if reuse is not None:
+            self.reused += 1
+            self.saved_nanos += reuse.source_nanos if reuse.source is not None else quote.nanos or 0
+            return
         entry = self.per_model[request.model]
         entry.requests += 1
         if quote.amount is None:
@@ -60,6 +83,49 @@ class Estimate:
         assert quote.nanos is not None
         entry.nanos += quote.nanos
         entry.exact = entry.exact and quote.exact
+
+
+CACHE_MODES = ("reuse", "refresh", "off")
+
+
+class Answers:
+    """Which requests need not be sent. `reuse`: those answered ok in an earlier run on the same
+    provider endpoint, and lines identical to an earlier line of the job (the answer is asked
+    once); `refresh`: identical lines only (earlier answers are bought again, and become the ones
+    reused); `off`: every line is sent as written."""
+
+    def __init__(self, ledger: Ledger, scope: str, mode: str = "reuse") -> None:
+        if mode not in CACHE_MODES:
+            msg = f"--cache must be one of {', '.join(CACHE_MODES)} (got '{mode}')"
+            raise ConfigError(msg)
+        self.ledger, self.scope, self.mode = ledger, scope, mode
+        # the job's answer keys seen so far, in a private temporary database: bounded memory at any size
+        self._seen = sqlite3.connect("", check_same_thread=False)
+        self._seen.execute("CREATE TABLE seen (key BLOB PRIMARY KEY) WITHOUT ROWID")
+
+    def decide(self, requests: list[ChatRequest]) -> list[Reuse | None]:
+        """For each request (in file order, chunk after chunk): None to send it, or how it is answered."""
+        if self.mode == "off":
+            return [None] * len(requests)
+        keys = [r.answer_key for r in requests]
+        hits = self.ledger.reusable_answers(self.scope, keys) if self.mode == "reuse" else {}
+        digests = [bytes.fromhex(k[:32]) for k in keys]
+        query = f"SELECT key FROM seen WHERE key IN ({', '.join('?' * len(digests))})"  # noqa: S608
+        seen = {row[0] for row in self._seen.execute(query, digests)} if digests else set()
+        decided: list[Reuse | None] = []
+        for key, digest in zip(keys, digests, strict=True):
+            if key in hits:
+                decided.append(Reuse(*hits[key]))
+            elif digest in seen:
+                decided.append(Reuse(None))
+            else:
+                decided.append(None)
+            seen.add(digest)
+        self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(d,) for d in digests])
+        return decided
+
+    def close(self) -> None:
+        self._seen.close()
 
 
 def cache_key(scope: str, request: ChatRequest) -> str:
@@ -109,6 +175,7 @@ class _Chunk:
 
     requests: list[ChatRequest]
     keys: list[str]
+    reuse: list[Reuse | None]
     cached: set[str]
     quotes: dict[str, Quote]
     asked: list[str]
@@ -126,10 +193,12 @@ async def quote_requests(
     limits: Limits | None = None,
     policy: http.RetryPolicy | None = None,
     on_event: Listener = ignore,
-    on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None = None,
+    on_chunk: OnChunk | None = None,
+    cache: str = "off",
 ) -> Estimate:
     """Quote every request (cached quotes reused, identical bodies asked once), store new quotes,
-    and total them per model.
+    and total them per model. With `cache` (see `Answers`), a request answered in an earlier run
+    needs no dry run, and it and any line identical to an earlier one are counted apart.
 
     The dry runs are a pipeline: chunks are read ahead and their dry runs started while earlier
     chunks finish, so the network is kept busy at the concurrency; `on_chunk` still gets each chunk
@@ -139,6 +208,7 @@ async def quote_requests(
         msg = f"--concurrency must be 1 or more (got {concurrency})"
         raise ConfigError(msg)
     estimate = Estimate()
+    answers = Answers(ledger, scope, cache) if cache != "off" else None
     limits = limits or Limits(concurrency)
     asker = _Asker(provider, limits, policy or http.RetryPolicy(), on_event, estimate)
     ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency
@@ -147,10 +217,18 @@ async def quote_requests(
         async with send, asker.reading():
             for part in _chunks(requests, BATCH):
                 keys = [cache_key(scope, r) for r in part]
+                reuse: list[Reuse | None] = [None] * len(part)
+                if answers is not None:
+                    reuse = await anyio.to_thread.run_sync(answers.decide, part)
                 cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
-                # identical bodies (same model, same request) are asked once: the key names the body
-                missing = {k: r for k, r in zip(keys, part, strict=True) if k not in cached}
-                chunk = _Chunk(part, keys, set(cached), dict(cached), list(missing), left=len(missing))
+                # identical bodies (same model, same request) are asked once: the key names the body;
+                # a request answered by an earlier run is not asked at all
+                missing = {
+                    k: r
+                    for k, r, u in zip(keys, part, reuse, strict=True)
+                    if k not in cached and (u is None or u.source is None)
+                }
+                chunk = _Chunk(part, keys, reuse, set(cached), dict(cached), list(missing), left=len(missing))
                 if not missing:
                     chunk.done.set()
                 asker.add(chunk, missing)
@@ -169,6 +247,9 @@ async def quote_requests(
         first = group.exceptions[0]
         msg = f"the provider refused the dry runs, nothing was sent: {first}"
         raise RunFatalError(msg, status=getattr(first, "status", None)) from None
+    finally:
+        if answers is not None:
+            answers.close()
     return estimate
 
 
@@ -236,7 +317,7 @@ async def _finish(
     ledger: Ledger,
     estimate: Estimate,
     on_event: Listener,
-    on_chunk: Callable[[list[ChatRequest], list[Quote]], Awaitable[None]] | None,
+    on_chunk: OnChunk | None,
 ) -> None:
     """A chunk whose quotes are all in: kept in the ledger's cache, handed on, counted."""
     await chunk.done.wait()
@@ -252,12 +333,16 @@ async def _finish(
         if (q := chunk.quotes[k]).amount is not None  # unknown quotes are asked again next time
     ]
     await anyio.to_thread.run_sync(ledger.store_quotes, fresh)
-    quotes = [chunk.quotes[key] for key in chunk.keys]
+    quotes = [
+        REUSED if u is not None and u.source is not None else chunk.quotes[key]
+        for key, u in zip(chunk.keys, chunk.reuse, strict=True)
+    ]
     if on_chunk is not None:
-        await on_chunk(chunk.requests, quotes)
-    for key, request, quote in zip(chunk.keys, chunk.requests, quotes, strict=True):
-        estimate.add(request, quote)
-        on_event(Quoted(request.custom_id, cached=key in chunk.cached, known=quote.known))
+        await on_chunk(chunk.requests, quotes, chunk.reuse)
+    for key, request, quote, reuse in zip(chunk.keys, chunk.requests, quotes, chunk.reuse, strict=True):
+        estimate.add(request, quote, reuse)
+        cached = key in chunk.cached or reuse is not None
+        on_event(Quoted(request.custom_id, cached=cached, known=quote.known))
 
 
 def fits(estimate: Estimate, remaining_nanos: int) -> tuple[bool, Decimal]:

@@ -76,8 +76,10 @@ async def run_job(
         retry_failed=options.retry_failed,
         named_run=options.run_id,
         limits=limits,
+        cache=options.cache,
     )
     run_id = plan.run_id
+    await anyio.to_thread.run_sync(ledger.fill_copies, run_id)  # answers kept from earlier runs
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
     engine = Engine(conn, ledger, plan, options, on_event, limits)
     on_event(Phase("running", pending))
@@ -92,6 +94,8 @@ async def run_job(
     if engine.aborted:
         with anyio.CancelScope(shield=True):
             await recover(ledger, run_id, retry_possibly_billed=False)
+    with anyio.CancelScope(shield=True):  # lines identical to one answered now
+        await anyio.to_thread.run_sync(ledger.fill_copies, run_id)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info.states.get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)

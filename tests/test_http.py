@@ -336,7 +336,7 @@ async def test_x_ratelimit_headers_pace_the_run_before_a_429_comes(
             conn=Connection(provider, "openai:test"),
             ledger=Ledger(),
             max_usd=Decimal(1),
-            options=RunOptions(concurrency=1),
+            options=RunOptions(concurrency=1, cache="off"),  # five identical lines, each sent
         )
     finally:
         await provider.aclose()

@@ -123,6 +123,7 @@ def run_llama(llama: str, tmp_path: Path, write_job: Callable[..., Path], *args:
     job = write_job(mixed_job(), "llama.jsonl")
     out = tmp_path / "llama.parquet"
     command = ["run", str(job), "--provider", "openai", "--base-url", llama, "--price-file", str(prices)]
+    command += ["--cache", "off"]  # identical lines among the 30, each sent and compared with the server
     result = CliRunner().invoke(app, [*command, "--concurrency", "4", "-o", str(out), *args])
     return result, out
 

@@ -148,7 +148,7 @@ async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_lim
             conn=Connection(provider, "openai:test"),
             ledger=ledger,
             max_usd=Decimal("0.5"),
-            options=RunOptions(concurrency=1, partial=True),
+            options=RunOptions(concurrency=1, partial=True, cache="off"),  # 40 identical lines, each sent
             models=prices,
             on_event=lambda event: notices.append(str(getattr(event, "message", ""))),
         )

@@ -505,7 +505,7 @@ def test_retry_possibly_billed_on_the_first_resume_keeps_what_the_first_attempt_
 def test_a_ledger_that_fills_the_disk_stops_the_run_and_it_resumes_paying_each_request_once(
     tmp_path: Path, sim_process: Callable[[str], SimProcess]
 ) -> None:
-    """The ledger's files may not grow past 2 MB (a full disk, as the process sees it): the run stops
+    """The ledger's files may not grow past 2.5 MB (a full disk, as the process sees it): the run stops
     with the reason (exit 4, no traceback), and the same command without the limit finishes it."""
     sim = sim_process("0.01-0.03")
     job_lines = [
@@ -520,7 +520,7 @@ def test_a_ledger_that_fills_the_disk_stops_the_run_and_it_resumes_paying_each_r
 
     def full_at_two_megabytes() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_500_000, 2_500_000))
 
     proc = start_runner(
         sim, job, db, "--budget", "night", "--concurrency", "32", preexec=full_at_two_megabytes

@@ -311,6 +311,51 @@ class Ledger:
             found[key] = stored_quote(amount, bool(exact), source, reason)
         return found
 
+    def reusable_answers(self, scope: str, keys: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """{answer key: (row id, what it cost)} of answers kept from runs on this provider endpoint
+        (the newest for each key); copies are not sources, their originals are."""
+        sql = (
+            "SELECT r.answer_key, r.id, coalesce(r.price_nanos, 0) FROM requests r"
+            " JOIN runs ON runs.id = r.run_id WHERE runs.provider = ? AND r.state = 'ok'"
+            " AND r.cached_from IS NULL AND r.answer_key IN ({}) ORDER BY r.id"
+        )
+        return {key: (int(row_id), int(price)) for key, row_id, price in self._select_in(sql, keys, scope)}
+
+    def fill_copies(self, run_id: str) -> int:
+        """Give the run's copies their answers: a copy of an earlier run's answer at once, a copy of
+        an identical line once that line is answered (ok or failed). Copies cost nothing; returns
+        how many were filled."""
+        fields = (
+            "prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, content,"
+            " reasoning_content, tool_calls, finish_reason, response_json, error_type, error_message"
+        )
+        copied = ", ".join(f"{f} = src.{f}" for f in fields.split(", "))
+        with self.transaction() as tx:
+            # an identical line of the same run: the first of them that is not a copy is the source
+            tx.conn.execute(
+                "UPDATE requests SET cached_from = (SELECT min(o.id) FROM requests o"
+                " WHERE o.run_id = requests.run_id AND o.answer_key = requests.answer_key"
+                " AND o.state != 'copy') WHERE run_id = ? AND state = 'copy' AND cached_from IS NULL",
+                (run_id,),
+            )
+            done = tx.conn.execute(
+                f"UPDATE requests SET {copied}, state = src.state, price_nanos = 0, finished_at = ?"  # noqa: S608
+                " FROM requests AS src WHERE requests.run_id = ? AND requests.state = 'copy'"
+                " AND src.id = requests.cached_from AND src.state IN ('ok', 'failed')",
+                (tx.now, run_id),
+            ).rowcount
+        return int(done)
+
+    def reused(self, run_id: str) -> tuple[int, int]:
+        """(requests of the run answered from the ledger, what their answers cost when bought)."""
+        with self.db.reading() as c:
+            count, saved = c.execute(
+                "SELECT count(*), coalesce(sum(src.price_nanos), 0) FROM requests r"
+                " JOIN requests src ON src.id = r.cached_from WHERE r.run_id = ? AND r.state != 'copy'",
+                (run_id,),
+            ).fetchone()
+        return int(count), int(saved)
+
     def _select_in(self, sql: str, keys: Sequence[Any], *params: Any) -> Iterator[tuple[Any, ...]]:
         """Rows of `sql`, whose `{}` is an IN list, for keys any in number (asked 500 at a time).
 
@@ -373,7 +418,8 @@ class Ledger:
         """Remove a run that never sent anything (refused by its budget, or left while preparing)."""
         with self.transaction() as tx:
             [held] = tx.conn.execute(
-                "SELECT count(*) FROM requests WHERE run_id = ? AND state NOT IN ('pending', 'skipped')",
+                "SELECT count(*) FROM requests WHERE run_id = ?"
+                " AND state NOT IN ('pending', 'skipped', 'copy')",
                 (run_id,),
             ).fetchone()
             if held:

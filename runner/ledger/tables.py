@@ -43,6 +43,9 @@ class Run(SQLModel, table=True):
     finished_at: datetime | None = None
     owner: str | None = None  # "host:pid" of the process running it, cleared when it stops
     seen_at: datetime | None = None  # the owner's last sign of life
+    # the provider's balance when the run began and when it ended (reconciliation by balance)
+    balance_before_nanos: int | None = nanos(None, nullable=True)
+    balance_after_nanos: int | None = nanos(None, nullable=True)
 
 
 class Request(SQLModel, table=True):
@@ -51,6 +54,7 @@ class Request(SQLModel, table=True):
         UniqueConstraint("run_id", "custom_id"),
         Index("ix_requests_run_state", "run_id", "state"),
         Index("ix_requests_run_line", "run_id", "line"),  # exports page through a run in line order
+        Index("ix_requests_answer", "answer_key", "state"),  # answers reused across runs
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -59,8 +63,12 @@ class Request(SQLModel, table=True):
     line: int
     model: str
     sha256: str
-    # pending | reserved | sending | ok | failed | possibly_billed | skipped
+    # pending | reserved | sending | ok | failed | possibly_billed | skipped | copy (its answer is
+    # another row's: `cached_from`, or the run's first line with the same answer_key)
     state: str = "pending"
+    answer_key: str | None = None  # the body's hash, with the line's sample mark when it has one
+    cached_from: int | None = None  # the row whose answer this one reuses
+    reconciled: str | None = None  # what the provider's books said: charged | not_charged
     quote_nanos: int | None = nanos(None, nullable=True)
     quote_exact: bool = False
     reserved_nanos: int = nanos()  # the current attempt's hold (a possibly billed one's, once marked)
@@ -99,6 +107,7 @@ class Attempt(SQLModel, table=True):
     error: str | None = None
     latency_s: float | None = None
     at: datetime = Field(default_factory=utcnow)
+    client_request_id: str | None = Field(default=None, index=True)  # sent as X-Client-Request-Id
 
 
 class LedgerEntry(SQLModel, table=True):
