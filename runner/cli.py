@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import anyio
 import polars as pl
@@ -21,6 +21,7 @@ from runner import catalog, html_report, http
 from runner.connect import ProviderSettings, connect, price_table
 from runner.console import (
     ERRORS_SHOWN,
+    EXIT_BOOKS_DIFFER,
     EXIT_INVALID,
     EXIT_OVER_BUDGET,
     EXIT_REQUESTS_FAILED,
@@ -36,8 +37,10 @@ from runner.console import (
     out,
     print_catalog,
     print_json,
+    print_reconciliation,
     print_report,
     print_summary,
+    reconciliation_json,
     report_json,
     run_async,
     run_json,
@@ -50,8 +53,11 @@ from runner.errors import ConfigError, printable
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
 from runner.ledger import Ledger
+from runner.ledger.store import this_process
 from runner.money import format_usd, parse_usd, to_nanos
+from runner.preflight import recover
 from runner.quote import Estimate, fits, quote_requests
+from runner.reconcile import Reconciliation, reconcile_run
 from runner.report import REPORT_NEEDS, run_frame
 from runner.run import RunResult, run_job
 
@@ -553,6 +559,78 @@ def _run(
                 )
 
     return ledger, run_async(work)
+
+
+@app.command()
+@friendly
+def reconcile(
+    run_id: Annotated[
+        str | None, typer.Argument(help="The run (its id or the start of it); the newest by default.")
+    ] = None,
+    timeout: TimeoutOpt = http.READ_TIMEOUT_S,
+    connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare a run with the provider's own books; resolve its possibly billed requests; exit 6 if
+    they differ."""
+    ledger = Ledger(db)
+    found = ledger.runs()
+    if run_id is None and not found:
+        raise ConfigError("the ledger has no runs to reconcile")
+    info = ledger.run(run_id) if run_id is not None else found[0]
+    name, base_url, sim_pricing = provider_of_scope(info.provider)
+    if name != "orthogonal":
+        msg = (
+            f"run {info.id} ran on {name}, which keeps no books runner can read (a charge list or a "
+            "balance): nothing to reconcile with"
+        )
+        raise ConfigError(msg)
+    settings = _settings(name, base_url, None, sim_pricing, 8, _timeouts(timeout, connect_timeout))
+    owner = this_process()
+    ledger.claim_run(info.id, owner)  # not while another process sends it
+
+    async def work() -> Reconciliation:
+        await recover(ledger, info.id, retry_possibly_billed=False)  # what a crash left in flight
+        async with connect(settings) as conn:
+            return await reconcile_run(ledger, info.id, conn.provider)
+
+    try:
+        result = run_async(work)
+    finally:
+        ledger.release_claim(info.id, owner)
+    if as_json:
+        print_json(reconciliation_json(result))
+    else:
+        print_reconciliation(result)
+    if result.difference_nanos is not None and not result.ok:
+        raise typer.Exit(EXIT_BOOKS_DIFFER)
+
+
+@app.command()
+@friendly
+def balance(
+    provider: ProviderOpt = "orthogonal",
+    base_url: BaseUrlOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The provider's balance, next to the ledger's budgets."""
+    if provider != "orthogonal":
+        raise ConfigError(f"{provider} reports no balance runner can read (the Run API does)")
+    settings = _settings(provider, base_url, None, "tokens", 8)
+    views = Ledger(db).budgets()
+
+    async def work() -> Decimal:
+        async with connect(settings) as conn:
+            return cast(Decimal, await conn.provider.balance())  # type: ignore[attr-defined]
+
+    amount = to_nanos(run_async(work))
+    if as_json:
+        print_json({"provider_balance_usd": usd(amount), "budgets": [budget_json(v) for v in views]})
+        return
+    out.print(f"provider balance: {format_usd(amount, places=6)}", highlight=False)
+    out.print(budget_table(views, "budgets in the ledger"))
 
 
 @app.command()

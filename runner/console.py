@@ -38,6 +38,7 @@ from runner.jobs import JobSummary
 from runner.ledger import BudgetView, Ledger, RunView
 from runner.money import format_usd, from_nanos
 from runner.quote import Estimate
+from runner.reconcile import Reconciliation
 from runner.report import COLUMNS as REPORT_COLUMNS
 from runner.report import REPORT_NEEDS, cells, run_frame, summarize
 
@@ -47,6 +48,7 @@ EXIT_USAGE = 2
 EXIT_OVER_BUDGET = 3
 EXIT_RUN_STOPPED = 4
 EXIT_REQUESTS_FAILED = 5  # the run finished, but some requests failed or are possibly billed
+EXIT_BOOKS_DIFFER = 6  # reconcile: the ledger and the provider's books do not agree
 EXIT_INTERRUPTED = 130  # the shell's convention for SIGINT
 
 P = ParamSpec("P")
@@ -489,3 +491,51 @@ def report_json(ledger: Ledger, run: RunView) -> dict[str, Any]:
         "from_cache": reused,
         "saved_usd": usd(saved),
     }
+
+
+def reconciliation_json(r: Reconciliation) -> dict[str, Any]:
+    diff = r.difference_nanos
+    return {
+        "run_id": r.run_id,
+        "budget": r.budget,
+        "method": r.method,
+        "matched": r.matched,
+        "charged": r.charged,
+        "not_charged": r.not_charged,
+        "mismatched": [
+            {"custom_id": c, "ledger_usd": usd(a), "provider_usd": usd(b)} for c, a, b in r.mismatched
+        ],
+        "ledger_usd": usd(r.ledger_nanos),
+        "provider_usd": None if r.provider_nanos is None else usd(r.provider_nanos),
+        "difference_usd": None if diff is None else usd(diff),
+        "difference_nanos": diff,
+        "agrees": r.ok if diff is not None else None,
+        "note": r.note,
+    }
+
+
+def print_reconciliation(r: Reconciliation) -> None:
+    how = {"transactions": "per request, from its charges", "balance": "by the balance's movement"}
+    out.print(
+        f"run {r.run_id} (budget '{printable(r.budget)}'), {how.get(r.method, r.method)}", highlight=False
+    )
+    if r.method == "transactions":
+        out.print(
+            f"  {r.matched:,} request(s) agree; possibly billed resolved: {r.charged:,} charged, "
+            f"{r.not_charged:,} not charged (pending again: the next resume sends them)",
+            highlight=False,
+        )
+    for custom_id, ledger_nanos, provider_nanos in r.mismatched[:ERRORS_SHOWN]:
+        out.print(
+            f"  differs: {printable(custom_id)}: ledger {format_usd(ledger_nanos, places=9)}, "
+            f"provider {format_usd(provider_nanos, places=9)}",
+            markup=False,
+            highlight=False,
+        )
+    out.print(f"  ledger spent:   {format_usd(r.ledger_nanos, places=9)}", highlight=False)
+    if r.provider_nanos is not None:
+        diff = r.difference_nanos
+        out.print(f"  provider books: {format_usd(r.provider_nanos, places=9)}", highlight=False)
+        out.print(f"  difference:     {diff:+,} nano-USD", highlight=False)
+    if r.note:
+        out.print(f"  {r.note}", highlight=False)

@@ -36,7 +36,7 @@ from runner.errors import (
 from runner.events import Funds, Listener, Notice, RequestFinished, Retrying
 from runner.jobs import MAX_LINE_BYTES, JobChunks
 from runner.ledger import Ledger, Settlement
-from runner.ledger.tx import Hold
+from runner.ledger.tx import CLIENT_REQUEST_ID, IDEMPOTENCY_KEY, Hold, client_request_id
 from runner.ledger.tx import Tx as Db
 from runner.ledger.writer import Writer
 from runner.limits import Limits
@@ -367,13 +367,23 @@ class Engine:
         if paused > 0:  # the server said its limit is used up until its reset
             await anyio.sleep(paused)
 
+    def _headers(self, row_id: int, number: int) -> dict[str, str]:
+        """What the provider may record of an attempt: its id (kept in the ledger's attempts, matched
+        by `runner reconcile`), and the request's idempotency key, the same for every attempt and every
+        re-send of the request, so a provider that honours it charges the request once."""
+        run = self.plan.run_id
+        return {
+            CLIENT_REQUEST_ID: client_request_id(run, row_id, number),
+            IDEMPOTENCY_KEY: f"runner-{run}-{row_id}",
+        }
+
     async def _attempt(self, request: ChatRequest, row_id: int, number: int, *, first: bool) -> Outcome:
         if not first:  # the first attempt was paced and marked `sending` with its reservation
             await self._pace(request)
             await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
         started = self._sent_at[row_id] = time.monotonic()
         try:
-            outcome = await self.provider.complete(request)
+            outcome = await self.provider.complete(request, self._headers(row_id, number))
         except RetryableError as exc:
             self._sent_at.pop(row_id, None)
             if exc.status == 429 or exc.code == "RATE_LIMITED":

@@ -206,16 +206,23 @@ class Endpoint:
                 self._proxy = self._proxy_auth = None
         return self._session
 
-    async def call(self, method: str, path: str, body: Any = None) -> Reply:
+    async def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> Reply:
         """Send a request (a JSON body when given) and read the whole reply."""
-        async with self.stream(method, path, body) as reply:
+        async with self.stream(method, path, body, headers) as reply:
             return await reply.read()
 
     @asynccontextmanager
-    async def stream(self, method: str, path: str, body: Any = None) -> AsyncIterator[StreamReply]:
-        """The reply with its body still to read; the connection goes back to the pool after."""
+    async def stream(
+        self, method: str, path: str, body: Any = None, extra: dict[str, str] | None = None
+    ) -> AsyncIterator[StreamReply]:
+        """The reply with its body still to read; the connection goes back to the pool after.
+        `extra`: headers of this request alone (its client request id, its idempotency key)."""
         data = None if body is None else codec.dumps(body)
         headers = None if body is None else {"Content-Type": "application/json"}
+        if extra:
+            headers = {**(headers or {}), **extra}
         with self.failures(sent=None):
             response = await self.session().request(
                 method,

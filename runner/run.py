@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -20,8 +21,10 @@ from runner.jobs import JobSummary, validate_job
 from runner.ledger import Ledger
 from runner.ledger.store import this_process
 from runner.limits import Limits
+from runner.money import to_nanos
 from runner.preflight import Checked, prepare, recover
 from runner.quote import Estimate
+from runner.reconcile import charges_by_attempt, provider_books, reconcile_with_charges
 
 
 @dataclass
@@ -80,6 +83,9 @@ async def run_job(
     )
     run_id = plan.run_id
     await anyio.to_thread.run_sync(ledger.fill_copies, run_id)  # answers kept from earlier runs
+    if plan.resumed and not options.retry_possibly_billed:  # the provider's books say what a crash left
+        await reconcile_first(conn, ledger, run_id)
+    await note_balance(conn, ledger, run_id, "before")
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
     engine = Engine(conn, ledger, plan, options, on_event, limits)
     on_event(Phase("running", pending))
@@ -107,12 +113,41 @@ async def run_job(
             "or start a fresh run with --new"
         )
     with anyio.CancelScope(shield=True):
+        await note_balance(conn, ledger, run_id, "after")
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
     if engine.ledger_gone:
         raise await _ledger_saved(ledger, run_id, engine.ledger_gone)
     states, spent, estimate = info.states, info.spent_nanos, plan.estimate
     assert estimate is not None
     return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
+
+
+async def note_balance(conn: Connection, ledger: Ledger, run_id: str, which: str) -> None:
+    """Record the provider's balance as the run begins or ends (reconciliation by balance), where the
+    provider reports one; a balance that cannot be had is left unrecorded."""
+    balance = getattr(conn.provider, "balance", None)
+    if balance is None:
+        return
+    with anyio.move_on_after(10):
+        try:
+            value = to_nanos(await balance())
+        except (RunnerError, ArithmeticError, ValueError):
+            return
+        await anyio.to_thread.run_sync(functools.partial(ledger.set_run_balance, run_id, **{which: value}))
+
+
+async def reconcile_first(conn: Connection, ledger: Ledger, run_id: str) -> None:
+    """A resumed run with possibly billed requests: resolved from the provider's charges when it
+    lists them (charged ones are paid, the others are sent again by this run)."""
+    info = await anyio.to_thread.run_sync(ledger.run, run_id)
+    if not info.states.get("possibly_billed"):
+        return
+    try:
+        books = await provider_books(conn.provider)
+    except RunnerError:
+        return
+    if books is not None:
+        await anyio.to_thread.run_sync(reconcile_with_charges, ledger, run_id, charges_by_attempt(books))
 
 
 def _sole_runner_error(group: BaseExceptionGroup[Any]) -> RunnerError | None:

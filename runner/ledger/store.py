@@ -356,6 +356,35 @@ class Ledger:
             ).fetchone()
         return int(count), int(saved)
 
+    def attempt_ids(self, run_id: str) -> list[str]:
+        """The client request ids of every attempt the run made."""
+        with self.db.reading() as c:
+            rows = c.execute(
+                "SELECT a.client_request_id FROM attempts a JOIN requests r ON r.id = a.request_id"
+                " WHERE r.run_id = ? AND a.client_request_id IS NOT NULL",
+                (run_id,),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def run_balances(self, run_id: str) -> tuple[int | None, int | None]:
+        """The provider's balance when the run began and when it last ended (nano-USD)."""
+        with self.db.reading() as c:
+            row = c.execute(
+                "SELECT balance_before_nanos, balance_after_nanos FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
+    def set_run_balance(self, run_id: str, *, before: int | None = None, after: int | None = None) -> None:
+        """Record the provider's balance at a run's start (kept from its first start) or end."""
+        with self.transaction() as tx:
+            if before is not None:
+                tx.conn.execute(
+                    "UPDATE runs SET balance_before_nanos = coalesce(balance_before_nanos, ?) WHERE id = ?",
+                    (before, run_id),
+                )
+            if after is not None:
+                tx.conn.execute("UPDATE runs SET balance_after_nanos = ? WHERE id = ?", (after, run_id))
+
     def _select_in(self, sql: str, keys: Sequence[Any], *params: Any) -> Iterator[tuple[Any, ...]]:
         """Rows of `sql`, whose `{}` is an IN list, for keys any in number (asked 500 at a time).
 

@@ -16,6 +16,14 @@ from typing import Any
 from runner.ledger.db import time_text, utcnow
 
 NOW = object()  # stands for "the time of this write" in request updates
+CLIENT_REQUEST_ID = "X-Client-Request-Id"  # an attempt's id, sent with it; the attempts table keeps it
+IDEMPOTENCY_KEY = "Idempotency-Key"  # the request's, the same for all its attempts
+
+
+def client_request_id(run_id: str, row_id: int, number: int) -> str:
+    """An attempt's id: its run, its request's row and its number (as `Tx.attempt` stores it)."""
+    return f"{run_id}-{row_id}-{number}"
+
 
 RESERVE = (
     "UPDATE budgets SET reserved_nanos = reserved_nanos + ? WHERE id = ?"
@@ -107,9 +115,10 @@ class Tx:
         latency_s: float | None,
     ) -> None:
         self.conn.execute(
-            "INSERT INTO attempts (request_id, number, outcome, status, error, latency_s, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (request_id, number, outcome, status, error, latency_s, self.now),
+            "INSERT INTO attempts (request_id, number, outcome, status, error, latency_s, at,"
+            " client_request_id) VALUES (?, ?, ?, ?, ?, ?, ?,"
+            " (SELECT run_id FROM requests WHERE id = ?) || '-' || ? || '-' || ?)",
+            (request_id, number, outcome, status, error, latency_s, self.now, request_id, request_id, number),
         )
 
 

@@ -34,7 +34,7 @@ class Provider(Protocol):
 
     async def quote(self, request: ChatRequest) -> Quote: ...
 
-    async def complete(self, request: ChatRequest) -> Outcome: ...
+    async def complete(self, request: ChatRequest, headers: dict[str, str] | None = None) -> Outcome: ...
 
     async def models(self) -> list[str]: ...
 
@@ -214,10 +214,16 @@ class HttpProvider:
         await self._endpoint.aclose()
 
     async def _send_json(
-        self, method: str, path: str, body: Any = None, *, billable: bool
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        billable: bool,
+        headers: dict[str, str] | None = None,
     ) -> tuple[http.Reply, Any]:
         try:
-            response = await self._endpoint.call(method, path, body)
+            response = await self._endpoint.call(method, path, body, headers)
         except http.NetworkError as exc:
             raise transport_error(exc, billable=billable) from None
         if response.status_code >= 400:
@@ -231,14 +237,16 @@ class HttpProvider:
                 raise OutcomeUnknown(str(error), status=response.status_code) from None
             raise RetryableError(str(error), status=response.status_code) from None
 
-    async def _send_stream(self, path: str, body: JSON) -> tuple[StreamAssembly, JSON, float | None]:
+    async def _send_stream(
+        self, path: str, body: JSON, headers: dict[str, str] | None = None
+    ) -> tuple[StreamAssembly, JSON, float | None]:
         """(assembled chunks, any non-chunk events, time to first token) of an SSE reply."""
         started = time.perf_counter()
         first_token: float | None = None
         assembly = StreamAssembly()
         trailer: JSON = {}
         try:
-            async with self._endpoint.stream("POST", path, body) as response:
+            async with self._endpoint.stream("POST", path, body, headers) as response:
                 if response.status_code >= 400:
                     raise error_from_response(await response.read(), self._secret)
                 self._note_limits(response.headers)

@@ -45,16 +45,16 @@ class OpenAIProvider(HttpProvider):
     def price(self, model: str, usage: Usage) -> Any:
         return usage_price(usage, self.prices.get(model))
 
-    async def complete(self, request: ChatRequest) -> Outcome:
+    async def complete(self, request: ChatRequest, headers: dict[str, str] | None = None) -> Outcome:
         started = time.perf_counter()
         if request.stream:
             body = with_usage_option(request.body)
-            assembly, _, first = await self._send_stream(CHAT_PATH, body)
+            assembly, _, first = await self._send_stream(CHAT_PATH, body, headers)
             completion = assembly.completion()
             usage = Usage.from_openai(completion.get("usage"))
             return outcome_from(completion, self.price(request.model, usage), started, first, None)
         body = with_usage_option(request.body)
-        _, payload = await self._send_json("POST", CHAT_PATH, body, billable=True)
+        _, payload = await self._send_json("POST", CHAT_PATH, body, billable=True, headers=headers)
         usage = Usage.from_openai(payload.get("usage"))
         return outcome_from(payload, self.price(request.model, usage), started, None, payload.get("id"))
 

@@ -94,11 +94,13 @@ class OrthogonalProvider(HttpProvider):
             return Quote(fallback.amount, exact=False, source="estimate", reason=reason)
         return Quote(amount=price, exact=True, source="dry_run")
 
-    async def complete(self, request: ChatRequest) -> Outcome:
+    async def complete(self, request: ChatRequest, headers: dict[str, str] | None = None) -> Outcome:
         started = time.perf_counter()
         body = with_usage_option(request.body)
         if body.get("stream"):
-            assembly, trailer, first = await self._send_stream(RUN_PATH, build_run(body, api=self.api))
+            assembly, trailer, first = await self._send_stream(
+                RUN_PATH, build_run(body, api=self.api), headers
+            )
             if trailer.get("success") is False:
                 raise parse_error(trailer)
             return outcome_from(
@@ -109,7 +111,7 @@ class OrthogonalProvider(HttpProvider):
                 trailer.get("requestId"),
             )
         response, payload = await self._send_json(
-            "POST", RUN_PATH, build_run(body, api=self.api), billable=True
+            "POST", RUN_PATH, build_run(body, api=self.api), billable=True, headers=headers
         )
         envelope = parse_envelope(payload, status=response.status_code)
         data = envelope.get("data")
@@ -127,6 +129,18 @@ class OrthogonalProvider(HttpProvider):
     async def balance(self) -> Any:
         _, payload = await self._send_json("GET", "/v1/credits/balance", billable=False)
         return parse_usd(str(payload.get("balance")))
+
+    async def transactions(self) -> list[JSON] | None:
+        """The account's charges (each with the client request id it was sent with), or None when
+        the provider lists none (a 404: it reports a balance only)."""
+        try:
+            _, payload = await self._send_json("GET", "/v1/credits/transactions", billable=False)
+        except ProviderError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        found = payload.get("transactions") if isinstance(payload, dict) else None
+        return [t for t in found if isinstance(t, dict)] if isinstance(found, list) else []
 
 
 def parse_error(payload: JSON) -> ProviderError:

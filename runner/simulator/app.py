@@ -183,14 +183,28 @@ async def _serve_chat(
             await asyncio.sleep(wait)
         return _json({"success": True, "price": f"{books.quote(body, tokens):f}", "dryRun": True})
     books.counters["run.call" if run_api else "openai.chat"] += 1
-    fake = generate(body, catalog.get(body["model"]))
-    price = books.charge_for(body["model"], fake.prompt_tokens, fake.completion_tokens)
+    key = request.headers.get("Idempotency-Key") if books.idempotent else None
+    replay = books.replies.get(key) if key else None
+    if replay is not None:  # the same request again: the reply it was charged for, at no charge
+        books.counters["idempotent_replay"] += 1
+        fake, price, request_id = replay
+    else:
+        fake = generate(body, catalog.get(body["model"]))
+        price = books.charge_for(body["model"], fake.prompt_tokens, fake.completion_tokens)
     delay = books.delay()
     if delay:
         await asyncio.sleep(delay / 2 if body.get("stream") else delay)
-    request_id = books.charge(
-        price, model=body["model"], endpoint="run" if run_api else "openai", body_sha=body_sha
-    )
+    if replay is None:
+        request_id = books.charge(
+            price,
+            model=body["model"],
+            endpoint="run" if run_api else "openai",
+            body_sha=body_sha,
+            client_request_id=request.headers.get("X-Client-Request-Id"),
+            idempotency_key=key,
+        )
+        if request_id is not None and key:
+            books.replies[key] = (fake, price, request_id)
     if request_id is None:
         if run_api:
             return _run_error(402, "INSUFFICIENT_CREDITS", "insufficient credits")
@@ -296,6 +310,8 @@ async def transactions(request: web.Request) -> web.StreamResponse:
     books = request.app[BOOKS]
     if not _authorized(books, request):
         return _run_error(401, "UNAUTHORIZED", "missing or invalid API key")
+    if not books.lists_transactions:
+        return _run_error(404, "NOT_FOUND", "this provider reports a balance only")
     return _json({"transactions": books.transactions, "charged": books.stats()["charged"]})
 
 

@@ -52,6 +52,12 @@ class Books:
     api_key: str | None = None
     script: list[ScriptedFault] = field(default_factory=list)
     transactions: list[dict[str, Any]] = field(default_factory=list)
+    # the simulator honours Idempotency-Key: a charged call's reply is kept under its key and a call
+    # with the same key is answered with it, not charged again
+    idempotent: bool = True
+    replies: dict[str, Any] = field(default_factory=dict)
+    # whether GET /v1/credits/transactions lists the charges (off: a provider that shows only a balance)
+    lists_transactions: bool = True
     counters: Counter[str] = field(default_factory=Counter)
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
@@ -72,7 +78,16 @@ class Books:
         inp, out = self.prices(catalog.get(model))
         return prompt_tokens * inp + completion_tokens * out
 
-    def charge(self, amount: Decimal, *, model: str, endpoint: str, body_sha: str) -> str | None:
+    def charge(
+        self,
+        amount: Decimal,
+        *,
+        model: str,
+        endpoint: str,
+        body_sha: str,
+        client_request_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> str | None:
         """Debit the balance; None when it cannot cover the amount (→ 402)."""
         nanos = to_nanos(amount)
         if nanos > self.balance_nanos:
@@ -87,6 +102,8 @@ class Books:
                 "model": model,
                 "endpoint": endpoint,
                 "body_sha256": body_sha,
+                "clientRequestId": client_request_id,
+                "idempotencyKey": idempotency_key,
                 "at": time.time(),
             }
         )
@@ -134,6 +151,10 @@ class Books:
             self.dry_run_latency = parse_latency(settings["dry_run_latency"])
         if "pricing" in settings:
             self.pricing = str(settings["pricing"])
+        if "idempotent" in settings:
+            self.idempotent = bool(settings["idempotent"])
+        if "lists_transactions" in settings:
+            self.lists_transactions = bool(settings["lists_transactions"])
         for item in settings.get("script", []):
             self.script.append(ScriptedFault(**item))
 
