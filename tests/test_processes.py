@@ -498,8 +498,81 @@ def test_retry_possibly_billed_on_the_first_resume_keeps_what_the_first_attempt_
     assert view.spent_nanos == sum(r["price_nanos"] for r in rows.values())
     assert view.possibly_billed_nanos == sum(kept.values())
     assert view.spent_nanos + view.possibly_billed_nanos >= charged
-    assert view.spent_nanos < charged  # some first attempts were charged too: the hold covers them
+    # the re-sends carried each request's idempotency key: the simulator answered those it had
+    # charged with the reply it kept, so every request is charged exactly once in its books
+    keys = Counter(t["idempotencyKey"] for t in sim.transactions())
+    assert len(keys) == 200 and set(keys.values()) == {1}
+    assert sim.stats()["counters"]["idempotent_replay"] >= 1
+    assert view.spent_nanos == charged
     assert_within_budget(ledger, "night")
+    # the provider's books then release what the first attempts held
+    done = run_cli(db, "reconcile")
+    assert done.returncode == 0, done.stdout
+    view = ledger.budget("night")
+    assert view.possibly_billed_nanos == 0 and view.spent_nanos == charged
+
+
+def run_cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUNNER_DB": f"sqlite:///{db}", "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "runner", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_after_a_kill_reconcile_resolves_every_possibly_billed_request_from_the_providers_charges(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.3-0.6")
+    _, job, db, ledger = night_job(tmp_path, "k", 200)
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "64")
+    assert wait_for(lambda: sim.charges() >= 40, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    quiet(sim)
+
+    done = run_cli(db, "reconcile", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["method"] == "transactions" and report["agrees"] is True
+    assert report["charged"] > 0 and report["charged"] + report["not_charged"] > 0  # the kill cut some off
+    assert report["difference_nanos"] == 0
+    assert KEY not in done.stdout + done.stderr
+    view = ledger.budget("night")
+    assert view.possibly_billed_nanos == 0 and view.reserved_nanos == 0
+    assert view.spent_nanos == int(sim.stats()["charged_nanos"])  # to the nano-dollar
+    run = ledger.runs()[0]
+    assert "possibly_billed" not in run.states
+
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "64")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 5, output  # the charged ones whose answer was lost are failed
+    quiet(sim)
+    run = ledger.runs()[0]
+    assert run.states == {"ok": 200 - report["charged"], "failed": report["charged"]}
+    assert ledger.budget("night").spent_nanos == int(sim.stats()["charged_nanos"])
+    assert sim.charges() == 200  # each request charged once
+    assert KEY.encode() not in db.read_bytes()
+
+
+def test_a_provider_that_shows_a_balance_only_is_reconciled_by_its_movement(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    sim = sim_process("0.01")
+    sim.http.post("/_sim/config", json={"lists_transactions": False})
+    _, job, db, _ = night_job(tmp_path, "b", 30)
+    proc = start_runner(sim, job, db, "--budget", "night")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    done = run_cli(db, "reconcile")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "by the balance's movement" in done.stdout and "difference:     +0 nano-USD" in done.stdout
+    assert "cannot be attributed per request" in done.stdout
+    assert KEY not in done.stdout + done.stderr
+    sim.http.post("/_sim/config", json={"balance": "50"})  # moved between runs: not this run's difference
+    proc = start_runner(sim, job, db, "--budget", "night", "--new", "--cache", "refresh")
+    assert proc.communicate(timeout=120)[0] and proc.returncode == 0
+    differs = run_cli(db, "reconcile", "--json")
+    assert differs.returncode == 0, differs.stdout  # this run's own movement agrees
+    assert json.loads(differs.stdout)["agrees"] is True
 
 
 def test_a_ledger_that_fills_the_disk_stops_the_run_and_it_resumes_paying_each_request_once(
