@@ -126,3 +126,21 @@ def test_a_cached_run_needs_no_budget_for_what_it_does_not_send(
     assert done.exit_code == 0, done.output
     assert calls(sim) == 11
     assert pl.read_parquet(tmp_path / "b.parquet")["cached"].sum() == 10
+
+
+def test_reconcile_names_a_request_the_books_disagree_on_and_exits_6(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    assert run(sim, DEMO, tmp_path / "a.parquet").exit_code == 0
+    env = {"ORTHOGONAL_API_KEY": "k", "COLUMNS": "200"}
+    agree = cli.invoke(app, ["reconcile"], env=env)
+    assert agree.exit_code == 0, agree.output
+    assert "22 request(s) agree" in agree.output and "+0 nano-USD" in agree.output
+    ledger = Ledger()
+    with ledger.transaction() as tx:  # the ledger off by 7 nano-USD on one request
+        tx.conn.execute("UPDATE requests SET price_nanos = price_nanos + 7 WHERE custom_id = 'explain-2'")
+    differs = cli.invoke(app, ["reconcile", "--json"], env=env)
+    assert differs.exit_code == 6, differs.output
+    report = json.loads(differs.stdout)
+    assert report["difference_nanos"] == -7 and report["agrees"] is False
+    assert [m["custom_id"] for m in report["mismatched"]] == ["explain-2"]
