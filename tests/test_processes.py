@@ -178,6 +178,9 @@ def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str
         if row["state"] == "ok":  # exactly one charge, the one the simulator made, and its response
             assert charged[custom_id] == [row["price_nanos"]]
             assert row["content"]
+        elif row["error_type"] == "charged_no_answer":  # cut off, and the provider's books say charged
+            assert row["state"] == "failed" and row["reconciled"] == "charged"
+            assert charged[custom_id] == [row["price_nanos"]]
         elif row["state"] in ("failed", "pending"):  # refused, every retry failed, or never sent
             assert custom_id not in charged
         else:  # unknown outcome: perhaps charged (at most what was held), never re-sent
@@ -187,7 +190,9 @@ def assert_books_match(ledger: Ledger, sim: SimProcess, job_lines: list[dict[str
     paid_but_marked = sum(sum(charged.get(c, [])) for c, r in rows.items() if r["state"] == "possibly_billed")
     view = ledger.budget(budget)
     assert view.reserved_nanos == 0
-    assert view.spent_nanos == sum(r["price_nanos"] for r in rows.values() if r["state"] == "ok")
+    assert view.spent_nanos == sum(
+        r["price_nanos"] or 0 for r in rows.values() if r["state"] in ("ok", "failed")
+    )
     assert view.spent_nanos + paid_but_marked == int(sim.stats()["charged_nanos"])
     assert view.possibly_billed_nanos == sum(
         r["reserved_nanos"] for r in rows.values() if r["state"] == "possibly_billed"
@@ -241,7 +246,10 @@ def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
     rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(runs[0].id) for r in batch}
     assert len(rows) == len(job_lines)
     states = Counter(r["state"] for r in rows.values())
-    assert set(states) == {"ok", "possibly_billed"}, states  # kills mid-request leave unknown outcomes
+    # kills mid-request leave unknown outcomes; each resume resolves them from the provider's charges:
+    # charged ones are failed with no answer (paid once), the others are sent again
+    assert set(states) <= {"ok", "failed", "possibly_billed"}, states
+    assert all(r["error_type"] == "charged_no_answer" for r in rows.values() if r["state"] == "failed")
 
     assert_books_match(ledger, sim, job_lines, "night")
 
