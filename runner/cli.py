@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import anyio
 import polars as pl
@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from runner import catalog, html_report, http
-from runner.connect import ProviderSettings, connect, price_table
+from runner.connect import ProviderSettings, connect, price_table, provider_of_scope
 from runner.console import (
     ERRORS_SHOWN,
     EXIT_BOOKS_DIFFER,
@@ -56,6 +56,7 @@ from runner.ledger import Ledger
 from runner.ledger.store import this_process
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.preflight import recover
+from runner.providers.orthogonal import OrthogonalProvider
 from runner.quote import Estimate, fits, quote_requests
 from runner.reconcile import Reconciliation, reconcile_run
 from runner.report import REPORT_NEEDS, run_frame
@@ -122,6 +123,21 @@ def models(
 # ---- shared options ------------------------------------------------------------------------
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document (money as decimal strings).")]
+ConcurrencyOpt = Annotated[int, typer.Option(help="Requests in flight at most.")]
+RpmOpt = Annotated[float | None, typer.Option(help="Requests per minute at most.")]
+TpmOpt = Annotated[float | None, typer.Option(help="Tokens per minute at most.")]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option("--deadline", help="Stop launching then (2h30m, 06:30, or a date and time); drain."),
+]
+MaxUsdPerHourOpt = Annotated[
+    str | None, typer.Option("--max-usd-per-hour", help="Spend (held quotes) per hour at most.")
+]
+RetryPossiblyBilledOpt = Annotated[
+    bool, typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown.")
+]
+RetryFailedOpt = Annotated[bool, typer.Option("--retry-failed", help="Send the run's failed requests again.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")]
 CacheOpt = Annotated[
     str,
     typer.Option(
@@ -362,30 +378,20 @@ def run(
     base_url: BaseUrlOpt = None,
     price_file: PriceFileOpt = None,
     sim_pricing: SimPricingOpt = "tokens",
-    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 64,
-    rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.")] = None,
-    deadline: Annotated[
-        str | None,
-        typer.Option("--deadline", help="Stop launching then (2h30m, 06:30, or a date and time); drain."),
-    ] = None,
-    max_usd_per_hour: Annotated[
-        str | None, typer.Option("--max-usd-per-hour", help="Spend (held quotes) per hour at most.")
-    ] = None,
-    tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most.")] = None,
+    concurrency: ConcurrencyOpt = 64,
+    rpm: RpmOpt = None,
+    deadline: DeadlineOpt = None,
+    max_usd_per_hour: MaxUsdPerHourOpt = None,
+    tpm: TpmOpt = None,
     partial: Annotated[bool, typer.Option(help="Run what fits the budget, in file order.")] = False,
     new: Annotated[bool, typer.Option("--new", help="Start a fresh run, do not resume.")] = False,
-    retry_possibly_billed: Annotated[
-        bool,
-        typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
-    ] = False,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Send the run's failed requests again.")
-    ] = False,
+    retry_possibly_billed: RetryPossiblyBilledOpt = False,
+    retry_failed: RetryFailedOpt = False,
     run_id: Annotated[
         str | None, typer.Option("--run", help="Go on with this run of the job (any unfinished one).")
     ] = None,
     cache: CacheOpt = "reuse",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
+    output: OutputOpt = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
@@ -446,26 +452,16 @@ def run(
 @friendly
 def resume(
     run_id: Annotated[str, typer.Argument(help="The run (its id or the start of it; see `runner runs`).")],
-    concurrency: Annotated[int, typer.Option(help="Requests in flight at most.")] = 64,
-    rpm: Annotated[float | None, typer.Option(help="Requests per minute at most.")] = None,
-    tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most.")] = None,
-    deadline: Annotated[
-        str | None,
-        typer.Option("--deadline", help="Stop launching then (2h30m, 06:30, or a date and time); drain."),
-    ] = None,
-    max_usd_per_hour: Annotated[
-        str | None, typer.Option("--max-usd-per-hour", help="Spend (held quotes) per hour at most.")
-    ] = None,
-    retry_possibly_billed: Annotated[
-        bool,
-        typer.Option("--retry-possibly-billed", help="Re-send requests whose outcome is unknown."),
-    ] = False,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Send the run's failed requests again.")
-    ] = False,
+    concurrency: ConcurrencyOpt = 64,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    deadline: DeadlineOpt = None,
+    max_usd_per_hour: MaxUsdPerHourOpt = None,
+    retry_possibly_billed: RetryPossiblyBilledOpt = False,
+    retry_failed: RetryFailedOpt = False,
     cache: CacheOpt = "reuse",
     price_file: PriceFileOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")] = None,
+    output: OutputOpt = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     max_line_bytes: MaxLineOpt = MAX_LINE_BYTES,
@@ -500,17 +496,6 @@ def resume(
         max_line_bytes=max_line_bytes,
         db=db,
     )
-
-
-def provider_of_scope(scope: str) -> tuple[str, str | None, str]:
-    """(provider, base URL, simulator pricing) from what a run records of its provider:
-    `orthogonal:BASE:API`, `openai:BASE` or `simulator:PRICING`."""
-    name, _, rest = scope.partition(":")
-    if name == "simulator":
-        return name, None, rest or "tokens"
-    if name == "orthogonal":
-        return name, rest.rpartition(":")[0] or None, "tokens"
-    return name, rest or None, "tokens"
 
 
 def resume_command(run_id: str) -> str:
@@ -623,7 +608,9 @@ def balance(
 
     async def work() -> Decimal:
         async with connect(settings) as conn:
-            return cast(Decimal, await conn.provider.balance())  # type: ignore[attr-defined]
+            assert isinstance(conn.provider, OrthogonalProvider)  # what connect makes of "orthogonal"
+            amount: Decimal = await conn.provider.balance()
+            return amount
 
     amount = to_nanos(run_async(work))
     if as_json:

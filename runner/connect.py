@@ -104,6 +104,17 @@ def price_table(settings: ProviderSettings) -> dict[str, ModelInfo]:
     return catalog.with_prices(catalog.MODELS, load_prices(settings.price_file))
 
 
+def provider_of_scope(scope: str) -> tuple[str, str | None, str]:
+    """(provider, base URL, simulator pricing) from a connection's scope, as a run records it: the
+    openers below write `orthogonal:BASE:API`, `openai:BASE` or `simulator:PRICING`."""
+    name, _, rest = scope.partition(":")
+    if name == "simulator":
+        return name, None, rest or "tokens"
+    if name == "orthogonal":
+        return name, rest.rpartition(":")[0] or None, "tokens"
+    return name, rest or None, "tokens"
+
+
 def _http_url(url: str) -> str:
     """A base URL that can be called: http(s), with a host."""
     scheme, _, rest = url.partition("://")

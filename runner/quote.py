@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import islice
@@ -213,26 +212,34 @@ async def quote_requests(
     asker = _Asker(provider, limits, policy or http.RetryPolicy(), on_event, estimate)
     ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency
 
+    async def read(part: list[ChatRequest]) -> tuple[_Chunk, dict[str, ChatRequest]]:
+        """A chunk, and the requests of it that need a dry run (by quote key)."""
+        keys = [cache_key(scope, r) for r in part]
+        reuse: list[Reuse | None] = [None] * len(part)
+        if answers is not None:
+            reuse = await anyio.to_thread.run_sync(answers.decide, part)
+        cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
+        # identical bodies (same model, same request) are asked once: the key names the body;
+        # a request answered by an earlier run is not asked at all
+        missing = {
+            k: r
+            for k, r, u in zip(keys, part, reuse, strict=True)
+            if k not in cached and (u is None or u.source is None)
+        }
+        chunk = _Chunk(part, keys, reuse, set(cached), dict(cached), list(missing), left=len(missing))
+        if not missing:
+            chunk.done.set()
+        return chunk, missing
+
     async def start_all(send: MemoryObjectSendStream[_Chunk]) -> None:
-        async with send, asker.reading():
-            for part in _chunks(requests, BATCH):
-                keys = [cache_key(scope, r) for r in part]
-                reuse: list[Reuse | None] = [None] * len(part)
-                if answers is not None:
-                    reuse = await anyio.to_thread.run_sync(answers.decide, part)
-                cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
-                # identical bodies (same model, same request) are asked once: the key names the body;
-                # a request answered by an earlier run is not asked at all
-                missing = {
-                    k: r
-                    for k, r, u in zip(keys, part, reuse, strict=True)
-                    if k not in cached and (u is None or u.source is None)
-                }
-                chunk = _Chunk(part, keys, reuse, set(cached), dict(cached), list(missing), left=len(missing))
-                if not missing:
-                    chunk.done.set()
-                asker.add(chunk, missing)
-                await send.send(chunk)  # waits while `ahead` chunks are under way
+        try:
+            async with send:
+                for part in _chunks(requests, BATCH):
+                    chunk, missing = await read(part)
+                    asker.add(chunk, missing)
+                    await send.send(chunk)  # waits while `ahead` chunks are under way
+        finally:
+            asker.close()
 
     try:
         async with anyio.create_task_group() as tg:
@@ -277,14 +284,10 @@ class _Asker:
         self.asks.extend((chunk, key, request) for key, request in missing.items())
         self._wake()
 
-    @asynccontextmanager
-    async def reading(self) -> AsyncIterator[None]:
-        """While requests are being added; the workers end once it is over and all are asked."""
-        try:
-            yield
-        finally:
-            self.open = False
-            self._wake()
+    def close(self) -> None:
+        """No more requests: the workers end once all are asked."""
+        self.open = False
+        self._wake()
 
     def _wake(self) -> None:
         self.more.set()
