@@ -28,6 +28,7 @@ from runner.console import (
     EXIT_RUN_STOPPED,
     Progress,
     budget_json,
+    budget_reconciliation_json,
     budget_table,
     err,
     estimate_json,
@@ -35,6 +36,7 @@ from runner.console import (
     friendly,
     note_unknown_context,
     out,
+    print_budget_reconciliation,
     print_catalog,
     print_json,
     print_reconciliation,
@@ -52,13 +54,13 @@ from runner.engine import RunOptions, parse_deadline
 from runner.errors import ConfigError, printable
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
-from runner.ledger import Ledger
+from runner.ledger import Ledger, RunView
 from runner.ledger.store import this_process
 from runner.money import format_usd, parse_usd, to_nanos
 from runner.preflight import recover
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.quote import Estimate, fits, quote_requests
-from runner.reconcile import Reconciliation, reconcile_run
+from runner.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
 from runner.report import REPORT_NEEDS, run_frame
 from runner.run import RunResult, run_job
 
@@ -552,26 +554,55 @@ def reconcile(
     run_id: Annotated[
         str | None, typer.Argument(help="The run (its id or the start of it); the newest by default.")
     ] = None,
+    budget: Annotated[
+        str | None, typer.Option("--budget", help="Every run of this budget, and the budget's total.")
+    ] = None,
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare a run with the provider's own books; resolve its possibly billed requests; exit 6 if
-    they differ."""
+    """Compare a run (or every run of a budget) with the provider's own books; resolve possibly
+    billed requests; exit 6 if they differ."""
     ledger = Ledger(db)
-    found = ledger.runs()
-    if run_id is None and not found:
-        raise ConfigError("the ledger has no runs to reconcile")
-    info = ledger.run(run_id) if run_id is not None else found[0]
+    if budget is not None and run_id is not None:
+        raise ConfigError("give a run or --budget, not both")
+    if budget is not None:
+        view = ledger.budget(budget)
+        runs = [r for r in reversed(ledger.runs()) if r.budget_id == view.id]
+    else:
+        found = ledger.runs()
+        if run_id is None and not found:
+            raise ConfigError("the ledger has no runs to reconcile")
+        runs = [ledger.run(run_id) if run_id is not None else found[0]]
+    timeouts = _timeouts(timeout, connect_timeout)
+    results = [_reconcile_one(ledger, info, timeouts, alone=budget is None) for info in runs]
+    total = BudgetReconciliation(ledger.budget(budget), results) if budget is not None else None
+    if as_json:
+        print_json(budget_reconciliation_json(total) if total else reconciliation_json(results[0]))
+    else:
+        for result in results:
+            print_reconciliation(result)
+        if total is not None:
+            print_budget_reconciliation(total)
+    if any(r.difference_nanos is not None and not r.ok for r in results) or (total and not total.ok):
+        raise typer.Exit(EXIT_BOOKS_DIFFER)
+
+
+def _reconcile_one(ledger: Ledger, info: RunView, timeouts: http.Timeouts, *, alone: bool) -> Reconciliation:
+    """One run against the books of the provider endpoint it ran on. A run on a provider that keeps
+    no books runner can read is an error when asked for alone, and a run with no figure in a budget's."""
     name, base_url, sim_pricing = provider_of_scope(info.provider)
     if name != "orthogonal":
         msg = (
             f"run {info.id} ran on {name}, which keeps no books runner can read (a charge list or a "
             "balance): nothing to reconcile with"
         )
-        raise ConfigError(msg)
-    settings = _settings(name, base_url, None, sim_pricing, 8, _timeouts(timeout, connect_timeout))
+        if alone:
+            raise ConfigError(msg)
+        budget = ledger.budget_by_id(info.budget_id).name
+        return Reconciliation(info.id, budget, "none", ledger_nanos=info.spent_nanos, note=msg)
+    settings = _settings(name, base_url, None, sim_pricing, 8, timeouts)
     owner = this_process()
     ledger.claim_run(info.id, owner)  # not while another process sends it
 
@@ -581,15 +612,9 @@ def reconcile(
             return await reconcile_run(ledger, info.id, conn.provider)
 
     try:
-        result = run_async(work)
+        return run_async(work)
     finally:
         ledger.release_claim(info.id, owner)
-    if as_json:
-        print_json(reconciliation_json(result))
-    else:
-        print_reconciliation(result)
-    if result.difference_nanos is not None and not result.ok:
-        raise typer.Exit(EXIT_BOOKS_DIFFER)
 
 
 @app.command()

@@ -38,7 +38,7 @@ from runner.jobs import JobSummary
 from runner.ledger import BudgetView, Ledger, RunView
 from runner.money import format_usd, from_nanos
 from runner.quote import Estimate
-from runner.reconcile import Reconciliation
+from runner.reconcile import BudgetReconciliation, Reconciliation
 from runner.report import COLUMNS as REPORT_COLUMNS
 from runner.report import REPORT_NEEDS, cells, run_frame, summarize
 
@@ -539,3 +539,26 @@ def print_reconciliation(r: Reconciliation) -> None:
         out.print(f"  difference:     {diff:+,} nano-USD", highlight=False)
     if r.note:
         out.print(f"  {r.note}", highlight=False)
+
+
+def budget_reconciliation_json(b: BudgetReconciliation) -> dict[str, Any]:
+    diff = b.difference_nanos
+    return {
+        "budget": b.budget.name,
+        "runs": [reconciliation_json(r) for r in b.runs],
+        "ledger_usd": usd(b.budget.spent_nanos),
+        "provider_usd": None if b.provider_nanos is None else usd(b.provider_nanos),
+        "difference_usd": None if diff is None else usd(diff),
+        "difference_nanos": diff,
+        "agrees": b.ok if diff is not None else None,
+    }
+
+
+def print_budget_reconciliation(b: BudgetReconciliation) -> None:
+    out.print(f"budget '{printable(b.budget.name)}', {len(b.runs)} run(s)", highlight=False)
+    out.print(f"  ledger spent:   {format_usd(b.budget.spent_nanos, places=9)}", highlight=False)
+    if b.provider_nanos is None:
+        out.print("  provider books: not known for every run (see above)", highlight=False)
+        return
+    out.print(f"  provider books: {format_usd(b.provider_nanos, places=9)}", highlight=False)
+    out.print(f"  difference:     {b.difference_nanos:+,} nano-USD", highlight=False)

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from runner.ledger import Ledger
+from runner.ledger import BudgetView, Ledger
 from runner.ledger.tx import Hold, Tx
 from runner.money import parse_usd, to_nanos
 
@@ -40,6 +40,30 @@ class Reconciliation:
     @property
     def ok(self) -> bool:
         return self.difference_nanos == 0 and not self.mismatched
+
+
+@dataclass
+class BudgetReconciliation:
+    """Every run of a budget: the budget's spent against the provider's books for its runs."""
+
+    budget: BudgetView
+    runs: list[Reconciliation]
+
+    @property
+    def provider_nanos(self) -> int | None:
+        figures = [r.provider_nanos for r in self.runs]
+        return None if any(f is None for f in figures) else sum(f or 0 for f in figures)
+
+    @property
+    def difference_nanos(self) -> int | None:
+        provider = self.provider_nanos
+        return None if provider is None else provider - self.budget.spent_nanos
+
+    @property
+    def ok(self) -> bool:
+        return self.difference_nanos in (0, None) and all(
+            r.ok or r.difference_nanos is None for r in self.runs
+        )
 
 
 def charges_by_attempt(transactions: list[dict[str, Any]]) -> dict[str, int]:

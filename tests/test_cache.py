@@ -144,3 +144,37 @@ def test_reconcile_names_a_request_the_books_disagree_on_and_exits_6(
     report = json.loads(differs.stdout)
     assert report["difference_nanos"] == -7 and report["agrees"] is False
     assert [m["custom_id"] for m in report["mismatched"]] == ["explain-2"]
+
+
+def test_reconcile_a_budget_sums_its_runs_against_the_providers_books(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    env = {"ORTHOGONAL_API_KEY": "k", "COLUMNS": "200"}
+    assert cli.invoke(app, ["budget", "create", "team", "--limit", "1"]).exit_code == 0
+    other = write_job([{"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "x"}]}])
+    for job in (DEMO, other):
+        command = [
+            "run",
+            str(job),
+            "--provider",
+            "orthogonal",
+            "--base-url",
+            sim.base_url,
+            "--budget",
+            "team",
+        ]
+        assert (
+            cli.invoke(app, [*command, "-o", str(tmp_path / f"{job.stem}.parquet")], env=env).exit_code == 0
+        )
+    agree = cli.invoke(app, ["reconcile", "--budget", "team", "--json"], env=env)
+    assert agree.exit_code == 0, agree.output
+    report = json.loads(agree.stdout)
+    assert len(report["runs"]) == 2 and report["difference_nanos"] == 0 and report["agrees"] is True
+    assert Decimal(report["provider_usd"]) * 10**9 == sim.books.charged_nanos
+    with Ledger().transaction() as tx:  # the budget's own figure off by 5 nano-USD
+        tx.conn.execute("UPDATE budgets SET spent_nanos = spent_nanos + 5 WHERE name = 'team'")
+    differs = cli.invoke(app, ["reconcile", "--budget", "team"], env=env)
+    assert differs.exit_code == 6, differs.output
+    assert "budget 'team', 2 run(s)" in differs.output and "-5 nano-USD" in differs.output
+    both = cli.invoke(app, ["reconcile", "abc", "--budget", "team"], env=env)
+    assert both.exit_code == 2 and "not both" in both.output
