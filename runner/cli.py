@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import sys
+import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +18,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from runner import catalog, html_report, http
+from runner import catalog, html_report, http, sweep_view
 from runner.connect import ProviderSettings, connect, price_table, provider_of_scope
 from runner.console import (
     ERRORS_SHOWN,
@@ -48,6 +49,7 @@ from runner.console import (
     run_json,
     runs_table,
     summary_json,
+    text_table,
     usd,
 )
 from runner.engine import RunOptions, parse_deadline
@@ -63,6 +65,8 @@ from runner.quote import Estimate, fits, quote_requests
 from runner.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
 from runner.report import REPORT_NEEDS, run_frame
 from runner.run import RunResult, run_job
+from runner.sweep import load_spec
+from runner.sweep_run import SweepResult, cell_report, check_budget, plan_sweep, rows_that_fit, run_sweep
 
 # `runner simulator` is realistic unless told otherwise: calls of a second or two, dry runs a round trip
 SIMULATED_LATENCY = "0.5-2"
@@ -546,6 +550,117 @@ def _run(
                 )
 
     return ledger, run_async(work)
+
+
+@app.command()
+@friendly
+def sweep(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The sweep's spec (TOML).")],
+    budget: Annotated[str | None, typer.Option("--budget", help="The budget to spend from.")] = None,
+    max_usd: Annotated[str | None, typer.Option("--max-usd", help="A cap of this sweep's own.")] = None,
+    estimate_only: Annotated[
+        bool, typer.Option("--estimate", help="Show the cost matrix (from dry runs) and stop.")
+    ] = False,
+    fit: Annotated[
+        bool, typer.Option("--fit", help="Over budget: drop the same dataset rows from every cell.")
+    ] = False,
+    provider: ProviderOpt = "orthogonal",
+    base_url: BaseUrlOpt = None,
+    sim_pricing: SimPricingOpt = "tokens",
+    concurrency: ConcurrencyOpt = 64,
+    rpm: RpmOpt = None,
+    tpm: TpmOpt = None,
+    deadline: DeadlineOpt = None,
+    max_usd_per_hour: MaxUsdPerHourOpt = None,
+    output: OutputOpt = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the comparison as HTML.")] = None,
+    timeout: TimeoutOpt = http.READ_TIMEOUT_S,
+    connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Expand a sweep (dataset × prompt × models × parameters), price every cell from dry runs, run
+    it within the budget, grade the answers and compare the cells."""
+    options = RunOptions(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        handle_signals=True,
+        deadline=parse_deadline(deadline) if deadline is not None else None,
+        max_usd_per_hour=_usd_arg(max_usd_per_hour, "--max-usd-per-hour") if max_usd_per_hour else None,
+    )
+    spec = load_spec(spec_path)
+    path = output or Path("results") / f"{spec_path.stem}.parquet"
+    if not estimate_only:
+        _check_writable(path)
+    settings = _settings(
+        provider, base_url, None, sim_pricing, concurrency, _timeouts(timeout, connect_timeout)
+    )
+    ledger = Ledger(db)
+    cap = _usd_arg(max_usd, "--max-usd") if max_usd is not None else None
+    if budget is not None:
+        remaining: int | None = ledger.budget(budget).remaining_nanos
+    elif cap is not None:
+        remaining = to_nanos(cap)
+    elif estimate_only:
+        remaining = None
+    else:
+        raise ConfigError("give a budget: --budget NAME (see `runner budget create`) or --max-usd USD")
+
+    async def work() -> SweepResult | None:
+        async with connect(settings) as conn:
+            plan = await plan_sweep(spec, path.parent, conn, ledger, concurrency=concurrency)
+            if fit and remaining is not None:
+                kept = rows_that_fit(plan, remaining)
+                if len(kept) < plan.rows_total:
+                    out.print(f"--fit: {len(kept)} of {plan.rows_total} dataset rows fit, in every cell")
+                    plan = await plan_sweep(
+                        spec, path.parent, conn, ledger, concurrency=concurrency, keep_rows=kept
+                    )
+            if as_json and estimate_only:
+                print_json(sweep_view.matrix_json(plan, remaining))
+            elif not as_json:
+                rows = sweep_view.matrix_rows(plan, remaining)
+                out.print(text_table(f"sweep {spec_path.stem}: cost matrix", sweep_view.MATRIX_COLUMNS, rows))
+            if remaining is not None:
+                check_budget(plan, remaining)
+            if estimate_only:
+                return None
+            name = (
+                budget
+                or ledger.create_budget(f"sweep-{uuid.uuid4().hex[:8]}", remaining or 0, ephemeral=True).name
+            )
+            with Progress("running", plan.expansion.requests) as progress:
+                return await run_sweep(plan, conn, ledger, name, options, progress)
+
+    result = run_async(work)
+    if result is not None:
+        _sweep_outputs(result, spec_path.stem, path, html, as_json)
+
+
+def _sweep_outputs(result: SweepResult, title: str, path: Path, html: Path | None, as_json: bool) -> None:
+    """The sweep's Parquet, its comparison (terminal, --html, --json), and the exit code."""
+    spec = result.plan.spec
+    result.frame.write_parquet(path)
+    cells = cell_report(result.frame, spec)
+    columns, rows = sweep_view.report_columns(spec), sweep_view.report_rows(cells, spec)
+    if html is not None:
+        first = spec.graders[0].name if spec.graders else ""
+        html.write_text(html_report.render_sweep(title, cells, columns, rows, first), encoding="utf-8")
+    job = result.plan.expansion.job
+    if as_json:
+        print_json({"parquet": str(path), "job": str(job), "cells": sweep_view.report_json(cells)})
+    else:
+        out.print(text_table(f"sweep {title}: cells (front: on the cost-score Pareto front)", columns, rows))
+        judged = format_usd(result.judge.spent_nanos if result.judge else 0, places=6)
+        spent = format_usd(result.run.spent_nanos, places=6)
+        out.print(
+            f"spent {spent} on the cells and {judged} on the judges; {len(result.frame)} rows written to "
+            f"{path}; the job is {job}",
+            highlight=False,
+        )
+    if result.run.state != "done" or (result.judge is not None and result.judge.state != "done"):
+        raise typer.Exit(EXIT_RUN_STOPPED)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
+from rich.text import Text
 
 from runner import catalog
 from runner.errors import (
@@ -562,3 +563,13 @@ def print_budget_reconciliation(b: BudgetReconciliation) -> None:
         return
     out.print(f"  provider books: {format_usd(b.provider_nanos, places=9)}", highlight=False)
     out.print(f"  difference:     {b.difference_nanos:+,} nano-USD", highlight=False)
+
+
+def text_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    """A table of text cells, the first column left-aligned (no markup read from the cells)."""
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    return table

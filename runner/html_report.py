@@ -219,3 +219,54 @@ def _when(value: Any) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S UTC")
     return "" if value is None else str(value)
+
+
+def render_sweep(
+    title: str, cells_frame: pl.DataFrame, columns: list[str], rows: list[list[str]], grader: str
+) -> str:
+    """A sweep's page: the cells' cost against their mean score (the Pareto front in red), and the
+    per-cell table (`columns` and `rows` as the terminal shows them)."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return "".join(
+        [
+            "<!doctype html><html lang=en><head><meta charset=utf-8>",
+            f"<title>runner sweep {escape(title)}</title><style>{STYLE}</style></head><body>",
+            f"<h1>Sweep {escape(title)}</h1>",
+            f"<h2>cost against score ({escape(grader)})</h2>",
+            _scatter(cells_frame, grader),
+            "<h2>cells</h2>",
+            f"<div class=scroll><table><tr>{head}</tr>{body}</table></div></body></html>",
+        ]
+    )
+
+
+def _scatter(cells_frame: pl.DataFrame, grader: str) -> str:
+    column = f"mean_{grader}"
+    if cells_frame.is_empty() or column not in cells_frame.columns:
+        return "<p class=meta>No scores to plot.</p>"
+    points = [
+        (str(r["cell"]), float(r["cost_usd"] or 0), r[column], bool(r["pareto"])) for r in _rows(cells_frame)
+    ]
+    top = max((c for _, c, _, _ in points), default=0.0) or 1.0
+    left, bottom, height = 60, 260, 290
+    body = [
+        f'<line x1="{left}" y1="{bottom}" x2="{WIDTH - 20}" y2="{bottom}" stroke="#999"/>',
+        f'<line x1="{left}" y1="20" x2="{left}" y2="{bottom}" stroke="#999"/>',
+        f'<text x="{left}" y="{bottom + 16}">$0</text>',
+        f'<text x="{WIDTH - 20}" y="{bottom + 16}" text-anchor="end">{escape(_top_label(top))}</text>',
+        f'<text x="{left - 6}" y="24" text-anchor="end">1</text>',
+        f'<text x="{left - 6}" y="{bottom}" text-anchor="end">0</text>',
+    ]
+    for label, cost, score, front in points:
+        x = left + cost / top * (WIDTH - left - 40)
+        y = bottom - (score or 0.0) * (bottom - 20)
+        colour = "#c0392b" if front else "#4c72b0"
+        body.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colour}"><title>{escape(label)}</title></circle>'
+        )
+    return _svg(height, "".join(body), "cost against score per cell")
+
+
+def _top_label(top: float) -> str:
+    return format_usd(Decimal(str(top)), places=6)

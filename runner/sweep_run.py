@@ -1,0 +1,358 @@
+"""Running a sweep: the cost matrix from real dry runs (cells, and the judges' calls apart), the budget
+checks per cell and for the whole (or `fit`: the same dataset rows dropped from every cell), the run of
+the expanded job, the judges' run under the same budget, and the result frame with its scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import polars as pl
+
+from runner import codec
+from runner.connect import Connection
+from runner.engine import RunOptions
+from runner.errors import BudgetExceeded
+from runner.events import Listener, ignore
+from runner.jobs import iter_requests, validate_job
+from runner.ledger import Ledger
+from runner.models import ChatRequest, Quote
+from runner.money import format_usd, to_nanos
+from runner.quote import Reuse, quote_requests
+from runner.report import run_frame
+from runner.run import RunResult, run_job
+from runner.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score
+
+BYTES_PER_ANSWER_TOKEN = 4  # a judged answer's stand-in for the estimate: its max_tokens of text
+
+
+@dataclass
+class CellQuote:
+    key: str
+    params: dict[str, Any]
+    requests: int = 0
+    nanos: int = 0  # to be sent (cached answers excluded)
+    cached: int = 0
+    judge_nanos: int = 0
+
+
+@dataclass
+class SweepPlan:
+    spec: Spec
+    expansion: Expansion
+    cells: dict[str, CellQuote]
+    rows_total: int
+    # per dataset row, per cell: what its requests are quoted (with the row's judge calls, apart)
+    by_row: dict[str, dict[str, int]] = field(default_factory=dict)
+    judge_by_row: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def nanos(self) -> int:
+        return sum(c.nanos for c in self.cells.values())
+
+    @property
+    def judge_nanos(self) -> int:
+        return sum(c.judge_nanos for c in self.cells.values())
+
+    def over_cells(self) -> list[CellQuote]:
+        limit = self.spec.per_cell_usd
+        return [] if limit is None else [c for c in self.cells.values() if c.nanos > to_nanos(limit)]
+
+
+@dataclass
+class SweepResult:
+    plan: SweepPlan
+    run: RunResult
+    judge: RunResult | None
+    frame: pl.DataFrame
+
+
+async def plan_sweep(
+    spec: Spec,
+    folder: Path,
+    conn: Connection,
+    ledger: Ledger,
+    *,
+    concurrency: int = 64,
+    on_event: Listener = ignore,
+    keep_rows: set[str] | None = None,
+) -> SweepPlan:
+    """Expand the spec, validate the job, and quote every cell from dry runs (answers the ledger
+    holds cost nothing); the judges' calls are quoted on a stand-in answer of the graded request's
+    longest reply."""
+    expansion = await anyio.to_thread.run_sync(expand, spec, folder, keep_rows)
+    summary = await anyio.to_thread.run_sync(validate_job, expansion.job)
+    summary.raise_for_issues()
+    cells = {cell_key(c): CellQuote(cell_key(c), c) for c in expansion.cells}
+    plan = SweepPlan(spec, expansion, cells, len(expansion.rows))
+    judged: list[ChatRequest] = []
+
+    async def collect(requests: list[ChatRequest], quotes: list[Quote], reuse: list[Reuse | None]) -> None:
+        for request, quote, used in zip(requests, quotes, reuse, strict=True):
+            where = request.metadata["sweep"]
+            cell = cells[where["cell"]]
+            cell.requests += 1
+            nanos = 0 if used is not None else (quote.nanos or 0)
+            cell.cached += used is not None
+            cell.nanos += nanos
+            row = plan.by_row.setdefault(where["row"], defaultdict(int))
+            row[where["cell"]] += nanos
+            if any(g.judge for g in spec.graders):
+                judged.append(request)
+
+    await quote_requests(
+        iter_requests(expansion.job),
+        provider=conn.provider,
+        scope=conn.scope,
+        ledger=ledger,
+        concurrency=concurrency,
+        on_event=on_event,
+        on_chunk=collect,
+        cache="reuse",
+    )
+    if judged:
+        await _quote_judges(plan, judged, folder, conn, ledger, concurrency)
+    return plan
+
+
+async def _quote_judges(
+    plan: SweepPlan,
+    judged: list[ChatRequest],
+    folder: Path,
+    conn: Connection,
+    ledger: Ledger,
+    concurrency: int,
+) -> None:
+    judges = [g for g in plan.spec.graders if g.judge]
+    lines = [
+        (request, judge_line(g, request.custom_id, _stand_in(request), request.metadata["sweep"]["vars"]))
+        for request in judged
+        for g in judges
+    ]
+    path = folder / f"{plan.expansion.job.stem}-judge-estimate.jsonl"
+    path.write_bytes(b"".join(codec.dumps(line) + b"\n" for _, line in lines))
+    graded = {line["custom_id"]: request for request, line in lines}
+
+    async def collect(requests: list[ChatRequest], quotes: list[Quote], _: list[Reuse | None]) -> None:
+        for request, quote in zip(requests, quotes, strict=True):
+            where = graded[request.custom_id].metadata["sweep"]
+            plan.cells[where["cell"]].judge_nanos += quote.nanos or 0
+            plan.judge_by_row[where["row"]] = plan.judge_by_row.get(where["row"], 0) + (quote.nanos or 0)
+
+    await quote_requests(
+        iter_requests(path),
+        provider=conn.provider,
+        scope=conn.scope,
+        ledger=ledger,
+        concurrency=concurrency,
+        on_chunk=collect,
+    )
+
+
+def _stand_in(request: ChatRequest) -> str:
+    """The longest answer the request can get, as text: what its judge is quoted on."""
+    return "x" * BYTES_PER_ANSWER_TOKEN * int(request.body.get("max_tokens") or 1024)
+
+
+def check_budget(plan: SweepPlan, remaining_nanos: int) -> None:
+    """A cell over its budget, or the sweep (judges included) over the run's: refused, with the shortfall."""
+    over = plan.over_cells()
+    if over:
+        limit = to_nanos(plan.spec.per_cell_usd) if plan.spec.per_cell_usd is not None else 0
+        worst = max(over, key=lambda c: c.nanos)
+        msg = (
+            f"{len(over)} cell(s) over budget.per_cell_usd ({format_usd(limit)}); {worst.key} is quoted "
+            f"{format_usd(worst.nanos)}, short by {format_usd(worst.nanos - limit)}; "
+            "--fit runs the rows that fit"
+        )
+        raise BudgetExceeded(msg, budget="per cell", shortfall_nanos=worst.nanos - limit)
+    needed = plan.nanos + plan.judge_nanos
+    if needed > remaining_nanos:
+        msg = (
+            f"the sweep is quoted {format_usd(needed)} (judges {format_usd(plan.judge_nanos)}) and "
+            f"{format_usd(remaining_nanos)} remains: short by {format_usd(needed - remaining_nanos)}; "
+            "--fit runs the rows that fit"
+        )
+        raise BudgetExceeded(msg, budget="run", shortfall_nanos=needed - remaining_nanos)
+
+
+def rows_that_fit(plan: SweepPlan, remaining_nanos: int) -> set[str]:
+    """The longest run of dataset rows, in order, that every cell (and the whole) can pay for: the
+    same rows in every cell, so the cells stay comparable."""
+    limit = to_nanos(plan.spec.per_cell_usd) if plan.spec.per_cell_usd is not None else None
+    spent: dict[str, int] = defaultdict(int)
+    total, kept = 0, set()
+    for row in plan.expansion.rows:
+        costs = plan.by_row.get(row, {})
+        row_total = sum(costs.values()) + plan.judge_by_row.get(row, 0)
+        if total + row_total > remaining_nanos:
+            break
+        if limit is not None and any(spent[c] + n > limit for c, n in costs.items()):
+            break
+        for c, n in costs.items():
+            spent[c] += n
+        total += row_total
+        kept.add(row)
+    return kept
+
+
+async def run_sweep(
+    plan: SweepPlan,
+    conn: Connection,
+    ledger: Ledger,
+    budget: str,
+    options: RunOptions,
+    on_event: Listener = ignore,
+) -> SweepResult:
+    """Run the expanded job, then the judges' calls on its answers, both under `budget`."""
+    job = plan.expansion.job
+    main = await run_job(job, conn=conn, ledger=ledger, budget=budget, options=options, on_event=on_event)
+    judge: RunResult | None = None
+    judges = [g for g in plan.spec.graders if g.judge]
+    answers = await anyio.to_thread.run_sync(run_frame, ledger, main.run_id)
+    if judges and main.state == "done":
+        path = job.with_name(f"{job.stem}-judges.jsonl")
+        lines = [
+            judge_line(
+                g, row["custom_id"], row["content"] or "", json.loads(row["metadata"])["sweep"]["vars"]
+            )
+            for row in answers.filter(pl.col("status") == "ok").iter_rows(named=True)
+            for g in judges
+        ]
+        path.write_bytes(b"".join(codec.dumps(line) + b"\n" for line in lines))
+        judge_options = replace(
+            options, run_id=None, new=False, retry_failed=False, retry_possibly_billed=False
+        )
+        judge = await run_job(
+            path, conn=conn, ledger=ledger, budget=budget, options=judge_options, on_event=on_event
+        )
+    judged = await anyio.to_thread.run_sync(run_frame, ledger, judge.run_id) if judge else None
+    return SweepResult(plan, main, judge, sweep_frame(plan.spec, answers, judged))
+
+
+def sweep_frame(spec: Spec, answers: pl.DataFrame, judged: pl.DataFrame | None) -> pl.DataFrame:
+    """One row per (dataset row × cell × repeat): the run's columns, the cell's parameters, the row id
+    and variables, and `score_<grader>` per grader (a judge's explanation and cost beside its score)."""
+    if answers.is_empty():
+        return answers
+    rows: list[dict[str, Any]] = []
+    judgements = _judgements(judged)
+    taken = set(answers.columns)
+    for row in answers.iter_rows(named=True):
+        where = json.loads(row["metadata"])["sweep"]
+        extra: dict[str, Any] = {"row_id": where["row"], "cell": where["cell"], "repeat": where["repeat"]}
+        for name in spec.params[1:]:
+            extra[name] = where["params"][name]
+        for name, value in where["vars"].items():
+            extra[name if name not in taken and name not in extra else f"var_{name}"] = value
+        for grader in spec.graders:
+            if grader.judge:
+                score, text, price = judgements.get((grader.name, row["custom_id"]), (None, None, None))
+                extra[f"score_{grader.name}"] = score
+                extra[f"{grader.name}_explanation"] = text
+                extra[f"{grader.name}_price_usd"] = price
+            else:
+                ok = row["status"] == "ok"
+                extra[f"score_{grader.name}"] = grader.score(row["content"], where["vars"]) if ok else None
+        rows.append(extra)
+    return pl.concat([answers, pl.DataFrame(rows, infer_schema_length=None)], how="horizontal")
+
+
+def _judgements(judged: pl.DataFrame | None) -> dict[tuple[str, str], tuple[float | None, str | None, Any]]:
+    if judged is None or judged.is_empty():
+        return {}
+    found = {}
+    for row in judged.iter_rows(named=True):
+        meta = json.loads(row["metadata"])
+        text = row["content"] if row["status"] == "ok" else None
+        found[(meta["judge"], meta["graded"])] = (judge_score(text), text, row["price_usd"])
+    return found
+
+
+def cell_report(frame: pl.DataFrame, spec: Spec) -> pl.DataFrame:
+    """Per cell: n, ok, each grader's mean score with a 95 % interval, cost (the judges' apart), cost
+    per correct answer (the first grader's), tokens, latency p50/p95, and whether it is on the
+    cost–quality Pareto front."""
+    if frame.is_empty():
+        return frame
+    aggs: list[pl.Expr] = [
+        pl.len().alias("n"),
+        (pl.col("status") == "ok").sum().alias("ok"),
+        pl.col("price_usd").sum().alias("cost_usd"),
+        (pl.col("prompt_tokens").sum() + pl.col("completion_tokens").sum()).alias("tokens"),
+        pl.col("latency_s").quantile(0.5).alias("p50_s"),
+        pl.col("latency_s").quantile(0.95).alias("p95_s"),
+    ]
+    for g in spec.graders:
+        col = f"score_{g.name}"
+        aggs += [
+            pl.col(col).mean().alias(f"mean_{g.name}"),
+            pl.col(col).count().alias(f"n_{g.name}"),
+            pl.col(col).std().alias(f"sd_{g.name}"),
+            pl.col(col).sum().alias(f"sum_{g.name}"),
+        ]
+        if g.judge:
+            aggs.append(pl.col(f"{g.name}_price_usd").sum().alias(f"{g.name}_cost_usd"))
+    cells = frame.group_by("cell", maintain_order=True).agg(*aggs)
+    for g in spec.graders:
+        low, high = zip(
+            *(
+                _interval(m, n, sd, binary=not g.judge)
+                for m, n, sd in cells.select(f"mean_{g.name}", f"n_{g.name}", f"sd_{g.name}").iter_rows()
+            ),
+            strict=True,
+        )
+        cells = cells.with_columns(pl.Series(f"low_{g.name}", low), pl.Series(f"high_{g.name}", high))
+    first = spec.graders[0].name if spec.graders else None
+    if first is not None:
+        cells = cells.with_columns(
+            pl.when(pl.col(f"sum_{first}") > 0)
+            .then(pl.col("cost_usd").cast(pl.Float64) / pl.col(f"sum_{first}"))
+            .otherwise(None)
+            .alias("cost_per_correct_usd")
+        )
+    return cells.with_columns(pl.Series("pareto", _pareto(cells, first)))
+
+
+def _interval(
+    mean: float | None, n: int, sd: float | None, *, binary: bool
+) -> tuple[float | None, float | None]:
+    """95 %: Wilson's for a pass/fail score, the normal one for a judge's."""
+    if mean is None or not n:
+        return None, None
+    z = 1.96
+    if binary:
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return max(0.0, centre - half), min(1.0, centre + half)
+    half = z * (sd or 0.0) / math.sqrt(n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def _pareto(cells: pl.DataFrame, grader: str | None) -> list[bool]:
+    """A cell is on the front when no other is at most as dear and at least as good, and better in one."""
+    points = [
+        (float(c or 0), (s if s is not None else -1.0))
+        for c, s in cells.select("cost_usd", f"mean_{grader}" if grader else pl.lit(0.0)).iter_rows()
+    ]
+    return [
+        not any(c2 <= c and s2 >= s and (c2 < c or s2 > s) for j, (c2, s2) in enumerate(points) if j != i)
+        for i, (c, s) in enumerate(points)
+    ]
+
+
+__all__ = [
+    "SweepPlan",
+    "SweepResult",
+    "cell_report",
+    "check_budget",
+    "plan_sweep",
+    "rows_that_fit",
+    "run_sweep",
+]
