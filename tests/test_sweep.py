@@ -1,0 +1,182 @@
+"""Sweeps: spec checks, the cost matrix, --fit, judges, incremental re-runs, results and report."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.ledger import Ledger
+from tests.conftest import SimulatorThread
+
+cli = CliRunner()
+EXAMPLE = Path(__file__).resolve().parents[1] / "jobs" / "sweep" / "capitals.toml"
+ENV = {"ORTHOGONAL_API_KEY": "k", "COLUMNS": "200"}
+MODELS = '["openai/gpt-oss-120b", "deepseek-ai/DeepSeek-V3.1"]'
+
+
+def calls(sim: SimulatorThread) -> int:
+    return int(sim.books.stats()["counters"].get("run.call", 0))
+
+
+def dry_runs(sim: SimulatorThread) -> int:
+    return int(sim.books.stats()["counters"].get("run.dry_run", 0))
+
+
+def sweep(sim: SimulatorThread, spec: Path, tmp_path: Path, *args: str) -> Any:
+    base = ["sweep", str(spec), "--provider", "orthogonal", "--base-url", sim.base_url]
+    return cli.invoke(app, [*base, "-o", str(tmp_path / "out" / "sweep.parquet"), *args], env=ENV)
+
+
+def write_spec(tmp_path: Path, body: str, rows: int = 10) -> Path:
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "topic": f"topic {i}", "expected": "yes"}) + "\n" for i in range(rows)
+        )
+    )
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'dataset = "data.jsonl"\n{body}')
+    return spec
+
+
+PROMPT = '[prompt]\nuser = "Say something about {topic}."\n'
+GRADERS = f"{PROMPT}[matrix]\nmodel = {MODELS}\n[[graders]]\n"
+
+
+def test_the_readme_example_estimates_runs_and_writes_40_graded_rows(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    estimate = sweep(sim, EXAMPLE, tmp_path, "--estimate", "--json")
+    assert estimate.exit_code == 0, estimate.output
+    matrix = json.loads(estimate.stdout)
+    assert matrix["requests"] == 40 and len(matrix["cells"]) == 4
+    assert all(c["requests"] == 10 and c["fits"] for c in matrix["cells"])
+    assert calls(sim) == 0  # priced from dry runs, nothing sent
+    quoted = Decimal(matrix["quoted_usd"])
+
+    done = sweep(sim, EXAMPLE, tmp_path, "--max-usd", "0.10", "--html", str(tmp_path / "r.html"))
+    assert done.exit_code == 0, done.output
+    assert "cost matrix" in done.output and "exact (95% CI)" in done.output
+    frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert frame.height == 40
+    assert {"model", "temperature", "score_exact", "row_id", "country", "expected"} <= set(frame.columns)
+    assert sorted(frame["temperature"].unique().to_list()) == [0.0, 0.7]
+    assert frame["score_exact"].is_in([0.0, 1.0]).all()
+    assert Decimal(frame["price_usd"].sum()) <= quoted
+    assert Decimal(frame["price_usd"].sum()) * 10**9 == sim.books.charged_nanos
+    page = (tmp_path / "r.html").read_text()
+    assert "<svg" in page and "model=openai/gpt-oss-120b" in page
+    job = next((tmp_path / "out").glob("capitals-*.jsonl"))  # the expanded job, beside the results
+    again = cli.invoke(app, ["validate", str(job)])
+    assert again.exit_code == 0, again.output
+
+
+def test_fit_keeps_the_same_rows_in_every_cell(sim: SimulatorThread, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, f"{PROMPT}[matrix]\nmodel = {MODELS}\nmax_tokens = 50\n")
+    matrix = json.loads(sweep(sim, spec, tmp_path, "--estimate", "--json").stdout)
+    half = Decimal(matrix["quoted_usd"]) / 2
+    refused = sweep(sim, spec, tmp_path, "--max-usd", f"{half:f}")
+    assert refused.exit_code == 3 and "short by" in refused.output
+    assert calls(sim) == 0
+    fitted = sweep(sim, spec, tmp_path, "--max-usd", f"{half:f}", "--fit")
+    assert fitted.exit_code == 0, fitted.output
+    frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
+    rows_per_cell = {cell: set(g["row_id"].to_list()) for (cell,), g in frame.group_by("cell")}
+    assert len(rows_per_cell) == 2
+    first, second = rows_per_cell.values()
+    assert first == second and 0 < len(first) < 10
+    assert f"--fit: {len(first)} of 10 dataset rows fit" in fitted.output
+    assert Decimal(frame["price_usd"].sum()) <= half
+
+
+def test_a_judge_is_quoted_held_and_reported_apart(sim: SimulatorThread, tmp_path: Path) -> None:
+    judge = (
+        '[[graders]]\nkind = "judge"\nname = "judge"\nmodel = "openai/gpt-oss-120b"\nmax_tokens = 30\n'
+        'rubric = "Is this about {topic}? {answer} Score 0 or 1."\n'
+    )
+    spec = write_spec(tmp_path, f"{PROMPT}[matrix]\nmodel = {MODELS}\nmax_tokens = 20\n{judge}", rows=5)
+    matrix = json.loads(sweep(sim, spec, tmp_path, "--estimate", "--json").stdout)
+    assert Decimal(matrix["judges_usd"]) > 0  # priced before anything is sent
+    Ledger().create_budget("eval", 10**9)
+    done = sweep(sim, spec, tmp_path, "--budget", "eval", "--json")
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert frame.height == 10 and frame["judge_explanation"].null_count() == 0
+    assert calls(sim) == 20  # 10 answers, 10 judgements
+    cells = Decimal(sum(Decimal(c["cost_usd"]) for c in report["cells"]))
+    judges = Decimal(sum(Decimal(c["judge_cost_usd"]) for c in report["cells"]))
+    assert judges > 0
+    spent = Ledger().budget("eval").spent_nanos
+    assert (cells + judges) * 10**9 == spent == sim.books.charged_nanos  # to the nano-dollar
+
+
+def test_a_third_model_sends_only_its_own_requests(sim: SimulatorThread, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, f"{PROMPT}[matrix]\nmodel = {MODELS}\nmax_tokens = 20\n")
+    assert sweep(sim, spec, tmp_path, "--max-usd", "1").exit_code == 0
+    assert calls(sim) == 20
+    three = MODELS.replace("]", ', "zai-org/GLM-4.6"]')
+    spec.write_text(spec.read_text().replace(MODELS, three))
+    again = sweep(sim, spec, tmp_path, "--max-usd", "1")
+    assert again.exit_code == 0, again.output
+    assert calls(sim) == 30  # only the new model's 10
+    frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert frame.height == 30 and frame.filter(pl.col("cached")).height == 20
+
+
+def test_repeats_are_samples_each_sent(sim: SimulatorThread, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, f'{PROMPT}[matrix]\nmodel = ["openai/gpt-oss-120b"]\nrepeats = 3\n', rows=2)
+    assert sweep(sim, spec, tmp_path, "--max-usd", "1").exit_code == 0
+    assert calls(sim) == 6
+    frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert sorted(frame["repeat"].to_list()) == [1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (f"{PROMPT}[matrix]\nmodel = {MODELS}\ncolour = [1]\n", "matrix.colour: not a request field"),
+        (f"{PROMPT}[matrix]\nmodel = {MODELS}\n[extra]\nx = 1\n", "extra: unknown key"),
+        (
+            '[prompt]\nuser = "About {nothing}."\n[matrix]\nmodel = ["openai/gpt-oss-120b"]\n',
+            "row r0: the placeholder {nothing}",
+        ),
+        (f"{PROMPT}[matrix]\nmodel = []\n", "matrix.model: the [matrix] needs at least one model"),
+        (f"{PROMPT}[matrix]\nmodel = {MODELS}\ntemperature = []\n", "matrix.temperature: an empty list"),
+        (
+            f'{PROMPT}[matrix]\nmodel = {MODELS}\n[[graders]]\nkind = "vibes"\n',
+            "graders[0].kind: 'vibes' is not one of",
+        ),
+        (
+            f'{PROMPT}[matrix]\nmodel = {MODELS}\n[[graders]]\nkind = "regex"\npattern = "(unclosed"\n',
+            "graders[0].pattern: does not compile",
+        ),
+        (
+            f'{GRADERS}kind = "judge"\nmodel = "no/such"\nrubric = "{{answer}}"\n',
+            "graders[0].model: 'no/such' is not a model of the catalog",
+        ),
+    ],
+)
+def test_bad_specs_name_the_file_and_key_and_send_nothing(
+    sim: SimulatorThread, tmp_path: Path, body: str, expected: str
+) -> None:
+    spec = write_spec(tmp_path, body)
+    result = sweep(sim, spec, tmp_path, "--max-usd", "1")
+    assert result.exit_code == 1, result.output
+    assert str(spec) in result.output and expected in result.output
+    assert "Traceback" not in result.output
+    assert calls(sim) == 0 and dry_runs(sim) == 0
+
+
+def test_the_python_api_returns_the_result_frame(tmp_path: Path) -> None:
+    import runner  # noqa: PLC0415
+
+    frame = runner.sweep_simulated(EXAMPLE, max_usd="0.10", folder=tmp_path)
+    assert frame.height == 40 and "score_exact" in frame.columns
