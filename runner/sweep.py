@@ -317,38 +317,51 @@ def expand(spec: Spec, folder: Path, keep_rows: set[str] | None = None) -> Expan
     spec and a digest of its content: the same spec and data give the same file (and resume its run);
     a changed one is a new job whose unchanged requests the cache answers."""
     cells = spec.cells()
-    rows: list[str] = []
-    lines: list[bytes] = []
-    for row_id, variables in read_dataset(spec):
-        if keep_rows is not None and row_id not in keep_rows:
-            continue
-        rows.append(row_id)
-        where = f"{spec.path}: prompt, dataset row {printable(row_id)}"
-        messages = [
-            {"role": m["role"], "content": render(m["content"], variables, where)} for m in spec.messages
-        ]
-        for cell, repeat in itertools.product(cells, range(1, spec.repeats + 1)):
-            key = cell_key(cell)
-            coordinates = {"row": row_id, "cell": key, "repeat": repeat, "params": cell, "vars": variables}
-            meta: dict[str, Any] = {"sweep": coordinates}
-            if spec.repeats > 1:
-                meta["sample"] = repeat
-            line = {"custom_id": f"{row_id}|{key}|{repeat}", **cell, "messages": messages, "metadata": meta}
-            lines.append(codec.dumps(line) + b"\n")
-    for grader in spec.graders:  # a judge's rubric must fill from every row, answer aside
+    for grader in spec.graders:  # a judge's rubric must fill from every row (the answer aside)
         if grader.judge:
             for row_id, variables in read_dataset(spec):
-                render(
-                    grader.options["rubric"],
-                    {**variables, ANSWER: ""},
-                    f"{spec.path}: graders.{grader.name}.rubric, dataset row {printable(row_id)}",
-                )
-    digest = hashlib.sha256(b"".join(lines)).hexdigest()[:12]
+                where = f"{spec.path}: graders.{grader.name}.rubric, dataset row {printable(row_id)}"
+                render(grader.options["rubric"], {**variables, ANSWER: ""}, where)
     folder.mkdir(parents=True, exist_ok=True)
-    job = folder / f"{spec.path.stem}-{digest}.jsonl"
-    if not job.exists():
-        job.write_bytes(b"".join(lines))
-    return Expansion(job, cells, rows, len(lines))
+    partial = folder / f".{spec.path.stem}.expanding"
+    rows: list[str] = []
+    count, digest = 0, hashlib.sha256()
+    try:
+        with partial.open("wb") as handle:  # streamed: a large sweep is not held in memory
+            for row_id, variables in read_dataset(spec):
+                if keep_rows is not None and row_id not in keep_rows:
+                    continue
+                rows.append(row_id)
+                for line in _lines(spec, cells, row_id, variables):
+                    digest.update(line)
+                    handle.write(line)
+                    count += 1
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    job = folder / f"{spec.path.stem}-{digest.hexdigest()[:12]}.jsonl"
+    partial.replace(job)  # the same content under the same name: its run resumes
+    return Expansion(job, cells, rows, count)
+
+
+def _lines(
+    spec: Spec, cells: list[dict[str, Any]], row_id: str, variables: dict[str, Any]
+) -> Iterator[bytes]:
+    """The job lines of one dataset row: a line per cell and repeat."""
+    where = f"{spec.path}: prompt, dataset row {printable(row_id)}"
+    messages = [{"role": m["role"], "content": render(m["content"], variables, where)} for m in spec.messages]
+    for cell, repeat in itertools.product(cells, range(1, spec.repeats + 1)):
+        key = cell_key(cell)
+        coordinates = {"row": row_id, "cell": key, "repeat": repeat, "params": cell, "vars": variables}
+        meta: dict[str, Any] = {"sweep": coordinates}
+        if spec.repeats > 1:
+            meta["sample"] = repeat
+        yield (
+            codec.dumps(
+                {"custom_id": f"{row_id}|{key}|{repeat}", **cell, "messages": messages, "metadata": meta}
+            )
+            + b"\n"
+        )
 
 
 def judge_line(grader: Grader, custom_id: str, answer: str, variables: dict[str, Any]) -> dict[str, Any]:

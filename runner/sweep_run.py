@@ -5,6 +5,7 @@ the expanded job, the judges' run under the same budget, and the result frame wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -217,7 +218,6 @@ async def run_sweep(
     judges = [g for g in plan.spec.graders if g.judge]
     answers = await anyio.to_thread.run_sync(run_frame, ledger, main.run_id)
     if judges and main.state == "done":
-        path = job.with_name(f"{job.stem}-judges.jsonl")
         lines = [
             judge_line(
                 g, row["custom_id"], row["content"] or "", json.loads(row["metadata"])["sweep"]["vars"]
@@ -225,7 +225,10 @@ async def run_sweep(
             for row in answers.filter(pl.col("status") == "ok").iter_rows(named=True)
             for g in judges
         ]
-        path.write_bytes(b"".join(codec.dumps(line) + b"\n" for line in lines))
+        text = b"".join(codec.dumps(line) + b"\n" for line in lines)
+        # named by its content, as the sweep's job is: other answers are another judges' job
+        path = job.with_name(f"{job.stem}-judges-{hashlib.sha256(text).hexdigest()[:12]}.jsonl")
+        path.write_bytes(text)
         judge_options = replace(
             options, run_id=None, new=False, retry_failed=False, retry_possibly_billed=False
         )
