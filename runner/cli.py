@@ -66,7 +66,15 @@ from runner.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
 from runner.report import REPORT_NEEDS, run_frame
 from runner.run import RunResult, run_job
 from runner.sweep import load_spec
-from runner.sweep_run import SweepResult, cell_report, check_budget, plan_sweep, rows_that_fit, run_sweep
+from runner.sweep_run import (
+    SweepResult,
+    cell_report,
+    check_budget,
+    plan_sweep,
+    rows_that_fit,
+    run_sweep,
+    sweep_of_run,
+)
 
 # `runner simulator` is realistic unless told otherwise: calls of a second or two, dry runs a round trip
 SIMULATED_LATENCY = "0.5-2"
@@ -839,17 +847,31 @@ def report(
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output."""
+    """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output; for a
+    sweep's run, the per-cell comparison too."""
     ledger = Ledger(db)
     run = ledger.run(run_id)
+    swept = sweep_of_run(ledger, run.id)
+    cells = cell_report(swept[1], swept[0]) if swept else None
     if as_json:
-        print_json(report_json(ledger, run))
+        document = report_json(ledger, run)
+        if cells is not None:
+            document["cells"] = sweep_view.report_json(cells)
+        print_json(document)
     else:
         print_report(ledger, run.id)
+        if swept and cells is not None:
+            columns, rows = sweep_view.report_columns(swept[0]), sweep_view.report_rows(cells, swept[0])
+            out.print(text_table(f"sweep {swept[0].path.stem}: cells", columns, rows))
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)
             page = html_report.render(run, run_frame(ledger, run.id, REPORT_NEEDS))
+            if swept and cells is not None:  # a sweep's run: the cells' comparison
+                spec = swept[0]
+                columns, rows = sweep_view.report_columns(spec), sweep_view.report_rows(cells, spec)
+                first = spec.graders[0].name if spec.graders else ""
+                page = html_report.render_sweep(spec.path.stem, cells, columns, rows, first)
             html.write_text(page, encoding="utf-8")
         except OSError as exc:
             msg = f"{html}: cannot write the report: {exc.strerror}"

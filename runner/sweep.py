@@ -352,7 +352,14 @@ def _lines(
     messages = [{"role": m["role"], "content": render(m["content"], variables, where)} for m in spec.messages]
     for cell, repeat in itertools.product(cells, range(1, spec.repeats + 1)):
         key = cell_key(cell)
-        coordinates = {"row": row_id, "cell": key, "repeat": repeat, "params": cell, "vars": variables}
+        coordinates = {
+            "spec": str(spec.path.resolve()),  # `runner report` on the run finds its graders there
+            "row": row_id,
+            "cell": key,
+            "repeat": repeat,
+            "params": cell,
+            "vars": variables,
+        }
         meta: dict[str, Any] = {"sweep": coordinates}
         if spec.repeats > 1:
             meta["sample"] = repeat

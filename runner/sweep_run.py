@@ -28,7 +28,7 @@ from runner.money import format_usd, to_nanos
 from runner.quote import Reuse, quote_requests
 from runner.report import run_frame
 from runner.run import RunResult, run_job
-from runner.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score
+from runner.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score, load_spec
 
 BYTES_PER_ANSWER_TOKEN = 4  # a judged answer's stand-in for the estimate: its max_tokens of text
 
@@ -237,6 +237,21 @@ async def run_sweep(
         )
     judged = await anyio.to_thread.run_sync(run_frame, ledger, judge.run_id) if judge else None
     return SweepResult(plan, main, judge, sweep_frame(plan.spec, answers, judged))
+
+
+def sweep_of_run(ledger: Ledger, run_id: str) -> tuple[Spec, pl.DataFrame] | None:
+    """For a sweep's run: its spec and result frame (with the judges' run of the same job, if any);
+    None for a run of an ordinary job. A spec no longer where the sweep read it is a SpecError."""
+    answers = run_frame(ledger, run_id)
+    first = answers["metadata"][0] if not answers.is_empty() else None
+    sweep = json.loads(first).get("sweep") if first else None
+    if not isinstance(sweep, dict) or "spec" not in sweep:
+        return None
+    spec = load_spec(Path(sweep["spec"]))
+    job = Path(ledger.run(run_id).job_path)
+    judges = [r for r in ledger.runs() if Path(r.job_path).name.startswith(f"{job.stem}-judges-")]
+    judged = run_frame(ledger, judges[0].id) if judges else None  # the newest
+    return spec, sweep_frame(spec, answers, judged)
 
 
 def sweep_frame(spec: Spec, answers: pl.DataFrame, judged: pl.DataFrame | None) -> pl.DataFrame:

@@ -77,6 +77,14 @@ def test_the_readme_example_estimates_runs_and_writes_40_graded_rows(
     again = cli.invoke(app, ["validate", str(job)])
     assert again.exit_code == 0, again.output
 
+    run_id = Ledger().runs()[0].id  # `runner report` on the sweep's run: the cells compared too
+    shown = cli.invoke(app, ["report", run_id, "--html", str(tmp_path / "s.html")], env=ENV)
+    assert shown.exit_code == 0, shown.output
+    assert "sweep capitals: cells" in shown.output and "exact (95% CI)" in shown.output
+    assert "cost against score" in (tmp_path / "s.html").read_text()
+    document = json.loads(cli.invoke(app, ["report", run_id, "--json"], env=ENV).stdout)
+    assert len(document["cells"]) == 4 and all(c["n"] == 10 for c in document["cells"])
+
 
 def test_fit_keeps_the_same_rows_in_every_cell(sim: SimulatorThread, tmp_path: Path) -> None:
     spec = write_spec(tmp_path, f"{PROMPT}[matrix]\nmodel = {MODELS}\nmax_tokens = 50\n")
@@ -180,3 +188,36 @@ def test_the_python_api_returns_the_result_frame(tmp_path: Path) -> None:
 
     frame = runner.sweep_simulated(EXAMPLE, max_usd="0.10", folder=tmp_path)
     assert frame.height == 40 and "score_exact" in frame.columns
+
+
+def test_rule_graders_score_an_answer() -> None:
+    from runner.sweep import Grader  # noqa: PLC0415
+
+    row = {"expected": "Paris"}
+    assert Grader("e", "exact", {"ignore_case": True}).score(" paris\n", row) == 1.0
+    assert Grader("e", "exact", {}).score("paris", row) == 0.0
+    assert Grader("c", "contains", {"value": "Par"}).score("It is Paris.", row) == 1.0
+    assert Grader("r", "regex", {"pattern": r"^\d+$"}).score("42", row) == 1.0
+    assert Grader("j", "json_valid", {}).score('{"a": 1}', row) == 1.0
+    assert Grader("j", "json_valid", {}).score("{a: 1}", row) == 0.0
+    schema = {"type": "object", "required": ["city"]}
+    assert Grader("s", "json_schema", {"schema": schema}).score('{"city": "Paris"}', row) == 1.0
+    assert Grader("s", "json_schema", {"schema": schema}).score('{"town": "Paris"}', row) == 0.0
+    assert Grader("e", "exact", {}).score(None, row) is None  # no answer: no score
+
+
+def test_a_csv_dataset_and_a_cell_over_its_budget(sim: SimulatorThread, tmp_path: Path) -> None:
+    (tmp_path / "rows.csv").write_text("id,topic\na,cats\nb,dogs\n")
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        f'dataset = "rows.csv"\n{PROMPT}[matrix]\nmodel = {MODELS}\n[budget]\nper_cell_usd = 0.0000001\n'
+    )
+    matrix = json.loads(sweep(sim, spec, tmp_path, "--estimate", "--json").stdout)
+    assert matrix["rows"] == 2 and [c["fits"] for c in matrix["cells"]] == [False, False]
+    refused = sweep(sim, spec, tmp_path, "--max-usd", "1")
+    assert (
+        refused.exit_code == 3
+        and "over budget.per_cell_usd" in refused.output
+        and "short by" in refused.output
+    )
+    assert calls(sim) == 0
