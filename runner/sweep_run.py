@@ -40,6 +40,7 @@ class CellQuote:
     requests: int = 0
     nanos: int = 0  # to be sent (cached answers excluded)
     cached: int = 0
+    unknown: int = 0  # requests no price could be quoted for (never shown as $0)
     judge_nanos: int = 0
 
 
@@ -101,6 +102,7 @@ async def plan_sweep(
             cell.requests += 1
             nanos = 0 if used is not None else (quote.nanos or 0)
             cell.cached += used is not None
+            cell.unknown += used is None and quote.nanos is None
             cell.nanos += nanos
             row = plan.by_row.setdefault(where["row"], defaultdict(int))
             row[where["cell"]] += nanos
@@ -242,12 +244,13 @@ async def run_sweep(
 def sweep_of_run(ledger: Ledger, run_id: str) -> tuple[Spec, pl.DataFrame] | None:
     """For a sweep's run: its spec and result frame (with the judges' run of the same job, if any);
     None for a run of an ordinary job. A spec no longer where the sweep read it is a SpecError."""
-    answers = run_frame(ledger, run_id)
-    first = answers["metadata"][0] if not answers.is_empty() else None
-    sweep = json.loads(first).get("sweep") if first else None
+    first = next(ledger.iter_request_rows(run_id, batch=1), [])  # one row says whether it is a sweep's
+    text = first[0].get("metadata_json") if first else None
+    sweep = json.loads(text).get("sweep") if text else None
     if not isinstance(sweep, dict) or "spec" not in sweep:
         return None
     spec = load_spec(Path(sweep["spec"]))
+    answers = run_frame(ledger, run_id)
     job = Path(ledger.run(run_id).job_path)
     judges = [r for r in ledger.runs() if Path(r.job_path).name.startswith(f"{job.stem}-judges-")]
     judged = run_frame(ledger, judges[0].id) if judges else None  # the newest

@@ -29,7 +29,8 @@ def matrix_rows(plan: SweepPlan, remaining_nanos: int | None) -> list[list[str]]
     for cell in plan.cells.values():
         verdict = "–" if limit is None else ("fits" if cell.nanos <= to_nanos(limit) else "over")
         counts = [f"{cell.requests:,}", f"{cell.cached:,}"]
-        rows.append([printable(cell.key), *counts, _money(cell.nanos), _money(cell.judge_nanos), verdict])
+        quoted = _money(cell.nanos) + (f" + unknown for {cell.unknown}" if cell.unknown else "")
+        rows.append([printable(cell.key), *counts, quoted, _money(cell.judge_nanos), verdict])
     rows.append(["total", "", "", _money(plan.nanos), _money(plan.judge_nanos), ""])
     if remaining_nanos is not None:
         rows.append(["budget remaining", "", "", _money(remaining_nanos), "", ""])
@@ -49,6 +50,7 @@ def matrix_json(plan: SweepPlan, remaining_nanos: int | None) -> dict[str, Any]:
                 "requests": c.requests,
                 "cached": c.cached,
                 "quoted_usd": f"{from_nanos(c.nanos):f}",
+                "unquoted": c.unknown,
                 "judges_usd": f"{from_nanos(c.judge_nanos):f}",
                 "fits": None if limit is None else c.nanos <= to_nanos(limit),
             }
