@@ -83,14 +83,20 @@ def reconcile_with_charges(ledger: Ledger, run_id: str, charges: dict[str, int])
     result = Reconciliation(run.id, ledger.budget_by_id(run.budget_id).name, "transactions")
     with ledger.transaction() as tx:
         rows = tx.conn.execute(
-            "SELECT r.id, r.custom_id, r.state, r.reserved_nanos, r.possibly_billed_nanos,"
-            " coalesce(r.price_nanos, 0), group_concat(a.client_request_id, ' ') FROM requests r"
-            " LEFT JOIN attempts a ON a.request_id = r.id WHERE r.run_id = ? AND r.cached_from IS NULL"
-            " AND r.state IN ('ok', 'failed', 'possibly_billed') GROUP BY r.id",
+            "SELECT id, custom_id, state, reserved_nanos, possibly_billed_nanos, coalesce(price_nanos, 0)"
+            " FROM requests WHERE run_id = ? AND cached_from IS NULL"
+            " AND state IN ('ok', 'failed', 'possibly_billed') ORDER BY id",
             (run.id,),
         ).fetchall()
-        for row_id, custom_id, state, held, earlier, price, ids in rows:
-            provider = sum(charges.get(cid, 0) for cid in (ids or "").split())
+        charged_to: dict[int, int] = defaultdict(int)  # what each request's attempts were charged
+        for request_id, cid in tx.conn.execute(
+            "SELECT a.request_id, a.client_request_id FROM attempts a JOIN requests r ON r.id = a.request_id"
+            " WHERE r.run_id = ? AND a.client_request_id IS NOT NULL",
+            (run.id,),
+        ):
+            charged_to[request_id] += charges.get(cid, 0)
+        for row_id, custom_id, state, held, earlier, price in rows:
+            provider = charged_to[row_id]
             pending = earlier + (held if state == "possibly_billed" else 0)
             known = price if state == "ok" else 0
             if pending:

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from runner import http
 from runner.simulator import Books, SimulatorThread
+from tests.postgres import PostgresServer
 
 GOOD_BODY: dict[str, Any] = {
     "model": "openai/gpt-oss-120b",
@@ -84,3 +85,20 @@ def sim() -> Iterator[SimulatorThread]:
     """The real simulator on an ephemeral loopback port."""
     with SimulatorThread(Books(retry_after_s=0.05, stall_s=5.0)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (tests make a database each)."""
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh ledger on each backend: a SQLite file, or a new database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from runner.errors import ConfigError, LedgerUnavailable
 
@@ -40,9 +40,23 @@ def sqlite_path(url: str) -> str:
     path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
     if not path or path == ":memory:":
         scheme = url.split(":", 1)[0] if ":" in url else url  # never the rest: it may hold a password
-        msg = f"the ledger must be a SQLite file, given as sqlite:///PATH (got a {scheme!r} URL)"
+        msg = (
+            "the ledger must be a SQLite file (sqlite:///PATH) or a PostgreSQL database "
+            f"(postgresql://USER:PASSWORD@HOST:PORT/DB); got a {scheme!r} URL"
+        )
         raise ConfigError(msg)
     return path
+
+
+def open_database(url: str) -> Database:
+    """The ledger's connections for a URL: a SQLite file, or a PostgreSQL database (psycopg, loaded
+    only for one). `pg.PgDatabase` keeps `Database`'s contract, and its connections sqlite3's (the
+    calls the store makes), so the store is typed against these."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from runner.ledger.pg import PgDatabase  # noqa: PLC0415 - SQLite users do not load psycopg
+
+        return cast("Database", PgDatabase(url))
+    return Database(sqlite_path(url))
 
 
 # what the driver raises for a mistake in runner's own SQL or data, not for the file: a defect to see
@@ -92,6 +106,12 @@ class Database:
         Path(staging).replace(where)
         self._identity = None
         return where
+
+    def migration_engine(self) -> Any:
+        """SQLAlchemy's engine on this file, for alembic (runner.ledger.store.migration_engine)."""
+        from runner.ledger.store import migration_engine  # noqa: PLC0415 - loaded only to migrate
+
+        return migration_engine(f"sqlite:///{self.path}")
 
     def _open(self) -> sqlite3.Connection:
         # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours
@@ -206,4 +226,4 @@ def time_text(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime(STORED_TIME)
 
 
-__all__ = ["Database", "parse_time", "rows_as_dicts", "sqlite_path", "time_text", "utcnow"]
+__all__ = ["Database", "open_database", "parse_time", "rows_as_dicts", "sqlite_path", "time_text", "utcnow"]

@@ -31,7 +31,7 @@ from runner.errors import (
     LedgerUnavailable,
     RunBusy,
 )
-from runner.ledger.db import Database, parse_time, rows_as_dicts, sqlite_path, utcnow
+from runner.ledger.db import open_database, parse_time, rows_as_dicts, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.ledger.views import RUN_COLUMNS, BudgetView, RequestRow, RunView, Settlement
 from runner.models import Quote
@@ -126,7 +126,7 @@ def stored_quote(nanos: int | None, exact: bool, source: str, reason: str | None
 class Ledger:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_url()
-        self.db = Database(sqlite_path(self.url))
+        self.db = open_database(self.url)
         try:
             self.migrate()
         except (sqlite3.Error, LedgerUnavailable) as exc:  # a missing folder, a file not a ledger
@@ -148,7 +148,7 @@ class Ledger:
 
         config = Config()
         config.set_main_option("script_location", str(migrations_dir()))
-        engine = migration_engine(f"sqlite:///{self.db.path}")
+        engine = self.db.migration_engine()
         try:
             with engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
                 config.attributes["connection"] = conn
@@ -515,7 +515,7 @@ class Ledger:
         """A run (named by its id or the start of it) with its request counts by state and spend."""
         with self.db.reading() as c:
             # a prefix compared as text: LIKE would read '_' and '%' in what the user typed as wildcards
-            where = "substr(id, 1, length(?)) = ? ORDER BY created_at DESC LIMIT 1"
+            where = "substr(id, 1, length(CAST(? AS TEXT))) = ? ORDER BY created_at DESC LIMIT 1"
             query = f"SELECT {RUN_COLUMNS} FROM runs WHERE {where}"  # noqa: S608 - our names
             row = c.execute(query, (run_id, run_id)).fetchone()
             if row is None:
