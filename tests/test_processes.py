@@ -97,10 +97,15 @@ def body_sha(line: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def url_of(db: Path | str) -> str:
+    """A ledger's URL: a SQLite file's path, or a URL as it is (PostgreSQL)."""
+    return db if isinstance(db, str) else f"sqlite:///{db}"
+
+
 def start_runner(
     sim: SimProcess,
     job: Path,
-    db: Path,
+    db: Path | str,
     *args: str,
     session: bool = False,
     preexec: Callable[[], None] | None = None,
@@ -119,7 +124,7 @@ def start_runner(
         str(job.with_suffix(".parquet")),
         *args,
     ]
-    env = {**os.environ, "RUNNER_DB": f"sqlite:///{db}", "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}
+    env = {**os.environ, "RUNNER_DB": url_of(db), "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}
     return subprocess.Popen(
         command,
         env=env,
@@ -210,10 +215,10 @@ def resume_to_done(sim: SimProcess, job: Path, db: Path, run_id: str, n: int, *a
 
 
 def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
-    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+    tmp_path: Path, sim_process: Callable[[str], SimProcess], ledger_url: str
 ) -> None:
     sim = sim_process("0.05-0.15")
-    job_lines, job, db, ledger = night_job(tmp_path, "k", 240)
+    job_lines, job, db, ledger = night_job(tmp_path, "k", 240, ledger_url)
 
     kill_points: list[tuple[str, Callable[[], bool]]] = [
         ("while quoting", lambda: sim.stats()["counters"].get("run.dry_run", 0) >= 60),
@@ -255,11 +260,11 @@ def test_sigkill_at_several_points_then_resume_matches_the_simulators_books(
 
 
 def test_two_runners_share_one_budget_and_both_stop_at_it(
-    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+    tmp_path: Path, sim_process: Callable[[str], SimProcess], ledger_url: str
 ) -> None:
     sim = sim_process("0.02-0.06")
-    db = tmp_path / "ledger.db"
-    ledger = Ledger(f"sqlite:///{db}")
+    db = ledger_url
+    ledger = Ledger(db)
     jobs = []
     for prefix in ("a", "b"):
         job = tmp_path / f"{prefix}.jsonl"
@@ -348,13 +353,15 @@ def test_a_second_ctrl_c_aborts_and_marks_in_flight_requests_possibly_billed(
 # ---- one runner against a simulator in another process --------------------------------------
 
 
-def night_job(tmp_path: Path, prefix: str, n: int) -> tuple[list[dict[str, Any]], Path, Path, Ledger]:
-    """A job of `n` lines and a ledger with a $5 budget named "night"."""
+def night_job(
+    tmp_path: Path, prefix: str, n: int, url: str | None = None
+) -> tuple[list[dict[str, Any]], Path, Any, Ledger]:
+    """A job of `n` lines and a ledger (a SQLite file, or `url`) with a $5 budget named "night"."""
     job_lines = lines(prefix, n)
     job = tmp_path / f"{prefix}.jsonl"
     job.write_text("".join(json.dumps(line) + "\n" for line in job_lines))
-    db = tmp_path / "ledger.db"
-    ledger = Ledger(f"sqlite:///{db}")
+    db: Path | str = url or tmp_path / "ledger.db"
+    ledger = Ledger(url_of(db))
     ledger.create_budget("night", to_nanos(Decimal(5)))
     return job_lines, job, db, ledger
 
@@ -520,17 +527,32 @@ def test_retry_possibly_billed_on_the_first_resume_keeps_what_the_first_attempt_
     assert view.possibly_billed_nanos == 0 and view.spent_nanos == charged
 
 
-def run_cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RUNNER_DB": f"sqlite:///{db}", "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}
+def ledger_holds(db: Path | str, text: str) -> bool:
+    """Whether the text is anywhere in the ledger: the SQLite file's bytes, or any row of any table."""
+    if isinstance(db, Path) or db.startswith("sqlite:///"):
+        path = db if isinstance(db, Path) else Path(db.removeprefix("sqlite:///"))
+        return text.encode() in path.read_bytes()
+    import psycopg  # noqa: PLC0415
+
+    tables = ("budgets", "runs", "requests", "attempts", "ledger_entries", "quotes", "alembic_version")
+    with psycopg.connect(db) as conn:
+        return any(
+            conn.execute(f"SELECT count(*) FROM {t} WHERE {t}::text LIKE %s", (f"%{text}%",)).fetchone()[0]  # type: ignore[index]
+            for t in tables
+        )
+
+
+def run_cli(db: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUNNER_DB": url_of(db), "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}
     command = [sys.executable, "-m", "runner", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_after_a_kill_reconcile_resolves_every_possibly_billed_request_from_the_providers_charges(
-    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+    tmp_path: Path, sim_process: Callable[[str], SimProcess], ledger_url: str
 ) -> None:
     sim = sim_process("0.3-0.6")
-    _, job, db, ledger = night_job(tmp_path, "k", 200)
+    _, job, db, ledger = night_job(tmp_path, "k", 200, ledger_url)
     proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "64")
     assert wait_for(lambda: sim.charges() >= 40, proc)
     proc.send_signal(signal.SIGKILL)
@@ -558,7 +580,7 @@ def test_after_a_kill_reconcile_resolves_every_possibly_billed_request_from_the_
     assert run.states == {"ok": 200 - report["charged"], "failed": report["charged"]}
     assert ledger.budget("night").spent_nanos == int(sim.stats()["charged_nanos"])
     assert sim.charges() == 200  # each request charged once
-    assert KEY.encode() not in db.read_bytes()
+    assert not ledger_holds(db, KEY)
 
 
 def test_a_provider_that_shows_a_balance_only_is_reconciled_by_its_movement(
