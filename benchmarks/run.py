@@ -118,6 +118,8 @@ def fixed_server(port: int, latency: float) -> None:
             elif path == "/reset":
                 stamps.clear()
                 self.transport.write(_http_reply(b"{}"))
+            elif path == "/v1/credits/balance":  # what a run records as it begins and ends: not a call
+                self.transport.write(_http_reply(b'{"balance": "1000000"}'))
             else:
                 stamps.append(time.time())
                 if latency:
@@ -206,6 +208,11 @@ http {{
         location / {{
             default_type application/json;
             return 200 '{reply}';
+        }}
+        location /v1/credits/balance {{
+            access_log off;  # the balance a run records as it begins and ends: not a call
+            default_type application/json;
+            return 200 '{{"balance": "1000000"}}';
         }}
     }}
 }}
