@@ -24,7 +24,7 @@ from runner.events import Listener, ignore
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Quote
-from runner.money import format_usd, to_nanos
+from runner.money import format_usd, from_nanos, to_nanos
 from runner.quote import Reuse, quote_requests
 from runner.report import run_frame
 from runner.run import RunResult, run_job
@@ -238,7 +238,8 @@ async def run_sweep(
             path, conn=conn, ledger=ledger, budget=budget, options=judge_options, on_event=on_event
         )
     judged = await anyio.to_thread.run_sync(run_frame, ledger, judge.run_id) if judge else None
-    return SweepResult(plan, main, judge, sweep_frame(plan.spec, answers, judged))
+    bought = await anyio.to_thread.run_sync(ledger.source_prices, main.run_id)
+    return SweepResult(plan, main, judge, sweep_frame(plan.spec, answers, judged, bought))
 
 
 def sweep_of_run(ledger: Ledger, run_id: str) -> tuple[Spec, pl.DataFrame] | None:
@@ -254,12 +255,17 @@ def sweep_of_run(ledger: Ledger, run_id: str) -> tuple[Spec, pl.DataFrame] | Non
     job = Path(ledger.run(run_id).job_path)
     judges = [r for r in ledger.runs() if Path(r.job_path).name.startswith(f"{job.stem}-judges-")]
     judged = run_frame(ledger, judges[0].id) if judges else None  # the newest
-    return spec, sweep_frame(spec, answers, judged)
+    return spec, sweep_frame(spec, answers, judged, ledger.source_prices(run_id))
 
 
-def sweep_frame(spec: Spec, answers: pl.DataFrame, judged: pl.DataFrame | None) -> pl.DataFrame:
+def sweep_frame(
+    spec: Spec, answers: pl.DataFrame, judged: pl.DataFrame | None, bought: dict[str, int] | None = None
+) -> pl.DataFrame:
     """One row per (dataset row × cell × repeat): the run's columns, the cell's parameters, the row id
-    and variables, and `score_<grader>` per grader (a judge's explanation and cost beside its score)."""
+    and variables, `answer_usd` (what the answer cost: this run's price, or for one answered from the
+    ledger what it cost when bought, `bought`), and `score_<grader>` per grader (a judge's explanation
+    and cost beside its score)."""
+    bought = bought or {}
     if answers.is_empty():
         return answers
     rows: list[dict[str, Any]] = []
@@ -268,6 +274,8 @@ def sweep_frame(spec: Spec, answers: pl.DataFrame, judged: pl.DataFrame | None) 
     for row in answers.iter_rows(named=True):
         where = json.loads(row["metadata"])["sweep"]
         extra: dict[str, Any] = {"row_id": where["row"], "cell": where["cell"], "repeat": where["repeat"]}
+        cost = bought.get(row["custom_id"])
+        extra["answer_usd"] = row["price_usd"] if cost is None else from_nanos(cost)
         for name in spec.params[1:]:
             extra[name] = where["params"][name]
         for name, value in where["vars"].items():
@@ -305,7 +313,8 @@ def cell_report(frame: pl.DataFrame, spec: Spec) -> pl.DataFrame:
     aggs: list[pl.Expr] = [
         pl.len().alias("n"),
         (pl.col("status") == "ok").sum().alias("ok"),
-        pl.col("price_usd").sum().alias("cost_usd"),
+        pl.col("answer_usd").sum().alias("cost_usd"),  # what the cell's answers cost, bought now or before
+        pl.col("price_usd").sum().alias("spent_usd"),  # what this run paid for them
         (pl.col("prompt_tokens").sum() + pl.col("completion_tokens").sum()).alias("tokens"),
         pl.col("latency_s").quantile(0.5).alias("p50_s"),
         pl.col("latency_s").quantile(0.95).alias("p95_s"),

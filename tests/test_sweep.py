@@ -119,7 +119,7 @@ def test_a_judge_is_quoted_held_and_reported_apart(sim: SimulatorThread, tmp_pat
     frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
     assert frame.height == 10 and frame["judge_explanation"].null_count() == 0
     assert calls(sim) == 20  # 10 answers, 10 judgements
-    cells = Decimal(sum(Decimal(c["cost_usd"]) for c in report["cells"]))
+    cells = Decimal(sum(Decimal(c["spent_usd"]) for c in report["cells"]))
     judges = Decimal(sum(Decimal(c["judge_cost_usd"]) for c in report["cells"]))
     assert judges > 0
     spent = Ledger().budget("eval").spent_nanos
@@ -137,6 +137,11 @@ def test_a_third_model_sends_only_its_own_requests(sim: SimulatorThread, tmp_pat
     assert calls(sim) == 30  # only the new model's 10
     frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
     assert frame.height == 30 and frame.filter(pl.col("cached")).height == 20
+    # the comparison prices the reused answers at what they cost when bought; this run spent nothing on them
+    report = json.loads(sweep(sim, spec, tmp_path, "--max-usd", "1", "--json").stdout)
+    old = [c for c in report["cells"] if "GLM" not in c["cell"]]
+    assert all(Decimal(c["cost_usd"]) > 0 and Decimal(c["spent_usd"]) == 0 for c in old)
+    assert calls(sim) == 30
 
 
 def test_repeats_are_samples_each_sent(sim: SimulatorThread, tmp_path: Path) -> None:

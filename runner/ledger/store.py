@@ -346,6 +346,17 @@ class Ledger:
             ).rowcount
         return int(done)
 
+    def source_prices(self, run_id: str) -> dict[str, int]:
+        """{custom_id: what the answer cost when it was bought} for the run's requests answered from
+        the ledger."""
+        with self.db.reading() as c:
+            rows = c.execute(
+                "SELECT r.custom_id, coalesce(src.price_nanos, 0) FROM requests r"
+                " JOIN requests src ON src.id = r.cached_from WHERE r.run_id = ?",
+                (run_id,),
+            ).fetchall()
+        return {str(custom_id): int(price) for custom_id, price in rows}
+
     def reused(self, run_id: str) -> tuple[int, int]:
         """(requests of the run answered from the ledger, what their answers cost when bought)."""
         with self.db.reading() as c:
