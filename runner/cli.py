@@ -582,6 +582,7 @@ def sweep(
     max_usd_per_hour: MaxUsdPerHourOpt = None,
     output: OutputOpt = None,
     html: Annotated[Path | None, typer.Option("--html", help="Also write the comparison as HTML.")] = None,
+    cache: CacheOpt = "reuse",
     timeout: TimeoutOpt = http.READ_TIMEOUT_S,
     connect_timeout: ConnectTimeoutOpt = http.CONNECT_TIMEOUT_S,
     db: DbOpt = None,
@@ -596,6 +597,7 @@ def sweep(
         handle_signals=True,
         deadline=parse_deadline(deadline) if deadline is not None else None,
         max_usd_per_hour=_usd_arg(max_usd_per_hour, "--max-usd-per-hour") if max_usd_per_hour else None,
+        cache=cache,
     )
     spec = load_spec(spec_path)
     path = output or Path("results") / f"{spec_path.stem}.parquet"
@@ -617,13 +619,16 @@ def sweep(
 
     async def work() -> SweepResult | None:
         async with connect(settings) as conn:
-            plan = await plan_sweep(spec, path.parent, conn, ledger, concurrency=concurrency)
+            with Progress("quoting", 0) as progress:
+                plan = await plan_sweep(
+                    spec, path.parent, conn, ledger, concurrency=concurrency, on_event=progress, cache=cache
+                )
             if fit and remaining is not None:
                 kept = rows_that_fit(plan, remaining)
                 if len(kept) < plan.rows_total:
                     out.print(f"--fit: {len(kept)} of {plan.rows_total} dataset rows fit, in every cell")
                     plan = await plan_sweep(
-                        spec, path.parent, conn, ledger, concurrency=concurrency, keep_rows=kept
+                        spec, path.parent, conn, ledger, concurrency=concurrency, keep_rows=kept, cache=cache
                     )
             if as_json and estimate_only:
                 print_json(sweep_view.matrix_json(plan, remaining))

@@ -20,7 +20,7 @@ from runner import codec
 from runner.connect import Connection
 from runner.engine import RunOptions
 from runner.errors import BudgetExceeded
-from runner.events import Listener, ignore
+from runner.events import Listener, Phase, ignore
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
 from runner.models import ChatRequest, Quote
@@ -84,6 +84,7 @@ async def plan_sweep(
     concurrency: int = 64,
     on_event: Listener = ignore,
     keep_rows: set[str] | None = None,
+    cache: str = "reuse",
 ) -> SweepPlan:
     """Expand the spec, validate the job, and quote every cell from dry runs (answers the ledger
     holds cost nothing); the judges' calls are quoted on a stand-in answer of the graded request's
@@ -91,6 +92,7 @@ async def plan_sweep(
     expansion = await anyio.to_thread.run_sync(expand, spec, folder, keep_rows)
     summary = await anyio.to_thread.run_sync(validate_job, expansion.job)
     summary.raise_for_issues()
+    on_event(Phase("quoting", expansion.requests))
     cells = {cell_key(c): CellQuote(cell_key(c), c) for c in expansion.cells}
     plan = SweepPlan(spec, expansion, cells, len(expansion.rows))
     judged: list[ChatRequest] = []
@@ -117,7 +119,7 @@ async def plan_sweep(
         concurrency=concurrency,
         on_event=on_event,
         on_chunk=collect,
-        cache="reuse",
+        cache=cache,
     )
     if judged:
         await _quote_judges(plan, judged, folder, conn, ledger, concurrency)

@@ -226,3 +226,12 @@ def test_a_csv_dataset_and_a_cell_over_its_budget(sim: SimulatorThread, tmp_path
         and "short by" in refused.output
     )
     assert calls(sim) == 0
+
+
+def test_cache_refresh_buys_the_unchanged_cells_again(sim: SimulatorThread, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, f'{PROMPT}[matrix]\nmodel = ["openai/gpt-oss-120b"]\n', rows=3)
+    assert sweep(sim, spec, tmp_path, "--max-usd", "1").exit_code == 0
+    spec.write_text(spec.read_text().replace('["openai/gpt-oss-120b"]', MODELS))
+    again = sweep(sim, spec, tmp_path, "--max-usd", "1", "--cache", "refresh")
+    assert again.exit_code == 0, again.output
+    assert calls(sim) == 3 + 6  # the first model's answers bought again, with the new model's
