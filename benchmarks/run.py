@@ -323,7 +323,9 @@ def run_case(folder: Path, server: Server, n: int, concurrency: int, name: str) 
         write_job(job, n)
         runner(folder, server, job, "estimate", "--concurrency", str(min(concurrency, 64)))
     server.reset()
-    out = ["--output", str(folder / f"{name}.parquet"), "--new"]
+    # a fresh run that sends every line: the rounds and cases share a ledger, whose answers would
+    # otherwise be reused (the cache) instead of sent
+    out = ["--output", str(folder / f"{name}.parquet"), "--new", "--cache", "off"]
     options = ["--max-usd", "1000", "--concurrency", str(concurrency), *out]
     wall, rss = runner(folder, server, job, "run", *options)
     calls, sustained = server.sustained()
