@@ -324,8 +324,8 @@ def run_case(folder: Path, server: Server, n: int, concurrency: int, name: str) 
         runner(folder, server, job, "estimate", "--concurrency", str(min(concurrency, 64)))
     server.reset()
     # a fresh run that sends every line: the rounds and cases share a ledger, whose answers would
-    # otherwise be reused (the cache) instead of sent
-    out = ["--output", str(folder / f"{name}.parquet"), "--new", "--cache", "off"]
+    # otherwise be reused (the cache) instead of sent; `refresh` still looks for identical lines
+    out = ["--output", str(folder / f"{name}.parquet"), "--new", "--cache", "refresh"]
     options = ["--max-usd", "1000", "--concurrency", str(concurrency), *out]
     wall, rss = runner(folder, server, job, "run", *options)
     calls, sustained = server.sustained()
