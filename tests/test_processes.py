@@ -403,9 +403,11 @@ def test_retries_end_with_each_request_paid_once(
     job_lines, job, db, ledger = night_job(tmp_path, "f", 300)
     proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "12")
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output
     states = ledger.runs()[0].states
-    assert states["ok"] >= 298, states  # a request fails only if all 6 attempts did (0.2**6 each)
+    # a request fails only if all 6 attempts did (0.2**6 each: about one run in 50 has one), and then
+    # the run says so with exit 5
+    assert proc.returncode == (5 if states.get("failed") else 0), output
+    assert states["ok"] >= 298, states
     assert set(states) <= {"ok", "failed"}, states
     assert_books_match(ledger, sim, job_lines, "night")
     with sqlite3.connect(db) as c:
