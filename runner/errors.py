@@ -2,6 +2,7 @@
 
     RunnerError                      anything runner raises on purpose
     ├── JobError                     a job file cannot be used (carries every issue found)
+    ├── SpecError                    a sweep's spec or dataset cannot be used (names the file and key)
     ├── ConfigError                  a setting, flag or price file is wrong
     ├── LedgerError                  the ledger refused an operation
     │   ├── LedgerUnavailable        the ledger cannot be read or written (damaged, disk full, gone)
@@ -50,6 +51,10 @@ class JobError(RunnerError):
         super().__init__(msg)
         self.issues = issues
         self.total = total
+
+
+class SpecError(RunnerError):
+    """A sweep spec (or its dataset) cannot be used: names the file, the key and the row."""
 
 
 class ConfigError(RunnerError):

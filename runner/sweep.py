@@ -23,7 +23,7 @@ from typing import Any
 import jsonschema
 
 from runner import catalog, codec, schema
-from runner.errors import RunnerError, printable
+from runner.errors import SpecError, printable
 
 SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders"})
 PROMPT_KEYS = frozenset({"system", "user", "messages"})
@@ -40,10 +40,6 @@ GRADER_KEYS = {
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SCORE = re.compile(r"(?<![\d.])(0(?:\.\d+)?|1(?:\.0+)?)(?![\d.])")  # a score in [0, 1] in a judge's text
 ANSWER = "answer"  # the placeholder a judge's rubric reads the graded answer from
-
-
-class SpecError(RunnerError):
-    """A sweep spec (or its dataset) cannot be used: names the file, the key and the row."""
 
 
 @dataclass(frozen=True)
