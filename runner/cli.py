@@ -51,15 +51,16 @@ from runner.console import (
     summary_json,
     text_table,
     usd,
+    worker_json,
+    workers_table,
 )
 from runner.engine import RunOptions, parse_deadline
-from runner.errors import ConfigError, printable
+from runner.errors import ConfigError, RunBusy, printable
 from runner.export import export_jsonl, export_parquet
 from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
 from runner.ledger import Ledger, RunView
-from runner.ledger.store import this_process
+from runner.ledger.workers import join_run, leave_run, worker_name, workers
 from runner.money import format_usd, parse_usd, to_nanos
-from runner.preflight import recover
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.quote import Estimate, fits, quote_requests
 from runner.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
@@ -446,6 +447,11 @@ def run(
         f"spent {format_usd(result.spent_nanos, places=6)}; {rows} rows written to {path}",
         highlight=False,
     )
+    if not result.last:
+        out.print(
+            f"this worker's share of run {result.run_id} is done; the run's other workers finish it",
+            highlight=False,
+        )
     if result.state != "done":
         if result.resumable:
             out.print(
@@ -731,18 +737,21 @@ def _reconcile_one(ledger: Ledger, info: RunView, timeouts: http.Timeouts, *, al
         budget = ledger.budget_by_id(info.budget_id).name
         return Reconciliation(info.id, budget, "none", ledger_nanos=info.spent_nanos, note=msg)
     settings = _settings(name, base_url, None, sim_pricing, 8, timeouts)
-    owner = this_process()
-    ledger.claim_run(info.id, owner)  # not while another process sends it
+    worker = worker_name()
+    # not while workers send it; joining alone recovers what a crash left in flight
+    if not join_run(ledger, info.id, worker, 0).alone:
+        leave_run(ledger, info.id, worker, (0, 0, 0), forget=True)
+        msg = f"run {info.id} is being sent by other workers; reconcile it once they have finished"
+        raise RunBusy(msg, owner="other workers")
 
     async def work() -> Reconciliation:
-        await recover(ledger, info.id, retry_possibly_billed=False)  # what a crash left in flight
         async with connect(settings) as conn:
             return await reconcile_run(ledger, info.id, conn.provider)
 
     try:
         return run_async(work)
     finally:
-        ledger.release_claim(info.id, owner)
+        leave_run(ledger, info.id, worker, (0, 0, 0), forget=True)
 
 
 @app.command()
@@ -787,16 +796,20 @@ def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 @friendly
 def status(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
-    """One run: its state, request counts and money."""
-    r = Ledger(db).run(run_id)
+    """One run: its state, request counts and money, and the workers that sent it."""
+    ledger = Ledger(db)
+    r = ledger.run(run_id)
+    crew = workers(ledger, r.id)
     if as_json:
-        print_json(run_json(r))
+        print_json({**run_json(r), "workers": [worker_json(w) for w in crew]})
         return
     out.print(f"run {r.id} · {r.job_path} · {r.provider}", highlight=False)
     out.print(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""), highlight=False)
     for state, count in sorted(r.states.items()):
         out.print(f"  {state}: {count}", highlight=False)
     out.print(f"spent: {format_usd(r.spent_nanos, places=9)}", highlight=False)
+    if crew:
+        out.print(workers_table(crew))
 
 
 @app.command("export")

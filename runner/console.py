@@ -37,6 +37,7 @@ from runner.errors import (
 from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.jobs import JobSummary
 from runner.ledger import BudgetView, Ledger, RunView
+from runner.ledger.workers import WorkerView
 from runner.money import format_usd, from_nanos
 from runner.quote import Estimate
 from runner.reconcile import BudgetReconciliation, Reconciliation
@@ -453,6 +454,42 @@ def run_json(run: RunView) -> dict[str, Any]:
         "created_at": run.created_at.isoformat() if run.created_at else None,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
     }
+
+
+def worker_json(worker: WorkerView) -> dict[str, Any]:
+    return {
+        "id": worker.id,
+        "host": worker.host,
+        "pid": worker.pid,
+        "state": worker.state,
+        "sent": worker.sent,
+        "ok": worker.ok,
+        "failed": worker.failed,
+        "per_minute": round(worker.per_minute, 1),
+        "slots": worker.slots,
+        "started_at": worker.started_at.isoformat() if worker.started_at else None,
+        "seen_at": worker.seen_at.isoformat() if worker.seen_at else None,
+    }
+
+
+def workers_table(crew: list[WorkerView]) -> Table:
+    """The workers of a run: where, what they sent, how fast, and their share of the concurrency."""
+    rows = [
+        [
+            w.host,
+            str(w.pid),
+            w.state,
+            f"{w.sent:,}",
+            f"{w.ok:,}",
+            f"{w.failed:,}",
+            f"{w.per_minute:,.1f}",
+            str(w.slots) if w.state == "running" else "",
+            w.seen_at.strftime("%H:%M:%S") if w.seen_at else "",
+        ]
+        for w in crew
+    ]
+    columns = ["host", "pid", "state", "sent", "ok", "failed", "per min", "slots", "last seen (UTC)"]
+    return text_table("workers", columns, rows)
 
 
 def estimate_json(estimate: Estimate, remaining: int | None) -> dict[str, Any]:

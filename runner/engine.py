@@ -13,6 +13,7 @@ import signal
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -38,15 +39,26 @@ from runner.jobs import MAX_LINE_BYTES, JobChunks
 from runner.ledger import Ledger, Settlement
 from runner.ledger.tx import CLIENT_REQUEST_ID, IDEMPOTENCY_KEY, Hold, client_request_id
 from runner.ledger.tx import Tx as Db
+from runner.ledger.workers import (
+    WORKER_STALE_S,
+    claim_chunk,
+    claim_orphans,
+    heartbeat,
+    others_unfinished,
+    take_over_lapsed,
+    take_units,
+)
 from runner.ledger.writer import Writer
 from runner.limits import Limits
 from runner.models import ChatRequest, Outcome
 from runner.money import format_usd, to_nanos
-from runner.preflight import OWNER_TOUCH_S, Plan, changed
+from runner.preflight import Plan, changed
 from runner.quote import CACHE_MODES
 from runner.retry import first_wait, retrying
 
-FUNDS_EVERY_S = 1.0
+FUNDS_EVERY_S = 1.0  # the funds shown, and the worker's sign of life with its counts
+TAKE_OVER_EVERY_S = 5.0  # how often a worker looks for the run's lapsed workers
+ORPHANS_POLL_S = 1.0  # a worker with nothing left looks this often for requests a lapsed one left
 STALL_FACTOR = 5.0  # in flight this many times the median call: shown as stalled
 STALL_MIN_S = 10.0
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
@@ -113,6 +125,11 @@ class Engine:
             options.concurrency, options.rpm, options.tpm, usd_per_hour=options.max_usd_per_hour
         )
         self.limit = self.limits.window
+        self.worker = plan.owner
+        if plan.slots:
+            self.limit.set_maximum(plan.slots)  # this worker's share of the run's concurrency
+        self.limits.share(self._take_units)  # --rpm, --tpm and the spend rate hold for the whole run
+        self.counts = [0, 0, 0]  # this worker's requests sent, ok, failed
         self.stopping = anyio.Event()
         self.aborted = False
         self._work = anyio.CancelScope()
@@ -155,10 +172,49 @@ class Engine:
         when = time.strftime("%H:%M:%S", time.localtime(deadline))
         self.stop("stopped", f"deadline {when} reached: nothing more is launched, what is in flight finishes")
 
+    async def _take_units(
+        self, name: str, per_second: float, capacity: int, want: int, start_empty: bool
+    ) -> tuple[int, float]:
+        """Units of one of the run's shared limits, from the ledger (`workers.take_units`)."""
+        ledger, run_id = self.ledger, self.plan.run_id
+        return await self.writer.submit(
+            lambda db: take_units(
+                ledger, db, run_id, name, per_second, capacity, want, start_empty=start_empty
+            )
+        )
+
+    async def _beat(self) -> None:
+        """The worker's sign of life, with its counts; its share of the run's concurrency back."""
+        run_id, worker, counts = self.plan.run_id, self.worker, tuple(self.counts)
+        concurrency, in_flight = self.options.concurrency, self.limit.in_flight
+        beat = await self.writer.submit(
+            lambda db: heartbeat(
+                db, run_id, worker, (counts[0], counts[1], counts[2]), concurrency, in_flight
+            )
+        )
+        if not beat.alive:
+            self.stop(
+                "stopped",
+                f"this worker was taken for gone by the run's other workers (no sign of life for "
+                f"{WORKER_STALE_S:g} s): they took its requests over",
+            )
+            return
+        self.limit.set_maximum(beat.slots)
+
+    async def _take_over(self) -> None:
+        run_id, worker = self.plan.run_id, self.worker
+        for lapsed in await self.writer.submit(lambda db: take_over_lapsed(db, run_id, worker)):
+            self.on_event(
+                Notice(
+                    f"worker {lapsed} stopped: the others send its claimed requests; those it had in "
+                    "flight are possibly billed"
+                )
+            )
+
     async def _report_funds(self) -> None:
-        """Every second the budget's funds; every few seconds the owner's sign of life."""
-        run_id, owner = self.plan.run_id, self.plan.owner
-        last_touch = time.monotonic()
+        """Every second the budget's funds and the worker's sign of life; every few seconds a look
+        for the run's workers that stopped."""
+        last_look = time.monotonic()
         while True:
             gone = self.ledger.db.gone()
             if gone is not None and self.ledger_gone is None:
@@ -167,10 +223,10 @@ class Engine:
             view = await anyio.to_thread.run_sync(self.ledger.budget_by_id, self.plan.budget_id)
             funds = (view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
             self.on_event(Funds(*funds, stalled=self._stalled()))
-            if time.monotonic() - last_touch >= OWNER_TOUCH_S:
-                last_touch = time.monotonic()
-                if not await self.writer.submit(lambda db: self.ledger.touch_run(db, run_id, owner)):
-                    self.stop("stopped", "another process took this run over (this one was taken for gone)")
+            await self._beat()
+            if time.monotonic() - last_look >= TAKE_OVER_EVERY_S:
+                last_look = time.monotonic()
+                await self._take_over()
             await anyio.sleep(FUNDS_EVERY_S)
 
     def _stalled(self) -> int:
@@ -214,7 +270,9 @@ class Engine:
         A fixed set of workers, as many as the concurrency cap, rather than a task per request:
         spawning a task costs as much as the rest of a request's bookkeeping.
         """
-        pending = _Pending(self.plan.chunk_lines)  # a chunk read ahead: the rest is left to the others
+        # the next chunk is claimed once a quarter of one is left: what this worker has not claimed
+        # is left to the run's other workers
+        pending = _Pending(max(1, self.plan.chunk_lines // 4))
         async with anyio.create_task_group() as reader:
             reader.start_soon(self._read_pending, job, pending)
             async with anyio.create_task_group() as workers:
@@ -246,26 +304,64 @@ class Engine:
                     await settling
 
     async def _read_pending(self, job: Path, pending: _Pending) -> None:
+        """Claim the job's chunks from the run's counter and read them (other workers claim the
+        others); past the end, the requests no worker holds (a stopped worker's), until no other
+        worker holds any unfinished."""
+        ledger, run_id, me, size = self.ledger, self.plan.run_id, self.worker, self.plan.chunk_lines
+
         def rows_of(chunk: list[ChatRequest]) -> list[tuple[ChatRequest, Any]]:
-            rows = self.ledger.request_rows(self.plan.run_id, [r.custom_id for r in chunk])
+            rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
             for r in chunk:
                 row = rows.get(r.custom_id)
                 if row is None or row.sha256 != r.sha256:
-                    raise changed(job, r, self.plan.run_id, "is new" if row is None else "changed")
+                    raise changed(job, r, run_id, "is new" if row is None else "changed")
             found = ((r, rows[r.custom_id]) for r in chunk)
-            return [(r, row) for r, row in found if row.state == "pending" and row.quote_nanos is not None]
+            return [
+                (r, row)
+                for r, row in found
+                if row.state == "pending" and row.quote_nanos is not None and row.worker_id == me
+            ]
 
         # each line was validated before its row was made; an unchanged hash means it still is
-        lines = JobChunks(job, self.plan.chunk_lines, self.options.max_line_bytes)
+        lines = JobChunks(job, size, self.options.max_line_bytes)
         try:
-            for index in self._counter:
+            while not self.stopping.is_set():
+                index = await self.writer.submit(lambda db: claim_chunk(db, run_id, me, size))
+                chunk = await anyio.to_thread.run_sync(lines.take, index)
+                if chunk is None:
+                    break
+                await pending.wait_for_room()
+                pending.add(self._untaken(await anyio.to_thread.run_sync(rows_of, chunk)))
+            while not self.stopping.is_set():
+                claimed = await self.writer.submit(lambda db: claim_orphans(ledger, db, run_id, me, size))
+                if claimed:
+                    await self._read_lines(job, claimed, pending, rows_of)
+                elif await self.writer.submit(lambda db: others_unfinished(db, run_id, me)):
+                    await anyio.sleep(ORPHANS_POLL_S)
+                else:
+                    break
+        finally:
+            pending.close()
+            lines.close()
+
+    async def _read_lines(
+        self,
+        job: Path,
+        numbers: list[int],
+        pending: _Pending,
+        rows_of: Callable[[list[ChatRequest]], list[Any]],
+    ) -> None:
+        """The chunks holding these line numbers, read again from the start of the job."""
+        size = self.plan.chunk_lines
+        lines = JobChunks(job, size, self.options.max_line_bytes)
+        try:
+            for index in sorted({(n - 1) // size for n in numbers}):
                 chunk = await anyio.to_thread.run_sync(lines.take, index)
                 if chunk is None:
                     break
                 await pending.wait_for_room()
                 pending.add(self._untaken(await anyio.to_thread.run_sync(rows_of, chunk)))
         finally:
-            pending.close()
             lines.close()
 
     def _untaken(self, items: list[tuple[ChatRequest, Any]]) -> list[tuple[ChatRequest, Any]]:
@@ -291,14 +387,19 @@ class Engine:
             if self.stopping.is_set():
                 return None
 
-            def reserve_and_mark(db: Db) -> bool:
-                # one commit: held, then `sending` (recorded before the call, as every attempt is)
+            def reserve_and_mark(db: Db) -> bool | None:
+                # one commit: held, then `sending` (recorded before the call, as every attempt is);
+                # None when the request is no longer this worker's (it was taken for gone)
+                if not still_mine(db, row_id, "pending", self.worker):
+                    return None
                 if not self.ledger.reserve(db, budget_id, run_id, row_id, quote):
                     return False
                 self.ledger.mark_sending(db, row_id, first)
                 return True
 
             granted = await self.writer.submit(reserve_and_mark)
+            if granted is None:
+                return None
             if not granted:
                 reason = "budget reached: the next reservation did not fit"
                 if self.over_quote:
@@ -308,6 +409,7 @@ class Engine:
                     )
                 self.stop("stopped", reason)
                 return None
+            self.counts[0] += 1
             return await self._send_with_retries(request, row_id, quote, done_attempts)
         finally:
             self.limit.release()
@@ -358,6 +460,8 @@ class Engine:
             self.stop("stopped", f"the provider stopped the run: {exc}")
         except OutcomeUnknown as exc:
             await self._finish(row_id, request, "possibly_billed", exc, tries[0], None)
+        except _TakenOver:  # possibly billed now, by the worker that took it over
+            pass
         return None
 
     async def _pace(self, request: ChatRequest) -> None:
@@ -380,7 +484,16 @@ class Engine:
     async def _attempt(self, request: ChatRequest, row_id: int, number: int, *, first: bool) -> Outcome:
         if not first:  # the first attempt was paced and marked `sending` with its reservation
             await self._pace(request)
-            await self.writer.submit(lambda db: self.ledger.mark_sending(db, row_id, number))
+            worker = self.worker
+
+            def mark(db: Db) -> bool:
+                if not still_mine(db, row_id, "sending", worker):
+                    return False
+                self.ledger.mark_sending(db, row_id, number)
+                return True
+
+            if not await self.writer.submit(mark):
+                raise _TakenOver
         started = self._sent_at[row_id] = time.monotonic()
         try:
             outcome = await self.provider.complete(request, self._headers(row_id, number))
@@ -440,6 +553,7 @@ class Engine:
 
         def committed(future: asyncio.Future[None]) -> None:
             if not future.cancelled() and future.exception() is None:
+                self.counts[1] += 1
                 self.on_event(RequestFinished(request.custom_id, "ok", price or 0))
 
         posted = self.writer.post(apply)
@@ -472,6 +586,8 @@ class Engine:
 
         with anyio.CancelScope(shield=True):
             await self.writer.submit(apply)
+        if state == "failed":
+            self.counts[2] += 1
         if state != "pending":
             self.on_event(RequestFinished(request.custom_id, state, 0))
 
@@ -498,6 +614,18 @@ def parse_deadline(text: str, now: float | None = None) -> float:
     if moment.tzinfo is None:
         moment = moment.astimezone()  # local time, as typed
     return moment.timestamp()
+
+
+class _TakenOver(Exception):
+    """A request between attempts was taken over (its worker was taken for gone)."""
+
+
+def still_mine(db: Db, row_id: int, state: str, worker: str) -> bool:
+    """Whether the request is still in `state` and this worker's (the others take a lapsed worker's
+    requests over: its reserved and pending ones go back to the pool, those in flight are possibly
+    billed)."""
+    row = db.conn.execute("SELECT state, worker_id FROM requests WHERE id = ?", (row_id,)).fetchone()
+    return row is not None and row[0] == state and row[1] == worker
 
 
 def _record(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import anyio
@@ -52,6 +54,17 @@ class AdaptiveLimit:
             self.in_flight += 1
             self._waiting.popleft().set()
 
+    def set_maximum(self, maximum: int) -> None:
+        """The window's ceiling changes (a worker's share of the run's concurrency, as workers join
+        and leave): lowered at once; raised by as much as the ceiling rose (a window cut by 429s
+        stays cut by as much)."""
+        if maximum == self.maximum:
+            return
+        grown = max(0, maximum - self.maximum)
+        self.maximum = maximum
+        self.current = min(float(maximum), self.current + grown)
+        self._grant()
+
     def on_success(self) -> None:
         self.current = min(self.maximum, self.current + 1 / max(1.0, self.current))
         self._grant()
@@ -61,7 +74,7 @@ class AdaptiveLimit:
         cut was in flight with the one that caused it, and cuts nothing more."""
         if sent_at <= self.cut_at:
             return
-        self.current = max(self.minimum, self.current / 2)
+        self.current = max(min(self.minimum, self.maximum), self.current / 2)
         self.cut_at = time.monotonic()
 
 
@@ -88,6 +101,43 @@ class TokenBucket:
                 await anyio.sleep((amount - self.level) / self.rate)
 
 
+# fetch(name, per_second, capacity, want, start_empty) -> (units granted, seconds to wait when none)
+Fetch = Callable[[str, float, int, int, bool], Awaitable[tuple[int, float]]]
+SHARED_BATCH_S = 0.25  # a worker takes this long's worth of a shared bucket at a time
+
+
+class SharedBucket:
+    """A token bucket kept in the ledger for a whole run (several workers, one rate): units are
+    fetched from it a quarter of a second's worth at a time and spent here."""
+
+    def __init__(
+        self,
+        name: str,
+        per_minute: float,
+        fetch: Fetch,
+        burst: float | None = None,
+        *,
+        start_empty: bool = False,
+    ) -> None:
+        self.name, self.fetch, self.start_empty = name, fetch, start_empty
+        self.rate = per_minute / 60.0
+        self.capacity = max(1, int(burst if burst is not None else self.rate))
+        self.batch = max(1, int(self.rate * SHARED_BATCH_S))
+        self.local = 0
+        self._lock = anyio.Lock()
+
+    async def take(self, amount: float = 1.0) -> None:
+        need = max(1, min(math.ceil(amount), self.capacity))
+        async with self._lock:
+            while self.local < need:
+                want = min(self.capacity, max(self.batch, need - self.local))
+                granted, wait = await self.fetch(self.name, self.rate, self.capacity, want, self.start_empty)
+                self.local += granted
+                if self.local < need:
+                    await anyio.sleep(wait if not granted else (need - self.local) / self.rate)
+            self.local -= need
+
+
 RPM_PACE = 0.995  # share of --rpm actually used: timing jitter either side cannot push a span over
 
 
@@ -106,10 +156,22 @@ class Limits:
         self.window = AdaptiveLimit(concurrency)
         # money per minute, in nano-USD, with a minute's worth of burst
         per_minute = float(to_nanos(usd_per_hour) / 60) if usd_per_hour is not None else None
-        self.spending = TokenBucket(per_minute, burst=per_minute) if per_minute else None
+        self.spending: TokenBucket | SharedBucket | None = (
+            TokenBucket(per_minute, burst=per_minute) if per_minute else None
+        )
         # RPM starts empty (no burst at the start), so no 60 s span of the run exceeds the limit
-        self.rpm = TokenBucket(rpm * RPM_PACE, start=0) if rpm else None
-        self.tpm = TokenBucket(tpm, burst=tpm / 60 * 5) if tpm else None
+        self.rpm: TokenBucket | SharedBucket | None = TokenBucket(rpm * RPM_PACE, start=0) if rpm else None
+        self.tpm: TokenBucket | SharedBucket | None = TokenBucket(tpm, burst=tpm / 60 * 5) if tpm else None
+
+    def share(self, fetch: Fetch) -> None:
+        """From now on --rpm, --tpm and --max-usd-per-hour hold for the whole run, across workers:
+        their buckets are kept in the ledger (`fetch`)."""
+        if self.rpm is not None:
+            self.rpm = SharedBucket("rpm", self.rpm.rate * 60, fetch, start_empty=True)
+        if self.tpm is not None:
+            self.tpm = SharedBucket("tpm", self.tpm.rate * 60, fetch, burst=self.tpm.capacity)
+        if self.spending is not None:
+            self.spending = SharedBucket("usd", self.spending.rate * 60, fetch, burst=self.spending.capacity)
 
     async def spend(self, nanos: int) -> None:
         """Wait until `nanos` more can be held under --max-usd-per-hour."""

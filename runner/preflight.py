@@ -21,7 +21,8 @@ from runner.errors import BudgetExceeded, ConfigError, JobChanged, RunBusy, Runn
 from runner.events import Listener, Notice, Phase
 from runner.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
 from runner.ledger import Ledger
-from runner.ledger.store import metadata_text
+from runner.ledger.store import OWNER_STALE_S, metadata_text, owner_alive
+from runner.ledger.workers import join_run, leave_run, recover_rows, touch_worker
 from runner.limits import Limits
 from runner.models import ChatRequest, Quote
 from runner.money import format_usd, from_nanos, to_nanos
@@ -29,6 +30,7 @@ from runner.quote import Estimate, Reuse, cache_key, quote_requests
 
 BATCH = 500
 OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
+PREPARING_POLL_S = 1.0  # how often a worker looks whether the run it waits for is ready
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,10 @@ class Plan:
     budget_id: int
     resumed: bool
     estimate: Estimate | None
-    owner: str
-    chunk_lines: int = BATCH  # the job's lines are read in chunks of this many
+    owner: str  # this worker's id (workers.worker_name)
+    chunk_lines: int = BATCH  # the job's lines are claimed and read in chunks of this many
+    alone: bool = True  # no other worker was sending the run when this one joined
+    slots: int = 0  # this worker's share of the run's concurrency, to begin with
 
 
 def _take(iterator: Any, size: int) -> list[ChatRequest]:
@@ -144,25 +148,22 @@ def _row(
     }
 
 
-INTERRUPTED = {"error_type": "interrupted", "error_message": "the process stopped during the request"}
-
-
 async def recover(
-    ledger: Ledger, run_id: str, retry_possibly_billed: bool, *, retry_failed: bool = False
+    ledger: Ledger,
+    run_id: str,
+    retry_possibly_billed: bool,
+    *,
+    retry_failed: bool = False,
+    worker: str | None = None,
 ) -> None:
     """After a crash: `sending` rows are unknown outcomes, each attempt recorded as such; `reserved`
-    rows were never sent. With `retry_possibly_billed` every possibly billed request of the run goes
-    back to pending, what it held still counted as possibly billed (`Ledger.send_again`)."""
+    rows were never sent (`workers.recover_rows`; only `worker`'s rows when given). With
+    `retry_possibly_billed` every possibly billed request of the run goes back to pending, what it
+    held still counted as possibly billed (`Ledger.send_again`)."""
 
     def work() -> None:
-        unknown = ledger.interrupted_attempts(run_id)
-        stale = ledger.stale_reservations(run_id)
         with ledger.transaction() as db:
-            for row_id, number in unknown:
-                db.attempt(row_id, number, "unknown", None, INTERRUPTED["error_message"], None)
-                ledger.mark_possibly_billed(db, row_id, INTERRUPTED)
-            for row_id in stale:
-                ledger.release(db, row_id, state="pending", fields={})
+            recover_rows(db, run_id, worker)
         if retry_possibly_billed:  # its own transaction: it reads what the one above wrote
             with ledger.transaction() as db:
                 for row_id in ledger.possibly_billed(run_id, db):
@@ -172,6 +173,42 @@ async def recover(
                 ledger.retry_failed(db, run_id)
 
     await anyio.to_thread.run_sync(work)
+
+
+async def _find_or_make(
+    job: Path,
+    job_key: str,
+    conn: Connection,
+    ledger: Ledger,
+    budget: str | None,
+    max_usd: Decimal | None,
+    owner: str,
+    on_event: Listener,
+    *,
+    new: bool,
+    named_run: str | None,
+    retry_failed: bool,
+) -> tuple[str | None, bool, str, int]:
+    """The run this worker sends: (the existing run or None, whether its rows are all made, its id,
+    its budget). A new one is made in state `preparing`, unless another worker made the job's run
+    at the same moment: that one is joined."""
+    existing, complete = await _resumable(ledger, job_key, conn.scope, new, named_run, on_event)
+    if existing and budget is not None and await _finished_elsewhere(ledger, existing, budget, retry_failed):
+        on_event(Notice(f"run {existing} of {job} is finished; a new run starts under budget '{budget}'"))
+        existing, complete = None, False
+    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
+    run_id = existing or uuid.uuid4().hex[:12]
+    if not existing:  # its rows are made as the quotes come: one pass over the job for both
+        create = functools.partial(ledger.create_run, owner=owner, state="preparing", join=not new)
+        other = await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
+        if other is not None:  # another worker started the job's run just now: this one joins it
+            existing, complete = await _resumable(ledger, job_key, conn.scope, new, other, on_event)
+            if existing is None:
+                msg = f"run {other}, which this worker was to join, was left while it was prepared; run again"
+                raise RunBusy(msg, owner="another process")
+            budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, None)
+            run_id = existing
+    return existing, complete, run_id, budget_id
 
 
 async def prepare(
@@ -194,26 +231,40 @@ async def prepare(
     cache: str = "reuse",
 ) -> Plan:
     """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
-    existing, complete = await _resumable(ledger, job_key, conn.scope, owner, new, named_run)
-    if existing and budget is not None and await _finished_elsewhere(ledger, existing, budget, retry_failed):
-        on_event(Notice(f"run {existing} of {job} is finished; a new run starts under budget '{budget}'"))
-        await anyio.to_thread.run_sync(ledger.release_claim, existing, owner)
-        existing, complete = None, False
-    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
-    run_id = existing or uuid.uuid4().hex[:12]
-    if not existing:  # its rows are made as the quotes come: one pass over the job for both
-        create = functools.partial(ledger.create_run, owner=owner, state="preparing")
-        await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
+    found = await _find_or_make(
+        job,
+        job_key,
+        conn,
+        ledger,
+        budget,
+        max_usd,
+        owner,
+        on_event,
+        new=new,
+        named_run=named_run,
+        retry_failed=retry_failed,
+    )
+    existing, complete, run_id, budget_id = found
+    concurrency = limits.window.maximum if limits is not None else 1
+    joined = await anyio.to_thread.run_sync(join_run, ledger, run_id, owner, concurrency)
+    if joined.taken_over:
+        on_event(
+            Notice(
+                f"{joined.taken_over} worker(s) of run {run_id} had stopped: their requests are taken over"
+            )
+        )
     claim = _KeptClaim(ledger, run_id, owner)  # the pre-flight of a big job takes minutes
     try:
         with claim:
             if existing:  # a resumed run's rows are checked against the file as it is
                 await _sync_rows(ledger, job, existing, conn.scope, checked, creating=not complete)
-                on_event(Notice(f"resuming run {existing} of {job} (--new starts a fresh run)"))
+                what = "resuming" if joined.alone else "joining the workers of"
+                on_event(Notice(f"{what} run {existing} of {job} (--new starts a fresh run)"))
             preparing = run_id if not existing else None
             estimate = await _quote(job, conn, ledger, preparing, checked, on_event, limits, cache)
             if existing:
-                await recover(ledger, existing, retry_possibly_billed, retry_failed=retry_failed)
+                if joined.alone and (retry_possibly_billed or retry_failed):
+                    await recover(ledger, existing, retry_possibly_billed, retry_failed=retry_failed)
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
             else:
                 needed = estimate.total_nanos
@@ -231,13 +282,15 @@ async def prepare(
             )
             raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
     except BaseException as exc:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await anyio.to_thread.run_sync(leave_run, ledger, run_id, owner, (0, 0, 0))
         if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await anyio.to_thread.run_sync(ledger.discard_run, run_id)
         if claim.lost and isinstance(exc, Exception) and not isinstance(exc, RunnerError):
             raise claim.busy() from None  # e.g. its rows' run was discarded by the process that took it
         raise
-    return Plan(run_id, budget_id, bool(existing), estimate, owner)
+    return Plan(run_id, budget_id, bool(existing), estimate, owner, alone=joined.alone, slots=joined.slots)
 
 
 def _unpriced(estimate: Estimate, total: int) -> Unpriced:
@@ -251,11 +304,11 @@ def _unpriced(estimate: Estimate, total: int) -> Unpriced:
 
 
 async def _resumable(
-    ledger: Ledger, job_key: str, scope: str, owner: str, new: bool, run_id: str | None = None
+    ledger: Ledger, job_key: str, scope: str, new: bool, run_id: str | None, on_event: Listener
 ) -> tuple[str | None, bool]:
-    """The run to go on with (the one named, else the job's newest), claimed by this process, and
-    whether all its rows were made; None for a fresh start. A run left while it was being prepared
-    (nothing sent yet) is discarded."""
+    """The run to go on with (the one named, else the job's newest), and whether all its rows were
+    made; None for a fresh start. A run another live process is still preparing is waited for (then
+    joined); one left while it was being prepared (nothing sent yet) is discarded."""
     if run_id is not None:
         named = await anyio.to_thread.run_sync(ledger.run, run_id)
         if named.job_path != job_key or named.provider != scope:
@@ -267,12 +320,22 @@ async def _resumable(
         existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
     if existing is None:
         return None, False
-    await anyio.to_thread.run_sync(ledger.claim_run, existing, owner)
-    info = await anyio.to_thread.run_sync(ledger.run, existing)
-    if info.state == "preparing":
-        await anyio.to_thread.run_sync(ledger.discard_run, existing)
-        return None, False
-    return existing, bool(info.total)
+    told = False
+    while True:
+        info = await anyio.to_thread.run_sync(ledger.run, existing)
+        if info.state != "preparing":
+            return existing, bool(info.total)
+        if not info.owner or not owner_alive(info.owner, info.seen_at, OWNER_STALE_S):
+            await anyio.to_thread.run_sync(ledger.discard_run, existing)
+            return None, False
+        if not told:
+            on_event(
+                Notice(
+                    f"run {existing} is being prepared by {info.owner}: this worker joins it once it is ready"
+                )
+            )
+            told = True
+        await anyio.sleep(PREPARING_POLL_S)
 
 
 async def _finished_elsewhere(ledger: Ledger, run_id: str, budget: str, retry_failed: bool) -> bool:
@@ -286,9 +349,10 @@ async def _finished_elsewhere(ledger: Ledger, run_id: str, budget: str, retry_fa
 
 
 class _KeptClaim:
-    """Keeps this process's claim on a run fresh while it prepares it (the engine keeps it while it
-    runs): a pre-flight longer than OWNER_STALE_S would otherwise let another process take the run.
-    A thread of its own, so that no step of the pre-flight has to remember it."""
+    """Keeps this worker's sign of life fresh while it prepares (the engine keeps it while it runs):
+    a pre-flight longer than the workers' lapse would otherwise let another worker take it for
+    gone, or another process discard the run it is making. A thread of its own, so that no step of
+    the pre-flight has to remember it."""
 
     def __init__(self, ledger: Ledger, run_id: str, owner: str) -> None:
         self.ledger, self.run_id, self.owner = ledger, run_id, owner
@@ -312,7 +376,7 @@ class _KeptClaim:
         while not self._stop.wait(OWNER_TOUCH_S):
             try:
                 with self.ledger.transaction() as tx:
-                    if not self.ledger.touch_run(tx, self.run_id, self.owner):
+                    if not touch_worker(tx, self.run_id, self.owner):
                         self.lost = True
                         return
             except Exception:  # noqa: S112 - a busy ledger: the next touch tries again

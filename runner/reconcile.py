@@ -138,6 +138,7 @@ def _resolve(
             values |= {"state": "failed", "price_nanos": provider, "error_type": "charged_no_answer"}
         else:  # never charged: sent again by the next resume
             values |= {"state": "pending", "error_type": None, "error_message": None, "finished_at": None}
+            values["worker_id"] = None
     else:
         values["price_nanos"] = known + extra
     tx.update_request(row_id, values)

@@ -19,10 +19,10 @@ from runner.errors import LedgerUnavailable, RunnerError
 from runner.events import Listener, Phase, ignore
 from runner.jobs import JobSummary, validate_job
 from runner.ledger import Ledger
-from runner.ledger.store import this_process
+from runner.ledger.workers import leave_run, worker_name
 from runner.limits import Limits
 from runner.money import to_nanos
-from runner.preflight import Checked, prepare, recover
+from runner.preflight import Checked, Plan, prepare, recover
 from runner.quote import Estimate
 from runner.reconcile import charges_by_attempt, provider_books, reconcile_with_charges
 
@@ -37,6 +37,7 @@ class RunResult:
     spent_nanos: int
     estimate: Estimate
     resumable: bool = True  # False when running the same command again cannot finish the run
+    last: bool = True  # this worker was the run's last: it finished the run (others may still send it)
 
 
 async def run_job(
@@ -57,7 +58,7 @@ async def run_job(
     if summary is None:
         summary = await anyio.to_thread.run_sync(validate_job, job, models, options.max_line_bytes)
     summary.raise_for_issues()
-    owner = this_process()
+    owner = worker_name()  # this process's worker on the run (several may send one run)
     job_key = str(await anyio.Path(job).resolve())
     checked = Checked(summary, models, options.max_line_bytes)
     # the dry runs' and the calls'
@@ -82,29 +83,35 @@ async def run_job(
         cache=options.cache,
     )
     run_id = plan.run_id
-    await anyio.to_thread.run_sync(ledger.fill_copies, run_id)  # answers kept from earlier runs
-    if plan.resumed and not options.retry_possibly_billed:  # the provider's books say what a crash left
-        await reconcile_first(conn, ledger, run_id)
-    await note_balance(conn, ledger, run_id, "before")
-    pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
-    engine = Engine(conn, ledger, plan, options, on_event, limits)
-    on_event(Phase("running", pending))
+    engine: Engine | None = None
+    last = False
     try:
-        await engine.run(job)
-    except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
-        # the requests it cut off are unknown outcomes; marked now if the ledger can be written,
-        # else by the next run
+        engine = await _start(conn, ledger, plan, options, on_event, limits)
+        try:
+            await engine.run(job)
+        except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
+            # the requests it cut off are unknown outcomes; marked now if the ledger can be written,
+            # else by the next run
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await recover(ledger, run_id, retry_possibly_billed=False, worker=owner)
+            raise _sole_runner_error(group) or group from None
+        if engine.aborted:
+            with anyio.CancelScope(shield=True):
+                await recover(ledger, run_id, retry_possibly_billed=False, worker=owner)
+    finally:  # its claims go back to the pool; the run's last worker finishes the run
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await recover(ledger, run_id, retry_possibly_billed=False)
-        raise _sole_runner_error(group) or group from None
-    if engine.aborted:
-        with anyio.CancelScope(shield=True):
-            await recover(ledger, run_id, retry_possibly_billed=False)
+            counts = (0, 0, 0) if engine is None else (engine.counts[0], engine.counts[1], engine.counts[2])
+            last = await anyio.to_thread.run_sync(leave_run, ledger, run_id, owner, counts)
+    assert engine is not None
     with anyio.CancelScope(shield=True):  # lines identical to one answered now
         await anyio.to_thread.run_sync(ledger.fill_copies, run_id)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info.states.get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
+    if not last:  # the others go on with the run, and the last of them finishes it
+        assert plan.estimate is not None
+        states, spent = info.states, info.spent_nanos
+        return RunResult(run_id, plan.resumed, state, reason, states, spent, plan.estimate, last=False)
     lines_missing = bool(left) and not engine.stopping.is_set()
     if lines_missing:  # every line was read, and some rows were not sent
         state = "stopped"
@@ -120,6 +127,23 @@ async def run_job(
     states, spent, estimate = info.states, info.spent_nanos, plan.estimate
     assert estimate is not None
     return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
+
+
+async def _start(
+    conn: Connection, ledger: Ledger, plan: Plan, options: RunOptions, on_event: Listener, limits: Limits
+) -> Engine:
+    """The engine for this worker, once answers kept from earlier runs are copied and (for the
+    first worker of a resumed run) the provider's books have settled what a crash left."""
+    run_id = plan.run_id
+    await anyio.to_thread.run_sync(ledger.fill_copies, run_id)
+    if plan.alone:
+        if plan.resumed and not options.retry_possibly_billed:
+            await reconcile_first(conn, ledger, run_id)
+        await note_balance(conn, ledger, run_id, "before")
+    pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
+    engine = Engine(conn, ledger, plan, options, on_event, limits)
+    on_event(Phase("running", pending))
+    return engine
 
 
 async def note_balance(conn: Connection, ledger: Ledger, run_id: str, which: str) -> None:

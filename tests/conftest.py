@@ -102,3 +102,19 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.new_database()
+
+
+@pytest.fixture
+def sim_process() -> Iterator[Callable[[str], Any]]:
+    """`runner simulator` in processes of their own (tests.test_processes.SimProcess), closed after."""
+    from tests.test_processes import SimProcess  # noqa: PLC0415 - the process tests' helper
+
+    started: list[SimProcess] = []
+
+    def start(latency: str = "0.05-0.15") -> SimProcess:
+        started.append(SimProcess(latency))
+        return started[-1]
+
+    yield start
+    for sim in started:
+        sim.close()

@@ -29,11 +29,12 @@ from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.http import Timeouts
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
+from runner.ledger.workers import workers
 from runner.models import Quote
 from runner.money import from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
-from runner.run import run_job
+from runner.run import RunResult, run_job
 from runner.simulator import SimulatorThread
 
 cli = CliRunner()
@@ -166,7 +167,7 @@ async def test_a_line_changed_after_the_checks_is_caught_before_it_is_sent(
         lines[4]["messages"][0]["content"] = "edited between the checks and the sends"
         write_job(lines)
 
-    monkeypatch.setattr("runner.preflight.recover", edit_after_checks)
+    monkeypatch.setattr("runner.run.note_balance", edit_after_checks)
     with pytest.raises(JobChanged, match=r"job.jsonl:5: custom_id 'q4' changed"):
         await run(sim, job, ledger, concurrency=1)
     rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(first.run_id) for r in batch}
@@ -261,28 +262,58 @@ async def test_lines_removed_from_the_job_are_named_when_the_run_cannot_finish(
     assert not resumed.resumable  # running it again cannot help: the CLI does not say it would
 
 
-async def test_a_run_another_live_process_runs_is_left_alone(
-    sim: SimulatorThread, write_job: Callable[..., Path]
+async def test_a_run_another_live_worker_sends_is_joined_and_its_share_taken_over_when_it_dies(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A second process joins the run instead of refusing it: it leaves the live worker's claimed
+    request alone (no recovery of another's requests), and takes it over once that process dies."""
+    monkeypatch.setattr("runner.engine.TAKE_OVER_EVERY_S", 0.05)
     ledger = Ledger()
     job = write_job(job_lines(6))
     sim.books.configure({"balance": "0.0000001"})
     first = await run(sim, job, ledger)
     assert first.states.get("pending", 0) > 0
     sim.books.configure({"balance": "100"})
-    sent = sim.books.counters["run.call"]
     live = await anyio.open_process([sys.executable, "-c", "import time; time.sleep(30)"])
+    other = f"{socket.gethostname()}:{live.pid}:abc123"
+    with ledger.transaction() as tx:  # the live process's worker, with one request claimed
+        join = (
+            "INSERT INTO workers (id, run_id, host, pid, state, started_at, seen_at, sent, ok, failed, slots)"
+        )
+        tx.conn.execute(
+            join + " VALUES (?, ?, 'h', ?, 'running', ?, ?, 0, 0, 0, 1)",
+            (other, first.run_id, live.pid, tx.now, tx.now),
+        )
+        tx.conn.execute(
+            "UPDATE requests SET worker_id = ? WHERE run_id = ? AND custom_id = 'q5'", (other, first.run_id)
+        )
     try:
-        ledger.claim_run(first.run_id, f"{socket.gethostname()}:{live.pid}")
-        with pytest.raises(RunBusy, match="being run by another process"):
-            await run(sim, job, ledger)
-        assert sim.books.counters["run.call"] == sent
+        async with anyio.create_task_group() as tg:
+            results: list[RunResult] = []
+
+            async def second() -> None:
+                results.append(await run(sim, job, ledger))
+
+            tg.start_soon(second)
+            with anyio.fail_after(20):
+                while ledger.run(first.run_id).states.get("ok", 0) < 5:  # noqa: ASYNC110 - polls the ledger
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.3)
+            assert ledger.run(first.run_id).states == {"ok": 5, "pending": 1}  # q5 is the live one's
+            assert not results  # it waits while another worker holds unfinished requests
+            live.kill()
+            await live.wait()
     finally:
-        live.kill()
-        await live.wait()
-    resumed = await run(sim, job, ledger)  # its owner is gone: this process takes the run over
-    assert resumed.run_id == first.run_id
-    assert resumed.states == {"ok": 6}
+        if live.returncode is None:
+            live.kill()
+            await live.wait()
+    [joined] = results
+    assert joined.run_id == first.run_id
+    assert ledger.run(first.run_id).states == {"ok": 6}
+    assert ledger.run(first.run_id).state == "done"  # the last worker finished the run
+    states = {w.id: w.state for w in workers(ledger, first.run_id)}
+    assert states[other] == "gone"
+    assert sorted(states.values()) == ["gone", "left", "left"]
 
 
 async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
@@ -290,7 +321,6 @@ async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
 ) -> None:
     """Quoting a big job takes minutes: without touches another process would take the run at 30 s."""
     ledger = Ledger()
-    monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
     monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
     quote = runner.preflight._quote
     seen: list[Any] = []
@@ -320,14 +350,15 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
     first = await run(sim, job, ledger)  # stopped at once: a run to resume
     sim.books.configure({"balance": "100"})
     sent = sim.books.counters["run.call"]
-    monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
     monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
     quote = runner.preflight._quote
 
     async def taken_over_meanwhile(*args: Any, **kwargs: Any) -> Any:
         estimate = await quote(*args, **kwargs)
-        with ledger.transaction() as tx:  # another host's process took it (this one seemed gone)
-            tx.conn.execute("UPDATE runs SET owner = 'elsewhere:1' WHERE id = ?", (first.run_id,))
+        with ledger.transaction() as tx:  # the others took this worker for gone
+            tx.conn.execute(
+                "UPDATE workers SET state = 'gone' WHERE run_id = ? AND state = 'running'", (first.run_id,)
+            )
         await anyio.sleep(0.3)
         return estimate
 
@@ -343,7 +374,6 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
     """The process that took it over discards a run still being prepared; this one's rows then have
     no run to belong to: a RunBusy, not a database error."""
     ledger = Ledger()
-    monkeypatch.setattr("runner.engine.OWNER_TOUCH_S", 0.05)
     monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
     quote = runner.preflight._quote
 

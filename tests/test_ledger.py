@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import random
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -28,10 +27,10 @@ from sqlmodel import SQLModel
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.errors import BudgetLimitTooLow, ConfigError, RunBusy
+from runner.errors import BudgetLimitTooLow, ConfigError
 from runner.ledger import Ledger, Settlement
 from runner.ledger.db import sqlite_path
-from runner.ledger.store import head_revision, migration_engine, migrations_dir, this_process
+from runner.ledger.store import head_revision, migration_engine, migrations_dir
 
 cli = CliRunner()
 
@@ -67,7 +66,7 @@ def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -
     Ledger(url(tmp_path))
     db = sqlite3.connect(tmp_path / "l.db")
     version = db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-    assert version == "0007"
+    assert version == "0008"
     indexes = {row[1] for row in db.execute("PRAGMA index_list(requests)")}
     assert {"ix_requests_run_state", "ix_requests_run_line", "ix_requests_answer"} <= indexes
     columns = {row[1] for row in db.execute("PRAGMA table_info(budgets)")}
@@ -81,7 +80,10 @@ def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -
         "sha256",
         "answer_key",
         "cached_from",
+        "worker_id",
     } <= columns
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"workers", "run_limits"} <= tables
     types = {row[1]: row[2] for row in db.execute("PRAGMA table_info(ledger_entries)")}
     assert types["amount_nanos"] == "BIGINT"
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -297,54 +299,6 @@ def test_a_budget_cannot_go_below_spent_and_reserved(tmp_path: Path) -> None:
 
 
 # ---- run owners ----------------------------------------------------------------------------------
-
-
-def _run_owned_by(ledger: Ledger, owner: str | None, seen_ago_s: float = 0.0) -> str:
-    budget = ledger.create_budget(f"b{random.random()}", 10**9)
-    run_id = f"r{random.randrange(10**9)}"
-    ledger.create_run(run_id, "job.jsonl", budget.id, "sim", owner)
-    with ledger.transaction() as tx:
-        seen = f"datetime('now', '-{seen_ago_s} seconds')"
-        tx.conn.execute(f"UPDATE runs SET seen_at = {seen} WHERE id = ?", (run_id,))
-    return run_id
-
-
-def test_a_run_owned_by_a_live_process_is_not_taken(tmp_path: Path) -> None:
-    ledger = Ledger(url(tmp_path))
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        run_id = _run_owned_by(ledger, f"{socket.gethostname()}:{live.pid}")
-        with pytest.raises(RunBusy, match=rf"run {run_id} is being run by another process"):
-            ledger.claim_run(run_id, this_process())
-    finally:
-        live.kill()
-        live.wait()
-    ledger.claim_run(run_id, this_process())  # its process is gone: taken over at once
-    assert ledger.run(run_id).owner == this_process()
-
-
-def test_an_owner_on_another_host_is_gone_once_it_has_not_been_seen_for_a_while(tmp_path: Path) -> None:
-    ledger = Ledger(url(tmp_path))
-    fresh = _run_owned_by(ledger, "elsewhere:1234", seen_ago_s=2)
-    with pytest.raises(RunBusy):
-        ledger.claim_run(fresh, this_process())
-    stale = _run_owned_by(ledger, "elsewhere:1234", seen_ago_s=120)
-    ledger.claim_run(stale, this_process())
-    unowned = _run_owned_by(ledger, None)
-    ledger.claim_run(unowned, this_process())
-
-
-def test_an_owner_taken_over_learns_it_at_its_next_sign_of_life(tmp_path: Path) -> None:
-    ledger = Ledger(url(tmp_path))
-    run_id = _run_owned_by(ledger, "elsewhere:1234", seen_ago_s=120)
-    with ledger.transaction() as tx:
-        assert ledger.touch_run(tx, run_id, "elsewhere:1234")
-    ledger.claim_run(run_id, this_process(), stale_after_s=0.0)
-    with ledger.transaction() as tx:
-        assert not ledger.touch_run(tx, run_id, "elsewhere:1234")
-        assert ledger.touch_run(tx, run_id, this_process())
-    ledger.finish_run(run_id, "done")
-    assert ledger.run(run_id).owner is None
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -66,19 +66,6 @@ class SimProcess:
         self.proc.communicate(timeout=10)
 
 
-@pytest.fixture
-def sim_process() -> Iterator[Callable[[str], SimProcess]]:
-    started: list[SimProcess] = []
-
-    def start(latency: str = "0.05-0.15") -> SimProcess:
-        started.append(SimProcess(latency))
-        return started[-1]
-
-    yield start
-    for sim in started:
-        sim.close()
-
-
 def lines(prefix: str, n: int) -> list[dict[str, Any]]:
     return [
         {
@@ -109,6 +96,7 @@ def start_runner(
     *args: str,
     session: bool = False,
     preexec: Callable[[], None] | None = None,
+    output: Path | None = None,
 ) -> subprocess.Popen[str]:
     command = [
         sys.executable,
@@ -121,7 +109,7 @@ def start_runner(
         "--base-url",
         sim.url,
         "--output",
-        str(job.with_suffix(".parquet")),
+        str(output or job.with_suffix(".parquet")),
         *args,
     ]
     env = {**os.environ, "RUNNER_DB": url_of(db), "ORTHOGONAL_API_KEY": KEY, "COLUMNS": "200"}

@@ -71,6 +71,11 @@ DEFECTS = (
 class Database:
     """Connections to one SQLite file, each used by one thread at a time and then kept for the next."""
 
+    dialect = "sqlite"
+    # the ledger's clock, in epoch seconds: the same clock for every process that uses the ledger
+    clock_sql = "SELECT (julianday('now') - 2440587.5) * 86400.0"
+    skip_locked = ""  # SQLite's writer holds the whole database: no row is ever locked by another
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._idle: list[sqlite3.Connection] = []

@@ -95,6 +95,10 @@ class Connection:
 class PgDatabase:
     """Pooled connections to one PostgreSQL database; the same contract as `db.Database`."""
 
+    dialect = "postgresql"
+    clock_sql = "SELECT extract(epoch FROM clock_timestamp())::float8"  # the server's clock, not a host's
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = redacted(url)  # how messages name the ledger

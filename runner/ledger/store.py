@@ -29,7 +29,6 @@ from runner.errors import (
     ConfigError,
     LedgerError,
     LedgerUnavailable,
-    RunBusy,
 )
 from runner.ledger.db import open_database, parse_time, rows_as_dicts, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
@@ -99,8 +98,10 @@ def this_process() -> str:
 
 
 def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> bool:
-    """Whether a run's owner still runs it: seen lately, and, on this host, its process exists."""
-    host, _, pid = owner.rpartition(":")
+    """Whether a run's owner ("host:pid", or a worker's "host:pid:tag") still runs it: seen lately,
+    and, on this host, its process exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
     if host == socket.gethostname() and pid.isdigit():
         try:
             os.kill(int(pid), 0)
@@ -267,7 +268,10 @@ class Ledger:
         """The reservation becomes the real charge, with the response, in one transaction."""
         request_id, price = settlement.request_id, settlement.price_nanos
         hold = settlement.hold or tx.hold(request_id)
-        tx.move_funds(hold.budget_id, reserved=-hold.amount, spent=price)
+        if tx.state(request_id) == "possibly_billed":  # its worker was taken for gone meanwhile
+            tx.move_funds(hold.budget_id, possibly_billed=-hold.amount, spent=price)
+        else:
+            tx.move_funds(hold.budget_id, reserved=-hold.amount, spent=price)
         values = {"state": "ok", "price_nanos": price, "finished_at": NOW, "reserved_nanos": 0}
         tx.update_request(request_id, {**values, **settlement.fields})
         tx.entry("settle", price, hold, request_id)
@@ -278,14 +282,21 @@ class Ledger:
     def release(tx: Tx, request_id: int, *, state: str, fields: dict[str, Any]) -> None:
         """Give back an unused reservation (the request failed before anything was billed)."""
         hold = tx.hold(request_id)
-        tx.move_funds(hold.budget_id, reserved=-hold.amount)
-        tx.update_request(request_id, {"state": state, "finished_at": NOW, "reserved_nanos": 0, **fields})
+        values: dict[str, Any] = {"state": state, "finished_at": NOW, "reserved_nanos": 0, **fields}
+        if tx.state(request_id) == "possibly_billed":  # its worker was taken for gone meanwhile
+            tx.move_funds(hold.budget_id, possibly_billed=-hold.amount)
+            values["worker_id"] = None  # back to the pool, if it goes back to pending
+        else:
+            tx.move_funds(hold.budget_id, reserved=-hold.amount)
+        tx.update_request(request_id, values)
         if hold.amount:
             tx.entry("release", hold.amount, hold, request_id)
 
     @staticmethod
     def mark_possibly_billed(tx: Tx, request_id: int, fields: dict[str, Any]) -> None:
         """An unknown outcome: the reservation stays counted, as possibly billed."""
+        if tx.state(request_id) == "possibly_billed":  # marked already (its worker was taken over)
+            return
         hold = tx.hold(request_id)
         tx.move_funds(hold.budget_id, reserved=-hold.amount, possibly_billed=hold.amount)
         tx.update_request(request_id, {"state": "possibly_billed", "finished_at": NOW, **fields})
@@ -299,6 +310,7 @@ class Ledger:
         hold = tx.hold(request_id)
         earlier = tx.possibly_billed(request_id)
         values = {"state": "pending", "possibly_billed_nanos": earlier + hold.amount, "reserved_nanos": 0}
+        values["worker_id"] = None  # any worker sends it
         tx.update_request(request_id, {**values, "finished_at": None})
         tx.entry("send_again", hold.amount, hold, request_id)
 
@@ -430,13 +442,27 @@ class Ledger:
         provider: str,
         owner: str | None = None,
         state: str = "running",
-    ) -> None:
+        *,
+        join: bool = False,
+    ) -> str | None:
+        """A new run. With `join`, a run of the same job and provider another live process is
+        preparing is found instead (workers started together make one run): its id is returned,
+        and no run is made."""
         with self.transaction() as tx:
+            if join:
+                found = tx.conn.execute(
+                    "SELECT id, owner, seen_at FROM runs WHERE job_path = ? AND provider = ?"
+                    " AND state = 'preparing' ORDER BY created_at DESC LIMIT 1",
+                    (job_path, provider),
+                ).fetchone()
+                if found and found[1] and owner_alive(str(found[1]), parse_time(found[2]), OWNER_STALE_S):
+                    return str(found[0])
             tx.conn.execute(
                 "INSERT INTO runs (id, job_path, budget_id, provider, state, total, created_at, owner,"
                 " seen_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
                 (run_id, job_path, budget_id, provider, state, tx.now, owner, tx.now if owner else None),
             )
+        return None
 
     def add_requests(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -465,7 +491,8 @@ class Ledger:
             if held:
                 msg = f"run {run_id} has sent requests: it is kept"
                 raise LedgerError(msg)
-            tx.conn.execute("DELETE FROM requests WHERE run_id = ?", (run_id,))
+            for table in ("requests", "workers", "run_limits"):
+                tx.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))  # noqa: S608 - our names
             tx.conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def finish_run(self, run_id: str, state: str, reason: str | None = None) -> None:
@@ -475,45 +502,17 @@ class Ledger:
                 (state, reason, tx.now, run_id),
             )
 
-    # ---- who runs a run: one process at a time ---------------------------------------------
-    # Two processes resuming the same run would send its pending requests twice, and each would
-    # take the other's requests in flight for a crash's. A run has an owner ("host:pid") that says
-    # it is alive every few seconds; another process takes it over only once the owner is gone.
-
-    def claim_run(self, run_id: str, owner: str, *, stale_after_s: float = OWNER_STALE_S) -> None:
-        """Make `owner` the run's owner, unless another live process runs it (RunBusy)."""
-        with self.transaction() as tx:
-            found = tx.conn.execute("SELECT owner, seen_at FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if found is None:
-                msg = f"no run '{run_id}' (see `runner runs`)"
-                raise LedgerError(msg)
-            current, seen_at = found[0], parse_time(found[1])
-            if current and current != owner and owner_alive(current, seen_at, stale_after_s):
-                msg = (
-                    f"run {run_id} is being run by another process ({current}); wait for it to finish "
-                    "(or stop it), or start a fresh run with --new"
-                )
-                raise RunBusy(msg, owner=current)
-            tx.conn.execute("UPDATE runs SET owner = ?, seen_at = ? WHERE id = ?", (owner, tx.now, run_id))
-
-    def release_claim(self, run_id: str, owner: str) -> None:
-        """`owner` lets the run go (it is not going to send it)."""
-        with self.transaction() as tx:
-            tx.conn.execute("UPDATE runs SET owner = NULL WHERE id = ? AND owner = ?", (run_id, owner))
+    # ---- who sends a run: the workers of runner.ledger.workers; a run being prepared has an owner
+    # (its preparer, "host:pid:tag") that the others wait for
 
     @staticmethod
     def retry_failed(tx: Tx, run_id: str) -> int:
         """A run's failed requests (they held nothing) go back to pending; their attempts stay."""
-        sql = "UPDATE requests SET state = 'pending', finished_at = NULL WHERE run_id = ? AND state = ?"
-        return int(tx.conn.execute(sql, (run_id, "failed")).rowcount)
-
-    @staticmethod
-    def touch_run(tx: Tx, run_id: str, owner: str) -> bool:
-        """The owner's sign of life; False when the run has another owner now (it was taken over)."""
-        cursor = tx.conn.execute(
-            "UPDATE runs SET seen_at = ? WHERE id = ? AND owner = ?", (tx.now, run_id, owner)
+        sql = (
+            "UPDATE requests SET state = 'pending', finished_at = NULL, worker_id = NULL"
+            " WHERE run_id = ? AND state = ?"
         )
-        return bool(cursor.rowcount)
+        return int(tx.conn.execute(sql, (run_id, "failed")).rowcount)
 
     def latest_run(self, job_path: str, provider: str) -> str | None:
         """The job's newest run on this provider: resumed by default (a finished one sends nothing)."""
@@ -551,7 +550,7 @@ class Ledger:
     def request_rows(self, run_id: str, custom_ids: Sequence[str]) -> dict[str, RequestRow]:
         """What the ledger holds for these lines of a run, by custom_id."""
         sql = (
-            "SELECT id, custom_id, sha256, state, quote_nanos, attempts FROM requests"
+            "SELECT id, custom_id, sha256, state, quote_nanos, attempts, worker_id FROM requests"
             " WHERE run_id = ? AND custom_id IN ({})"
         )
         return {row[1]: RequestRow(*row) for row in self._select_in(sql, custom_ids, run_id)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from runner.ledger.db import utcnow
@@ -46,6 +46,10 @@ class Run(SQLModel, table=True):
     # the provider's balance when the run began and when it ended (reconciliation by balance)
     balance_before_nanos: int | None = nanos(None, nullable=True)
     balance_after_nanos: int | None = nanos(None, nullable=True)
+    # the next chunk of the job's lines a worker claims; set back to 0 when a session of the run starts
+    next_chunk: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0")
+    )
 
 
 class Request(SQLModel, table=True):
@@ -94,6 +98,7 @@ class Request(SQLModel, table=True):
     error_type: str | None = None
     error_message: str | None = None
     metadata_json: str | None = Field(default=None, sa_column=Column(Text))
+    worker_id: str | None = None  # the worker that claimed it, until it is finished or taken over
 
 
 class Attempt(SQLModel, table=True):
@@ -134,3 +139,35 @@ class QuoteCache(SQLModel, table=True):
     source: str
     reason: str | None = None
     at: datetime = Field(default_factory=utcnow)
+
+
+class Worker(SQLModel, table=True):
+    """A process sending a run: several may send one run, each claiming chunks of its lines."""
+
+    __tablename__ = "workers"
+
+    id: str = Field(primary_key=True)  # "host:pid:tag"
+    run_id: str = Field(foreign_key="runs.id", index=True)
+    host: str
+    pid: int
+    state: str = "running"  # running | left (it finished) | gone (its sign of life lapsed: taken over)
+    started_at: datetime = Field(default_factory=utcnow)
+    seen_at: datetime | None = None  # its last sign of life
+    finished_at: datetime | None = None
+    sent: int = 0  # requests it sent
+    ok: int = 0
+    failed: int = 0
+    slots: int = 0  # its share of the run's --concurrency
+
+
+class RunLimit(SQLModel, table=True):
+    """A rate limit kept for a whole run (--rpm, --tpm, --max-usd-per-hour): a token bucket whose
+    level is whole units (requests, tokens, nano-USD); `stamp` is the ledger clock's time (epoch
+    seconds) up to which the level is counted."""
+
+    __tablename__ = "run_limits"
+
+    run_id: str = Field(foreign_key="runs.id", primary_key=True)
+    name: str = Field(primary_key=True)
+    level: int = nanos()
+    stamp: float = Field(sa_column=Column(Float, nullable=False))

@@ -59,6 +59,7 @@ class RequestRow(NamedTuple):
     state: str
     quote_nanos: int | None
     attempts: int
+    worker_id: str | None = None  # the worker that claimed it
 
 
 @dataclass(frozen=True, slots=True)
