@@ -390,12 +390,8 @@ class Engine:
             def reserve_and_mark(db: Db) -> bool | None:
                 # one commit: held, then `sending` (recorded before the call, as every attempt is);
                 # None when the request is no longer this worker's (it was taken for gone)
-                if not still_mine(db, row_id, "pending", self.worker):
-                    return None
-                if not self.ledger.reserve(db, budget_id, run_id, row_id, quote):
-                    return False
-                self.ledger.mark_sending(db, row_id, first)
-                return True
+                hold = Hold(quote, budget_id, run_id)
+                return self.ledger.reserve_and_send(db, hold, row_id, worker=self.worker, attempt=first)
 
             granted = await self.writer.submit(reserve_and_mark)
             if granted is None:

@@ -256,6 +256,24 @@ class Ledger:
         return True
 
     @staticmethod
+    def reserve_and_send(
+        tx: Tx, hold: Hold, request_id: int, *, worker: str, attempt: int = 1
+    ) -> bool | None:
+        """The request's first attempt: its quote held and the request marked `sending`, in the
+        caller's transaction. None (nothing done) when the request is no longer pending and
+        `worker`'s (the run's other workers took it over); False when the hold does not fit."""
+        values: dict[str, Any] = {"state": "sending", "reserved_nanos": hold.amount, "attempts": attempt}
+        if attempt == 1:
+            values["started_at"] = NOW
+        if not tx.update_request(request_id, values, " AND state = 'pending' AND worker_id = ?", worker):
+            return None
+        if not tx.reserve_funds(hold.budget_id, hold.amount):  # rare: put the row back as it was
+            tx.update_request(request_id, {"state": "pending", "reserved_nanos": 0, "attempts": attempt - 1})
+            return False
+        tx.entry("reserve", hold.amount, hold, request_id)
+        return True
+
+    @staticmethod
     def mark_sending(tx: Tx, request_id: int, attempt: int) -> None:
         """Recorded before each send: a killed process leaves this, and resume reads it as unknown."""
         values: dict[str, Any] = {"state": "sending", "attempts": attempt}
@@ -268,12 +286,12 @@ class Ledger:
         """The reservation becomes the real charge, with the response, in one transaction."""
         request_id, price = settlement.request_id, settlement.price_nanos
         hold = settlement.hold or tx.hold(request_id)
-        if tx.state(request_id) == "possibly_billed":  # its worker was taken for gone meanwhile
-            tx.move_funds(hold.budget_id, possibly_billed=-hold.amount, spent=price)
-        else:
-            tx.move_funds(hold.budget_id, reserved=-hold.amount, spent=price)
         values = {"state": "ok", "price_nanos": price, "finished_at": NOW, "reserved_nanos": 0}
-        tx.update_request(request_id, {**values, **settlement.fields})
+        if tx.update_request(request_id, {**values, **settlement.fields}, " AND state != 'possibly_billed'"):
+            tx.move_funds(hold.budget_id, reserved=-hold.amount, spent=price)
+        else:  # its worker was taken for gone meanwhile, and its hold counted as possibly billed
+            tx.update_request(request_id, {**values, **settlement.fields})
+            tx.move_funds(hold.budget_id, possibly_billed=-hold.amount, spent=price)
         tx.entry("settle", price, hold, request_id)
         if hold.amount > price:
             tx.entry("release", hold.amount - price, hold, request_id)

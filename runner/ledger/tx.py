@@ -85,10 +85,13 @@ class Tx:
     ) -> None:
         self.conn.execute(MOVE, (reserved, spent, possibly_billed, budget_id))
 
-    def update_request(self, request_id: int, values: dict[str, Any]) -> None:
+    def update_request(self, request_id: int, values: dict[str, Any], where: str = "", *args: Any) -> bool:
+        """Set `values` on the request (only if `where`, SQL on its columns with `args`, holds);
+        whether it was updated."""
         names = ", ".join(f"{name} = ?" for name in values)
         params = [self.now if v is NOW else v for v in values.values()]
-        self.conn.execute(f"UPDATE requests SET {names} WHERE id = ?", (*params, request_id))  # noqa: S608 - our names
+        sql = f"UPDATE requests SET {names} WHERE id = ?{where}"  # noqa: S608 - our names
+        return bool(self.conn.execute(sql, (*params, request_id, *args)).rowcount)
 
     def entry(self, kind: str, amount: int, hold: Hold, request_id: int | None) -> None:
         self._entry(hold.budget_id, kind, amount, hold.run_id, request_id)
