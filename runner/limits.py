@@ -103,12 +103,12 @@ class TokenBucket:
 
 # fetch(name, per_second, capacity, want, start_empty) -> (units granted, seconds to wait when none)
 Fetch = Callable[[str, float, int, int, bool], Awaitable[tuple[int, float]]]
-SHARED_BATCH_S = 0.25  # a worker takes this long's worth of a shared bucket at a time
+SHARED_BATCH_S = 0.1  # a worker takes this long's worth of a shared bucket at a time
 
 
 class SharedBucket:
     """A token bucket kept in the ledger for a whole run (several workers, one rate): units are
-    fetched from it a quarter of a second's worth at a time and spent here."""
+    fetched from it a tenth of a second's worth at a time and spent here."""
 
     def __init__(
         self,
