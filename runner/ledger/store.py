@@ -175,7 +175,9 @@ class Ledger:
         """A write transaction (BEGIN IMMEDIATE): committed when the block ends, rolled back if it
         raises."""
         with self.db.writing() as conn:
-            yield Tx(conn)
+            tx = Tx(conn)
+            yield tx
+            tx.flush()
 
     def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A connection in a read transaction (one snapshot for everything read through it)."""

@@ -48,10 +48,36 @@ class Hold:
     run_id: str
 
 
+ENTRY = (
+    "INSERT INTO ledger_entries (budget_id, kind, amount_nanos, at, run_id, request_id)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+ATTEMPT = (
+    "INSERT INTO attempts (request_id, number, outcome, status, error, latency_s, at, client_request_id)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, (SELECT run_id FROM requests WHERE id = ?) || '-' || ? || '-' || ?)"
+)
+
+
 class Tx:
+    """The ledger's history rows (budget entries, attempts) are written at the end of the
+    transaction, each table in one statement (`flush`): nothing reads them in the transaction that
+    writes them, and on PostgreSQL every statement is a round trip (a grouped commit of 512
+    requests made about 1,500 of them for these rows alone)."""
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.now = now_text()
+        self._entries: list[tuple[Any, ...]] = []
+        self._attempts: list[tuple[Any, ...]] = []
+
+    def flush(self) -> None:
+        """Write the history rows kept so far (called before the transaction commits)."""
+        if self._entries:
+            self.conn.executemany(ENTRY, self._entries)
+            self._entries = []
+        if self._attempts:
+            self.conn.executemany(ATTEMPT, self._attempts)
+            self._attempts = []
 
     # ---- reads --------------------------------------------------------------------------
 
@@ -102,11 +128,7 @@ class Tx:
     def _entry(
         self, budget_id: int, kind: str, amount: int, run_id: str | None, request_id: int | None
     ) -> None:
-        self.conn.execute(
-            "INSERT INTO ledger_entries (budget_id, kind, amount_nanos, at, run_id, request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (budget_id, kind, amount, self.now, run_id, request_id),
-        )
+        self._entries.append((budget_id, kind, amount, self.now, run_id, request_id))
 
     def attempt(
         self,
@@ -117,11 +139,8 @@ class Tx:
         error: str | None,
         latency_s: float | None,
     ) -> None:
-        self.conn.execute(
-            "INSERT INTO attempts (request_id, number, outcome, status, error, latency_s, at,"
-            " client_request_id) VALUES (?, ?, ?, ?, ?, ?, ?,"
-            " (SELECT run_id FROM requests WHERE id = ?) || '-' || ? || '-' || ?)",
-            (request_id, number, outcome, status, error, latency_s, self.now, request_id, request_id, number),
+        self._attempts.append(
+            (request_id, number, outcome, status, error, latency_s, self.now, request_id, request_id, number)
         )
 
 
