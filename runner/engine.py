@@ -126,8 +126,7 @@ class Engine:
         )
         self.limit = self.limits.window
         self.worker = plan.owner
-        if plan.slots:
-            self.limit.set_maximum(plan.slots)  # this worker's share of the run's concurrency
+        self.limit.set_maximum(plan.slots)  # this worker's share of the run's concurrency (0: none yet)
         self.limits.share(self._take_units)  # --rpm, --tpm and the spend rate hold for the whole run
         self.counts = [0, 0, 0]  # this worker's requests sent, ok, failed
         self.stopping = anyio.Event()

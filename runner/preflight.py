@@ -51,7 +51,7 @@ class Plan:
     owner: str  # this worker's id (workers.worker_name)
     chunk_lines: int = BATCH  # the job's lines are claimed and read in chunks of this many
     alone: bool = True  # no other worker was sending the run when this one joined
-    slots: int = 0  # this worker's share of the run's concurrency, to begin with
+    slots: int = 1  # this worker's share of the run's concurrency, to begin with
 
 
 def _take(iterator: Any, size: int) -> list[ChatRequest]:
