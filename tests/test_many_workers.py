@@ -118,6 +118,8 @@ def test_a_worker_killed_mid_run_leaves_its_share_to_the_others_and_nothing_is_p
     assert set(held) <= {gone[0].id}
     assert_within_budget(ledger, "night")
     assert_books_match(ledger, sim, job_lines, "night")
+    # --concurrency 64 is the run's: the four workers together never had more calls in flight
+    assert 32 < sim.stats()["peak_in_flight"] <= 64, sim.stats()["peak_in_flight"]
 
 
 def test_two_workers_on_one_sqlite_ledger_share_a_run(

@@ -193,7 +193,12 @@ async def _serve_chat(
         price = books.charge_for(body["model"], fake.prompt_tokens, fake.completion_tokens)
     delay = books.delay()
     if delay:
-        await asyncio.sleep(delay / 2 if body.get("stream") else delay)
+        books.in_flight += 1  # calls being answered at once: what a client's concurrency cap allows
+        books.peak_in_flight = max(books.peak_in_flight, books.in_flight)
+        try:
+            await asyncio.sleep(delay / 2 if body.get("stream") else delay)
+        finally:
+            books.in_flight -= 1
     if replay is None:
         request_id = books.charge(
             price,

@@ -59,6 +59,8 @@ class Books:
     # whether GET /v1/credits/transactions lists the charges (off: a provider that shows only a balance)
     lists_transactions: bool = True
     counters: Counter[str] = field(default_factory=Counter)
+    in_flight: int = 0  # calls (not dry runs) being answered now, and the most at once
+    peak_in_flight: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
 
     def prices(self, model: ModelInfo | None) -> tuple[Decimal, Decimal]:
@@ -165,4 +167,5 @@ class Books:
             "charged": f"{from_nanos(self.charged_nanos):f}",
             "charged_nanos": self.charged_nanos,
             "transactions": len(self.transactions),
+            "peak_in_flight": self.peak_in_flight,
         }
