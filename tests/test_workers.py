@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+import anyio
+
 from runner.ledger import Ledger, Settlement
 from runner.ledger.tx import Hold
 from runner.ledger.workers import (
@@ -17,6 +19,8 @@ from runner.ledger.workers import (
     take_units,
     workers,
 )
+from runner.limits import Limits
+from runner.models import ChatRequest
 
 QUOTE = 1_000_000
 names = itertools.count()
@@ -176,3 +180,36 @@ def test_a_run_wide_bucket_grants_what_the_ledger_clock_has_earned(ledger_url: s
     with ledger.transaction() as tx:
         granted, _ = take_units(ledger, tx, run_id, "rpm", 10.0, 10, 50, start_empty=True)
     assert granted == 10
+
+
+async def test_two_workers_limits_share_one_rpm_bucket_in_the_ledger(ledger_url: str) -> None:
+    """Two processes' `Limits`, shared through the ledger: together they get the run's rate, not
+    twice it."""
+    ledger = Ledger(ledger_url)
+    run_id = _run(ledger)
+
+    async def fetch(name: str, per_second: float, capacity: int, want: int, empty: bool) -> tuple[int, float]:
+        def work() -> tuple[int, float]:
+            with ledger.transaction() as tx:
+                return take_units(ledger, tx, run_id, name, per_second, capacity, want, start_empty=empty)
+
+        return await anyio.to_thread.run_sync(work)
+
+    workers_limits = [Limits(4, rpm=1200) for _ in range(2)]  # 20 a second (at 99.5 %) for the run
+    for limits in workers_limits:
+        limits.share(fetch)
+    request = ChatRequest("job.jsonl", 1, "a", {"model": "m", "messages": []}, {}, "0" * 64)
+    taken = [0, 0]
+
+    async def pace(i: int) -> None:
+        while True:
+            await workers_limits[i].pace(request)
+            taken[i] += 1
+
+    with anyio.move_on_after(1.5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pace, 0)
+            tg.start_soon(pace, 1)
+    assert all(taken), taken  # both were paced, from the one bucket
+    assert sum(taken) <= 1.5 * 20 * 0.995 + 2, taken  # the run's rate, not each worker's
+    assert sum(taken) >= 15, taken
