@@ -11,7 +11,7 @@
     │   ├── Unpriced                 requests without a price cannot be reserved
     │   ├── BudgetLimitTooLow        a budget cannot go below spent + reserved
     │   ├── JobChanged               a line changed since its run began
-    │   └── RunBusy                  another live process is running the run
+    │   └── RunBusy                  other workers send the run, or took this one over
     └── ProviderError                a provider answered with an error, or could not be reached
         ├── RetryableError           408, 409, 429, 5xx, connect/read errors: try again
         ├── RequestFatalError        400, 404, 413, 422: this request will never succeed

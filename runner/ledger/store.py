@@ -92,11 +92,6 @@ def migration_engine(url: str) -> Engine:
     return engine
 
 
-def this_process() -> str:
-    """How a run's owner is named: host and process id."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> bool:
     """Whether a run's owner ("host:pid", or a worker's "host:pid:tag") still runs it: seen lately,
     and, on this host, its process exists."""
