@@ -81,7 +81,7 @@ def test_workers_claim_chunks_in_turn_and_each_request_once(ledger_url: str) -> 
     with ledger.transaction() as tx:
         assert claim_orphans(ledger, tx, run_id, "elsewhere:2:b", 10) == []  # all held by a running worker
         assert others_unfinished(tx, run_id, "elsewhere:2:b") == 3
-    assert not leave_run(ledger, run_id, "elsewhere:1:a", (0, 0, 0))  # b still runs
+    assert not leave_run(ledger, run_id, "elsewhere:1:a", (0, 0, 0))  # b still runs, requests unsent
     with ledger.transaction() as tx:  # a left: its unsent claims are anyone's
         assert claim_orphans(ledger, tx, run_id, "elsewhere:2:b", 10) == [1, 2, 5]
         assert others_unfinished(tx, run_id, "elsewhere:2:b") == 0
@@ -213,3 +213,15 @@ async def test_two_workers_limits_share_one_rpm_bucket_in_the_ledger(ledger_url:
     assert all(taken), taken  # both were paced, from the one bucket
     assert sum(taken) <= 1.5 * 20 * 0.995 + 2, taken  # the run's rate, not each worker's
     assert sum(taken) >= 15, taken
+
+
+def test_a_worker_that_leaves_a_run_with_nothing_unsent_finishes_it_whoever_else_is_listed(
+    ledger_url: str,
+) -> None:
+    ledger = Ledger(ledger_url)
+    run_id = _run(ledger, lines=2)
+    join_run(ledger, run_id, "elsewhere:1:a", 4)
+    join_run(ledger, run_id, "elsewhere:2:b", 4)  # seen just now: alive, for all a can tell
+    with ledger.transaction() as tx:
+        tx.conn.execute("UPDATE requests SET state = 'failed' WHERE run_id = ?", (run_id,))
+    assert leave_run(ledger, run_id, "elsewhere:1:a", (0, 0, 0))

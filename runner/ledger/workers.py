@@ -250,9 +250,9 @@ def others_unfinished(tx: Tx, run_id: str, worker_id: str) -> int:
 def leave_run(
     ledger: Ledger, run_id: str, worker_id: str, counts: tuple[int, int, int], *, forget: bool = False
 ) -> bool:
-    """The worker stops: its unsent claims go back to the pool; True when it was the run's last
-    live worker (the one that finishes the run). `forget`: it sent nothing (a reconciliation held
-    the run): its row goes."""
+    """The worker stops: its unsent claims go back to the pool; True when it finishes the run: it
+    was the run's last live worker, or the run has nothing left to send. `forget`: it sent nothing
+    (a reconciliation held the run): its row goes."""
     with ledger.transaction() as tx:
         if forget:
             tx.conn.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
@@ -266,7 +266,13 @@ def leave_run(
             (tx.now, tx.now, *counts, worker_id),
         )
         take_over_lapsed(tx, run_id, worker_id)
-        return not _live_others(tx, run_id, worker_id)
+        (unfinished,) = tx.conn.execute(
+            f"SELECT count(*) FROM requests WHERE run_id = ? AND state IN {UNFINISHED}",  # noqa: S608
+            (run_id,),
+        ).fetchone()
+        # nothing left to send: this worker finishes the run even if another one has not left yet
+        # (it may have died after its last request, on a host where that is not seen at once)
+        return not unfinished or not _live_others(tx, run_id, worker_id)
 
 
 def workers(ledger: Ledger, run_id: str) -> list[WorkerView]:
