@@ -184,12 +184,10 @@ class Engine:
 
     async def _beat(self) -> None:
         """The worker's sign of life, with its counts; its share of the run's concurrency back."""
-        run_id, worker, counts = self.plan.run_id, self.worker, tuple(self.counts)
+        run_id, worker, counts = self.plan.run_id, self.worker, self.counts[:]
         concurrency, in_flight = self.options.concurrency, self.limit.in_flight
         beat = await self.writer.submit(
-            lambda db: heartbeat(
-                db, run_id, worker, (counts[0], counts[1], counts[2]), concurrency, in_flight
-            )
+            lambda db: heartbeat(db, run_id, worker, counts, concurrency, in_flight)
         )
         if not beat.alive:
             self.stop(

@@ -100,7 +100,7 @@ async def run_job(
                 await recover(ledger, run_id, retry_possibly_billed=False, worker=owner)
     finally:  # its claims go back to the pool; the run's last worker finishes the run
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            counts = (0, 0, 0) if engine is None else (engine.counts[0], engine.counts[1], engine.counts[2])
+            counts = [0, 0, 0] if engine is None else engine.counts
             last = await anyio.to_thread.run_sync(leave_run, ledger, run_id, owner, counts)
     assert engine is not None
     with anyio.CancelScope(shield=True):  # lines identical to one answered now

@@ -570,20 +570,6 @@ class Ledger:
         )
         return {row[1]: RequestRow(*row) for row in self._select_in(sql, custom_ids, run_id)}
 
-    def interrupted_attempts(self, run_id: str) -> list[tuple[int, int]]:
-        """(request id, attempt number) of what a killed process left `sending`: outcomes unknown."""
-        sql = "SELECT id, attempts FROM requests WHERE run_id = ? AND state = 'sending'"
-        with self.db.reading() as c:
-            return [(int(row[0]), int(row[1])) for row in c.execute(sql, (run_id,))]
-
-    def stale_reservations(self, run_id: str) -> list[int]:
-        """Reserved but never sent by a process that died: safe to release."""
-        return self._ids_in_state(run_id, "reserved")
-
-    def _ids_in_state(self, run_id: str, state: str) -> list[int]:
-        with self.db.reading() as c:
-            return [int(row[0]) for row in c.execute(IDS_IN_STATE, (run_id, state))]
-
     def pending_quote_nanos(self, run_id: str) -> int:
         query = "SELECT coalesce(sum(quote_nanos), 0) FROM requests WHERE run_id = ? AND state = 'pending'"
         with self.db.reading() as c:

@@ -23,6 +23,7 @@ import math
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -158,7 +159,7 @@ def _share(concurrency: int, others: list[tuple[str, int]], worker_id: str) -> i
 
 
 def heartbeat(
-    tx: Tx, run_id: str, worker_id: str, counts: tuple[int, int, int], concurrency: int, in_flight: int
+    tx: Tx, run_id: str, worker_id: str, counts: Sequence[int], concurrency: int, in_flight: int
 ) -> Beat:
     """The worker's sign of life with its counts (sent, ok, failed); its share of the concurrency is
     worked out again (workers join and leave). Not alive when the others took it for gone."""
@@ -192,7 +193,7 @@ def take_over_lapsed(tx: Tx, run_id: str, worker_id: str, stale_after_s: float =
         "SELECT id, seen_at FROM workers WHERE run_id = ? AND state = 'running' AND id != ?",
         (run_id, worker_id),
     ).fetchall()
-    gone = [str(w) for w, seen in rows if not owner_alive(str(w), _time(seen), stale_after_s)]
+    gone = [str(w) for w, seen in rows if not owner_alive(str(w), parse_time(seen), stale_after_s)]
     for lapsed in gone:
         recover_rows(tx, run_id, lapsed)
         tx.conn.execute(
@@ -202,10 +203,6 @@ def take_over_lapsed(tx: Tx, run_id: str, worker_id: str, stale_after_s: float =
         )
         tx.conn.execute("UPDATE workers SET state = 'gone', finished_at = ? WHERE id = ?", (tx.now, lapsed))
     return gone
-
-
-def _time(value: object) -> datetime | None:
-    return value if isinstance(value, datetime) else parse_time(None if value is None else str(value))
 
 
 def claim_chunk(tx: Tx, run_id: str, worker_id: str, size: int) -> int:
@@ -248,7 +245,7 @@ def others_unfinished(tx: Tx, run_id: str, worker_id: str) -> int:
 
 
 def leave_run(
-    ledger: Ledger, run_id: str, worker_id: str, counts: tuple[int, int, int], *, forget: bool = False
+    ledger: Ledger, run_id: str, worker_id: str, counts: Sequence[int], *, forget: bool = False
 ) -> bool:
     """The worker stops: its unsent claims go back to the pool; True when it finishes the run: it
     was the run's last live worker, or the run has nothing left to send. `forget`: it sent nothing
@@ -283,7 +280,17 @@ def workers(ledger: Ledger, run_id: str) -> list[WorkerView]:
         ).fetchall()
     return [
         WorkerView(
-            str(w), str(h), int(p), str(s), _time(a), _time(b), _time(c_), int(n), int(o), int(f), int(sl)
+            str(w),
+            str(h),
+            int(p),
+            str(s),
+            parse_time(a),
+            parse_time(b),
+            parse_time(c_),
+            int(n),
+            int(o),
+            int(f),
+            int(sl),
         )
         for w, h, p, s, a, b, c_, n, o, f, sl in rows
     ]
