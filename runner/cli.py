@@ -739,7 +739,7 @@ def _reconcile_one(ledger: Ledger, info: RunView, timeouts: http.Timeouts, *, al
     settings = _settings(name, base_url, None, sim_pricing, 8, timeouts)
     worker = worker_name()
     # not while workers send it; joining alone recovers what a crash left in flight
-    if not join_run(ledger, info.id, worker, 0).alone:
+    if not join_run(ledger, info.id, worker, 0, to_send=False).alone:
         leave_run(ledger, info.id, worker, (0, 0, 0), forget=True)
         msg = f"run {info.id} is being sent by other workers; reconcile it once they have finished"
         raise RunBusy(msg, owner="other workers")

@@ -571,6 +571,9 @@ def test_after_a_kill_reconcile_resolves_every_possibly_billed_request_from_the_
     assert ledger.budget("night").spent_nanos == int(sim.stats()["charged_nanos"])
     assert sim.charges() == 200  # each request charged once
     assert not ledger_holds(db, KEY)
+    again = run_cli(db, "reconcile", "--json")  # a finished run reconciled: it stays as it was
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert ledger.runs()[0].state == "done"
 
 
 def test_a_provider_that_shows_a_balance_only_is_reconciled_by_its_movement(

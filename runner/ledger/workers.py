@@ -103,9 +103,12 @@ def _params(run_id: str, state: str, worker_id: str | None) -> tuple[str, ...]:
     return (run_id, state) if worker_id is None else (run_id, state, worker_id)
 
 
-def join_run(ledger: Ledger, run_id: str, worker_id: str, concurrency: int) -> Joined:
+def join_run(
+    ledger: Ledger, run_id: str, worker_id: str, concurrency: int, *, to_send: bool = True
+) -> Joined:
     """Register `worker_id` on the run. The first live worker starts a session: what earlier
-    processes left is recovered, every claim and the chunk counter start afresh."""
+    processes left is recovered, every claim and the chunk counter start afresh, and the run is
+    `running` again. Not `to_send` (a reconciliation holding the run): only the recovery."""
     host, pid = _host_pid(worker_id)
     with ledger.transaction() as tx:
         taken = take_over_lapsed(tx, run_id, worker_id)
@@ -113,6 +116,7 @@ def join_run(ledger: Ledger, run_id: str, worker_id: str, concurrency: int) -> J
         alone = not others
         if alone:
             recover_rows(tx, run_id)
+        if alone and to_send:
             tx.conn.execute(
                 f"UPDATE requests SET worker_id = NULL WHERE run_id = ? AND state IN {UNFINISHED}",  # noqa: S608
                 (run_id,),
@@ -138,19 +142,19 @@ def _host_pid(worker_id: str) -> tuple[str, int]:
 
 
 def _live_others(tx: Tx, run_id: str, worker_id: str) -> list[tuple[str, int]]:
-    """(id, slots) of the run's other running workers, in the order they joined."""
+    """(id, slots) of the run's other running workers."""
     rows = tx.conn.execute(
-        "SELECT id, slots FROM workers WHERE run_id = ? AND state = 'running' AND id != ?"
-        " ORDER BY started_at, id",
+        "SELECT id, slots FROM workers WHERE run_id = ? AND state = 'running' AND id != ?",
         (run_id, worker_id),
     ).fetchall()
     return [(str(w), int(s)) for w, s in rows]
 
 
 def _share(concurrency: int, others: list[tuple[str, int]], worker_id: str) -> int:
-    """This worker's share of the run's concurrency: an even split (the earliest workers take the
-    remainder), and never more than the others leave (their recorded slots include their requests
-    still in flight), so the run as a whole never exceeds `concurrency`."""
+    """This worker's share of the run's concurrency: an even split (the remainder to the first
+    workers by id, so that each works out the same split), and never more than the others leave
+    (their recorded slots include their requests still in flight), so the run as a whole never
+    exceeds `concurrency`."""
     order = sorted([*(w for w, _ in others), worker_id])
     count = len(order)
     fair = concurrency // count + (1 if order.index(worker_id) < concurrency % count else 0)
