@@ -37,7 +37,7 @@ class RunResult:
     spent_nanos: int
     estimate: Estimate
     resumable: bool = True  # False when running the same command again cannot finish the run
-    last: bool = True  # this worker was the run's last: it finished the run (others may still send it)
+    last: bool = True  # this worker finished the run (False: it left while others still send it)
 
 
 async def run_job(
