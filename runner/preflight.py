@@ -17,7 +17,15 @@ import anyio
 
 from runner.catalog import ModelInfo
 from runner.connect import Connection
-from runner.errors import BudgetExceeded, ConfigError, JobChanged, RunBusy, RunnerError, Unpriced
+from runner.errors import (
+    BudgetExceeded,
+    BudgetLimitTooLow,
+    ConfigError,
+    JobChanged,
+    RunBusy,
+    RunnerError,
+    Unpriced,
+)
 from runner.events import Listener, Notice, Phase
 from runner.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
 from runner.ledger import Ledger
@@ -197,6 +205,8 @@ async def _find_or_make(
         on_event(Notice(f"run {existing} of {job} is finished; a new run starts under budget '{budget}'"))
         existing, complete = None, False
     budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
+    if existing and max_usd is not None:
+        await _apply_max_usd(ledger, existing, budget_id, max_usd, on_event)
     run_id = existing or uuid.uuid4().hex[:12]
     if not existing:  # its rows are made as the quotes come: one pass over the job for both
         create = functools.partial(ledger.create_run, owner=owner, state="preparing", join=not new)
@@ -207,6 +217,8 @@ async def _find_or_make(
                 msg = f"run {other}, which this worker was to join, was left while it was prepared; run again"
                 raise RunBusy(msg, owner="another process")
             budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, None)
+            if max_usd is not None:
+                await _apply_max_usd(ledger, existing, budget_id, max_usd, on_event)
             run_id = existing
     return existing, complete, run_id, budget_id
 
@@ -275,10 +287,16 @@ async def prepare(
             raise _unpriced(estimate, checked.summary.requests)
         fit, shortfall = fits_nanos(needed, view.remaining_nanos)
         if not fit and not partial:
+            ephemeral = await anyio.to_thread.run_sync(ledger.budget_ephemeral, budget_id)
+            more = (
+                f"give --max-usd at least {format_usd(view.limit_nanos + to_nanos(shortfall))}"
+                if ephemeral
+                else f"raise it (`runner budget raise {view.name} --by {shortfall}`)"
+            )
             msg = (
                 f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
                 f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
-                "raise the budget, or run what fits with --partial"
+                f"{more}, or run what fits with --partial"
             )
             raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
     except BaseException as exc:
@@ -435,6 +453,36 @@ async def _quote(
 
 def fits_nanos(needed: int, remaining: int) -> tuple[bool, Decimal]:
     return needed <= remaining, from_nanos(max(0, needed - remaining))
+
+
+async def _apply_max_usd(
+    ledger: Ledger, run_id: str, budget_id: int, max_usd: Decimal, on_event: Listener
+) -> None:
+    """--max-usd given for a run that exists (resumed or joined): it is that run's own limit, so the
+    run's budget takes it (after a budget stop, the same command with a higher --max-usd goes on).
+    A run held against a named budget is not changed by it: that budget may be shared."""
+    view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
+    if not await anyio.to_thread.run_sync(ledger.budget_ephemeral, budget_id):
+        msg = (
+            f"run {run_id} is held against budget '{view.name}', which --max-usd does not change: "
+            f"raise it with `runner budget raise {view.name} --to USD`, or start a new run with --new"
+        )
+        raise ConfigError(msg)
+    limit = to_nanos(max_usd)
+    if limit == view.limit_nanos:
+        return
+    try:
+        await anyio.to_thread.run_sync(ledger.set_limit, view.name, limit)
+    except BudgetLimitTooLow:
+        held = view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos
+        msg = (
+            f"--max-usd {max_usd} is below what run {run_id} has already spent and holds "
+            f"({format_usd(held)}); give at least that"
+        )
+        raise ConfigError(msg) from None
+    on_event(
+        Notice(f"run {run_id}: its limit is now {format_usd(limit)} (was {format_usd(view.limit_nanos)})")
+    )
 
 
 def _budget_for(ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None) -> int:

@@ -31,7 +31,7 @@ from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
 from runner.ledger.workers import workers
 from runner.models import Quote
-from runner.money import from_nanos, to_nanos
+from runner.money import format_usd, from_nanos, to_nanos
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
 from runner.run import RunResult, run_job
@@ -814,6 +814,41 @@ def test_a_finished_job_run_again_under_another_budget_is_a_new_run(
     assert again.exit_code == 0, again.output
     assert "is finished; a new run starts under budget 'second'" in again.output
     assert [r.states for r in Ledger().runs()] == [{"ok": 4}, {"ok": 4}]
+
+
+def test_a_run_stopped_at_its_max_usd_goes_on_with_a_higher_one(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    job = write_job(job_lines(8))
+    env = {"ORTHOGONAL_API_KEY": "k"}
+    base = ["--provider", "orthogonal", "--base-url", sim.base_url]
+    quoted = cli.invoke(app, ["estimate", str(job), *base, "--json"], env=env)
+    total = Decimal(json.loads(quoted.output)["total_usd"])
+    half = (total / 2).quantize(Decimal("0.000000001"))
+    refused = _cli_run(sim, job, "--max-usd", str(half))
+    assert refused.exit_code == 3
+    assert f"give --max-usd at least {format_usd(to_nanos(total))}" in refused.output
+    first = _cli_run(sim, job, "--max-usd", str(half), "--partial")
+    assert first.exit_code == 4 and "budget reached" in first.output
+    run = Ledger().runs()[0]
+    sent = run.states["ok"]
+    assert 0 < sent < 8
+    low = _cli_run(sim, job, "--max-usd", "0.000000001")
+    assert low.exit_code == 2 and "below what run" in low.output
+    again = _cli_run(sim, job, "--max-usd", str(total))
+    assert again.exit_code == 0, again.output
+    assert f"run {run.id}: its limit is now {format_usd(to_nanos(total))}" in again.output
+    assert Ledger().run(run.id).states == {"ok": 8}
+    assert len(Ledger().runs()) == 1  # the same run went on
+    assert sim.books.stats()["counters"]["run.call"] == 8  # nothing sent twice
+
+    # a run held against a named budget: --max-usd does not quietly change (or ignore) it
+    other = write_job(job_lines(4), "named.jsonl")
+    assert cli.invoke(app, ["budget", "create", "team", "--limit", str(half / 2)]).exit_code == 0
+    # (--cache off: these lines were answered above, and would be copied at no cost)
+    assert _cli_run(sim, other, "--budget", "team", "--partial", "--cache", "off").exit_code == 4
+    named = _cli_run(sim, other, "--max-usd", "1", "--cache", "off")
+    assert named.exit_code == 2 and "runner budget raise team --to USD" in named.output
 
 
 def test_json_documents_parse_and_carry_money_as_decimal_strings(write_job: Callable[..., Path]) -> None:

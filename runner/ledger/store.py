@@ -217,6 +217,12 @@ class Ledger:
             raise LedgerError(msg)
         return BudgetView(*row)
 
+    def budget_ephemeral(self, budget_id: int) -> bool:
+        """Whether the budget was made by --max-usd for one run (not a named, shared one)."""
+        with self.db.reading() as c:
+            row = c.execute("SELECT ephemeral FROM budgets WHERE id = ?", (budget_id,)).fetchone()
+        return bool(row and row[0])
+
     def budgets(self, *, include_ephemeral: bool = False) -> list[BudgetView]:
         where = "" if include_ephemeral else " WHERE NOT ephemeral"
         with self.db.reading() as c:
