@@ -213,11 +213,14 @@ def main() -> None:
                 whole_ratio, cpu = whole_rate / loop_rate, runner["cpu_s"]
                 high = parse_latency(args.dry_run_latency)
                 ideal = n * (high[1] if high[0] == "fixed" else (high[1] + high[2]) / 2) / c
-                print(
-                    f"  runner, pre-flight   {runner['preflight_s']:8.1f} s      = "
-                    f"{runner['preflight_s'] / ideal if ideal else 0:.2f} x N x dry-run latency / concurrency"
-                    + (f", {runner['preflight_s'] / dry_s:.2f} x the dry-run loop" if dry else "")
-                )
+                if dry:
+                    print(
+                        f"  runner, pre-flight   {runner['preflight_s']:8.1f} s      = "
+                        f"{runner['preflight_s'] / ideal:.2f} x N x dry-run latency / concurrency, "
+                        f"{runner['preflight_s'] / dry_s:.2f} x the dry-run loop"
+                    )
+                else:  # quotes from the price table: no dry runs, no network
+                    print(f"  runner, pre-flight   {runner['preflight_s']:8.1f} s      (price table)")
                 print(
                     f"  runner, whole command{whole_rate:8,.0f} req/s  = {whole_ratio:.2f} x the loop"
                     f"  ({runner['whole_s']:.1f} s)"
