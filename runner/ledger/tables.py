@@ -58,7 +58,7 @@ class Request(SQLModel, table=True):
         UniqueConstraint("run_id", "custom_id"),
         Index("ix_requests_run_state", "run_id", "state"),
         Index("ix_requests_run_line", "run_id", "line"),  # exports page through a run in line order
-        Index("ix_requests_answer", "answer_key", "state"),  # answers reused across runs
+        Index("ix_requests_answer_key", "answer_key"),  # answers reused across runs and lines
     )
 
     id: int | None = Field(default=None, primary_key=True)
