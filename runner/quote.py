@@ -218,7 +218,9 @@ async def quote_requests(
         reuse: list[Reuse | None] = [None] * len(part)
         if answers is not None:
             reuse = await anyio.to_thread.run_sync(answers.decide, part)
-        cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys)
+        # quotes from a price table are made again each time (cheaply): kept, they would outlive an
+        # edit of the price file; only the provider's dry runs are worth keeping
+        cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys) if provider.dry_runs else {}
         # identical bodies (same model, same request) are asked once: the key names the body;
         # a request answered by an earlier run is not asked at all
         missing = {
@@ -249,7 +251,7 @@ async def quote_requests(
                 tg.start_soon(asker.work)
             async with receive:
                 async for chunk in receive:
-                    await _finish(chunk, ledger, estimate, on_event, on_chunk)
+                    await _finish(chunk, ledger if provider.dry_runs else None, estimate, on_event, on_chunk)
     except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
         first = group.exceptions[0]
         msg = f"the provider refused the dry runs, nothing was sent: {first}"
@@ -317,13 +319,29 @@ class _Asker:
 
 async def _finish(
     chunk: _Chunk,
-    ledger: Ledger,
+    ledger: Ledger | None,
     estimate: Estimate,
     on_event: Listener,
     on_chunk: OnChunk | None,
 ) -> None:
-    """A chunk whose quotes are all in: kept in the ledger's cache, handed on, counted."""
+    """A chunk whose quotes are all in: kept in the ledger's cache (when given one), handed on,
+    counted."""
     await chunk.done.wait()
+    if ledger is not None:
+        await _keep(chunk, ledger)
+    quotes = [
+        REUSED if u is not None and u.source is not None else chunk.quotes[key]
+        for key, u in zip(chunk.keys, chunk.reuse, strict=True)
+    ]
+    if on_chunk is not None:
+        await on_chunk(chunk.requests, quotes, chunk.reuse)
+    for key, request, quote, reuse in zip(chunk.keys, chunk.requests, quotes, chunk.reuse, strict=True):
+        estimate.add(request, quote, reuse)
+        cached = key in chunk.cached or reuse is not None
+        on_event(Quoted(request.custom_id, cached=cached, known=quote.known))
+
+
+async def _keep(chunk: _Chunk, ledger: Ledger) -> None:
     fresh = [
         {
             "key": k,
@@ -336,16 +354,6 @@ async def _finish(
         if (q := chunk.quotes[k]).amount is not None  # unknown quotes are asked again next time
     ]
     await anyio.to_thread.run_sync(ledger.store_quotes, fresh)
-    quotes = [
-        REUSED if u is not None and u.source is not None else chunk.quotes[key]
-        for key, u in zip(chunk.keys, chunk.reuse, strict=True)
-    ]
-    if on_chunk is not None:
-        await on_chunk(chunk.requests, quotes, chunk.reuse)
-    for key, request, quote, reuse in zip(chunk.keys, chunk.requests, quotes, chunk.reuse, strict=True):
-        estimate.add(request, quote, reuse)
-        cached = key in chunk.cached or reuse is not None
-        on_event(Quoted(request.custom_id, cached=cached, known=quote.known))
 
 
 def fits(estimate: Estimate, remaining_nanos: int) -> tuple[bool, Decimal]:

@@ -3,6 +3,7 @@ prices, a quote no charge can exceed, and what happens when a price file is wron
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
@@ -160,3 +161,23 @@ async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_lim
     view = ledger.budget_by_id(ledger.run(result.run_id).budget_id)
     assert result.states["ok"] == 5  # $0.10 each: the sixth reservation no longer fits
     assert view.spent_nanos == 5 * 100_001_000 and view.remaining_nanos == 0 and view.overspent_nanos > 0
+
+
+def test_an_edited_price_file_prices_the_next_estimate_and_run(tmp_path: Path) -> None:
+    """Quotes from a price table are not kept in the ledger's quote cache: a cached quote would
+    outlive a corrected price file, and the budget would be held at the old prices."""
+    job = tmp_path / "job.jsonl"
+    line = '{"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}\n'
+    job.write_text(line)
+    prices = tmp_path / "prices.toml"
+    cli = CliRunner()
+    args = ["estimate", str(job), "--provider", "openai", "--base-url", "http://127.0.0.1:9/v1"]
+    totals = []
+    for price in ("1", "10"):
+        prices.write_text(f"[models.m]\ninput = {price}\noutput = {price}\n")
+        done = cli.invoke(app, [*args, "--price-file", str(prices), "--json"], env={"OPENAI_API_KEY": "k"})
+        assert done.exit_code == 0, done.output
+        totals.append(Decimal(json.loads(done.output)["total_usd"]))
+    assert totals[1] == 10 * totals[0] > 0
+    with Ledger().reading() as c:
+        assert c.execute("SELECT count(*) FROM quotes").fetchone()[0] == 0
