@@ -58,6 +58,9 @@ ATTEMPT = (
 )
 
 
+_UPDATES: dict[tuple[str, ...], str] = {}  # request UPDATEs by (their columns..., their condition)
+
+
 class Tx:
     """The ledger's history rows (budget entries, attempts) are written at the end of the
     transaction, each table in one statement (`flush`): nothing reads them in the transaction that
@@ -114,9 +117,12 @@ class Tx:
     def update_request(self, request_id: int, values: dict[str, Any], where: str = "", *args: Any) -> bool:
         """Set `values` on the request (only if `where`, SQL on its columns with `args`, holds);
         whether it was updated."""
-        names = ", ".join(f"{name} = ?" for name in values)
+        shape = (*values, where)
+        sql = _UPDATES.get(shape)
+        if sql is None:  # a few shapes, each made once (a settlement names 18 columns)
+            names = ", ".join(f"{name} = ?" for name in values)
+            sql = _UPDATES[shape] = f"UPDATE requests SET {names} WHERE id = ?{where}"  # noqa: S608
         params = [self.now if v is NOW else v for v in values.values()]
-        sql = f"UPDATE requests SET {names} WHERE id = ?{where}"  # noqa: S608 - our names
         return bool(self.conn.execute(sql, (*params, request_id, *args)).rowcount)
 
     def entry(self, kind: str, amount: int, hold: Hold, request_id: int | None) -> None:
