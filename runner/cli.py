@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shlex
@@ -51,6 +50,7 @@ from runner.console import (
     runs_table,
     summary_json,
     text_table,
+    tune_collector,
     usd,
     worker_json,
     workers_table,
@@ -941,15 +941,6 @@ def simulator(
         run_async(serve_forever)
 
 
-# Python's cycle collector looks at its youngest objects after every 700 new ones by default. With
-# thousands of calls in flight, each making dozens of short-lived objects, that is a collection every
-# few requests, and a fifth of the command's CPU (benchmarks/latency.py, 20,000 calls at 2,000 in
-# flight: 12.8 s of CPU with the default, 10.6 s with 10,000). The older generations keep their
-# defaults, so cyclic garbage is still reclaimed, a little later.
-GC_YOUNGEST = 10_000
-
-
 def main() -> None:
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNGEST, older, oldest)
+    tune_collector()
     app()

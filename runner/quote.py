@@ -211,6 +211,9 @@ async def quote_requests(
     limits = limits or Limits(concurrency)
     asker = _Asker(provider, limits, policy or http.RetryPolicy(), on_event, estimate)
     ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency
+    # the ledger keeps the provider's dry runs; quotes from a price table are made again each time
+    # (cheaply): kept, they would outlive an edit of the price file
+    kept = ledger if provider.dry_runs else None
 
     async def read(part: list[ChatRequest]) -> tuple[_Chunk, dict[str, ChatRequest]]:
         """A chunk, and the requests of it that need a dry run (by quote key)."""
@@ -218,9 +221,7 @@ async def quote_requests(
         reuse: list[Reuse | None] = [None] * len(part)
         if answers is not None:
             reuse = await anyio.to_thread.run_sync(answers.decide, part)
-        # quotes from a price table are made again each time (cheaply): kept, they would outlive an
-        # edit of the price file; only the provider's dry runs are worth keeping
-        cached = await anyio.to_thread.run_sync(ledger.cached_quotes, keys) if provider.dry_runs else {}
+        cached = await anyio.to_thread.run_sync(kept.cached_quotes, keys) if kept is not None else {}
         # identical bodies (same model, same request) are asked once: the key names the body;
         # a request answered by an earlier run is not asked at all
         missing = {
@@ -251,7 +252,7 @@ async def quote_requests(
                 tg.start_soon(asker.work)
             async with receive:
                 async for chunk in receive:
-                    await _finish(chunk, ledger if provider.dry_runs else None, estimate, on_event, on_chunk)
+                    await _finish(chunk, kept, estimate, on_event, on_chunk)
     except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
         first = group.exceptions[0]
         msg = f"the provider refused the dry runs, nothing was sent: {first}"
