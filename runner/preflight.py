@@ -34,7 +34,7 @@ from runner.ledger.workers import join_run, leave_run, recover_rows, touch_worke
 from runner.limits import Limits
 from runner.models import ChatRequest, Quote
 from runner.money import format_usd, from_nanos, to_nanos
-from runner.quote import Estimate, Reuse, cache_key, quote_requests
+from runner.quote import QUOTE_MAX_AGE, Estimate, Reuse, cache_key, quote_requests
 
 BATCH = 500
 OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
@@ -442,6 +442,8 @@ async def _quote(
         on_chunk=add_rows if preparing else None,
         limits=limits,
         cache=cache,
+        # a run that exists holds the quotes its rows were made with; its kept quotes are only shown
+        quote_max_age=QUOTE_MAX_AGE if preparing else None,
     )
     if digest is not None and digest.hexdigest() != summary.digest:
         msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"

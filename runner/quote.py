@@ -6,6 +6,7 @@ import sqlite3
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import islice
 
@@ -23,6 +24,9 @@ from runner.providers.base import Provider
 from runner.retry import first_wait, retrying
 
 BATCH = 1000
+# a dry run's price is reused this long: a provider's prices change, and a job quoted again next
+# week is quoted at next week's prices (a run's rows keep the quotes it was prepared with)
+QUOTE_MAX_AGE = timedelta(days=1)
 # what is done with each chunk of requests and their quotes (and how each is answered), in file order
 OnChunk = Callable[[list[ChatRequest], list[Quote], list["Reuse | None"]], Awaitable[None]]
 
@@ -194,10 +198,12 @@ async def quote_requests(
     on_event: Listener = ignore,
     on_chunk: OnChunk | None = None,
     cache: str = "off",
+    quote_max_age: timedelta | None = QUOTE_MAX_AGE,
 ) -> Estimate:
-    """Quote every request (cached quotes reused, identical bodies asked once), store new quotes,
-    and total them per model. With `cache` (see `Answers`), a request answered in an earlier run
-    needs no dry run, and it and any line identical to an earlier one are counted apart.
+    """Quote every request (kept quotes younger than `quote_max_age` reused, identical bodies asked
+    once), store new quotes, and total them per model. With `cache` (see `Answers`), a request
+    answered in an earlier run needs no dry run, and it and any line identical to an earlier one are
+    counted apart.
 
     The dry runs are a pipeline: chunks are read ahead and their dry runs started while earlier
     chunks finish, so the network is kept busy at the concurrency; `on_chunk` still gets each chunk
@@ -214,6 +220,7 @@ async def quote_requests(
     # the ledger keeps the provider's dry runs; quotes from a price table are made again each time
     # (cheaply): kept, they would outlive an edit of the price file
     kept = ledger if provider.dry_runs else None
+    since = None if quote_max_age is None else datetime.now(UTC) - quote_max_age
 
     async def read(part: list[ChatRequest]) -> tuple[_Chunk, dict[str, ChatRequest]]:
         """A chunk, and the requests of it that need a dry run (by quote key)."""
@@ -221,7 +228,11 @@ async def quote_requests(
         reuse: list[Reuse | None] = [None] * len(part)
         if answers is not None:
             reuse = await anyio.to_thread.run_sync(answers.decide, part)
-        cached = await anyio.to_thread.run_sync(kept.cached_quotes, keys) if kept is not None else {}
+        cached = (
+            {}
+            if kept is None
+            else await anyio.to_thread.run_sync(lambda: kept.cached_quotes(keys, since=since))
+        )
         # identical bodies (same model, same request) are asked once: the key names the body;
         # a request answered by an earlier run is not asked at all
         missing = {

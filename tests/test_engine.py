@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.http import Timeouts
 from runner.jobs import iter_requests, validate_job
 from runner.ledger import Ledger
+from runner.ledger.db import time_text, utcnow
 from runner.ledger.workers import workers
 from runner.models import Quote
 from runner.money import format_usd, from_nanos, to_nanos
@@ -135,6 +137,32 @@ async def test_second_run_resumes_and_sends_nothing(
     assert again.run_id == first.run_id or again.state == "done"
     assert sim.books.counters["run.call"] == calls
     assert sim.books.counters["run.dry_run"] == dry_runs  # quotes come from the ledger
+
+
+async def test_kept_dry_run_quotes_are_reused_for_a_day_then_asked_again(
+    sim: SimulatorThread, write_job: Callable[..., Path], ledger_url: str
+) -> None:
+    ledger = Ledger(ledger_url)
+    job = write_job(job_lines(6))
+    first = await run(sim, job, ledger)
+    assert sim.books.counters["run.dry_run"] == 6
+
+    def age_quotes(hours: int) -> None:
+        then = time_text(utcnow() - timedelta(hours=hours))
+        with ledger.transaction() as tx:
+            tx.conn.execute("UPDATE quotes SET at = ?", (then,))
+
+    age_quotes(48)  # a provider's prices may have changed since
+    again = await run(sim, job, ledger)  # the same run: its rows hold their quotes, none is asked
+    assert again.run_id == first.run_id and sim.books.counters["run.dry_run"] == 6
+    fresh = await run(sim, job, ledger, new=True, cache="refresh")  # a new run is quoted anew
+    assert fresh.run_id != first.run_id and sim.books.counters["run.dry_run"] == 12
+    age_quotes(23)  # younger than a day: reused
+    await run(sim, job, ledger, new=True, cache="refresh")
+    assert sim.books.counters["run.dry_run"] == 12
+    age_quotes(25)
+    await run(sim, job, ledger, new=True, cache="refresh")
+    assert sim.books.counters["run.dry_run"] == 18
 
 
 async def test_a_changed_line_is_a_clear_error(sim: SimulatorThread, write_job: Callable[..., Path]) -> None:

@@ -30,7 +30,7 @@ from runner.errors import (
     LedgerError,
     LedgerUnavailable,
 )
-from runner.ledger.db import open_database, parse_time, rows_as_dicts, utcnow
+from runner.ledger.db import open_database, parse_time, rows_as_dicts, time_text, utcnow
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.ledger.views import RUN_COLUMNS, BudgetView, RequestRow, RunView, Settlement
 from runner.models import Quote
@@ -337,10 +337,15 @@ class Ledger:
 
     # ---- quotes --------------------------------------------------------------------------
 
-    def cached_quotes(self, keys: Sequence[str]) -> dict[str, Quote]:
+    def cached_quotes(self, keys: Sequence[str], *, since: datetime | None = None) -> dict[str, Quote]:
+        """The kept quotes of `keys`; with `since`, only those asked at or after it."""
         found: dict[str, Quote] = {}
         sql = "SELECT key, amount_nanos, exact, source, reason FROM quotes WHERE key IN ({})"
-        for key, amount, exact, source, reason in self._select_in(sql, keys):
+        params: tuple[str, ...] = ()
+        if since is not None:
+            sql = "SELECT key, amount_nanos, exact, source, reason FROM quotes WHERE at >= ? AND key IN ({})"
+            params = (time_text(since),)
+        for key, amount, exact, source, reason in self._select_in(sql, keys, *params):
             found[key] = stored_quote(amount, bool(exact), source, reason)
         return found
 
