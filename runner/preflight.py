@@ -22,6 +22,7 @@ from runner.errors import (
     BudgetLimitTooLow,
     ConfigError,
     JobChanged,
+    LedgerError,
     RunBusy,
     RunnerError,
     Unpriced,
@@ -34,7 +35,7 @@ from runner.ledger.workers import join_run, leave_run, recover_rows, touch_worke
 from runner.limits import Limits
 from runner.models import ChatRequest, Quote
 from runner.money import format_usd, from_nanos, to_nanos
-from runner.quote import QUOTE_MAX_AGE, Estimate, Reuse, cache_key, quote_requests
+from runner.quote import QUOTE_MAX_AGE, Estimate, Reuse, quote_requests
 
 BATCH = 500
 OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
@@ -74,42 +75,21 @@ def _take(iterator: Any, size: int) -> list[ChatRequest]:
 # ---- pre-flight ---------------------------------------------------------------------------------
 
 
-async def _sync_rows(
-    ledger: Ledger,
-    job: Path,
-    run_id: str,
-    scope: str,
-    checked: Checked,
-    *,
-    creating: bool,
-) -> None:
-    """Give every line of the job its row in the run, or check that the rows still match the file.
-
-    A run's rows are written in chunks and `total` is set after the last one, so a process killed
-    half-way leaves a run with `total == 0`: resuming it finishes the rows instead of calling the
-    missing lines "new". Once a run is complete, a new or changed line is an error.
-    """
+async def _sync_rows(ledger: Ledger, job: Path, run_id: str, checked: Checked) -> None:
+    """Check that the rows of a run that exists still match the file: a new, changed or repeated
+    line is an error (a run's rows are all made, with their quotes, before it sends anything)."""
 
     def work() -> None:
-        total = 0
         iterator = iter_requests(job, checked.models, max_line=checked.max_line)
         while chunk := _take(iterator, 5000):
             rows = ledger.request_rows(run_id, [r.custom_id for r in chunk])
             missing = [r for r in chunk if r.custom_id not in rows]
             _check_unique(job, run_id, missing)
-            if missing and not creating:
+            if missing:
                 raise changed(job, missing[0], run_id, "is new")
             for r in chunk:
-                row = rows.get(r.custom_id)
-                if row is not None and row.sha256 != r.sha256:
+                if rows[r.custom_id].sha256 != r.sha256:
                     raise changed(job, r, run_id, "changed")
-            if missing:
-                cached = ledger.cached_quotes([cache_key(scope, r) for r in missing])
-                quotes = [cached.get(cache_key(scope, r)) for r in missing]
-                ledger.add_requests([_row(run_id, r, q) for r, q in zip(missing, quotes, strict=True)])
-            total += len(chunk)
-        if creating:
-            ledger.set_total(run_id, total)
 
     await anyio.to_thread.run_sync(work)
 
@@ -196,14 +176,14 @@ async def _find_or_make(
     new: bool,
     named_run: str | None,
     retry_failed: bool,
-) -> tuple[str | None, bool, str, int]:
-    """The run this worker sends: (the existing run or None, whether its rows are all made, its id,
-    its budget). A new one is made in state `preparing`, unless another worker made the job's run
-    at the same moment: that one is joined."""
-    existing, complete = await _resumable(ledger, job_key, conn.scope, new, named_run, on_event)
+) -> tuple[str | None, str, int]:
+    """The run this worker sends: (the existing run or None, its id, its budget). A new one is made
+    in state `preparing`, unless another worker made the job's run at the same moment: that one is
+    joined."""
+    existing = await _resumable(ledger, job_key, conn.scope, new, named_run, on_event)
     if existing and budget is not None and await _finished_elsewhere(ledger, existing, budget, retry_failed):
         on_event(Notice(f"run {existing} of {job} is finished; a new run starts under budget '{budget}'"))
-        existing, complete = None, False
+        existing = None
     budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
     if existing and max_usd is not None:
         await _apply_max_usd(ledger, existing, budget_id, max_usd, on_event)
@@ -212,7 +192,7 @@ async def _find_or_make(
         create = functools.partial(ledger.create_run, owner=owner, state="preparing", join=not new)
         other = await anyio.to_thread.run_sync(create, run_id, job_key, budget_id, conn.scope)
         if other is not None:  # another worker started the job's run just now: this one joins it
-            existing, complete = await _resumable(ledger, job_key, conn.scope, new, other, on_event)
+            existing = await _resumable(ledger, job_key, conn.scope, new, other, on_event)
             if existing is None:
                 msg = f"run {other}, which this worker was to join, was left while it was prepared; run again"
                 raise RunBusy(msg, owner="another process")
@@ -220,7 +200,7 @@ async def _find_or_make(
             if max_usd is not None:
                 await _apply_max_usd(ledger, existing, budget_id, max_usd, on_event)
             run_id = existing
-    return existing, complete, run_id, budget_id
+    return existing, run_id, budget_id
 
 
 async def prepare(
@@ -256,7 +236,7 @@ async def prepare(
         named_run=named_run,
         retry_failed=retry_failed,
     )
-    existing, complete, run_id, budget_id = found
+    existing, run_id, budget_id = found
     concurrency = limits.window.maximum if limits is not None else 1
     joined = await anyio.to_thread.run_sync(join_run, ledger, run_id, owner, concurrency)
     if joined.taken_over:
@@ -269,7 +249,7 @@ async def prepare(
     try:
         with claim:
             if existing:  # a resumed run's rows are checked against the file as it is
-                await _sync_rows(ledger, job, existing, conn.scope, checked, creating=not complete)
+                await _sync_rows(ledger, job, existing, checked)
                 what = "resuming" if joined.alone else "joining the workers of"
                 on_event(Notice(f"{what} run {existing} of {job} (--new starts a fresh run)"))
             preparing = run_id if not existing else None
@@ -323,10 +303,10 @@ def _unpriced(estimate: Estimate, total: int) -> Unpriced:
 
 async def _resumable(
     ledger: Ledger, job_key: str, scope: str, new: bool, run_id: str | None, on_event: Listener
-) -> tuple[str | None, bool]:
-    """The run to go on with (the one named, else the job's newest), and whether all its rows were
-    made; None for a fresh start. A run another live process is still preparing is waited for (then
-    joined); one left while it was being prepared (nothing sent yet) is discarded."""
+) -> str | None:
+    """The run to go on with (the one named, else the job's newest); None for a fresh start. A run
+    another live process is still preparing is waited for (then joined); one left while it was being
+    prepared (nothing sent yet) is discarded."""
     if run_id is not None:
         named = await anyio.to_thread.run_sync(ledger.run, run_id)
         if named.job_path != job_key or named.provider != scope:
@@ -337,15 +317,20 @@ async def _resumable(
     else:
         existing = None if new else await anyio.to_thread.run_sync(ledger.latest_run, job_key, scope)
     if existing is None:
-        return None, False
+        return None
     told = False
     while True:
         info = await anyio.to_thread.run_sync(ledger.run, existing)
-        if info.state != "preparing":
-            return existing, bool(info.total)
+        if info.state != "preparing" and info.total:
+            return existing
+        if info.state != "preparing":  # rows left half made by a version before `preparing`
+            with contextlib.suppress(LedgerError):  # it sent nothing: it starts afresh
+                await anyio.to_thread.run_sync(ledger.discard_run, existing)
+                return None
+            return existing
         if not info.owner or not owner_alive(info.owner, info.seen_at, OWNER_STALE_S):
             await anyio.to_thread.run_sync(ledger.discard_run, existing)
-            return None, False
+            return None
         if not told:
             on_event(
                 Notice(

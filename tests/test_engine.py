@@ -262,6 +262,23 @@ async def test_a_run_left_while_it_was_being_prepared_starts_afresh(
     assert sim.books.counters["run.call"] == 6
 
 
+async def test_a_run_whose_rows_an_older_version_left_half_made_starts_afresh(
+    sim: SimulatorThread, write_job: Callable[..., Path]
+) -> None:
+    """Before the `preparing` state, a run's rows were made in chunks and its total set after the
+    last one (nothing sent before): such a run, its total unset, is made again, quoted anew."""
+    ledger = Ledger()
+    job = write_job(job_lines(6))
+    ledger.create_run("old", str(job.resolve()), ledger.create_budget("b", 10**9).id, "sim")
+    made = list(iter_requests(job))[:3]
+    ledger.add_requests([runner.preflight._row("old", r, None) for r in made])  # quotes unknown
+    result = await run(sim, job, ledger)
+    assert result.state == "done" and not result.resumed
+    assert [r.id for r in ledger.runs()] == [result.run_id]
+    assert ledger.run(result.run_id).states == {"ok": 6}
+    assert sim.books.counters["run.dry_run"] == 6 and sim.books.counters["run.call"] == 6
+
+
 async def test_a_run_that_sent_requests_is_never_discarded(
     sim: SimulatorThread, write_job: Callable[..., Path]
 ) -> None:
