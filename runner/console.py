@@ -61,9 +61,12 @@ R = TypeVar("R")
 # Python's cycle collector looks at its youngest objects after every 700 new ones by default. With
 # thousands of calls in flight, each making dozens of short-lived objects, that is a collection every
 # few requests, and a fifth of the command's CPU (benchmarks/latency.py, 20,000 calls at 2,000 in
-# flight: 12.8 s of CPU with the default, 9.6 s with 10,000). The older generations keep their
-# defaults, so cyclic garbage is still reclaimed, a little later.
-GC_YOUNGEST = 10_000
+# flight: 12.8 s of CPU with the default, 9.6 s with 10,000). At 10,000 a collection still came every
+# ~100 requests and walked the objects of the calls in flight (0.6 s of the openai path's 7 s, 1.7 s
+# of the Run API's 11 s); at 50,000 those are 0.05 s and 0.65 s (`runner run` CPU 6.8-7.1 s -> 6.3-6.5 s
+# with `benchmarks/latency.py --provider openai`; the 1M-line peak RSS 226 -> 222 MB). The older
+# generations keep their defaults, so cyclic garbage (a few hundred objects a run) is still reclaimed.
+GC_YOUNGEST = 50_000
 
 
 def tune_collector() -> None:
