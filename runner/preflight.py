@@ -321,10 +321,12 @@ async def _resumable(
     told = False
     while True:
         info = await anyio.to_thread.run_sync(ledger.run, existing)
-        if info.state != "preparing" and info.total:
-            return existing
-        if info.state != "preparing":  # rows left half made by a version before `preparing`
-            with contextlib.suppress(LedgerError):  # it sent nothing: it starts afresh
+        if info.state != "preparing":
+            if info.total:
+                return existing
+            # its rows were left half made by a version before `preparing`; it sent nothing, so it
+            # starts afresh (should it have sent, it is kept, and its missing lines are named)
+            with contextlib.suppress(LedgerError):
                 await anyio.to_thread.run_sync(ledger.discard_run, existing)
                 return None
             return existing

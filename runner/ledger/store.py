@@ -340,11 +340,9 @@ class Ledger:
     def cached_quotes(self, keys: Sequence[str], *, since: datetime | None = None) -> dict[str, Quote]:
         """The kept quotes of `keys`; with `since`, only those asked at or after it."""
         found: dict[str, Quote] = {}
-        sql = "SELECT key, amount_nanos, exact, source, reason FROM quotes WHERE key IN ({})"
-        params: tuple[str, ...] = ()
-        if since is not None:
-            sql = "SELECT key, amount_nanos, exact, source, reason FROM quotes WHERE at >= ? AND key IN ({})"
-            params = (time_text(since),)
+        young = "" if since is None else "at >= ? AND "
+        sql = f"SELECT key, amount_nanos, exact, source, reason FROM quotes WHERE {young}key IN ({{}})"  # noqa: S608
+        params = () if since is None else (time_text(since),)
         for key, amount, exact, source, reason in self._select_in(sql, keys, *params):
             found[key] = stored_quote(amount, bool(exact), source, reason)
         return found
