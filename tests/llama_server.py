@@ -26,7 +26,7 @@ def gguf_file() -> Path:
 
 
 def main() -> None:
-    import xllamacpp  # noqa: PLC0415 - a test dependency of its own group
+    import xllamacpp  # noqa: PLC0415 - only the server process loads llama.cpp
 
     params = xllamacpp.CommonParams()
     params.model.path = str(gguf_file())

