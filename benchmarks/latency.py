@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from runner.console import GC_YOUNGEST
+from runner.cli.console import GC_YOUNGEST
 from runner.simulator import parse_latency
 
 MODEL = "openai/gpt-oss-120b"
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument(
         "--tuned-loops",
         action="store_true",
-        help="also time the bare loops with the collector setting `runner` uses (runner.console.GC_YOUNGEST)",
+        help="also time the bare loops with the collector setting of `runner` (cli.console.GC_YOUNGEST)",
     )
     args = parser.parse_args()
     n, c = args.requests, args.concurrency

@@ -6,7 +6,7 @@ measurement behind the choice made in runner/http.py.
 
 The server is a separate process (aiohttp, a fixed ~400-byte Run API reply after --latency seconds),
 so it does not share the clients' event loop. Compared, each with its rate and CPU seconds: a bare
-aiohttp loop (the baseline), runner.http.Endpoint (aiohttp behind runner's seam), httpx over
+aiohttp loop (the baseline), runner.providers.http.Endpoint (aiohttp behind runner's seam), httpx over
 httpx-aiohttp's transport, and with --httpx-default httpx's default transport (slow at thousands of
 connections: minutes at the defaults).
 """
@@ -25,7 +25,7 @@ import httpx
 from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
 
-from runner import http
+from runner.providers import http
 
 REPLY = json.dumps(
     {
@@ -135,7 +135,7 @@ def main() -> None:
     results: dict[str, tuple[float, float]] = {}
     try:
         results["bare aiohttp loop (baseline)"] = asyncio.run(bench_aiohttp(url, n, c))
-        results["runner.http.Endpoint (aiohttp)"] = asyncio.run(bench_endpoint(url, n, c))
+        results["runner.providers.http.Endpoint (aiohttp)"] = asyncio.run(bench_endpoint(url, n, c))
         limits = httpx.Limits(max_connections=c)
         results["httpx over httpx-aiohttp"] = asyncio.run(
             bench_httpx(url, n, c, AiohttpTransport(limits=limits))

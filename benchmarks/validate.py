@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runner.jobs import validate_job
+from runner.core.jobs import validate_job
 
 MODELS = [
     "openai/gpt-oss-120b",

@@ -1,94 +1,56 @@
-"""runner: a cost-aware batch job runner for LLM chat requests."""
+"""runner: a cost-aware batch job runner for LLM chat requests.
+
+The public names below are loaded on first use, so that importing a small part (`runner.core.money`)
+does not load the engine, the HTTP client or polars."""
 
 from __future__ import annotations
 
-import uuid
-from decimal import Decimal
-from pathlib import Path
+import importlib
+from typing import Any
 
-import anyio
-import polars as pl
-
-from runner.connect import Connection, ProviderSettings, connect
-from runner.engine import RunOptions
-from runner.export import export_jsonl, export_parquet, lazy_run
-from runner.jobs import JobSummary, read_job, validate_job
-from runner.ledger import Ledger
-from runner.models import ChatRequest, Outcome, Quote, Usage
-from runner.money import to_nanos
-from runner.quote import Estimate, quote_requests
-from runner.report import per_model, run_frame, top_errors
-from runner.run import RunResult, run_job
-from runner.sweep import Spec, load_spec
-from runner.sweep_run import cell_report, check_budget, plan_sweep, run_sweep
-
-
-async def run_simulated(job: str | Path, max_usd: str = "1.00", ledger: Ledger | None = None) -> RunResult:
-    """Run a job end to end on an in-process simulator (for notebooks and trying runner out)."""
-    async with connect(ProviderSettings(name="simulator")) as conn:
-        return await run_job(Path(job), conn=conn, ledger=ledger or Ledger(), max_usd=Decimal(max_usd))
-
-
-async def sweep(
-    spec: str | Path | Spec,
-    *,
-    conn: Connection,
-    ledger: Ledger,
-    budget: str,
-    folder: str | Path = "results",
-    options: RunOptions | None = None,
-) -> pl.DataFrame:
-    """Run a sweep (a spec, or the path of one) on a connection, under a budget of the ledger: the
-    cells priced and checked first, then run, judged and graded. Returns the result frame (one row
-    per dataset row × cell × repeat); `cell_report(frame, load_spec(path))` compares the cells."""
-    spec = spec if isinstance(spec, Spec) else load_spec(Path(spec))
-    plan = await plan_sweep(spec, Path(folder), conn, ledger)
-    check_budget(plan, ledger.budget(budget).remaining_nanos)
-    return (await run_sweep(plan, conn, ledger, budget, options or RunOptions())).frame
+_EXPORTS = {
+    "ChatRequest": "runner.core.models",
+    "Connection": "runner.providers.registry",
+    "Estimate": "runner.app.quote",
+    "JobSummary": "runner.core.jobs",
+    "Ledger": "runner.ledger",
+    "Outcome": "runner.core.models",
+    "ProviderSettings": "runner.providers.registry",
+    "Quote": "runner.core.models",
+    "RunOptions": "runner.engine.engine",
+    "RunResult": "runner.app.run",
+    "Usage": "runner.core.models",
+    "cell_report": "runner.app.sweep_run",
+    "connect": "runner.providers.registry",
+    "export_jsonl": "runner.app.export",
+    "export_parquet": "runner.app.export",
+    "lazy_run": "runner.app.export",
+    "load_spec": "runner.app.sweep",
+    "per_model": "runner.app.report",
+    "quote_requests": "runner.app.quote",
+    "read_job": "runner.core.jobs",
+    "run_frame": "runner.app.report",
+    "run_job": "runner.app.run",
+    "run_simulated": "runner.app.quick",
+    "sweep": "runner.app.quick",
+    "sweep_simulated": "runner.app.quick",
+    "top_errors": "runner.app.report",
+    "validate_job": "runner.core.jobs",
+}
 
 
-def sweep_simulated(
-    spec: str | Path, max_usd: str = "1.00", folder: str | Path = "results", ledger: Ledger | None = None
-) -> pl.DataFrame:
-    """A sweep end to end on an in-process simulator, from synchronous code (a notebook): its frame."""
-    book = ledger or Ledger()
-    name = book.create_budget(
-        f"sweep-{uuid.uuid4().hex[:8]}", to_nanos(Decimal(max_usd)), ephemeral=True
-    ).name
-
-    async def work() -> pl.DataFrame:
-        async with connect(ProviderSettings(name="simulator")) as conn:
-            return await sweep(spec, conn=conn, ledger=book, budget=name, folder=folder)
-
-    return anyio.run(work)
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        msg = f"module 'runner' has no attribute '{name}'"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "ChatRequest",
-    "Connection",
-    "Estimate",
-    "JobSummary",
-    "Ledger",
-    "Outcome",
-    "ProviderSettings",
-    "Quote",
-    "RunOptions",
-    "RunResult",
-    "Usage",
-    "cell_report",
-    "connect",
-    "export_jsonl",
-    "export_parquet",
-    "lazy_run",
-    "load_spec",
-    "per_model",
-    "quote_requests",
-    "read_job",
-    "run_frame",
-    "run_job",
-    "run_simulated",
-    "sweep",
-    "sweep_simulated",
-    "top_errors",
-    "validate_job",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - names provided by __getattr__

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from runner import http
+from runner.providers import http
 from runner.simulator import Books, SimulatorThread
 from tests.postgres import PostgresServer
 

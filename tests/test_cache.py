@@ -11,9 +11,9 @@ from typing import Any
 import polars as pl
 from typer.testing import CliRunner
 
-from runner.cli import app
+from runner.cli.main import app
+from runner.core.money import to_nanos
 from runner.ledger import Ledger
-from runner.money import to_nanos
 from tests.conftest import SimulatorThread
 
 cli = CliRunner()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from runner import codec
+from runner.core import codec
 
 
 @pytest.mark.parametrize(

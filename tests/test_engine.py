@@ -22,21 +22,21 @@ from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
 import runner
-from runner.cli import app
-from runner.connect import Connection
-from runner.engine import RunOptions
-from runner.errors import BudgetExceeded, JobChanged, LedgerError, LedgerUnavailable, RunBusy, Unpriced
-from runner.export import SCHEMA, export_jsonl, export_parquet, lazy_run
-from runner.http import Timeouts
-from runner.jobs import iter_requests, validate_job
+from runner.app.export import SCHEMA, export_jsonl, export_parquet, lazy_run
+from runner.app.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
+from runner.app.run import RunResult, run_job
+from runner.cli.main import app
+from runner.core.errors import BudgetExceeded, JobChanged, LedgerError, LedgerUnavailable, RunBusy, Unpriced
+from runner.core.jobs import iter_requests, validate_job
+from runner.core.models import Quote
+from runner.core.money import format_usd, from_nanos, to_nanos
+from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
 from runner.ledger.db import time_text, utcnow
 from runner.ledger.workers import workers
-from runner.models import Quote
-from runner.money import format_usd, from_nanos, to_nanos
+from runner.providers.http import Timeouts
 from runner.providers.orthogonal import OrthogonalProvider
-from runner.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
-from runner.run import RunResult, run_job
+from runner.providers.registry import Connection
 from runner.simulator import SimulatorThread
 
 cli = CliRunner()
@@ -117,7 +117,7 @@ async def test_a_run_as_a_lazy_frame_honours_filters_limits_and_columns(
 ) -> None:
     ledger = Ledger()
     result = await run(sim, write_job(job_lines(9)), ledger)
-    monkeypatch.setattr("runner.export.READ_BATCH", 2)  # limits and filters across batches
+    monkeypatch.setattr("runner.app.export.READ_BATCH", 2)  # limits and filters across batches
     lazy = lazy_run(ledger, result.run_id)
     assert lazy.collect().equals(run_frame(ledger, result.run_id))
     picked = lazy.filter(pl.col("line") % 2 == 1).select("custom_id").head(3).collect()
@@ -195,7 +195,7 @@ async def test_a_line_changed_after_the_checks_is_caught_before_it_is_sent(
         lines[4]["messages"][0]["content"] = "edited between the checks and the sends"
         write_job(lines)
 
-    monkeypatch.setattr("runner.run.note_balance", edit_after_checks)
+    monkeypatch.setattr("runner.app.run.note_balance", edit_after_checks)
     with pytest.raises(JobChanged, match=r"job.jsonl:5: custom_id 'q4' changed"):
         await run(sim, job, ledger, concurrency=1)
     rows = {r["custom_id"]: r for batch in ledger.iter_request_rows(first.run_id) for r in batch}
@@ -215,13 +215,13 @@ async def test_a_line_copied_into_the_job_during_the_run_is_sent_once(
     assert first.states == {"pending": 3}
     sent = sim.books.counters["run.call"]
     sim.books.configure({"balance": "100"})
-    recover = runner.preflight.recover
+    recover = runner.app.preflight.recover
 
     async def copy_a_line_after_the_checks(*args: Any, **kwargs: Any) -> None:
         await recover(*args, **kwargs)
         write_job([*lines, lines[1], lines[1]])
 
-    monkeypatch.setattr("runner.preflight.recover", copy_a_line_after_the_checks)
+    monkeypatch.setattr("runner.app.preflight.recover", copy_a_line_after_the_checks)
     result = await run(sim, job, ledger, concurrency=4)
     assert result.states == {"ok": 3}
     assert sim.books.counters["run.call"] - sent == 3
@@ -250,7 +250,7 @@ async def test_a_run_left_while_it_was_being_prepared_starts_afresh(
     )
     ledger.add_requests(
         [
-            runner.preflight._row("left", r, Quote(Decimal("0.000000001"), exact=True, source="dry_run"))
+            runner.app.preflight._row("left", r, Quote(Decimal("0.000000001"), exact=True, source="dry_run"))
             for r in iter_requests(job)
         ]
     )
@@ -271,7 +271,7 @@ async def test_a_run_whose_rows_an_older_version_left_half_made_starts_afresh(
     job = write_job(job_lines(6))
     ledger.create_run("old", str(job.resolve()), ledger.create_budget("b", 10**9).id, "sim")
     made = list(iter_requests(job))[:3]
-    ledger.add_requests([runner.preflight._row("old", r, None) for r in made])  # quotes unknown
+    ledger.add_requests([runner.app.preflight._row("old", r, None) for r in made])  # quotes unknown
     result = await run(sim, job, ledger)
     assert result.state == "done" and not result.resumed
     assert [r.id for r in ledger.runs()] == [result.run_id]
@@ -312,7 +312,7 @@ async def test_a_run_another_live_worker_sends_is_joined_and_its_share_taken_ove
 ) -> None:
     """A second process joins the run instead of refusing it: it leaves the live worker's claimed
     request alone (no recovery of another's requests), and takes it over once that process dies."""
-    monkeypatch.setattr("runner.engine.TAKE_OVER_EVERY_S", 0.05)
+    monkeypatch.setattr("runner.engine.engine.TAKE_OVER_EVERY_S", 0.05)
     ledger = Ledger()
     job = write_job(job_lines(6))
     sim.books.configure({"balance": "0.0000001"})
@@ -366,8 +366,8 @@ async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
 ) -> None:
     """Quoting a big job takes minutes: without touches another process would take the run at 30 s."""
     ledger = Ledger()
-    monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
-    quote = runner.preflight._quote
+    monkeypatch.setattr("runner.app.preflight.OWNER_TOUCH_S", 0.05)
+    quote = runner.app.preflight._quote
     seen: list[Any] = []
 
     async def slow_quote(*args: Any, **kwargs: Any) -> Any:
@@ -379,7 +379,7 @@ async def test_the_claim_is_kept_fresh_through_a_long_pre_flight(
             seen.append((before, c.execute("SELECT seen_at FROM runs").fetchone()[0]))
         return estimate
 
-    monkeypatch.setattr("runner.preflight._quote", slow_quote)
+    monkeypatch.setattr("runner.app.preflight._quote", slow_quote)
     result = await run(sim, write_job(job_lines(3)), ledger)
     assert result.state == "done"
     [(before, after)] = seen
@@ -395,8 +395,8 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
     first = await run(sim, job, ledger)  # stopped at once: a run to resume
     sim.books.configure({"balance": "100"})
     sent = sim.books.counters["run.call"]
-    monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
-    quote = runner.preflight._quote
+    monkeypatch.setattr("runner.app.preflight.OWNER_TOUCH_S", 0.05)
+    quote = runner.app.preflight._quote
 
     async def taken_over_meanwhile(*args: Any, **kwargs: Any) -> Any:
         estimate = await quote(*args, **kwargs)
@@ -407,7 +407,7 @@ async def test_a_run_taken_over_during_its_pre_flight_is_not_sent(
         await anyio.sleep(0.3)
         return estimate
 
-    monkeypatch.setattr("runner.preflight._quote", taken_over_meanwhile)
+    monkeypatch.setattr("runner.app.preflight._quote", taken_over_meanwhile)
     with pytest.raises(RunBusy, match="taken over"):
         await run(sim, job, ledger)
     assert sim.books.counters["run.call"] == sent
@@ -419,8 +419,8 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
     """The process that took it over discards a run still being prepared; this one's rows then have
     no run to belong to: a RunBusy, not a database error."""
     ledger = Ledger()
-    monkeypatch.setattr("runner.preflight.OWNER_TOUCH_S", 0.05)
-    quote = runner.preflight._quote
+    monkeypatch.setattr("runner.app.preflight.OWNER_TOUCH_S", 0.05)
+    quote = runner.app.preflight._quote
 
     async def taken_and_discarded(*args: Any, **kwargs: Any) -> Any:
         run_id = ledger.runs()[0].id
@@ -430,7 +430,7 @@ async def test_a_new_run_taken_over_and_discarded_while_prepared_says_so(
         ledger.discard_run(run_id)
         return await quote(*args, **kwargs)
 
-    monkeypatch.setattr("runner.preflight._quote", taken_and_discarded)
+    monkeypatch.setattr("runner.app.preflight._quote", taken_and_discarded)
     with pytest.raises(RunBusy, match="taken over"):
         await run(sim, write_job(job_lines(3)), ledger)
     assert sim.books.counters["run.call"] == 0
@@ -634,7 +634,7 @@ def test_an_export_that_fails_names_the_path_and_keeps_the_run(
     def disk_full(*args: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("runner.cli.export_parquet", disk_full)
+    monkeypatch.setattr("runner.cli.main.export_parquet", disk_full)
     out = cli.invoke(app, ["export", result.run_id, "-o", str(tmp_path / "r.parquet")])
     assert out.exit_code == 2
     assert "No space left on device" in out.output
@@ -934,10 +934,10 @@ def test_json_documents_parse_and_carry_money_as_decimal_strings(write_job: Call
 async def test_a_request_far_slower_than_the_rest_is_reported_as_stalled(
     sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from runner.events import Funds  # noqa: PLC0415
+    from runner.core.events import Funds  # noqa: PLC0415
 
-    monkeypatch.setattr("runner.engine.FUNDS_EVERY_S", 0.05)
-    monkeypatch.setattr("runner.engine.STALL_MIN_S", 0.3)
+    monkeypatch.setattr("runner.engine.engine.FUNDS_EVERY_S", 0.05)
+    monkeypatch.setattr("runner.engine.engine.STALL_MIN_S", 0.3)
     sim.books.configure({"latency": "0.02", "script": [{"fault": "stall", "match": "question q 30"}]})
     seen: list[int] = []
 

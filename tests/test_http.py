@@ -21,11 +21,11 @@ import trustme
 from aiohttp import web
 from typer.testing import CliRunner
 
-from runner import http
-from runner.cli import app
-from runner.errors import OutcomeUnknown, RequestFatalError, RunFatalError
-from runner.jobs import body_sha256
-from runner.models import ChatRequest
+from runner.cli.main import app
+from runner.core.errors import OutcomeUnknown, RequestFatalError, RunFatalError
+from runner.core.jobs import body_sha256
+from runner.core.models import ChatRequest
+from runner.providers import http
 from runner.providers.openai import OpenAIProvider
 from runner.simulator import Books, SimulatorThread
 
@@ -313,10 +313,10 @@ async def test_x_ratelimit_headers_pace_the_run_before_a_429_comes(
     import time as clock  # noqa: PLC0415
     from decimal import Decimal  # noqa: PLC0415
 
-    from runner.connect import Connection  # noqa: PLC0415
-    from runner.engine import RunOptions  # noqa: PLC0415
+    from runner.app.run import run_job  # noqa: PLC0415
+    from runner.engine.engine import RunOptions  # noqa: PLC0415
     from runner.ledger import Ledger  # noqa: PLC0415
-    from runner.run import run_job  # noqa: PLC0415
+    from runner.providers.registry import Connection  # noqa: PLC0415
 
     arrivals: list[float] = []
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from runner.cli import app
-from runner.errors import JobError
-from runner.jobs import JobChunks, JobSummary, count_lines, read_job, validate_job
-from runner.models import ChatRequest
+from runner.cli.main import app
+from runner.core.errors import JobError
+from runner.core.jobs import JobChunks, JobSummary, count_lines, read_job, validate_job
+from runner.core.models import ChatRequest
 from tests.conftest import GOOD_BODY
 
 cli = CliRunner()

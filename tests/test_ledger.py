@@ -26,11 +26,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from sqlmodel import SQLModel
 from typer.testing import CliRunner
 
-from runner.cli import app
-from runner.errors import BudgetLimitTooLow, ConfigError
+from runner.cli.main import app
+from runner.core.errors import BudgetLimitTooLow, ConfigError
 from runner.ledger import Ledger, Settlement
-from runner.ledger.db import sqlite_path
-from runner.ledger.store import head_revision, migration_engine, migrations_dir
+from runner.ledger.db import PRAGMAS, sqlite_path
+from runner.ledger.migrate import head_revision, migration_engine, migrations_dir
 
 cli = CliRunner()
 
@@ -91,7 +91,7 @@ def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -
 
 def test_autogenerate_finds_no_difference(tmp_path: Path) -> None:
     ledger = Ledger(url(tmp_path))
-    engine = migration_engine(ledger.url)
+    engine = migration_engine(ledger.url, PRAGMAS)
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
     engine.dispose()
@@ -328,7 +328,7 @@ def test_commands_on_a_migrated_ledger_do_not_load_sqlalchemy(tmp_path: Path) ->
     """SQLAlchemy and alembic take a third of a second to load: only a migration needs them."""
     Ledger(url(tmp_path))  # migrated here
     code = (
-        "import sys; from runner.cli import app; from runner.ledger import Ledger;"
+        "import sys; from runner.cli.main import app; from runner.ledger import Ledger;"
         f" ledger = Ledger({url(tmp_path)!r}); ledger.create_budget('b', 5); ledger.budget('b');"
         " print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'sqlmodel', 'alembic')))"
     )
@@ -356,7 +356,7 @@ def test_the_sql_run_at_run_time_names_only_what_the_sqlmodel_tables_declare(tmp
     prepared against a ledger migrated from them, so a column it names that they lack fails here."""
     from sqlmodel import SQLModel  # noqa: PLC0415 - the declared schema
 
-    from runner import export  # noqa: PLC0415
+    from runner.app import export  # noqa: PLC0415
     from runner.ledger import store, tables, tx  # noqa: PLC0415
 
     assert tables  # the module that declares the tables is loaded

@@ -6,8 +6,8 @@ import time
 
 import anyio
 
-from runner.limits import AdaptiveLimit, Limits
-from runner.models import ChatRequest
+from runner.core.models import ChatRequest
+from runner.providers.limits import AdaptiveLimit, Limits
 
 
 async def test_a_burst_of_429s_from_requests_in_flight_together_cuts_the_window_once() -> None:
@@ -62,8 +62,8 @@ def test_a_deadline_is_a_duration_a_time_of_day_or_a_date_and_time() -> None:
 
     import pytest  # noqa: PLC0415
 
-    from runner.engine import parse_deadline  # noqa: PLC0415
-    from runner.errors import ConfigError  # noqa: PLC0415
+    from runner.core.errors import ConfigError  # noqa: PLC0415
+    from runner.engine.engine import parse_deadline  # noqa: PLC0415
 
     now = datetime(2026, 12, 2, 22, 0).astimezone().timestamp()
     assert parse_deadline("2h30m", now) == now + 9000

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from runner.cli import app
+from runner.cli.main import app
 from runner.ledger import Ledger
 
 MODEL = "SmolLM2-135M-Instruct"  # the name tests/llama_server.py gives the model

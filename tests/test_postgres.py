@@ -10,9 +10,9 @@ from pathlib import Path
 import polars as pl
 from typer.testing import CliRunner
 
-from runner.cli import app
+from runner.cli.main import app
+from runner.core.money import to_nanos
 from runner.ledger import Ledger
-from runner.money import to_nanos
 from tests.conftest import SimulatorThread
 from tests.postgres import PostgresServer
 

@@ -15,15 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from runner import catalog, schema
-from runner.cli import app
-from runner.connect import Connection, ProviderSettings, load_prices, price_table
-from runner.engine import RunOptions
-from runner.errors import ConfigError
+from runner.app.run import run_job
+from runner.cli.main import app
+from runner.core import catalog, schema
+from runner.core.errors import ConfigError
+from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
 from runner.providers.base import table_quote
 from runner.providers.openai import OpenAIProvider
-from runner.run import run_job
+from runner.providers.registry import Connection, ProviderSettings, load_prices, price_table
 
 Serve = Callable[[web.Application], Awaitable[str]]
 

@@ -22,9 +22,9 @@ import httpx
 import polars as pl
 import pytest
 
-from runner.export import SCHEMA
+from runner.app.export import SCHEMA
+from runner.core.money import to_nanos
 from runner.ledger import Ledger
-from runner.money import to_nanos
 
 KEY = "sk-sim-process-test"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import console as cli
-from runner.events import Funds, Phase, Quoted, RequestFinished
-from runner.money import to_nanos
+from runner.cli import console as cli
+from runner.core.events import Funds, Phase, Quoted, RequestFinished
+from runner.core.money import to_nanos
 
 
 def test_status_shows_counts_rate_money_and_the_budget() -> None:
@@ -97,7 +97,7 @@ def test_at_80_columns_the_report_is_a_block_per_model_with_every_figure(tmp_pat
     from rich.console import Console  # noqa: PLC0415
     from typer.testing import CliRunner  # noqa: PLC0415
 
-    from runner.cli import app  # noqa: PLC0415
+    from runner.cli.main import app  # noqa: PLC0415
     from runner.ledger import Ledger  # noqa: PLC0415
 
     demo = Path(__file__).resolve().parent.parent / "jobs" / "demo.jsonl"

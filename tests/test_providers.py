@@ -18,19 +18,20 @@ from multidict import CIMultiDict
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from typer.testing import CliRunner
 
-from runner import catalog, http
-from runner.cli import app
-from runner.connect import Connection
-from runner.engine import RunOptions
-from runner.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
-from runner.jobs import body_sha256, read_job
+from runner.app.report import run_frame
+from runner.app.run import run_job
+from runner.cli.main import app
+from runner.core import catalog
+from runner.core.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
+from runner.core.jobs import body_sha256, read_job
+from runner.core.models import ChatRequest
+from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
-from runner.models import ChatRequest
+from runner.providers import http
 from runner.providers.base import classify, error_from_response
 from runner.providers.openai import OpenAIProvider
 from runner.providers.orthogonal import OrthogonalProvider
-from runner.report import run_frame
-from runner.run import run_job
+from runner.providers.registry import Connection
 from runner.simulator import Books, SimulatorThread
 
 KEY = "sk-test-very-secret-key-123"
@@ -480,8 +481,8 @@ async def test_dry_runs_share_the_runs_limits_where_the_provider_counts_them(sim
     own; an OpenAI-compatible endpoint's quotes are a table lookup, not paced."""
     import time  # noqa: PLC0415
 
-    from runner.limits import Limits  # noqa: PLC0415
-    from runner.quote import quote_requests  # noqa: PLC0415
+    from runner.app.quote import quote_requests  # noqa: PLC0415
+    from runner.providers.limits import Limits  # noqa: PLC0415
 
     requests = [
         chat({**BODY, "messages": [{"role": "user", "content": f"q{i}"}]}, f"r{i}") for i in range(10)
@@ -515,14 +516,14 @@ async def test_the_simulators_dry_runs_take_a_round_trip(sim: SimulatorThread) -
 
 
 def test_the_simulator_command_is_realistic_by_default() -> None:
-    from runner.cli import SIMULATED_DRY_RUN_LATENCY, SIMULATED_LATENCY  # noqa: PLC0415
+    from runner.cli.main import SIMULATED_DRY_RUN_LATENCY, SIMULATED_LATENCY  # noqa: PLC0415
     from runner.simulator import parse_latency  # noqa: PLC0415
 
     assert parse_latency(SIMULATED_DRY_RUN_LATENCY)[1] > 0 and parse_latency(SIMULATED_LATENCY)[1] >= 0.5
 
 
 async def test_identical_bodies_are_dry_run_once(sim: SimulatorThread) -> None:
-    from runner.quote import quote_requests  # noqa: PLC0415
+    from runner.app.quote import quote_requests  # noqa: PLC0415
 
     requests = [chat(BODY, f"same{i}") for i in range(12)] + [chat({**BODY, "max_tokens": 7}, "other")]
     orth, oai = providers(sim)

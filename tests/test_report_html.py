@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 import runner
-from runner import html_report
-from runner.cli import app
-from runner.export import SCHEMA
+from runner.app.export import SCHEMA
+from runner.cli import html_report
+from runner.cli.main import app
 from runner.ledger import RunView
 
 cli = CliRunner()

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from runner import schema
+from runner.core import schema
 
 BASE: dict[str, Any] = {
     "model": "deepseek-ai/DeepSeek-V3.1",

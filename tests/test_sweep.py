@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from runner.cli import app
+from runner.cli.main import app
 from runner.ledger import Ledger
 from tests.conftest import SimulatorThread
 
@@ -196,7 +196,7 @@ def test_the_python_api_returns_the_result_frame(tmp_path: Path) -> None:
 
 
 def test_rule_graders_score_an_answer() -> None:
-    from runner.sweep import Grader  # noqa: PLC0415
+    from runner.app.sweep import Grader  # noqa: PLC0415
 
     row = {"expected": "Paris"}
     assert Grader("e", "exact", {"ignore_case": True}).score(" paris\n", row) == 1.0

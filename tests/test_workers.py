@@ -7,6 +7,7 @@ import itertools
 
 import anyio
 
+from runner.core.models import ChatRequest
 from runner.ledger import Ledger, Settlement
 from runner.ledger.tx import Hold
 from runner.ledger.workers import (
@@ -19,8 +20,7 @@ from runner.ledger.workers import (
     take_units,
     workers,
 )
-from runner.limits import Limits
-from runner.models import ChatRequest
+from runner.providers.limits import Limits
 
 QUOTE = 1_000_000
 names = itertools.count()

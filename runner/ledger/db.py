@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from runner.errors import ConfigError, LedgerUnavailable
+from runner.core.errors import ConfigError, LedgerUnavailable
+from runner.ledger.migrate import migration_engine
 
 BUSY_TIMEOUT_MS = 30_000
 STORED_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how the ledger writes UTC (SQLAlchemy's DateTime on SQLite)
@@ -113,10 +114,8 @@ class Database:
         return where
 
     def migration_engine(self) -> Any:
-        """SQLAlchemy's engine on this file, for alembic (runner.ledger.store.migration_engine)."""
-        from runner.ledger.store import migration_engine  # noqa: PLC0415 - loaded only to migrate
-
-        return migration_engine(f"sqlite:///{self.path}")
+        """SQLAlchemy's engine on this file, for alembic."""
+        return migration_engine(f"sqlite:///{self.path}", PRAGMAS)
 
     def _open(self) -> sqlite3.Connection:
         # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict
 
-from runner.errors import LedgerUnavailable
+from runner.core.errors import LedgerUnavailable
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

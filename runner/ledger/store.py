@@ -19,25 +19,23 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import platformdirs
 
-from runner.errors import (
+from runner.core.errors import (
     BudgetLimitTooLow,
     BudgetNotFound,
     ConfigError,
     LedgerError,
     LedgerUnavailable,
 )
+from runner.core.models import Quote
+from runner.core.money import format_usd, from_nanos
 from runner.ledger.db import open_database, parse_time, rows_as_dicts, time_text, utcnow
+from runner.ledger.migrate import head_revision, upgrade
 from runner.ledger.tx import NOW, Hold, Tx
 from runner.ledger.views import RUN_COLUMNS, BudgetView, RequestRow, RunView, Settlement
-from runner.models import Quote
-from runner.money import format_usd, from_nanos
-
-if TYPE_CHECKING:
-    from sqlalchemy import Engine
 
 OWNER_STALE_S = 30.0  # a run's owner that has not been seen for this long is taken for gone
 BUDGET_COLUMNS = "id, name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos"
@@ -54,42 +52,10 @@ def default_url() -> str:
     return f"sqlite:///{folder / 'ledger.db'}"
 
 
-def migrations_dir() -> Path:
-    packaged = Path(__file__).resolve().parent.parent / "_migrations"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "migrations"
-
-
-def head_revision() -> str:
-    """The newest migration's revision: revisions are the numbers their files are named by, in order."""
-    return max(path.name.split("_", 1)[0] for path in (migrations_dir() / "versions").glob("[0-9]*_*.py"))
-
-
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
-
-
-def migration_engine(url: str) -> Engine:
-    """A SQLAlchemy engine on the ledger for alembic (and schema checks): the same pragmas as the
-    ledger's own connections, and BEGIN IMMEDIATE, so one process migrates at a time."""
-    from sqlalchemy import create_engine, event  # noqa: PLC0415 - loaded only to migrate
-
-    from runner.ledger.db import PRAGMAS  # noqa: PLC0415
-
-    engine = create_engine(url)
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi: Any, _record: Any) -> None:
-        dbapi.isolation_level = None  # we issue BEGIN ourselves
-        for pragma in PRAGMAS:
-            dbapi.execute(pragma)
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
 
 
 def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> bool:
@@ -134,25 +100,9 @@ class Ledger:
         self.db.close()
 
     def migrate(self) -> None:
-        """Bring the database to the newest migration. A database already there is not handed to
-        alembic at all: loading it and SQLAlchemy costs a third of a second on every command."""
-        if self.revision() == head_revision():
-            return
-        from alembic import command  # noqa: PLC0415 - imported only when there is work for it
-        from alembic.config import Config  # noqa: PLC0415
-        from sqlalchemy.exc import DBAPIError  # noqa: PLC0415
-
-        config = Config()
-        config.set_main_option("script_location", str(migrations_dir()))
-        engine = self.db.migration_engine()
-        try:
-            with engine.begin() as conn:  # BEGIN IMMEDIATE: one process migrates at a time
-                config.attributes["connection"] = conn
-                command.upgrade(config, "head")
-        except DBAPIError as exc:  # the driver's own error, as the ledger's connections raise it
-            raise exc.orig if isinstance(exc.orig, sqlite3.Error) else exc from None
-        finally:
-            engine.dispose()
+        """Bring the database to the newest migration (runner.ledger.migrate)."""
+        if self.revision() != head_revision():
+            upgrade(self.db)
 
     def revision(self) -> str | None:
         """The migration the database is at; None for a blank one."""

@@ -1,5 +1,2 @@
-"""Providers: one protocol (quote · complete · models) over the Run API and OpenAI-compatible APIs."""
-
-from runner.providers.base import Provider, classify, error_from_response
-
-__all__ = ["Provider", "classify", "error_from_response"]
+"""Providers: one module per provider, the registry that opens them by name, the HTTP client (the one
+place one is made), retries and rate limits. May import runner.core (and, lazily, runner.simulator)."""

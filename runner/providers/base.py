@@ -10,15 +10,16 @@ import re
 import time
 from typing import Any, Protocol
 
-from runner import codec, http, schema
-from runner.errors import (
+from runner.core import codec, schema
+from runner.core.errors import (
     OutcomeUnknown,
     ProviderError,
     RequestFatalError,
     RetryableError,
     RunFatalError,
 )
-from runner.models import JSON, ChatRequest, Outcome, Quote, Usage
+from runner.core.models import JSON, ChatRequest, Outcome, Quote, Usage
+from runner.providers import http
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 RUN_FATAL_STATUS = frozenset({401, 402})

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from runner import catalog, http
-from runner.catalog import ModelInfo
-from runner.models import ChatRequest, Outcome, Quote, Usage
+from runner.core import catalog
+from runner.core.catalog import ModelInfo
+from runner.core.models import ChatRequest, Outcome, Quote, Usage
+from runner.providers import http
 from runner.providers.base import (
     HttpProvider,
     outcome_from,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from runner import catalog, http
-from runner.errors import OutcomeUnknown, ProviderError, RequestFatalError
-from runner.models import JSON, ChatRequest, Outcome, Quote
-from runner.money import parse_usd
+from runner.core import catalog
+from runner.core.errors import OutcomeUnknown, ProviderError, RequestFatalError
+from runner.core.models import JSON, ChatRequest, Outcome, Quote
+from runner.core.money import parse_usd
+from runner.providers import http
 from runner.providers.base import (
     HttpProvider,
     classify,

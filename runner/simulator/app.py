@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner import catalog, schema
+from runner.core import catalog, schema
 from runner.simulator.books import Books
 from runner.simulator.fakes import Fake, generate, prompt_tokens
 

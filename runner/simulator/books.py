@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from runner import catalog, schema
-from runner.catalog import ModelInfo
-from runner.money import from_nanos, parse_usd, to_nanos
+from runner.core import catalog, schema
+from runner.core.catalog import ModelInfo
+from runner.core.money import from_nanos, parse_usd, to_nanos
 
 # Models without a published price get a stand-in in the simulator only (it is fake anyway).
 STAND_IN_PRICE = (Decimal("1.00") / catalog.PER_MILLION, Decimal("3.00") / catalog.PER_MILLION)

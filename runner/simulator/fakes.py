@@ -8,8 +8,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner import schema
-from runner.catalog import ModelInfo
+from runner.core import schema
+from runner.core.catalog import ModelInfo
 
 WORDS = [
     "simulated",

@@ -19,10 +19,10 @@ from typing import Any
 
 import polars as pl
 
-from runner import catalog, codec, schema
-from runner.catalog import ModelInfo
-from runner.errors import Issue, JobError
-from runner.models import ChatRequest
+from runner.core import catalog, codec, schema
+from runner.core.catalog import ModelInfo
+from runner.core.errors import Issue, JobError
+from runner.core.models import ChatRequest
 
 CHAT_PATH = "/v1/chat/completions"
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body", "metadata"})

@@ -22,8 +22,8 @@ from typing import Any
 
 import jsonschema
 
-from runner import catalog, codec, schema
-from runner.errors import SpecError, printable
+from runner.core import catalog, codec, schema
+from runner.core.errors import SpecError, printable
 
 SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders"})
 PROMPT_KEYS = frozenset({"system", "user", "messages"})

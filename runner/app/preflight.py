@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 
-from runner.catalog import ModelInfo
-from runner.connect import Connection
-from runner.errors import (
+from runner.app.quote import QUOTE_MAX_AGE, Estimate, Reuse, quote_requests
+from runner.core.catalog import ModelInfo
+from runner.core.errors import (
     BudgetExceeded,
     BudgetLimitTooLow,
     ConfigError,
@@ -27,17 +27,17 @@ from runner.errors import (
     RunnerError,
     Unpriced,
 )
-from runner.events import Listener, Notice, Phase
-from runner.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
+from runner.core.events import Listener, Notice, Phase
+from runner.core.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
+from runner.core.models import ChatRequest, Quote
+from runner.core.money import format_usd, from_nanos, to_nanos
+from runner.engine.plan import Plan, changed
 from runner.ledger import Ledger
 from runner.ledger.store import OWNER_STALE_S, metadata_text, owner_alive
 from runner.ledger.workers import join_run, leave_run, recover_rows, touch_worker
-from runner.limits import Limits
-from runner.models import ChatRequest, Quote
-from runner.money import format_usd, from_nanos, to_nanos
-from runner.quote import QUOTE_MAX_AGE, Estimate, Reuse, quote_requests
+from runner.providers.limits import Limits
+from runner.providers.registry import Connection
 
-BATCH = 500
 OWNER_TOUCH_S = 5.0  # well under ledger.store.OWNER_STALE_S
 PREPARING_POLL_S = 1.0  # how often a worker looks whether the run it waits for is ready
 
@@ -49,18 +49,6 @@ class Checked:
     summary: JobSummary
     models: dict[str, ModelInfo] | None
     max_line: int = MAX_LINE_BYTES
-
-
-@dataclass
-class Plan:
-    run_id: str
-    budget_id: int
-    resumed: bool
-    estimate: Estimate | None
-    owner: str  # this worker's id (workers.worker_name)
-    chunk_lines: int = BATCH  # the job's lines are claimed and read in chunks of this many
-    alone: bool = True  # no other worker was sending the run when this one joined
-    slots: int = 1  # this worker's share of the run's concurrency, to begin with
 
 
 def _take(iterator: Any, size: int) -> list[ChatRequest]:
@@ -101,14 +89,6 @@ def _check_unique(job: Path, run_id: str, requests: list[ChatRequest]) -> None:
         if request.custom_id in seen:
             raise changed(job, request, run_id, "is used twice")
         seen.add(request.custom_id)
-
-
-def changed(job: Path, request: ChatRequest, run_id: str, what: str) -> JobChanged:
-    msg = (
-        f"{job}:{request.line}: custom_id '{request.custom_id}' {what} since run {run_id} began; "
-        "restore the line, or start a fresh run with --new"
-    )
-    return JobChanged(msg)
 
 
 def _row(
@@ -221,8 +201,9 @@ async def prepare(
     named_run: str | None = None,
     limits: Limits | None = None,
     cache: str = "reuse",
-) -> Plan:
-    """The run to send (resumed or new, its rows made), quoted and checked against its budget."""
+) -> tuple[Plan, Estimate]:
+    """The run to send (resumed or new, its rows made), quoted and checked against its budget; the
+    quotes' estimate."""
     found = await _find_or_make(
         job,
         job_key,
@@ -288,7 +269,8 @@ async def prepare(
         if claim.lost and isinstance(exc, Exception) and not isinstance(exc, RunnerError):
             raise claim.busy() from None  # e.g. its rows' run was discarded by the process that took it
         raise
-    return Plan(run_id, budget_id, bool(existing), estimate, owner, alone=joined.alone, slots=joined.slots)
+    plan = Plan(run_id, budget_id, bool(existing), owner, alone=joined.alone, slots=joined.slots)
+    return plan, estimate
 
 
 def _unpriced(estimate: Estimate, total: int) -> Unpriced:

@@ -18,9 +18,23 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from runner import catalog, html_report, http, sweep_view
-from runner.connect import ProviderSettings, connect, price_table, provider_of_scope
-from runner.console import (
+from runner.app.export import export_jsonl, export_parquet
+from runner.app.quote import Estimate, fits, quote_requests
+from runner.app.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
+from runner.app.report import REPORT_NEEDS, run_frame
+from runner.app.run import RunResult, run_job
+from runner.app.sweep import load_spec
+from runner.app.sweep_run import (
+    SweepResult,
+    cell_report,
+    check_budget,
+    plan_sweep,
+    rows_that_fit,
+    run_sweep,
+    sweep_of_run,
+)
+from runner.cli import html_report, sweep_view
+from runner.cli.console import (
     ERRORS_SHOWN,
     EXIT_BOOKS_DIFFER,
     EXIT_INVALID,
@@ -55,28 +69,16 @@ from runner.console import (
     worker_json,
     workers_table,
 )
-from runner.engine import RunOptions, parse_deadline
-from runner.errors import ConfigError, RunBusy, printable
-from runner.export import export_jsonl, export_parquet
-from runner.jobs import MAX_LINE_BYTES, iter_requests, validate_job
+from runner.core import catalog
+from runner.core.errors import ConfigError, RunBusy, printable
+from runner.core.jobs import MAX_LINE_BYTES, iter_requests, validate_job
+from runner.core.money import format_usd, parse_usd, to_nanos
+from runner.engine.engine import RunOptions, parse_deadline
 from runner.ledger import Ledger, RunView
 from runner.ledger.workers import join_run, leave_run, worker_name, workers
-from runner.money import format_usd, parse_usd, to_nanos
+from runner.providers import http
 from runner.providers.orthogonal import OrthogonalProvider
-from runner.quote import Estimate, fits, quote_requests
-from runner.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
-from runner.report import REPORT_NEEDS, run_frame
-from runner.run import RunResult, run_job
-from runner.sweep import load_spec
-from runner.sweep_run import (
-    SweepResult,
-    cell_report,
-    check_budget,
-    plan_sweep,
-    rows_that_fit,
-    run_sweep,
-    sweep_of_run,
-)
+from runner.providers.registry import ProviderSettings, connect, price_table, provider_of_scope
 
 # `runner simulator` is realistic unless told otherwise: calls of a second or two, dry runs a round trip
 SIMULATED_LATENCY = "0.5-2"

@@ -15,9 +15,9 @@ from typing import Any
 
 import anyio
 
+from runner.core.money import parse_usd, to_nanos
 from runner.ledger import BudgetView, Ledger
 from runner.ledger.tx import Hold, Tx
-from runner.money import parse_usd, to_nanos
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Any
 
 import polars as pl
 
+from runner.app.report import COLUMNS, cells, per_model, top_errors
+from runner.core.money import format_usd
 from runner.ledger import RunView
-from runner.money import format_usd
-from runner.report import COLUMNS, cells, per_model, top_errors
 
 WIDTH, BAR_H, PAD = 720, 22, 8
 STYLE = """

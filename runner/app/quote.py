@@ -13,15 +13,16 @@ from itertools import islice
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from runner import http
-from runner.errors import ConfigError, ProviderError, RetryableError, RunFatalError
-from runner.events import Listener, Quoted, Retrying, ignore
+from runner.core.errors import ConfigError, ProviderError, RetryableError, RunFatalError
+from runner.core.events import Listener, Quoted, Retrying, ignore
+from runner.core.models import ChatRequest, Quote
+from runner.core.money import from_nanos
+from runner.engine.engine import CACHE_MODES
 from runner.ledger import Ledger
-from runner.limits import Limits
-from runner.models import ChatRequest, Quote
-from runner.money import from_nanos
+from runner.providers import http
 from runner.providers.base import Provider
-from runner.retry import first_wait, retrying
+from runner.providers.limits import Limits
+from runner.providers.retry import first_wait, retrying
 
 BATCH = 1000
 # a dry run's price is reused this long: a provider's prices change, and a job quoted again next
@@ -86,9 +87,6 @@ class Estimate:
         assert quote.nanos is not None
         entry.nanos += quote.nanos
         entry.exact = entry.exact and quote.exact
-
-
-CACHE_MODES = ("reuse", "refresh", "off")
 
 
 class Answers:

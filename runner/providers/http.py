@@ -40,7 +40,7 @@ import aiohttp
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-from runner import codec
+from runner.core import codec
 
 USER_AGENT = "runner"
 CONNECT_TIMEOUT_S = 10.0

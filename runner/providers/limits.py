@@ -10,9 +10,9 @@ from decimal import Decimal
 
 import anyio
 
-from runner import schema
-from runner.models import ChatRequest
-from runner.money import to_nanos
+from runner.core import schema
+from runner.core.models import ChatRequest
+from runner.core.money import to_nanos
 
 
 class AdaptiveLimit:

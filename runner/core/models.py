@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from runner import codec
-from runner.money import to_nanos
+from runner.core import codec
+from runner.core.money import to_nanos
 
 JSON = dict[str, Any]
 

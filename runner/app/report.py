@@ -6,9 +6,9 @@ from typing import Any, TypeVar
 
 import polars as pl
 
-from runner.export import frames
+from runner.app.export import frames
+from runner.core.money import format_usd
 from runner.ledger import Ledger
-from runner.money import format_usd
 
 Frame = TypeVar("Frame", pl.DataFrame, pl.LazyFrame)
 COLUMNS = (

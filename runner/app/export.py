@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 from polars.io.plugins import register_io_source
 
-from runner import codec
+from runner.core import codec
 from runner.ledger import Ledger
 
 MONEY = pl.Decimal(18, 9)

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner import catalog
-from runner.catalog import ModelInfo
-from runner.errors import ConfigError, printable
-from runner.http import Timeouts
-from runner.money import parse_usd
+from runner.core import catalog
+from runner.core.catalog import ModelInfo
+from runner.core.errors import ConfigError, printable
+from runner.core.money import parse_usd
 from runner.providers.base import Provider
+from runner.providers.http import Timeouts
 from runner.providers.openai import OpenAIProvider
 from runner.providers.orthogonal import DEFAULT_API, DEFAULT_BASE_URL, OrthogonalProvider
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import polars as pl
 
-from runner.errors import printable
-from runner.money import format_usd, from_nanos, to_nanos
-from runner.sweep import Spec
-from runner.sweep_run import SweepPlan
+from runner.app.sweep import Spec
+from runner.app.sweep_run import SweepPlan
+from runner.core.errors import printable
+from runner.core.money import format_usd, from_nanos, to_nanos
 
 
 def _money(nanos: int) -> str:

@@ -16,19 +16,19 @@ from typing import Any
 import anyio
 import polars as pl
 
-from runner import codec
-from runner.connect import Connection
-from runner.engine import RunOptions
-from runner.errors import BudgetExceeded
-from runner.events import Listener, Phase, ignore
-from runner.jobs import iter_requests, validate_job
+from runner.app.quote import Reuse, quote_requests
+from runner.app.report import run_frame
+from runner.app.run import RunResult, run_job
+from runner.app.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score, load_spec
+from runner.core import codec
+from runner.core.errors import BudgetExceeded
+from runner.core.events import Listener, Phase, ignore
+from runner.core.jobs import iter_requests, validate_job
+from runner.core.models import ChatRequest, Quote
+from runner.core.money import format_usd, from_nanos, to_nanos
+from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
-from runner.models import ChatRequest, Quote
-from runner.money import format_usd, from_nanos, to_nanos
-from runner.quote import Reuse, quote_requests
-from runner.report import run_frame
-from runner.run import RunResult, run_job
-from runner.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score, load_spec
+from runner.providers.registry import Connection
 
 BYTES_PER_ANSWER_TOKEN = 4  # a judged answer's stand-in for the estimate: its max_tokens of text
 

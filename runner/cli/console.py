@@ -24,8 +24,12 @@ from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
-from runner import catalog
-from runner.errors import (
+from runner.app.quote import Estimate
+from runner.app.reconcile import BudgetReconciliation, Reconciliation
+from runner.app.report import COLUMNS as REPORT_COLUMNS
+from runner.app.report import REPORT_NEEDS, cells, run_frame, summarize
+from runner.core import catalog
+from runner.core.errors import (
     BudgetExceeded,
     ConfigError,
     JobError,
@@ -35,15 +39,11 @@ from runner.errors import (
     Unpriced,
     printable,
 )
-from runner.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
-from runner.jobs import JobSummary
+from runner.core.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
+from runner.core.jobs import JobSummary
+from runner.core.money import format_usd, from_nanos
 from runner.ledger import BudgetView, Ledger, RunView
 from runner.ledger.workers import WorkerView
-from runner.money import format_usd, from_nanos
-from runner.quote import Estimate
-from runner.reconcile import BudgetReconciliation, Reconciliation
-from runner.report import COLUMNS as REPORT_COLUMNS
-from runner.report import REPORT_NEEDS, cells, run_frame, summarize
 
 ERRORS_SHOWN = 20
 EXIT_INVALID = 1

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runner import catalog, codec
-from runner.catalog import ModelInfo
+from runner.core import catalog, codec
+from runner.core.catalog import ModelInfo
 
 Problem = tuple[str, str]
 Extra = Callable[[Any, dict[str, Any], "Context"], Iterator[Problem]]

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
-from runner import http
-from runner.errors import ProviderError, RetryableError
+from runner.core.errors import ProviderError, RetryableError
+from runner.providers import http
 
 OnRetry = Callable[[int, float, BaseException | None], None]  # (attempt that failed, wait, error)
 _JITTER = random.Random()  # one for all: seeding a Random costs more than a dry run's own bookkeeping

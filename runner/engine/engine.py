@@ -23,9 +23,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from runner import codec, http
-from runner.connect import Connection
-from runner.errors import (
+from runner.core import codec
+from runner.core.errors import (
     ConfigError,
     OutcomeUnknown,
     ProviderError,
@@ -34,8 +33,11 @@ from runner.errors import (
     RunFatalError,
     printable,
 )
-from runner.events import Funds, Listener, Notice, RequestFinished, Retrying
-from runner.jobs import MAX_LINE_BYTES, JobChunks
+from runner.core.events import Funds, Listener, Notice, RequestFinished, Retrying
+from runner.core.jobs import MAX_LINE_BYTES, JobChunks
+from runner.core.models import ChatRequest, Outcome
+from runner.core.money import format_usd, to_nanos
+from runner.engine.plan import Plan, changed
 from runner.ledger import Ledger, Settlement
 from runner.ledger.tx import CLIENT_REQUEST_ID, IDEMPOTENCY_KEY, Hold, client_request_id
 from runner.ledger.tx import Tx as Db
@@ -49,18 +51,17 @@ from runner.ledger.workers import (
     take_units,
 )
 from runner.ledger.writer import Writer
-from runner.limits import Limits
-from runner.models import ChatRequest, Outcome
-from runner.money import format_usd, to_nanos
-from runner.preflight import Plan, changed
-from runner.quote import CACHE_MODES
-from runner.retry import first_wait, retrying
+from runner.providers import http
+from runner.providers.limits import Limits
+from runner.providers.registry import Connection
+from runner.providers.retry import first_wait, retrying
 
 FUNDS_EVERY_S = 1.0  # the funds shown, and the worker's sign of life with its counts
 TAKE_OVER_EVERY_S = 5.0  # how often a worker looks for the run's lapsed workers
 ORPHANS_POLL_S = 1.0  # a worker with nothing left looks this often for requests a lapsed one left
 STALL_FACTOR = 5.0  # in flight this many times the median call: shown as stalled
 STALL_MIN_S = 10.0
+CACHE_MODES = ("reuse", "refresh", "off")  # see app.quote.Answers
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
 
 

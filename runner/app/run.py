@@ -12,19 +12,20 @@ from typing import Any
 
 import anyio
 
-from runner.catalog import ModelInfo
-from runner.connect import Connection
-from runner.engine import Engine, RunOptions
-from runner.errors import LedgerUnavailable, RunnerError
-from runner.events import Listener, Phase, ignore
-from runner.jobs import JobSummary, validate_job
+from runner.app.preflight import Checked, prepare, recover
+from runner.app.quote import Estimate
+from runner.app.reconcile import charges_by_attempt, provider_books, reconcile_with_charges
+from runner.core.catalog import ModelInfo
+from runner.core.errors import LedgerUnavailable, RunnerError
+from runner.core.events import Listener, Phase, ignore
+from runner.core.jobs import JobSummary, validate_job
+from runner.core.money import to_nanos
+from runner.engine.engine import Engine, RunOptions
+from runner.engine.plan import Plan
 from runner.ledger import Ledger
 from runner.ledger.workers import leave_run, worker_name
-from runner.limits import Limits
-from runner.money import to_nanos
-from runner.preflight import Checked, Plan, prepare, recover
-from runner.quote import Estimate
-from runner.reconcile import charges_by_attempt, provider_books, reconcile_with_charges
+from runner.providers.limits import Limits
+from runner.providers.registry import Connection
 
 
 @dataclass
@@ -64,7 +65,7 @@ async def run_job(
     # the dry runs' and the calls'
     limits = Limits(options.concurrency, options.rpm, options.tpm, usd_per_hour=options.max_usd_per_hour)
 
-    plan = await prepare(
+    plan, estimate = await prepare(
         job,
         job_key,
         conn,
@@ -109,9 +110,8 @@ async def run_job(
     left = info.states.get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
     if not last:  # the others go on with the run, and the last of them finishes it
-        assert plan.estimate is not None
         states, spent = info.states, info.spent_nanos
-        return RunResult(run_id, plan.resumed, state, reason, states, spent, plan.estimate, last=False)
+        return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, last=False)
     lines_missing = bool(left) and not engine.stopping.is_set()
     if lines_missing:  # every line was read, and some rows were not sent
         state = "stopped"
@@ -124,8 +124,7 @@ async def run_job(
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
     if engine.ledger_gone:
         raise await _ledger_saved(ledger, run_id, engine.ledger_gone)
-    states, spent, estimate = info.states, info.spent_nanos, plan.estimate
-    assert estimate is not None
+    states, spent = info.states, info.spent_nanos
     return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
 
 
