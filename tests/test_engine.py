@@ -26,15 +26,14 @@ from runner.app.export import SCHEMA, export_jsonl, export_parquet, lazy_run
 from runner.app.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
 from runner.app.run import RunResult, run_job
 from runner.cli.main import app
+from runner.core.config import RunConfig, Timeouts
 from runner.core.errors import BudgetExceeded, JobChanged, LedgerError, LedgerUnavailable, RunBusy, Unpriced
 from runner.core.jobs import iter_requests, validate_job
 from runner.core.models import Quote
 from runner.core.money import format_usd, from_nanos, to_nanos
-from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
 from runner.ledger.db import time_text, utcnow
 from runner.ledger.workers import workers
-from runner.providers.http import Timeouts
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.providers.registry import Connection
 from runner.simulator import SimulatorThread
@@ -61,16 +60,8 @@ async def run(sim: SimulatorThread, job: Path, ledger: Ledger, **kw: Any) -> Any
         budget = kw.pop("budget", None)
         max_usd = kw.pop("max_usd", Decimal("1") if budget is None else None)
         summary = kw.pop("summary", None)
-        options = RunOptions(**{"concurrency": 8, **kw})
-        return await run_job(
-            job,
-            conn=Connection(provider, "sim"),
-            ledger=ledger,
-            budget=budget,
-            max_usd=max_usd,
-            options=options,
-            summary=summary,
-        )
+        config = RunConfig(job=job, budget=budget, max_usd=max_usd, **{"concurrency": 8, **kw})
+        return await run_job(config, conn=Connection(provider, "sim"), ledger=ledger, summary=summary)
     finally:
         await provider.aclose()
 
@@ -634,7 +625,7 @@ def test_an_export_that_fails_names_the_path_and_keeps_the_run(
     def disk_full(*args: Any) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("runner.cli.main.export_parquet", disk_full)
+    monkeypatch.setattr("runner.cli.runs.export_parquet", disk_full)
     out = cli.invoke(app, ["export", result.run_id, "-o", str(tmp_path / "r.parquet")])
     assert out.exit_code == 2
     assert "No space left on device" in out.output
@@ -949,11 +940,9 @@ async def test_a_request_far_slower_than_the_rest_is_reported_as_stalled(
     provider = OrthogonalProvider(api_key="k", base_url=sim.base_url, timeouts=Timeouts(1.0, 1.0))
     try:
         result = await run_job(
-            write_job(job_lines(60)),
+            RunConfig(job=write_job(job_lines(60)), max_usd=Decimal(1), concurrency=4),
             conn=Connection(provider, "sim"),
             ledger=ledger,
-            max_usd=Decimal(1),
-            options=RunOptions(concurrency=4),
             on_event=listen,
         )
     finally:

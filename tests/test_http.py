@@ -22,6 +22,7 @@ from aiohttp import web
 from typer.testing import CliRunner
 
 from runner.cli.main import app
+from runner.core.config import Timeouts
 from runner.core.errors import OutcomeUnknown, RequestFatalError, RunFatalError
 from runner.core.jobs import body_sha256
 from runner.core.models import ChatRequest
@@ -246,7 +247,7 @@ async def test_a_silent_server_is_a_read_timeout_after_sending(serve_app: Serve)
 
     server = web.Application()
     server.router.add_post("/v1/chat/completions", silent)
-    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1", timeouts=http.Timeouts(2.0, 0.3))
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1", timeouts=Timeouts(2.0, 0.3))
     started = time.monotonic()
     with pytest.raises(OutcomeUnknown, match=r"no reply .* for 0.3 s") as caught:
         await provider.complete(chat())
@@ -314,7 +315,7 @@ async def test_x_ratelimit_headers_pace_the_run_before_a_429_comes(
     from decimal import Decimal  # noqa: PLC0415
 
     from runner.app.run import run_job  # noqa: PLC0415
-    from runner.engine.engine import RunOptions  # noqa: PLC0415
+    from runner.core.config import RunConfig  # noqa: PLC0415
     from runner.ledger import Ledger  # noqa: PLC0415
     from runner.providers.registry import Connection  # noqa: PLC0415
 
@@ -332,11 +333,10 @@ async def test_x_ratelimit_headers_pace_the_run_before_a_429_comes(
     job = write_job([{**BODY, "custom_id": f"c{i}"} for i in range(5)])
     try:
         result = await run_job(
-            job,
+            # five identical lines, each sent
+            RunConfig(job=job, max_usd=Decimal(1), concurrency=1, cache="off"),
             conn=Connection(provider, "openai:test"),
             ledger=Ledger(),
-            max_usd=Decimal(1),
-            options=RunOptions(concurrency=1, cache="off"),  # five identical lines, each sent
         )
     finally:
         await provider.aclose()

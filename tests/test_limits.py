@@ -62,8 +62,8 @@ def test_a_deadline_is_a_duration_a_time_of_day_or_a_date_and_time() -> None:
 
     import pytest  # noqa: PLC0415
 
+    from runner.core.config import parse_deadline  # noqa: PLC0415
     from runner.core.errors import ConfigError  # noqa: PLC0415
-    from runner.engine.engine import parse_deadline  # noqa: PLC0415
 
     now = datetime(2026, 12, 2, 22, 0).astimezone().timestamp()
     assert parse_deadline("2h30m", now) == now + 9000

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from runner.app.run import run_job
 from runner.cli.main import app
 from runner.core import catalog, schema
+from runner.core.config import RunConfig
 from runner.core.errors import ConfigError
-from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
 from runner.providers.base import table_quote
 from runner.providers.openai import OpenAIProvider
@@ -145,11 +145,10 @@ async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_lim
     notices: list[str] = []
     try:
         result = await run_job(
-            job,
+            # 40 identical lines, each sent
+            RunConfig(job=job, max_usd=Decimal("0.5"), concurrency=1, partial=True, cache="off"),
             conn=Connection(provider, "openai:test"),
             ledger=ledger,
-            max_usd=Decimal("0.5"),
-            options=RunOptions(concurrency=1, partial=True, cache="off"),  # 40 identical lines, each sent
             models=prices,
             on_event=lambda event: notices.append(str(getattr(event, "message", ""))),
         )

@@ -22,10 +22,10 @@ from runner.app.report import run_frame
 from runner.app.run import run_job
 from runner.cli.main import app
 from runner.core import catalog
+from runner.core.config import RunConfig, Timeouts
 from runner.core.errors import OutcomeUnknown, RequestFatalError, RetryableError, RunFatalError
 from runner.core.jobs import body_sha256, read_job
 from runner.core.models import ChatRequest
-from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
 from runner.providers import http
 from runner.providers.base import classify, error_from_response
@@ -199,8 +199,8 @@ async def test_openai_quote_is_a_price_table_bound_and_unknown_when_unpriced() -
 
 def providers(sim: SimulatorThread) -> list[Any]:
     return [
-        OrthogonalProvider(api_key=KEY, base_url=sim.base_url, timeouts=http.Timeouts(2.0, 2.0)),
-        OpenAIProvider(api_key=KEY, base_url=sim.base_url + "/v1", timeouts=http.Timeouts(2.0, 2.0)),
+        OrthogonalProvider(api_key=KEY, base_url=sim.base_url, timeouts=Timeouts(2.0, 2.0)),
+        OpenAIProvider(api_key=KEY, base_url=sim.base_url + "/v1", timeouts=Timeouts(2.0, 2.0)),
     ]
 
 
@@ -448,11 +448,9 @@ async def test_two_hundred_streamed_requests_all_settle_with_nothing_possibly_bi
     provider = orth if name == "orthogonal" else oai
     try:
         result = await run_job(
-            job,
+            RunConfig(job=job, max_usd=Decimal(1), concurrency=100),
             conn=Connection(provider, name),
             ledger=Ledger(),
-            max_usd=Decimal(1),
-            options=RunOptions(concurrency=100),
         )
     finally:
         await orth.aclose()
@@ -516,7 +514,7 @@ async def test_the_simulators_dry_runs_take_a_round_trip(sim: SimulatorThread) -
 
 
 def test_the_simulator_command_is_realistic_by_default() -> None:
-    from runner.cli.main import SIMULATED_DRY_RUN_LATENCY, SIMULATED_LATENCY  # noqa: PLC0415
+    from runner.cli.runs import SIMULATED_DRY_RUN_LATENCY, SIMULATED_LATENCY  # noqa: PLC0415
     from runner.simulator import parse_latency  # noqa: PLC0415
 
     assert parse_latency(SIMULATED_DRY_RUN_LATENCY)[1] > 0 and parse_latency(SIMULATED_LATENCY)[1] >= 0.5

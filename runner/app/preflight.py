@@ -17,6 +17,7 @@ import anyio
 
 from runner.app.quote import QUOTE_MAX_AGE, Estimate, Reuse, quote_requests
 from runner.core.catalog import ModelInfo
+from runner.core.config import RunConfig
 from runner.core.errors import (
     BudgetExceeded,
     BudgetLimitTooLow,
@@ -32,7 +33,7 @@ from runner.core.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_reque
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import format_usd, from_nanos, to_nanos
 from runner.engine.plan import Plan, changed
-from runner.ledger import Ledger
+from runner.ledger import BudgetView, Ledger
 from runner.ledger.store import OWNER_STALE_S, metadata_text, owner_alive
 from runner.ledger.workers import join_run, leave_run, recover_rows, touch_worker
 from runner.providers.limits import Limits
@@ -44,11 +45,13 @@ PREPARING_POLL_S = 1.0  # how often a worker looks whether the run it waits for 
 
 @dataclass(frozen=True)
 class Checked:
-    """A job validated against `models` (None: the catalog), and what validation found."""
+    """A job validated against `models` (None: the catalog), what validation found, and the job's
+    resolved path (the key its runs are found by)."""
 
     summary: JobSummary
     models: dict[str, ModelInfo] | None
     max_line: int = MAX_LINE_BYTES
+    job_key: str = ""
 
 
 def _take(iterator: Any, size: int) -> list[ChatRequest]:
@@ -144,27 +147,17 @@ async def recover(
 
 
 async def _find_or_make(
-    job: Path,
-    job_key: str,
-    conn: Connection,
-    ledger: Ledger,
-    budget: str | None,
-    max_usd: Decimal | None,
-    owner: str,
-    on_event: Listener,
-    *,
-    new: bool,
-    named_run: str | None,
-    retry_failed: bool,
+    config: RunConfig, job_key: str, conn: Connection, ledger: Ledger, owner: str, on_event: Listener
 ) -> tuple[str | None, str, int]:
     """The run this worker sends: (the existing run or None, its id, its budget). A new one is made
     in state `preparing`, unless another worker made the job's run at the same moment: that one is
     joined."""
-    existing = await _resumable(ledger, job_key, conn.scope, new, named_run, on_event)
-    if existing and budget is not None and await _finished_elsewhere(ledger, existing, budget, retry_failed):
+    job, budget, max_usd, new = config.job, config.budget, config.max_usd, config.new
+    existing = await _resumable(ledger, job_key, conn.scope, new, config.run_id, on_event)
+    if existing and budget is not None and await _finished_elsewhere(ledger, existing, config):
         on_event(Notice(f"run {existing} of {job} is finished; a new run starts under budget '{budget}'"))
         existing = None
-    budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, max_usd)
+    budget_id = await anyio.to_thread.run_sync(budget_for, ledger, config, existing)
     if existing and max_usd is not None:
         await _apply_max_usd(ledger, existing, budget_id, max_usd, on_event)
     run_id = existing or uuid.uuid4().hex[:12]
@@ -176,7 +169,7 @@ async def _find_or_make(
             if existing is None:
                 msg = f"run {other}, which this worker was to join, was left while it was prepared; run again"
                 raise RunBusy(msg, owner="another process")
-            budget_id = await anyio.to_thread.run_sync(_budget_for, ledger, existing, budget, None)
+            budget_id = await anyio.to_thread.run_sync(budget_for, ledger, config, existing)
             if max_usd is not None:
                 await _apply_max_usd(ledger, existing, budget_id, max_usd, on_event)
             run_id = existing
@@ -184,42 +177,18 @@ async def _find_or_make(
 
 
 async def prepare(
-    job: Path,
-    job_key: str,
-    conn: Connection,
-    ledger: Ledger,
-    budget: str | None,
-    max_usd: Decimal | None,
+    config: RunConfig,
     checked: Checked,
     owner: str,
+    conn: Connection,
+    ledger: Ledger,
     on_event: Listener,
-    *,
-    new: bool = False,
-    partial: bool = False,
-    retry_possibly_billed: bool = False,
-    retry_failed: bool = False,
-    named_run: str | None = None,
-    limits: Limits | None = None,
-    cache: str = "reuse",
+    limits: Limits,
 ) -> tuple[Plan, Estimate]:
     """The run to send (resumed or new, its rows made), quoted and checked against its budget; the
     quotes' estimate."""
-    found = await _find_or_make(
-        job,
-        job_key,
-        conn,
-        ledger,
-        budget,
-        max_usd,
-        owner,
-        on_event,
-        new=new,
-        named_run=named_run,
-        retry_failed=retry_failed,
-    )
-    existing, run_id, budget_id = found
-    concurrency = limits.window.maximum if limits is not None else 1
-    joined = await anyio.to_thread.run_sync(join_run, ledger, run_id, owner, concurrency)
+    existing, run_id, budget_id = await _find_or_make(config, checked.job_key, conn, ledger, owner, on_event)
+    joined = await anyio.to_thread.run_sync(join_run, ledger, run_id, owner, limits.window.maximum)
     if joined.taken_over:
         on_event(
             Notice(
@@ -230,36 +199,26 @@ async def prepare(
     try:
         with claim:
             if existing:  # a resumed run's rows are checked against the file as it is
-                await _sync_rows(ledger, job, existing, checked)
+                await _sync_rows(ledger, config.job, existing, checked)
                 what = "resuming" if joined.alone else "joining the workers of"
-                on_event(Notice(f"{what} run {existing} of {job} (--new starts a fresh run)"))
+                on_event(Notice(f"{what} run {existing} of {config.job} (--new starts a fresh run)"))
             preparing = run_id if not existing else None
-            estimate = await _quote(job, conn, ledger, preparing, checked, on_event, limits, cache)
+            estimate = await _quote(config, conn, ledger, preparing, checked, on_event, limits)
             if existing:
-                if joined.alone and (retry_possibly_billed or retry_failed):
-                    await recover(ledger, existing, retry_possibly_billed, retry_failed=retry_failed)
+                if joined.alone and (config.retry_possibly_billed or config.retry_failed):
+                    await recover(
+                        ledger, existing, config.retry_possibly_billed, retry_failed=config.retry_failed
+                    )
                 needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
             else:
                 needed = estimate.total_nanos
             view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
         if claim.lost:
             raise claim.busy()
-        if not existing and estimate.unquoted_count and not partial:
+        if not existing and estimate.unquoted_count and not config.partial:
             raise _unpriced(estimate, checked.summary.requests)
-        fit, shortfall = fits_nanos(needed, view.remaining_nanos)
-        if not fit and not partial:
-            ephemeral = await anyio.to_thread.run_sync(ledger.budget_ephemeral, budget_id)
-            more = (
-                f"give --max-usd at least {format_usd(view.limit_nanos + to_nanos(shortfall))}"
-                if ephemeral
-                else f"raise it (`runner budget raise {view.name} --by {shortfall}`)"
-            )
-            msg = (
-                f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
-                f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
-                f"{more}, or run what fits with --partial"
-            )
-            raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
+        if not config.partial:
+            await _check_fits(ledger, needed, view)
     except BaseException as exc:
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await anyio.to_thread.run_sync(leave_run, ledger, run_id, owner, (0, 0, 0))
@@ -271,6 +230,25 @@ async def prepare(
         raise
     plan = Plan(run_id, budget_id, bool(existing), owner, alone=joined.alone, slots=joined.slots)
     return plan, estimate
+
+
+async def _check_fits(ledger: Ledger, needed: int, view: BudgetView) -> None:
+    """BudgetExceeded, saying what to do, when `needed` does not fit the budget's remaining money."""
+    fit, shortfall = fits_nanos(needed, view.remaining_nanos)
+    if fit:
+        return
+    ephemeral = await anyio.to_thread.run_sync(ledger.budget_ephemeral, view.id)
+    more = (
+        f"give --max-usd at least {format_usd(view.limit_nanos + to_nanos(shortfall))}"
+        if ephemeral
+        else f"raise it (`runner budget raise {view.name} --by {shortfall}`)"
+    )
+    msg = (
+        f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
+        f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
+        f"{more}, or run what fits with --partial"
+    )
+    raise BudgetExceeded(msg, budget=view.name, shortfall_nanos=to_nanos(shortfall))
 
 
 def _unpriced(estimate: Estimate, total: int) -> Unpriced:
@@ -325,13 +303,14 @@ async def _resumable(
         await anyio.sleep(PREPARING_POLL_S)
 
 
-async def _finished_elsewhere(ledger: Ledger, run_id: str, budget: str, retry_failed: bool) -> bool:
+async def _finished_elsewhere(ledger: Ledger, run_id: str, config: RunConfig) -> bool:
     """A finished run (nothing pending, nothing to retry) under another budget than the one given:
     running the job again under that budget is a new run, not an error."""
+    assert config.budget is not None
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
-    view = await anyio.to_thread.run_sync(ledger.budget, budget)
+    view = await anyio.to_thread.run_sync(ledger.budget, config.budget)
     unfinished = any(info.states.get(state) for state in ("pending", "sending", "reserved"))
-    to_retry = retry_failed and info.states.get("failed")
+    to_retry = config.retry_failed and info.states.get("failed")
     return info.state == "done" and not unfinished and not to_retry and view.id != info.budget_id
 
 
@@ -371,17 +350,16 @@ class _KeptClaim:
 
 
 async def _quote(
-    job: Path,
+    config: RunConfig,
     conn: Connection,
     ledger: Ledger,
     preparing: str | None,
     checked: Checked,
     on_event: Listener,
-    limits: Limits | None = None,
-    cache: str = "reuse",
+    limits: Limits,
 ) -> Estimate:
     """Quote the job; for a run being prepared, make each line's row with its quote on the way."""
-    total = 0
+    job, total = config.job, 0
 
     async def add_rows(chunk: list[ChatRequest], quotes: list[Quote], reuse: list[Reuse | None]) -> None:
         nonlocal total
@@ -410,7 +388,8 @@ async def _quote(
         on_event=on_event,
         on_chunk=add_rows if preparing else None,
         limits=limits,
-        cache=cache,
+        cache=config.cache,
+        policy=config.policy,
         # a run that exists holds the quotes its rows were made with; its kept quotes are only shown
         quote_max_age=QUOTE_MAX_AGE if preparing else None,
     )
@@ -456,17 +435,19 @@ async def _apply_max_usd(
     )
 
 
-def _budget_for(ledger: Ledger, existing: str | None, budget: str | None, max_usd: Decimal | None) -> int:
+def budget_for(ledger: Ledger, config: RunConfig, existing: str | None = None) -> int:
+    """The budget a run is held against: a resumed run's own; else the named budget (--budget); else
+    an ephemeral one made with the run's own cap (--max-usd)."""
     if existing:  # a resumed run keeps the budget it began with
         budget_id = int(ledger.run(existing).budget_id)
-        if budget is not None and ledger.budget(budget).id != budget_id:
+        if config.budget is not None and ledger.budget(config.budget).id != budget_id:
             msg = f"run {existing} belongs to another budget; resume it without --budget, or use --new"
             raise ConfigError(msg)
         return budget_id
-    if budget is not None:
-        return ledger.budget(budget).id
-    if max_usd is not None:
+    if config.budget is not None:
+        return ledger.budget(config.budget).id
+    if config.max_usd is not None:
         name = f"max-usd-{uuid.uuid4().hex[:8]}"
-        return ledger.create_budget(name, to_nanos(max_usd), ephemeral=True).id
+        return ledger.create_budget(name, to_nanos(config.max_usd), ephemeral=True).id
     msg = "give a budget: --budget NAME (see `runner budget create`) or --max-usd USD"
     raise ConfigError(msg)

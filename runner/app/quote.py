@@ -13,13 +13,12 @@ from itertools import islice
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from runner.core.config import CACHE_MODES, RetryPolicy
 from runner.core.errors import ConfigError, ProviderError, RetryableError, RunFatalError
 from runner.core.events import Listener, Quoted, Retrying, ignore
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import from_nanos
-from runner.engine.engine import CACHE_MODES
 from runner.ledger import Ledger
-from runner.providers import http
 from runner.providers.base import Provider
 from runner.providers.limits import Limits
 from runner.providers.retry import first_wait, retrying
@@ -140,7 +139,7 @@ def _chunks(items: Iterable[ChatRequest], size: int) -> Iterator[list[ChatReques
 
 
 async def quote_with_retries(
-    provider: Provider, request: ChatRequest, policy: http.RetryPolicy, on_event: Listener
+    provider: Provider, request: ChatRequest, policy: RetryPolicy, on_event: Listener
 ) -> Quote:
     """A dry run, retried as calls are (`retry.retrying`); a quote that cannot be had is unknown,
     with the reason. A 401 or 402 is raised: it stops the pre-flight."""
@@ -192,7 +191,7 @@ async def quote_requests(
     ledger: Ledger,
     concurrency: int = 32,
     limits: Limits | None = None,
-    policy: http.RetryPolicy | None = None,
+    policy: RetryPolicy | None = None,
     on_event: Listener = ignore,
     on_chunk: OnChunk | None = None,
     cache: str = "off",
@@ -213,7 +212,7 @@ async def quote_requests(
     estimate = Estimate()
     answers = Answers(ledger, scope, cache) if cache != "off" else None
     limits = limits or Limits(concurrency)
-    asker = _Asker(provider, limits, policy or http.RetryPolicy(), on_event, estimate)
+    asker = _Asker(provider, limits, policy or RetryPolicy(), on_event, estimate)
     ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency
     # the ledger keeps the provider's dry runs; quotes from a price table are made again each time
     # (cheaply): kept, they would outlive an edit of the price file
@@ -280,7 +279,7 @@ class _Asker:
         self,
         provider: Provider,
         limits: Limits,
-        policy: http.RetryPolicy,
+        policy: RetryPolicy,
         on_event: Listener,
         estimate: Estimate,
     ) -> None:

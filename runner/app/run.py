@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,11 +14,12 @@ from runner.app.preflight import Checked, prepare, recover
 from runner.app.quote import Estimate
 from runner.app.reconcile import charges_by_attempt, provider_books, reconcile_with_charges
 from runner.core.catalog import ModelInfo
+from runner.core.config import RunConfig
 from runner.core.errors import LedgerUnavailable, RunnerError
 from runner.core.events import Listener, Phase, ignore
 from runner.core.jobs import JobSummary, validate_job
 from runner.core.money import to_nanos
-from runner.engine.engine import Engine, RunOptions
+from runner.engine.engine import Engine
 from runner.engine.plan import Plan
 from runner.ledger import Ledger
 from runner.ledger.workers import leave_run, worker_name
@@ -42,52 +41,30 @@ class RunResult:
 
 
 async def run_job(
-    job: Path,
+    config: RunConfig,
     *,
     conn: Connection,
     ledger: Ledger,
-    budget: str | None = None,
-    max_usd: Decimal | None = None,
-    options: RunOptions | None = None,
     on_event: Listener = ignore,
     summary: JobSummary | None = None,
     models: dict[str, ModelInfo] | None = None,
 ) -> RunResult:
-    """Validate (against `models`, unless given the job's `summary`), quote, check the budget, then
-    run or resume."""
-    options = options or RunOptions()
+    """Validate `config.job` (against `models`, unless given the job's `summary`), quote, check the
+    budget, then run or resume."""
+    job = config.job
     if summary is None:
-        summary = await anyio.to_thread.run_sync(validate_job, job, models, options.max_line_bytes)
+        summary = await anyio.to_thread.run_sync(validate_job, job, models, config.max_line_bytes)
     summary.raise_for_issues()
     owner = worker_name()  # this process's worker on the run (several may send one run)
     job_key = str(await anyio.Path(job).resolve())
-    checked = Checked(summary, models, options.max_line_bytes)
-    # the dry runs' and the calls'
-    limits = Limits(options.concurrency, options.rpm, options.tpm, usd_per_hour=options.max_usd_per_hour)
-
-    plan, estimate = await prepare(
-        job,
-        job_key,
-        conn,
-        ledger,
-        budget,
-        max_usd,
-        checked,
-        owner,
-        on_event,
-        new=options.new,
-        partial=options.partial,
-        retry_possibly_billed=options.retry_possibly_billed,
-        retry_failed=options.retry_failed,
-        named_run=options.run_id,
-        limits=limits,
-        cache=options.cache,
-    )
+    checked = Checked(summary, models, config.max_line_bytes, job_key)
+    limits = Limits.of(config)  # the dry runs' and the calls'
+    plan, estimate = await prepare(config, checked, owner, conn, ledger, on_event, limits)
     run_id = plan.run_id
     engine: Engine | None = None
     last = False
     try:
-        engine = await _start(conn, ledger, plan, options, on_event, limits)
+        engine = await _start(conn, ledger, plan, config, on_event, limits)
         try:
             await engine.run(job)
         except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
@@ -129,18 +106,18 @@ async def run_job(
 
 
 async def _start(
-    conn: Connection, ledger: Ledger, plan: Plan, options: RunOptions, on_event: Listener, limits: Limits
+    conn: Connection, ledger: Ledger, plan: Plan, config: RunConfig, on_event: Listener, limits: Limits
 ) -> Engine:
     """The engine for this worker, once answers kept from earlier runs are copied and (for the
     first worker of a resumed run) the provider's books have settled what a crash left."""
     run_id = plan.run_id
     await anyio.to_thread.run_sync(ledger.fill_copies, run_id)
     if plan.alone:
-        if plan.resumed and not options.retry_possibly_billed:
+        if plan.resumed and not config.retry_possibly_billed:
             await reconcile_first(conn, ledger, run_id)
         await note_balance(conn, ledger, run_id, "before")
     pending = (await anyio.to_thread.run_sync(ledger.run, run_id)).states.get("pending", 0)
-    engine = Engine(conn, ledger, plan, options, on_event, limits)
+    engine = Engine(conn, ledger, plan, config, on_event, limits)
     on_event(Phase("running", pending))
     return engine
 

@@ -16,17 +16,18 @@ from typing import Any
 import anyio
 import polars as pl
 
+from runner.app.preflight import budget_for
 from runner.app.quote import Reuse, quote_requests
 from runner.app.report import run_frame
 from runner.app.run import RunResult, run_job
 from runner.app.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score, load_spec
 from runner.core import codec
+from runner.core.config import RunConfig
 from runner.core.errors import BudgetExceeded
 from runner.core.events import Listener, Phase, ignore
 from runner.core.jobs import iter_requests, validate_job
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import format_usd, from_nanos, to_nanos
-from runner.engine.engine import RunOptions
 from runner.ledger import Ledger
 from runner.providers.registry import Connection
 
@@ -208,16 +209,15 @@ def rows_that_fit(plan: SweepPlan, remaining_nanos: int) -> set[str]:
 
 
 async def run_sweep(
-    plan: SweepPlan,
-    conn: Connection,
-    ledger: Ledger,
-    budget: str,
-    options: RunOptions,
-    on_event: Listener = ignore,
+    plan: SweepPlan, conn: Connection, ledger: Ledger, config: RunConfig, on_event: Listener = ignore
 ) -> SweepResult:
-    """Run the expanded job, then the judges' calls on its answers, both under `budget`."""
+    """Run the expanded job, then the judges' calls on its answers, both under the budget that
+    `config` names (`budget_for` makes one of --max-usd)."""
+    budget_id = await anyio.to_thread.run_sync(budget_for, ledger, config)
+    name = (await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)).name
     job = plan.expansion.job
-    main = await run_job(job, conn=conn, ledger=ledger, budget=budget, options=options, on_event=on_event)
+    config = replace(config, job=job, budget=name, max_usd=None)
+    main = await run_job(config, conn=conn, ledger=ledger, on_event=on_event)
     judge: RunResult | None = None
     judges = [g for g in plan.spec.graders if g.judge]
     answers = await anyio.to_thread.run_sync(run_frame, ledger, main.run_id)
@@ -233,12 +233,10 @@ async def run_sweep(
         # named by its content, as the sweep's job is: other answers are another judges' job
         path = job.with_name(f"{job.stem}-judges-{hashlib.sha256(text).hexdigest()[:12]}.jsonl")
         path.write_bytes(text)
-        judge_options = replace(
-            options, run_id=None, new=False, retry_failed=False, retry_possibly_billed=False
+        judges_config = replace(
+            config, job=path, run_id=None, new=False, retry_failed=False, retry_possibly_billed=False
         )
-        judge = await run_job(
-            path, conn=conn, ledger=ledger, budget=budget, options=judge_options, on_event=on_event
-        )
+        judge = await run_job(judges_config, conn=conn, ledger=ledger, on_event=on_event)
     judged = await anyio.to_thread.run_sync(run_frame, ledger, judge.run_id) if judge else None
     bought = await anyio.to_thread.run_sync(ledger.source_prices, main.run_id)
     return SweepResult(plan, main, judge, sweep_frame(plan.spec, answers, judged, bought))

@@ -14,9 +14,6 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from runner.core import codec
+from runner.core.config import RunConfig
 from runner.core.errors import (
-    ConfigError,
     OutcomeUnknown,
     ProviderError,
     RequestFatalError,
@@ -34,7 +31,7 @@ from runner.core.errors import (
     printable,
 )
 from runner.core.events import Funds, Listener, Notice, RequestFinished, Retrying
-from runner.core.jobs import MAX_LINE_BYTES, JobChunks
+from runner.core.jobs import JobChunks
 from runner.core.models import ChatRequest, Outcome
 from runner.core.money import format_usd, to_nanos
 from runner.engine.plan import Plan, changed
@@ -51,7 +48,6 @@ from runner.ledger.workers import (
     take_units,
 )
 from runner.ledger.writer import Writer
-from runner.providers import http
 from runner.providers.limits import Limits
 from runner.providers.registry import Connection
 from runner.providers.retry import first_wait, retrying
@@ -61,48 +57,7 @@ TAKE_OVER_EVERY_S = 5.0  # how often a worker looks for the run's lapsed workers
 ORPHANS_POLL_S = 1.0  # a worker with nothing left looks this often for requests a lapsed one left
 STALL_FACTOR = 5.0  # in flight this many times the median call: shown as stalled
 STALL_MIN_S = 10.0
-CACHE_MODES = ("reuse", "refresh", "off")  # see app.quote.Answers
 DONE_STATES = frozenset({"ok", "failed", "skipped"})
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    concurrency: int = 64
-    rpm: float | None = None
-    tpm: float | None = None
-    partial: bool = False
-    new: bool = False
-    retry_possibly_billed: bool = False
-    retry_failed: bool = False  # failed requests of the run are sent again (new attempts)
-    run_id: str | None = None  # go on with this run of the job instead of its newest
-    policy: http.RetryPolicy = field(default_factory=http.RetryPolicy)
-    grace_s: float = 30.0
-    handle_signals: bool = False
-    max_line_bytes: int = MAX_LINE_BYTES
-    deadline: float | None = None  # time.time() after which nothing more is launched
-    max_usd_per_hour: Decimal | None = None  # a cap on the rate of spending (quotes held per hour)
-    cache: str = "reuse"  # reuse | refresh | off: answers kept in the ledger (quote.Answers)
-
-    def __post_init__(self) -> None:
-        if self.cache not in CACHE_MODES:
-            msg = f"--cache must be one of {', '.join(CACHE_MODES)} (got '{self.cache}')"
-            raise ConfigError(msg)
-        if self.concurrency < 1:
-            msg = f"--concurrency must be 1 or more (got {self.concurrency})"
-            raise ConfigError(msg)
-        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm)):
-            if value is not None and not value > 0:  # NaN is not > 0 either
-                msg = f"{name} must be above 0 (got {value:g}); leave it out for no limit"
-                raise ConfigError(msg)
-        if self.max_usd_per_hour is not None and not self.max_usd_per_hour > 0:
-            msg = f"--max-usd-per-hour must be above 0 (got {self.max_usd_per_hour})"
-            raise ConfigError(msg)
-        if self.max_line_bytes < 1:
-            msg = f"--max-line-bytes must be 1 or more (got {self.max_line_bytes})"
-            raise ConfigError(msg)
-        if self.grace_s < 0:
-            msg = f"the grace period cannot be negative (got {self.grace_s:g} s)"
-            raise ConfigError(msg)
 
 
 class Engine:
@@ -111,7 +66,7 @@ class Engine:
         conn: Connection,
         ledger: Ledger,
         plan: Plan,
-        options: RunOptions,
+        config: RunConfig,
         on_event: Listener,
         limits: Limits | None = None,
     ) -> None:
@@ -119,12 +74,10 @@ class Engine:
         self.scope = conn.scope
         self.ledger = ledger
         self.plan = plan
-        self.options = options
+        self.config = config
         self.on_event = on_event
         self.writer = Writer(ledger)
-        self.limits = limits or Limits(
-            options.concurrency, options.rpm, options.tpm, usd_per_hour=options.max_usd_per_hour
-        )
+        self.limits = limits or Limits.of(config)
         self.limit = self.limits.window
         self.worker = plan.owner
         self.limit.set_maximum(plan.slots)  # this worker's share of the run's concurrency (0: none yet)
@@ -155,9 +108,9 @@ class Engine:
             try:
                 async with anyio.create_task_group() as aux:  # funds reports, signal watcher, grace timer
                     aux.start_soon(self._report_funds)
-                    if self.options.deadline is not None:
-                        aux.start_soon(self._stop_at_deadline, self.options.deadline)
-                    if self.options.handle_signals:
+                    if self.config.deadline is not None:
+                        aux.start_soon(self._stop_at_deadline, self.config.deadline)
+                    if self.config.handle_signals:
                         aux.start_soon(self._watch_signals, aux)
                     try:
                         with self._work:
@@ -186,7 +139,7 @@ class Engine:
     async def _beat(self) -> None:
         """The worker's sign of life, with its counts; its share of the run's concurrency back."""
         run_id, worker, counts = self.plan.run_id, self.worker, self.counts[:]
-        concurrency, in_flight = self.options.concurrency, self.limit.in_flight
+        concurrency, in_flight = self.config.concurrency, self.limit.in_flight
         beat = await self.writer.submit(
             lambda db: heartbeat(db, run_id, worker, counts, concurrency, in_flight)
         )
@@ -250,7 +203,7 @@ class Engine:
                 if self.stopping.is_set():
                     self.abort("second interrupt: aborting; requests in flight are marked possibly billed")
                     return
-                grace = self.options.grace_s
+                grace = self.config.grace_s
                 self.stop(
                     "interrupted",
                     f"interrupted: no new requests; finishing those in flight (up to {grace:g} s, "
@@ -259,8 +212,8 @@ class Engine:
                 aux.start_soon(self._grace_then_abort)
 
     async def _grace_then_abort(self) -> None:
-        await anyio.sleep(self.options.grace_s)
-        self.abort(f"grace period of {self.options.grace_s:g} s over: aborting the requests still in flight")
+        await anyio.sleep(self.config.grace_s)
+        self.abort(f"grace period of {self.config.grace_s:g} s over: aborting the requests still in flight")
 
     async def _launch_all(self, job: Path) -> None:
         """Workers take the pending lines in file order; the next chunk is read while they run.
@@ -274,7 +227,7 @@ class Engine:
         async with anyio.create_task_group() as reader:
             reader.start_soon(self._read_pending, job, pending)
             async with anyio.create_task_group() as workers:
-                for _ in range(self.options.concurrency):
+                for _ in range(self.config.concurrency):
                     workers.start_soon(self._worker, pending)
             reader.cancel_scope.cancel()
 
@@ -321,7 +274,7 @@ class Engine:
             ]
 
         # each line was validated before its row was made; an unchanged hash means it still is
-        lines = JobChunks(job, size, self.options.max_line_bytes)
+        lines = JobChunks(job, size, self.config.max_line_bytes)
         try:
             while not self.stopping.is_set():
                 index = await self.writer.submit(lambda db: claim_chunk(db, run_id, me, size))
@@ -351,7 +304,7 @@ class Engine:
     ) -> None:
         """The chunks holding these line numbers, read again from the start of the job."""
         size = self.plan.chunk_lines
-        lines = JobChunks(job, size, self.options.max_line_bytes)
+        lines = JobChunks(job, size, self.config.max_line_bytes)
         try:
             for index in sorted({(n - 1) // size for n in numbers}):
                 chunk = await anyio.to_thread.run_sync(lines.take, index)
@@ -422,12 +375,12 @@ class Engine:
         try:
             return await self._attempt(request, row_id, tries[0], first=True)
         except RetryableError as exc:
-            if self.options.policy.attempts <= 1:
+            if self.config.policy.attempts <= 1:
                 raise
-            after = first_wait(self.options.policy, exc)
+            after = first_wait(self.config.policy, exc)
             self._retried(1, after, exc)
             await anyio.sleep(after)
-        async for attempt in retrying(self.options.policy, self._retried, made=1):
+        async for attempt in retrying(self.config.policy, self._retried, made=1):
             with attempt:
                 if self.stopping.is_set():
                     return None
@@ -586,30 +539,6 @@ class Engine:
             self.on_event(RequestFinished(request.custom_id, state, 0))
 
 
-def parse_deadline(text: str, now: float | None = None) -> float:
-    """--deadline: a duration (90s, 45m, 2h30m, or seconds), a time of day (06:30, the next one) or
-    a date and time (2026-12-03T06:30); returns a time.time() instant."""
-    now = time.time() if now is None else now
-    seconds = http.duration_s(text.strip())
-    if seconds is not None:
-        return now + seconds
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        try:
-            clock = datetime.strptime(text.strip(), "%H:%M").time()  # noqa: DTZ007 - local time, as typed
-        except ValueError:
-            msg = f"--deadline: '{text}' is not a duration (2h30m), a time (06:30) or a date and time"
-            raise ConfigError(msg) from None
-        today = datetime.fromtimestamp(now).astimezone()
-        moment = datetime.combine(today.date(), clock, tzinfo=today.tzinfo)
-        if moment.timestamp() <= now:
-            moment += timedelta(days=1)
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # local time, as typed
-    return moment.timestamp()
-
-
 class _TakenOver(Exception):
     """A request between attempts was taken over (its worker was taken for gone)."""
 
@@ -666,4 +595,4 @@ class _Pending:
         return item
 
 
-__all__ = ["Engine", "RunOptions"]
+__all__ = ["Engine"]

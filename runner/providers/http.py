@@ -41,21 +41,12 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from runner.core import codec
+from runner.core.config import RetryPolicy, Timeouts, parse_duration_s
 
 USER_AGENT = "runner"
-CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 600.0  # the OpenAI SDK's default: a long non-streamed reasoning call stays quiet
 # idle connections kept under the 5 s idle timeout of uvicorn (vLLM) and llama.cpp's server, so that
 # a connection taken from the pool is rarely one the server is closing
 KEEPALIVE_S = 4.0
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Seconds: to connect (TCP and TLS), and between two reads of a reply."""
-
-    connect_s: float = CONNECT_TIMEOUT_S
-    read_s: float = READ_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,40 +393,7 @@ class RateLimits:
         )
 
 
-def duration_s(text: str | None) -> float | None:
-    """'1s', '6m0s', '250ms' or a bare number of seconds."""
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    total, number = 0.0, ""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if unit not in units or not number:
-            return None
-        total += float(number) * units[unit]
-        number = ""
-        i += len(unit)
-    return total
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter and a cap; Retry-After wins when the server gives one."""
-
-    attempts: int = 6
-    base_s: float = 0.5
-    cap_s: float = 30.0
-    max_retry_after_s: float = 300.0
+duration_s = parse_duration_s  # Retry-After, x-ratelimit-reset-* values
 
 
 _TESTING = {"on": False}

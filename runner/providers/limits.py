@@ -11,6 +11,7 @@ from decimal import Decimal
 import anyio
 
 from runner.core import schema
+from runner.core.config import RunConfig
 from runner.core.models import ChatRequest
 from runner.core.money import to_nanos
 
@@ -162,6 +163,11 @@ class Limits:
         # RPM starts empty (no burst at the start), so no 60 s span of the run exceeds the limit
         self.rpm: TokenBucket | SharedBucket | None = TokenBucket(rpm * RPM_PACE, start=0) if rpm else None
         self.tpm: TokenBucket | SharedBucket | None = TokenBucket(tpm, burst=tpm / 60 * 5) if tpm else None
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Limits:
+        """The limits a run's configuration sets."""
+        return cls(config.concurrency, config.rpm, config.tpm, usd_per_hour=config.max_usd_per_hour)
 
     def share(self, fetch: Fetch) -> None:
         """From now on --rpm, --tpm and --max-usd-per-hour hold for the whole run, across workers:

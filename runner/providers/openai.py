@@ -7,6 +7,7 @@ from typing import Any
 
 from runner.core import catalog
 from runner.core.catalog import ModelInfo
+from runner.core.config import Timeouts
 from runner.core.models import ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
 from runner.providers.base import (
@@ -30,7 +31,7 @@ class OpenAIProvider(HttpProvider):
         api_key: str = "",
         prices: dict[str, ModelInfo] | None = None,
         max_connections: int = 256,
-        timeouts: http.Timeouts = http.Timeouts(),
+        timeouts: Timeouts = Timeouts(),
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         secret = http.Secret(api_key)

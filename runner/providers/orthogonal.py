@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from runner.core import catalog
+from runner.core.config import Timeouts
 from runner.core.errors import OutcomeUnknown, ProviderError, RequestFatalError
 from runner.core.models import JSON, ChatRequest, Outcome, Quote
 from runner.core.money import parse_usd
@@ -66,7 +67,7 @@ class OrthogonalProvider(HttpProvider):
         base_url: str = DEFAULT_BASE_URL,
         api: str = DEFAULT_API,
         max_connections: int = 256,
-        timeouts: http.Timeouts = http.Timeouts(),
+        timeouts: Timeouts = Timeouts(),
     ) -> None:
         secret = http.Secret(api_key)
         endpoint = http.Endpoint(

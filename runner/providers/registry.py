@@ -13,30 +13,15 @@ from typing import TYPE_CHECKING
 
 from runner.core import catalog
 from runner.core.catalog import ModelInfo
+from runner.core.config import ProviderSettings
 from runner.core.errors import ConfigError, printable
 from runner.core.money import parse_usd
 from runner.providers.base import Provider
-from runner.providers.http import Timeouts
 from runner.providers.openai import OpenAIProvider
 from runner.providers.orthogonal import DEFAULT_API, DEFAULT_BASE_URL, OrthogonalProvider
 
 if TYPE_CHECKING:
     from runner.simulator import Books
-
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    name: str = "orthogonal"
-    base_url: str | None = None
-    api_key: str | None = None
-    api: str = DEFAULT_API
-    price_file: Path | None = None
-    max_connections: int = 256  # the run's concurrency: no request waits for a connection
-    timeouts: Timeouts = Timeouts()
-    sim_balance: str = "100"
-    sim_pricing: str = "tokens"
-    sim_latency: str = "0"
-    sim_dry_run_latency: str = "0.05-0.2"  # the in-process simulator's dry runs take a round trip
 
 
 @dataclass
@@ -148,7 +133,7 @@ async def _simulator(settings: ProviderSettings) -> AsyncIterator[Connection]:
         provider = OrthogonalProvider(
             api_key="simulator-key",
             base_url=url,
-            api=settings.api,
+            api=settings.api or DEFAULT_API,
             max_connections=settings.max_connections,
             timeouts=settings.timeouts,
         )
@@ -166,11 +151,11 @@ async def _orthogonal(settings: ProviderSettings) -> AsyncIterator[Connection]:
     provider = OrthogonalProvider(
         api_key=key,
         base_url=base,
-        api=settings.api,
+        api=settings.api or DEFAULT_API,
         max_connections=settings.max_connections,
         timeouts=settings.timeouts,
     )
-    async with _opened(provider, f"orthogonal:{base}:{settings.api}") as conn:
+    async with _opened(provider, f"orthogonal:{base}:{settings.api or DEFAULT_API}") as conn:
         yield conn
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
+from runner.core.config import RetryPolicy
 from runner.core.errors import ProviderError, RetryableError
 from runner.providers import http
 
@@ -16,13 +17,13 @@ OnRetry = Callable[[int, float, BaseException | None], None]  # (attempt that fa
 _JITTER = random.Random()  # one for all: seeding a Random costs more than a dry run's own bookkeeping
 
 
-def first_wait(policy: http.RetryPolicy, error: ProviderError) -> float:
+def first_wait(policy: RetryPolicy, error: ProviderError) -> float:
     """The wait after a first attempt made outside tenacity (most calls succeed at once, and
     tenacity's loop costs more than a call's own bookkeeping)."""
     return http.backoff_s(policy, 1, error.retry_after, _JITTER)
 
 
-def retrying(policy: http.RetryPolicy, on_retry: OnRetry, *, made: int = 0) -> AsyncRetrying:
+def retrying(policy: RetryPolicy, on_retry: OnRetry, *, made: int = 0) -> AsyncRetrying:
     """Attempts up to `policy.attempts` in all, `made` of them already made before this loop."""
 
     def wait(state: RetryCallState) -> float:

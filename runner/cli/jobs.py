@@ -1,0 +1,338 @@
+"""Commands on job files and sweeps: validate, models, estimate, run, resume, sweep. Each maps its
+flags onto one RunConfig (runner.core.config) and hands it to the library."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from runner.app.export import export_parquet
+from runner.app.quote import Estimate, fits, quote_requests
+from runner.app.run import RunResult, run_job
+from runner.app.sweep import load_spec
+from runner.app.sweep_run import SweepResult, cell_report, check_budget, plan_sweep, rows_that_fit, run_sweep
+from runner.cli import html_report, sweep_view
+from runner.cli.app import app, check_writable, export_to
+from runner.cli.console import (
+    ERRORS_SHOWN,
+    EXIT_INVALID,
+    EXIT_OVER_BUDGET,
+    EXIT_REQUESTS_FAILED,
+    EXIT_RUN_STOPPED,
+    Progress,
+    err,
+    estimate_json,
+    estimate_table,
+    friendly,
+    note_unknown_context,
+    out,
+    print_catalog,
+    print_json,
+    print_report,
+    print_summary,
+    run_async,
+    summary_json,
+    text_table,
+)
+from runner.cli.options import DbOpt, Flags, JsonOpt, config_options
+from runner.core import catalog
+from runner.core.config import ESTIMATE, RESUME, RUN, SWEEP, VALIDATE, ProviderSettings, RunConfig
+from runner.core.errors import ConfigError, printable
+from runner.core.jobs import iter_requests, validate_job
+from runner.core.money import format_usd, to_nanos
+from runner.ledger import Ledger
+from runner.providers.registry import connect, price_table, provider_of_scope
+
+
+@app.command()
+@friendly
+@config_options(VALIDATE)
+def validate(
+    jobs: Annotated[list[Path], typer.Argument(help="Job files (JSONL).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document.")] = False,
+    *,
+    flags: Flags,
+) -> None:
+    """Check every line of the job files against the provider's contract; spends nothing."""
+    config = RunConfig().with_flags(**flags)
+    summaries = [validate_job(path, None, config.max_line_bytes) for path in jobs]
+    if as_json:
+        out.print_json(data={"jobs": [summary_json(s) for s in summaries]})
+    else:
+        for summary in summaries:
+            print_summary(summary)
+    if not all(s.ok for s in summaries):
+        raise typer.Exit(EXIT_INVALID)
+
+
+@app.command()
+@friendly
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document.")] = False,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="Ask this provider for its live list (free).")
+    ] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="The provider's base URL.")] = None,
+) -> None:
+    """List the model catalog: context windows, reasoning support and prices per 1M tokens."""
+    if provider is None:
+        print_catalog(as_json=as_json)
+        return
+    settings = ProviderSettings(name=provider, base_url=base_url)
+
+    async def live() -> list[str]:
+        async with connect(settings) as conn:
+            return await conn.provider.models()
+
+    slugs = run_async(live)
+    if as_json:
+        out.print(json.dumps(slugs, indent=2), markup=False, highlight=False)
+        return
+    for slug in slugs:
+        known = "" if slug in catalog.MODELS else "  (not in runner's catalog)"
+        out.print(f"{slug}{known}", markup=False, highlight=False)
+
+
+@app.command()
+@friendly
+@config_options(ESTIMATE)
+def estimate(
+    job: Path,
+    budget: Annotated[str | None, typer.Option("--budget", help="Compare with this budget.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    *,
+    flags: Flags,
+) -> None:
+    """Validate, then quote every request (dry runs, cached in the ledger); exit 3 if over budget."""
+    config = RunConfig.from_flags(job, **flags)
+    models = price_table(config.provider)
+    summary = validate_job(job, models, config.max_line_bytes)
+    summary.raise_for_issues()
+    ledger = Ledger(db)
+    remaining = ledger.budget(budget).remaining_nanos if budget else None
+
+    async def work() -> Estimate:
+        async with connect(config.provider) as conn:
+            with Progress("quoting", summary.requests) as progress:
+                return await quote_requests(
+                    iter_requests(job, models, max_line=config.max_line_bytes),
+                    provider=conn.provider,
+                    scope=conn.scope,
+                    ledger=ledger,
+                    concurrency=config.concurrency,
+                    on_event=progress,
+                    cache=config.cache,
+                )
+
+    result = run_async(work)
+    if as_json:
+        print_json(estimate_json(result, remaining))
+    else:
+        out.print(estimate_table(result, remaining))
+        out.print(f"quote calls made: {result.quote_calls}", highlight=False)
+    for custom_id, reason in result.unquoted[:ERRORS_SHOWN]:
+        err.print(f"not quoted: {printable(custom_id)}: {reason}", markup=False, highlight=False)
+    if result.unquoted_count:  # as `run` refuses them: they cannot be held against a budget
+        err.print(
+            f"{result.unquoted_count} request(s) could not be priced: `runner run` would refuse them "
+            "(or run the rest with --partial)",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_OVER_BUDGET)
+    if remaining is not None:
+        fit, shortfall = fits(result, remaining)
+        if not fit:
+            err.print(f"over budget '{budget}' by {format_usd(shortfall)}", highlight=False)
+            raise typer.Exit(EXIT_OVER_BUDGET)
+
+
+@app.command()
+@friendly
+@config_options(RUN)
+def run(job: Path, db: DbOpt = None, *, flags: Flags) -> None:
+    """Validate → quote → budget check → run (resuming an unfinished run) → Parquet → report."""
+    # checked first: a usage error is named before any work
+    _run(replace(RunConfig.from_flags(job, **flags), handle_signals=True), db)
+
+
+@app.command()
+@friendly
+@config_options(RESUME)
+def resume(
+    run_id: Annotated[str, typer.Argument(help="The run (its id or the start of it; see `runner runs`).")],
+    db: DbOpt = None,
+    *,
+    flags: Flags,
+) -> None:
+    """Go on with a run (e.g. one left after a --new): its job, provider and budget come from the
+    ledger; the rest as `run` takes it."""
+    info = Ledger(db).run(run_id)
+    name, base_url, sim_pricing = provider_of_scope(info.provider)
+    provider = ProviderSettings(name=name, base_url=base_url, sim_pricing=sim_pricing)
+    made = RunConfig(job=Path(info.job_path), provider=provider, run_id=info.id, handle_signals=True)
+    _run(made.with_flags(**flags), db)
+
+
+def _run(config: RunConfig, db: str | None) -> None:
+    """Validate → quote → budget check → run → Parquet → report, and the exit code."""
+    if config.output is not None:
+        check_writable(config.output)  # found out now, not after the money is spent
+    models = price_table(config.provider)
+    summary = validate_job(config.job, models, config.max_line_bytes)
+    summary.raise_for_issues()
+    print_summary(summary)
+    note_unknown_context(summary, models)
+    ledger = Ledger(db)
+
+    async def work() -> RunResult:
+        async with connect(config.provider) as conn:
+            with Progress("running", summary.requests) as progress:
+                return await run_job(
+                    config, conn=conn, ledger=ledger, on_event=progress, summary=summary, models=models
+                )
+
+    result = run_async(work)
+    path = config.output or Path("results") / f"{config.job.stem}-{result.run_id}.parquet"
+    rows = export_to(export_parquet, ledger, result.run_id, path)
+    out.print(estimate_table(result.estimate, None))
+    print_report(ledger, result.run_id, path)
+    _print_outcome(result, path, rows)
+
+
+def _print_outcome(result: RunResult, path: Path, rows: int) -> None:
+    """How the run ended, and the exit code that says it."""
+    reason = f" ({result.reason})" if result.reason else ""
+    out.print(f"run {result.run_id}: {result.state}{reason}", highlight=False)
+    spent = format_usd(result.spent_nanos, places=6)
+    out.print(f"spent {spent}; {rows} rows written to {path}", highlight=False)
+    if not result.last:
+        out.print(
+            f"this worker's share of run {result.run_id} is done; the run's other workers finish it",
+            highlight=False,
+        )
+    if result.state != "done":
+        if result.resumable:
+            out.print(
+                f"the run is resumable; to go on with it: {resume_command(result.run_id)}", highlight=False
+            )
+        raise typer.Exit(EXIT_RUN_STOPPED)
+    unfinished = {s: result.states.get(s, 0) for s in ("failed", "possibly_billed")}
+    if any(unfinished.values()):
+        err.print(
+            f"run {result.run_id} finished with {unfinished['failed']} failed and "
+            f"{unfinished['possibly_billed']} possibly billed request(s) (see the report above)",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_REQUESTS_FAILED)
+
+
+def resume_command(run_id: str) -> str:
+    """This command line, as the shell would take it, going on with `run_id` (a --new or --run
+    given dropped)."""
+    words, skip = [], False
+    for word in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif word == "--run":
+            skip = True
+        elif word != "--new" and not word.startswith("--run="):
+            words.append(word)
+    return shlex.join(["runner", *words, "--run", run_id])
+
+
+@app.command()
+@friendly
+@config_options(SWEEP)
+def sweep(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The sweep's spec (TOML).")],
+    estimate_only: Annotated[
+        bool, typer.Option("--estimate", help="Show the cost matrix (from dry runs) and stop.")
+    ] = False,
+    fit: Annotated[
+        bool, typer.Option("--fit", help="Over budget: drop the same dataset rows from every cell.")
+    ] = False,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the comparison as HTML.")] = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+    *,
+    flags: Flags,
+) -> None:
+    """Expand a sweep (dataset × prompt × models × parameters), price every cell from dry runs, run
+    it within the budget, grade the answers and compare the cells."""
+    config = replace(RunConfig.from_flags(spec_path, **flags), handle_signals=True)
+    spec = load_spec(spec_path)
+    path = config.output or Path("results") / f"{spec_path.stem}.parquet"
+    if not estimate_only:
+        check_writable(path)
+    ledger = Ledger(db)
+    if config.budget is not None:
+        remaining: int | None = ledger.budget(config.budget).remaining_nanos
+    elif config.max_usd is not None:
+        remaining = to_nanos(config.max_usd)
+    elif estimate_only:
+        remaining = None
+    else:
+        raise ConfigError("give a budget: --budget NAME (see `runner budget create`) or --max-usd USD")
+
+    async def work() -> SweepResult | None:
+        async with connect(config.provider) as conn:
+            with Progress("quoting", 0) as progress:
+                plan = await plan_sweep(
+                    spec, path.parent, conn, ledger, concurrency=config.concurrency, on_event=progress,
+                    cache=config.cache,
+                )  # fmt: skip
+            if fit and remaining is not None:
+                kept = rows_that_fit(plan, remaining)
+                if len(kept) < plan.rows_total:
+                    out.print(f"--fit: {len(kept)} of {plan.rows_total} dataset rows fit, in every cell")
+                    plan = await plan_sweep(
+                        spec, path.parent, conn, ledger, concurrency=config.concurrency, keep_rows=kept,
+                        cache=config.cache,
+                    )  # fmt: skip
+            if as_json and estimate_only:
+                print_json(sweep_view.matrix_json(plan, remaining))
+            elif not as_json:
+                rows = sweep_view.matrix_rows(plan, remaining)
+                out.print(text_table(f"sweep {spec_path.stem}: cost matrix", sweep_view.MATRIX_COLUMNS, rows))
+            if remaining is not None:
+                check_budget(plan, remaining)
+            if estimate_only:
+                return None
+            with Progress("running", plan.expansion.requests) as progress:
+                return await run_sweep(plan, conn, ledger, config, progress)
+
+    result = run_async(work)
+    if result is not None:
+        _sweep_outputs(result, spec_path.stem, path, html, as_json)
+
+
+def _sweep_outputs(result: SweepResult, title: str, path: Path, html: Path | None, as_json: bool) -> None:
+    """The sweep's Parquet, its comparison (terminal, --html, --json), and the exit code."""
+    spec = result.plan.spec
+    result.frame.write_parquet(path)
+    cells = cell_report(result.frame, spec)
+    columns, rows = sweep_view.report_columns(spec), sweep_view.report_rows(cells, spec)
+    if html is not None:
+        first = spec.graders[0].name if spec.graders else ""
+        html.write_text(html_report.render_sweep(title, cells, columns, rows, first), encoding="utf-8")
+    job = result.plan.expansion.job
+    if as_json:
+        print_json({"parquet": str(path), "job": str(job), "cells": sweep_view.report_json(cells)})
+    else:
+        out.print(text_table(f"sweep {title}: cells (front: on the cost-score Pareto front)", columns, rows))
+        judged = format_usd(result.judge.spent_nanos if result.judge else 0, places=6)
+        spent = format_usd(result.run.spent_nanos, places=6)
+        out.print(
+            f"spent {spent} on the cells and {judged} on the judges; {len(result.frame)} rows written to "
+            f"{path}; the job is {job}",
+            highlight=False,
+        )
+    if result.run.state != "done" or (result.judge is not None and result.judge.state != "done"):
+        raise typer.Exit(EXIT_RUN_STOPPED)
