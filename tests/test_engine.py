@@ -33,7 +33,6 @@ from runner.core.models import Quote
 from runner.core.money import format_usd, from_nanos, to_nanos
 from runner.ledger import Ledger
 from runner.ledger.db import time_text, utcnow
-from runner.ledger.workers import workers
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.providers.registry import Connection
 from runner.simulator import SimulatorThread
@@ -303,7 +302,7 @@ async def test_a_run_another_live_worker_sends_is_joined_and_its_share_taken_ove
 ) -> None:
     """A second process joins the run instead of refusing it: it leaves the live worker's claimed
     request alone (no recovery of another's requests), and takes it over once that process dies."""
-    monkeypatch.setattr("runner.engine.engine.TAKE_OVER_EVERY_S", 0.05)
+    monkeypatch.setattr("runner.engine.membership.TAKE_OVER_EVERY_S", 0.05)
     ledger = Ledger()
     job = write_job(job_lines(6))
     sim.books.configure({"balance": "0.0000001"})
@@ -347,7 +346,7 @@ async def test_a_run_another_live_worker_sends_is_joined_and_its_share_taken_ove
     assert joined.run_id == first.run_id
     assert ledger.run(first.run_id).states == {"ok": 6}
     assert ledger.run(first.run_id).state == "done"  # the last worker finished the run
-    states = {w.id: w.state for w in workers(ledger, first.run_id)}
+    states = {w.id: w.state for w in ledger.workers(first.run_id)}
     assert states[other] == "gone"
     assert sorted(states.values()) == ["gone", "left", "left"]
 
@@ -927,8 +926,8 @@ async def test_a_request_far_slower_than_the_rest_is_reported_as_stalled(
 ) -> None:
     from runner.core.events import Funds  # noqa: PLC0415
 
-    monkeypatch.setattr("runner.engine.engine.FUNDS_EVERY_S", 0.05)
-    monkeypatch.setattr("runner.engine.engine.STALL_MIN_S", 0.3)
+    monkeypatch.setattr("runner.engine.membership.FUNDS_EVERY_S", 0.05)
+    monkeypatch.setattr("runner.engine.membership.STALL_MIN_S", 0.3)
     sim.books.configure({"latency": "0.02", "script": [{"fault": "stall", "match": "question q 30"}]})
     seen: list[int] = []
 

@@ -4,6 +4,7 @@ inside functions count), there is no import circle, and importing the core loads
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,29 @@ def test_each_folder_imports_only_the_layers_below_it() -> None:
         allowed = MAY_IMPORT[layer] | {layer}
         wrong += [f"{module} imports {other}" for other in imported if _layer(other) not in allowed]
     assert wrong == []
+
+
+def test_outside_the_ledger_only_its_public_surface_is_imported() -> None:
+    inner = [
+        f"{module} imports {other}"
+        for module, imported in _graph().items()
+        if not module.startswith("runner.ledger")
+        for other in imported
+        if other.startswith("runner.ledger.")
+    ]
+    assert inner == []
+
+
+def test_no_sql_outside_the_ledger() -> None:
+    statement = re.compile(r"\b(SELECT .* FROM|INSERT INTO|UPDATE \w+ SET|DELETE FROM|CREATE TABLE)\b")
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}"
+        for path in PACKAGE.rglob("*.py")
+        if "ledger" not in path.relative_to(PACKAGE).parts[:1]
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if statement.search(line)
+    ]
+    assert found == []
 
 
 def test_no_import_circle() -> None:

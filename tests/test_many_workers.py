@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runner.ledger import Ledger
-from runner.ledger.workers import workers
 from tests.postgres import PostgresServer
 from tests.test_processes import (
     KEY,
@@ -63,7 +62,7 @@ def test_four_workers_on_postgresql_send_one_run_each_request_paid_once_at_the_s
     assert all(f"run {run_id}: done" in out or "other workers finish it" in out for out in outputs), outputs
     assert ledger.run(run_id).states == {"ok": 4000}
     assert ledger.run(run_id).state == "done"
-    crew = workers(ledger, run_id)
+    crew = ledger.workers(run_id)
     assert len(crew) == 4 and all(w.state == "left" for w in crew)
     assert sum(w.sent for w in crew) == 4000
     assert all(w.sent > 0 for w in crew), [w.sent for w in crew]  # every worker took a share
@@ -104,7 +103,7 @@ def test_a_worker_killed_mid_run_leaves_its_share_to_the_others_and_nothing_is_p
     info = ledger.run(run_id)
     assert info.state == "done"
     assert set(info.states) <= {"ok", "possibly_billed"}, info.states
-    crew = {w.id: w for w in workers(ledger, run_id)}
+    crew = {w.id: w for w in ledger.workers(run_id)}
     gone = [w for w in crew.values() if w.state == "gone"]
     assert len(gone) == 1 and gone[0].pid == victim.pid
     with ledger.reading() as c:  # what was in flight when it died is possibly billed, never sent again
@@ -132,7 +131,7 @@ def test_two_workers_on_one_sqlite_ledger_share_a_run(
     assert [p.returncode for p in procs] == [0, 0], outputs
     run_id = _only_run(ledger)
     assert ledger.run(run_id).states == {"ok": 1500}
-    crew = workers(ledger, run_id)
+    crew = ledger.workers(run_id)
     assert len(crew) == 2 and all(w.sent > 0 for w in crew), [w.sent for w in crew]
     assert sum(w.sent for w in crew) == 1500
     quiet(sim)

@@ -8,18 +8,7 @@ import itertools
 import anyio
 
 from runner.core.models import ChatRequest
-from runner.ledger import Ledger, Settlement
-from runner.ledger.tx import Hold
-from runner.ledger.workers import (
-    claim_chunk,
-    claim_orphans,
-    heartbeat,
-    join_run,
-    leave_run,
-    others_unfinished,
-    take_units,
-    workers,
-)
+from runner.ledger import Hold, Ledger, Settlement
 from runner.providers.limits import Limits
 
 QUOTE = 1_000_000
@@ -63,13 +52,13 @@ def _seen_long_ago(ledger: Ledger, worker: str) -> None:
 def test_workers_claim_chunks_in_turn_and_each_request_once(ledger_url: str) -> None:
     ledger = Ledger(ledger_url)
     run_id = _run(ledger, lines=5)
-    assert join_run(ledger, run_id, "elsewhere:1:a", 4).alone
-    assert not join_run(ledger, run_id, "elsewhere:2:b", 4).alone
+    assert ledger.join_run(run_id, "elsewhere:1:a", 4).alone
+    assert not ledger.join_run(run_id, "elsewhere:2:b", 4).alone
     with ledger.transaction() as tx:
-        assert claim_chunk(tx, run_id, "elsewhere:1:a", 2) == 0
-        assert claim_chunk(tx, run_id, "elsewhere:2:b", 2) == 1
-        assert claim_chunk(tx, run_id, "elsewhere:1:a", 2) == 2
-        assert claim_chunk(tx, run_id, "elsewhere:2:b", 2) == 3  # past the end: nothing claimed
+        assert ledger.claim_chunk(tx, run_id, "elsewhere:1:a", 2) == 0
+        assert ledger.claim_chunk(tx, run_id, "elsewhere:2:b", 2) == 1
+        assert ledger.claim_chunk(tx, run_id, "elsewhere:1:a", 2) == 2
+        assert ledger.claim_chunk(tx, run_id, "elsewhere:2:b", 2) == 3  # past the end: nothing claimed
     owners = {line: worker for line, (_, worker) in _rows(ledger, run_id).items()}
     assert owners == {
         1: "elsewhere:1:a",
@@ -79,13 +68,13 @@ def test_workers_claim_chunks_in_turn_and_each_request_once(ledger_url: str) -> 
         5: "elsewhere:1:a",
     }
     with ledger.transaction() as tx:
-        assert claim_orphans(ledger, tx, run_id, "elsewhere:2:b", 10) == []  # all held by a running worker
-        assert others_unfinished(tx, run_id, "elsewhere:2:b") == 3
-    assert not leave_run(ledger, run_id, "elsewhere:1:a", (0, 0, 0))  # b still runs, requests unsent
+        assert ledger.claim_orphans(tx, run_id, "elsewhere:2:b", 10) == []  # all held by a running worker
+        assert ledger.others_unfinished(tx, run_id, "elsewhere:2:b") == 3
+    assert not ledger.leave_run(run_id, "elsewhere:1:a", (0, 0, 0))  # b still runs, requests unsent
     with ledger.transaction() as tx:  # a left: its unsent claims are anyone's
-        assert claim_orphans(ledger, tx, run_id, "elsewhere:2:b", 10) == [1, 2, 5]
-        assert others_unfinished(tx, run_id, "elsewhere:2:b") == 0
-    assert leave_run(ledger, run_id, "elsewhere:2:b", (0, 0, 0))  # the last one
+        assert ledger.claim_orphans(tx, run_id, "elsewhere:2:b", 10) == [1, 2, 5]
+        assert ledger.others_unfinished(tx, run_id, "elsewhere:2:b") == 0
+    assert ledger.leave_run(run_id, "elsewhere:2:b", (0, 0, 0))  # the last one
 
 
 def test_a_lapsed_worker_is_taken_over_in_flight_possibly_billed_and_unsent_back_to_the_pool(
@@ -94,16 +83,16 @@ def test_a_lapsed_worker_is_taken_over_in_flight_possibly_billed_and_unsent_back
     ledger = Ledger(ledger_url)
     run_id = _run(ledger, lines=3)
     budget_id = ledger.run(run_id).budget_id
-    join_run(ledger, run_id, "elsewhere:1:a", 4)
+    ledger.join_run(run_id, "elsewhere:1:a", 4)
     with ledger.transaction() as tx:
-        claim_chunk(tx, run_id, "elsewhere:1:a", 10)
+        ledger.claim_chunk(tx, run_id, "elsewhere:1:a", 10)
     ids = {line: row.id for line, row in _ids(ledger, run_id).items()}
     with ledger.transaction() as tx:
         for line in (1, 2):
             assert ledger.reserve(tx, budget_id, run_id, ids[line], QUOTE)
         ledger.mark_sending(tx, ids[1], 1)  # in flight; 2 reserved, unsent; 3 claimed, pending
     _seen_long_ago(ledger, "elsewhere:1:a")
-    joined = join_run(ledger, run_id, "elsewhere:2:b", 4)
+    joined = ledger.join_run(run_id, "elsewhere:2:b", 4)
     assert joined.alone and joined.taken_over == 1
     assert _rows(ledger, run_id) == {
         1: ("possibly_billed", "elsewhere:1:a"),
@@ -112,7 +101,7 @@ def test_a_lapsed_worker_is_taken_over_in_flight_possibly_billed_and_unsent_back
     }
     view = ledger.budget_by_id(budget_id)
     assert (view.reserved_nanos, view.possibly_billed_nanos) == (0, QUOTE)
-    assert [w.state for w in workers(ledger, run_id)] == ["gone", "running"]
+    assert [w.state for w in ledger.workers(run_id)] == ["gone", "running"]
 
     # the lapsed worker's answer comes after all: settled from possibly billed, charged once
     with ledger.transaction() as tx:
@@ -120,7 +109,7 @@ def test_a_lapsed_worker_is_taken_over_in_flight_possibly_billed_and_unsent_back
     view = ledger.budget_by_id(budget_id)
     assert (view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos) == (QUOTE // 2, 0, 0)
     with ledger.transaction() as tx:  # and it learns at its next sign of life that it was taken for gone
-        assert not heartbeat(tx, run_id, "elsewhere:1:a", (1, 0, 0), 4, 0).alive
+        assert not ledger.heartbeat(tx, run_id, "elsewhere:1:a", (1, 0, 0), 4, 0).alive
 
 
 def _ids(ledger: Ledger, run_id: str) -> dict[int, object]:
@@ -133,23 +122,23 @@ def _ids(ledger: Ledger, run_id: str) -> dict[int, object]:
 def test_a_live_worker_on_another_host_is_not_taken_over(ledger_url: str) -> None:
     ledger = Ledger(ledger_url)
     run_id = _run(ledger)
-    join_run(ledger, run_id, "elsewhere:1:a", 4)
-    joined = join_run(ledger, run_id, "elsewhere:2:b", 4)
+    ledger.join_run(run_id, "elsewhere:1:a", 4)
+    joined = ledger.join_run(run_id, "elsewhere:2:b", 4)
     assert not joined.alone and joined.taken_over == 0
 
 
 def test_the_run_concurrency_is_shared_and_never_exceeded_as_workers_join(ledger_url: str) -> None:
     ledger = Ledger(ledger_url)
     run_id = _run(ledger)
-    assert join_run(ledger, run_id, "h:1:a", 10).slots == 10
-    assert join_run(ledger, run_id, "h:2:b", 10).slots == 0  # a holds all ten
+    assert ledger.join_run(run_id, "h:1:a", 10).slots == 10
+    assert ledger.join_run(run_id, "h:2:b", 10).slots == 0  # a holds all ten
 
     def beat(worker: str, in_flight: int) -> int:
         with ledger.transaction() as tx:
-            return heartbeat(tx, run_id, worker, (0, 0, 0), 10, in_flight).slots
+            return ledger.heartbeat(tx, run_id, worker, (0, 0, 0), 10, in_flight).slots
 
     def recorded() -> int:
-        return sum(w.slots for w in workers(ledger, run_id) if w.state == "running")
+        return sum(w.slots for w in ledger.workers(run_id) if w.state == "running")
 
     assert beat("h:1:a", in_flight=10) == 5  # its share now; its ten in flight still count
     assert recorded() == 10
@@ -157,7 +146,7 @@ def test_the_run_concurrency_is_shared_and_never_exceeded_as_workers_join(ledger
     assert beat("h:1:a", in_flight=3) == 5
     assert beat("h:2:b", in_flight=0) == 5
     assert recorded() == 10
-    leave_run(ledger, run_id, "h:1:a", (0, 0, 0))
+    ledger.leave_run(run_id, "h:1:a", (0, 0, 0))
     assert beat("h:2:b", in_flight=5) == 10
 
 
@@ -165,7 +154,7 @@ def test_a_run_wide_bucket_grants_what_the_ledger_clock_has_earned(ledger_url: s
     ledger = Ledger(ledger_url)
     run_id = _run(ledger)
     with ledger.transaction() as tx:  # starts empty: nothing before it has earned any
-        granted, wait = take_units(ledger, tx, run_id, "rpm", 10.0, 10, 5, start_empty=True)
+        granted, wait = ledger.take_units(tx, run_id, "rpm", 10.0, 10, 5, start_empty=True)
     assert granted == 0 and 0 < wait <= 0.1
 
     def earned_since(seconds: float) -> None:
@@ -174,11 +163,11 @@ def test_a_run_wide_bucket_grants_what_the_ledger_clock_has_earned(ledger_url: s
 
     earned_since(0.5)
     with ledger.transaction() as tx:
-        granted, _ = take_units(ledger, tx, run_id, "rpm", 10.0, 10, 8, start_empty=True)
+        granted, _ = ledger.take_units(tx, run_id, "rpm", 10.0, 10, 8, start_empty=True)
     assert granted == 5
     earned_since(100)  # a long idle spell earns no more than the bucket holds
     with ledger.transaction() as tx:
-        granted, _ = take_units(ledger, tx, run_id, "rpm", 10.0, 10, 50, start_empty=True)
+        granted, _ = ledger.take_units(tx, run_id, "rpm", 10.0, 10, 50, start_empty=True)
     assert granted == 10
 
 
@@ -191,7 +180,7 @@ async def test_two_workers_limits_share_one_rpm_bucket_in_the_ledger(ledger_url:
     async def fetch(name: str, per_second: float, capacity: int, want: int, empty: bool) -> tuple[int, float]:
         def work() -> tuple[int, float]:
             with ledger.transaction() as tx:
-                return take_units(ledger, tx, run_id, name, per_second, capacity, want, start_empty=empty)
+                return ledger.take_units(tx, run_id, name, per_second, capacity, want, start_empty=empty)
 
         return await anyio.to_thread.run_sync(work)
 
@@ -220,8 +209,8 @@ def test_a_worker_that_leaves_a_run_with_nothing_unsent_finishes_it_whoever_else
 ) -> None:
     ledger = Ledger(ledger_url)
     run_id = _run(ledger, lines=2)
-    join_run(ledger, run_id, "elsewhere:1:a", 4)
-    join_run(ledger, run_id, "elsewhere:2:b", 4)  # seen just now: alive, for all a can tell
+    ledger.join_run(run_id, "elsewhere:1:a", 4)
+    ledger.join_run(run_id, "elsewhere:2:b", 4)  # seen just now: alive, for all a can tell
     with ledger.transaction() as tx:
         tx.conn.execute("UPDATE requests SET state = 'failed' WHERE run_id = ?", (run_id,))
-    assert leave_run(ledger, run_id, "elsewhere:1:a", (0, 0, 0))
+    assert ledger.leave_run(run_id, "elsewhere:1:a", (0, 0, 0))

@@ -33,9 +33,7 @@ from runner.core.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_reque
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import format_usd, from_nanos, to_nanos
 from runner.engine.plan import Plan, changed
-from runner.ledger import BudgetView, Ledger
-from runner.ledger.store import OWNER_STALE_S, metadata_text, owner_alive
-from runner.ledger.workers import join_run, leave_run, recover_rows, touch_worker
+from runner.ledger import OWNER_STALE_S, BudgetView, Ledger, metadata_text, owner_alive
 from runner.providers.limits import Limits
 from runner.providers.registry import Connection
 
@@ -128,13 +126,13 @@ async def recover(
     worker: str | None = None,
 ) -> None:
     """After a crash: `sending` rows are unknown outcomes, each attempt recorded as such; `reserved`
-    rows were never sent (`workers.recover_rows`; only `worker`'s rows when given). With
+    rows were never sent (`Ledger.recover_rows`; only `worker`'s rows when given). With
     `retry_possibly_billed` every possibly billed request of the run goes back to pending, what it
     held still counted as possibly billed (`Ledger.send_again`)."""
 
     def work() -> None:
         with ledger.transaction() as db:
-            recover_rows(db, run_id, worker)
+            ledger.recover_rows(db, run_id, worker)
         if retry_possibly_billed:  # its own transaction: it reads what the one above wrote
             with ledger.transaction() as db:
                 for row_id in ledger.possibly_billed(run_id, db):
@@ -188,7 +186,7 @@ async def prepare(
     """The run to send (resumed or new, its rows made), quoted and checked against its budget; the
     quotes' estimate."""
     existing, run_id, budget_id = await _find_or_make(config, checked.job_key, conn, ledger, owner, on_event)
-    joined = await anyio.to_thread.run_sync(join_run, ledger, run_id, owner, limits.window.maximum)
+    joined = await anyio.to_thread.run_sync(ledger.join_run, run_id, owner, limits.window.maximum)
     if joined.taken_over:
         on_event(
             Notice(
@@ -221,7 +219,7 @@ async def prepare(
             await _check_fits(ledger, needed, view)
     except BaseException as exc:
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            await anyio.to_thread.run_sync(leave_run, ledger, run_id, owner, (0, 0, 0))
+            await anyio.to_thread.run_sync(ledger.leave_run, run_id, owner, (0, 0, 0))
         if not existing:  # a run refused (or stopped) before it sent anything leaves no trace
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await anyio.to_thread.run_sync(ledger.discard_run, run_id)
@@ -342,7 +340,7 @@ class _KeptClaim:
         while not self._stop.wait(OWNER_TOUCH_S):
             try:
                 with self.ledger.transaction() as tx:
-                    if not touch_worker(tx, self.run_id, self.owner):
+                    if not self.ledger.touch_worker(tx, self.run_id, self.owner):
                         self.lost = True
                         return
             except Exception:  # noqa: S112 - a busy ledger: the next touch tries again

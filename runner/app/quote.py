@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from runner.core.errors import ConfigError, ProviderError, RetryableError, RunFa
 from runner.core.events import Listener, Quoted, Retrying, ignore
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import from_nanos
-from runner.ledger import Ledger
+from runner.ledger import Ledger, SeenKeys
 from runner.providers.base import Provider
 from runner.providers.limits import Limits
 from runner.providers.retry import first_wait, retrying
@@ -99,9 +98,7 @@ class Answers:
             msg = f"--cache must be one of {', '.join(CACHE_MODES)} (got '{mode}')"
             raise ConfigError(msg)
         self.ledger, self.scope, self.mode = ledger, scope, mode
-        # the job's answer keys seen so far, in a private temporary database: bounded memory at any size
-        self._seen = sqlite3.connect("", check_same_thread=False)
-        self._seen.execute("CREATE TABLE seen (key BLOB PRIMARY KEY) WITHOUT ROWID")
+        self._seen = SeenKeys()  # the job's answer keys so far: bounded memory at any size
 
     def decide(self, requests: list[ChatRequest]) -> list[Reuse | None]:
         """For each request (in file order, chunk after chunk): None to send it, or how it is answered."""
@@ -110,8 +107,7 @@ class Answers:
         keys = [r.answer_key for r in requests]
         hits = self.ledger.reusable_answers(self.scope, keys) if self.mode == "reuse" else {}
         digests = [bytes.fromhex(k[:32]) for k in keys]
-        query = f"SELECT key FROM seen WHERE key IN ({', '.join('?' * len(digests))})"  # noqa: S608
-        seen = {row[0] for row in self._seen.execute(query, digests)} if digests else set()
+        seen = self._seen.which(digests)
         decided: list[Reuse | None] = []
         for key, digest in zip(keys, digests, strict=True):
             if key in hits:
@@ -121,7 +117,7 @@ class Answers:
             else:
                 decided.append(None)
             seen.add(digest)
-        self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(d,) for d in digests])
+        self._seen.add(digests)
         return decided
 
     def close(self) -> None:

@@ -17,7 +17,6 @@ import anyio
 
 from runner.core.money import parse_usd, to_nanos
 from runner.ledger import BudgetView, Ledger
-from runner.ledger.tx import Hold, Tx
 
 
 @dataclass
@@ -78,71 +77,18 @@ def charges_by_attempt(transactions: list[dict[str, Any]]) -> dict[str, int]:
 
 def reconcile_with_charges(ledger: Ledger, run_id: str, charges: dict[str, int]) -> Reconciliation:
     """Compare each request of the run with what its attempts were charged; resolve the possibly
-    billed ones. One transaction: what it decides is all written or none of it."""
+    billed ones (`Ledger.check_charges`: one transaction, all written or none of it)."""
     run = ledger.run(run_id)
     result = Reconciliation(run.id, ledger.budget_by_id(run.budget_id).name, "transactions")
-    with ledger.transaction() as tx:
-        rows = tx.conn.execute(
-            "SELECT id, custom_id, state, reserved_nanos, possibly_billed_nanos, coalesce(price_nanos, 0)"
-            " FROM requests WHERE run_id = ? AND cached_from IS NULL"
-            " AND state IN ('ok', 'failed', 'possibly_billed') ORDER BY id",
-            (run.id,),
-        ).fetchall()
-        charged_to: dict[int, int] = defaultdict(int)  # what each request's attempts were charged
-        for request_id, cid in tx.conn.execute(
-            "SELECT a.request_id, a.client_request_id FROM attempts a JOIN requests r ON r.id = a.request_id"
-            " WHERE r.run_id = ? AND a.client_request_id IS NOT NULL",
-            (run.id,),
-        ):
-            charged_to[request_id] += charges.get(cid, 0)
-        for row_id, custom_id, state, held, earlier, price in rows:
-            provider = charged_to[row_id]
-            pending = earlier + (held if state == "possibly_billed" else 0)
-            known = price if state == "ok" else 0
-            if pending:
-                _resolve(tx, row_id, state, pending, provider, known, run.budget_id, run.id)
-                if state == "possibly_billed":
-                    if provider:
-                        result.charged += 1
-                    else:
-                        result.not_charged += 1
-            elif provider != known and not (state == "failed" and provider == price):
-                result.mismatched.append((custom_id, known, provider))
-            else:
-                result.matched += 1
-        (spent,) = tx.conn.execute(
-            "SELECT coalesce(sum(price_nanos), 0) FROM requests WHERE run_id = ? AND cached_from IS NULL",
-            (run.id,),
-        ).fetchone()
-    result.ledger_nanos = int(spent)
+    check = ledger.check_charges(run.id, run.budget_id, charges)
+    result.matched, result.charged, result.not_charged = check.matched, check.charged, check.not_charged
+    result.mismatched = check.mismatched
+    result.ledger_nanos = check.spent_nanos
     result.provider_nanos = sum(
         charges.get(cid, 0)
         for cid in ledger.attempt_ids(run.id)  # every attempt of the run, whatever its row
     )
     return result
-
-
-def _resolve(
-    tx: Tx, row_id: int, state: str, pending: int, provider: int, known: int, budget_id: int, run_id: str
-) -> None:
-    """A request with money counted as possibly billed: the provider's books decide."""
-    extra = max(0, provider - known)  # charged and not yet spent in the ledger
-    tx.move_funds(budget_id, spent=extra, possibly_billed=-pending)
-    values: dict[str, Any] = {
-        "possibly_billed_nanos": 0,
-        "reconciled": "charged" if provider else "not_charged",
-    }
-    if state == "possibly_billed":
-        values["reserved_nanos"] = 0
-        if provider:  # charged, and its answer never came: failed, at the provider's price
-            values |= {"state": "failed", "price_nanos": provider, "error_type": "charged_no_answer"}
-        else:  # never charged: sent again by the next resume
-            values |= {"state": "pending", "error_type": None, "error_message": None, "finished_at": None}
-            values["worker_id"] = None
-    else:
-        values["price_nanos"] = known + extra
-    tx.update_request(row_id, values)
-    tx.entry("reconcile", extra, Hold(0, budget_id, run_id), row_id)
 
 
 def reconcile_by_balance(ledger: Ledger, run_id: str) -> Reconciliation:

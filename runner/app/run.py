@@ -21,8 +21,7 @@ from runner.core.jobs import JobSummary, validate_job
 from runner.core.money import to_nanos
 from runner.engine.engine import Engine
 from runner.engine.plan import Plan
-from runner.ledger import Ledger
-from runner.ledger.workers import leave_run, worker_name
+from runner.ledger import Ledger, worker_name
 from runner.providers.limits import Limits
 from runner.providers.registry import Connection
 
@@ -79,7 +78,7 @@ async def run_job(
     finally:  # its claims go back to the pool; the run's last worker finishes the run
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             counts = [0, 0, 0] if engine is None else engine.counts
-            last = await anyio.to_thread.run_sync(leave_run, ledger, run_id, owner, counts)
+            last = await anyio.to_thread.run_sync(ledger.leave_run, run_id, owner, counts)
     assert engine is not None
     with anyio.CancelScope(shield=True):  # lines identical to one answered now
         await anyio.to_thread.run_sync(ledger.fill_copies, run_id)

@@ -42,8 +42,7 @@ from runner.core.errors import (
 from runner.core.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.core.jobs import JobSummary
 from runner.core.money import format_usd, from_nanos
-from runner.ledger import BudgetView, Ledger, RunView
-from runner.ledger.workers import WorkerView
+from runner.ledger import BudgetView, Ledger, RunView, WorkerView
 
 ERRORS_SHOWN = 20
 EXIT_INVALID = 1

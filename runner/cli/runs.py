@@ -43,8 +43,7 @@ from runner.cli.options import DbOpt, Flags, JsonOpt, config_options
 from runner.core.config import BALANCE, RECONCILE, ProviderSettings
 from runner.core.errors import ConfigError, RunBusy
 from runner.core.money import format_usd, to_nanos
-from runner.ledger import Ledger, RunView
-from runner.ledger.workers import join_run, leave_run, worker_name, workers
+from runner.ledger import Ledger, RunView, worker_name
 from runner.providers.orthogonal import OrthogonalProvider
 from runner.providers.registry import connect, provider_of_scope
 
@@ -111,8 +110,8 @@ def _reconcile_one(ledger: Ledger, info: RunView, given: ProviderSettings, *, al
     settings = replace(given, name=name, base_url=base_url, sim_pricing=sim_pricing, max_connections=8)
     worker = worker_name()
     # not while workers send it; joining alone recovers what a crash left in flight
-    if not join_run(ledger, info.id, worker, 0, to_send=False).alone:
-        leave_run(ledger, info.id, worker, (0, 0, 0), forget=True)
+    if not ledger.join_run(info.id, worker, 0, to_send=False).alone:
+        ledger.leave_run(info.id, worker, (0, 0, 0), forget=True)
         msg = f"run {info.id} is being sent by other workers; reconcile it once they have finished"
         raise RunBusy(msg, owner="other workers")
 
@@ -123,7 +122,7 @@ def _reconcile_one(ledger: Ledger, info: RunView, given: ProviderSettings, *, al
     try:
         return run_async(work)
     finally:
-        leave_run(ledger, info.id, worker, (0, 0, 0), forget=True)
+        ledger.leave_run(info.id, worker, (0, 0, 0), forget=True)
 
 
 @app.command()
@@ -167,7 +166,7 @@ def status(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """One run: its state, request counts and money, and the workers that sent it."""
     ledger = Ledger(db)
     r = ledger.run(run_id)
-    crew = workers(ledger, r.id)
+    crew = ledger.workers(r.id)
     if as_json:
         print_json({**run_json(r), "workers": [worker_json(w) for w in crew]})
         return

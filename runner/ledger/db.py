@@ -17,9 +17,10 @@ import sqlite3
 import threading
 import weakref
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol
 
 from runner.core.errors import ConfigError, LedgerUnavailable
 from runner.ledger.migrate import migration_engine
@@ -49,15 +50,52 @@ def sqlite_path(url: str) -> str:
     return path
 
 
+class Cursor(Protocol):
+    """What the ledger reads of a statement's result (sqlite3's and psycopg's cursors both are)."""
+
+    @property
+    def rowcount(self) -> int: ...
+    @property
+    def description(self) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """The calls the ledger makes on a connection: sqlite3's, and pg.Connection (psycopg's, with
+    SQLite's placeholders translated)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+    def executemany(self, sql: str, parameters: Any, /) -> Cursor: ...
+    def rollback(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Database(Protocol):
+    """One ledger database: SQLite (`SqliteDatabase`) or PostgreSQL (`pg.PgDatabase`)."""
+
+    path: str  # what messages name (a file, or a URL without its password)
+    dialect: str
+    clock_sql: str  # the database's clock, in epoch seconds: one clock for every host
+    skip_locked: str  # appended to a claim's SELECT where rows can be locked by another writer
+
+    def gone(self) -> str | None: ...
+    def save_copy(self, fallback: str) -> str: ...
+    def migration_engine(self) -> Any: ...
+    def reading(self) -> AbstractContextManager[Connection]: ...
+    def writing(self) -> AbstractContextManager[Connection]: ...
+    def close(self) -> None: ...
+
+
 def open_database(url: str) -> Database:
     """The ledger's connections for a URL: a SQLite file, or a PostgreSQL database (psycopg, loaded
-    only for one). `pg.PgDatabase` keeps `Database`'s contract, and its connections sqlite3's (the
-    calls the store makes), so the store is typed against these."""
+    only for one)."""
     if url.startswith(("postgresql://", "postgres://")):
         from runner.ledger.pg import PgDatabase  # noqa: PLC0415 - SQLite users do not load psycopg
 
-        return cast("Database", PgDatabase(url))
-    return Database(sqlite_path(url))
+        return PgDatabase(url)
+    return SqliteDatabase(sqlite_path(url))
 
 
 # what the driver raises for a mistake in runner's own SQL or data, not for the file: a defect to see
@@ -69,7 +107,7 @@ DEFECTS = (
 )
 
 
-class Database:
+class SqliteDatabase:
     """Connections to one SQLite file, each used by one thread at a time and then kept for the next."""
 
     dialect = "sqlite"
@@ -203,7 +241,7 @@ def _close_all(connections: list[sqlite3.Connection]) -> None:
         conn.close()
 
 
-def rows_as_dicts(cursor: sqlite3.Cursor, times: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def rows_as_dicts(cursor: Cursor, times: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """A cursor's rows as dicts by column name, the named timestamp columns read as datetimes."""
     names = [column[0] for column in cursor.description]
     rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

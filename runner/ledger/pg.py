@@ -96,7 +96,7 @@ class Connection:
 
 
 class PgDatabase:
-    """Pooled connections to one PostgreSQL database; the same contract as `db.Database`."""
+    """Pooled connections to one PostgreSQL database; meeting the `db.Database` protocol."""
 
     dialect = "postgresql"
     clock_sql = "SELECT extract(epoch FROM clock_timestamp())::float8"  # the server's clock, not a host's

@@ -9,11 +9,10 @@ the database) and on a server database (the row is locked by the UPDATE) alike.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from runner.ledger.db import time_text, utcnow
+from runner.ledger.db import Connection, time_text, utcnow
 
 NOW = object()  # stands for "the time of this write" in request updates
 CLIENT_REQUEST_ID = "X-Client-Request-Id"  # an attempt's id, sent with it; the attempts table keeps it
@@ -67,7 +66,7 @@ class Tx:
     writes them, and on PostgreSQL every statement is a round trip (a grouped commit of 512
     requests made about 1,500 of them for these rows alone)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.now = now_text()
         self._entries: list[tuple[Any, ...]] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -70,3 +70,14 @@ class Settlement:
     price_nanos: int
     fields: dict[str, Any]
     hold: Hold | None = None  # what the request holds, when the caller knows (saves a read)
+
+
+@dataclass
+class ChargeCheck:
+    """A run's requests against the provider's charges (`Ledger.check_charges`)."""
+
+    matched: int = 0  # requests whose charges agree with the ledger
+    charged: int = 0  # possibly billed requests the provider charged
+    not_charged: int = 0  # possibly billed requests it did not
+    mismatched: list[tuple[str, int, int]] = field(default_factory=list)  # (custom_id, ledger, provider)
+    spent_nanos: int = 0  # what the ledger says the run spent, after resolving

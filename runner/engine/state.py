@@ -1,0 +1,44 @@
+"""The state a worker's engine shares between its parts, declared once (set by Engine.__init__)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import anyio
+
+from runner.core.config import RunConfig
+from runner.core.events import Listener, Notice
+from runner.engine.plan import Plan
+from runner.ledger import Ledger, Writer
+from runner.providers.base import Provider
+from runner.providers.limits import AdaptiveLimit, Limits
+
+
+class EngineState:
+    provider: Provider
+    scope: str
+    ledger: Ledger
+    plan: Plan
+    config: RunConfig
+    on_event: Listener
+    writer: Writer
+    limits: Limits
+    limit: AdaptiveLimit  # the concurrency window (this worker's share of the run's)
+    worker: str
+    counts: list[int]  # this worker's requests sent, ok, failed
+    stopping: anyio.Event
+    aborted: bool
+    _work: anyio.CancelScope
+    reason: str | None
+    state: str
+    _taken: set[int]  # rows handed to a worker task whose request has not finished
+    over_quote: int  # requests charged above their hold (a price table too low)
+    _sent_at: dict[int, float]  # requests in flight: when their attempt went out
+    _latencies: deque[float]  # recent calls' times, for "stalled"
+    ledger_gone: str | None  # the ledger's file was deleted or replaced under the run
+
+    def stop(self, state: str, reason: str) -> None:
+        if not self.stopping.is_set():
+            self.state, self.reason = state, reason
+            self.on_event(Notice(reason))
+            self.stopping.set()

@@ -1,0 +1,139 @@
+"""The ledger's core: opening (and migrating) the database, transactions, and reads in bulk.
+
+Every write goes through `transaction()`, which starts with BEGIN IMMEDIATE (on PostgreSQL, the
+ledger's advisory lock), so a check and the write that depends on it cannot interleave with another
+process."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import socket
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from runner.core.errors import (
+    ConfigError,
+    LedgerUnavailable,
+)
+from runner.core.models import Quote
+from runner.core.money import from_nanos
+from runner.ledger.db import Connection, Database, open_database, utcnow
+from runner.ledger.migrate import head_revision, upgrade
+from runner.ledger.tx import Tx
+
+OWNER_STALE_S = 30.0  # a run's owner that has not been seen for this long is taken for gone
+BUDGET_COLUMNS = "id, name, limit_nanos, spent_nanos, reserved_nanos, possibly_billed_nanos"
+RUN_TIMES = ("created_at", "finished_at", "seen_at")
+IDS_IN_STATE = "SELECT id FROM requests WHERE run_id = ? AND state = ?"
+
+
+def default_url() -> str:
+    url = os.environ.get("RUNNER_DB")
+    if url:
+        return url
+    folder = Path(platformdirs.user_data_dir("runner"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'ledger.db'}"
+
+
+def owner_alive(owner: str, seen_at: datetime | None, stale_after_s: float) -> bool:
+    """Whether a run's owner ("host:pid", or a worker's "host:pid:tag") still runs it: seen lately,
+    and, on this host, its process exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.split(":", 1)[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False  # it died (killed, crashed): take over at once
+        except PermissionError:
+            pass  # exists, under another user
+    if seen_at is None:
+        return False
+    if seen_at.tzinfo is None:  # stored as UTC without its zone
+        seen_at = seen_at.replace(tzinfo=UTC)
+    return (utcnow() - seen_at).total_seconds() < stale_after_s
+
+
+@functools.lru_cache(maxsize=4096)
+def stored_quote(nanos: int | None, exact: bool, source: str, reason: str | None) -> Quote:
+    """A quote kept in the ledger, as a Quote: a job's quotes repeat (same model, similar length),
+    and a Quote is frozen, so one object serves every line with the same price."""
+    amount = None if nanos is None else from_nanos(nanos)
+    return Quote(amount, exact=exact, source=source, reason=reason or "", nanos=nanos)
+
+
+def metadata_text(metadata: dict[str, Any]) -> str | None:
+    return json.dumps(metadata, ensure_ascii=False, sort_keys=True) if metadata else None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class LedgerBase:
+    db: Database
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_url()
+        self.db = open_database(self.url)
+        try:
+            self.migrate()
+        except (sqlite3.Error, LedgerUnavailable) as exc:  # a missing folder, a file not a ledger
+            reason = exc.reason if isinstance(exc, LedgerUnavailable) else str(exc)
+            msg = f"the ledger {self.db.path} cannot be opened ({reason}); check --db or RUNNER_DB"
+            raise ConfigError(msg) from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def migrate(self) -> None:
+        """Bring the database to the newest migration (runner.ledger.migrate)."""
+        if self.revision() != head_revision():
+            upgrade(self.db)
+
+    def revision(self) -> str | None:
+        """The migration the database is at; None for a blank one."""
+        try:
+            with self.db.reading() as c:
+                row = c.execute("SELECT version_num FROM alembic_version").fetchone()
+        except LedgerUnavailable as exc:
+            if "no such table" in exc.reason:  # a blank database
+                return None
+            raise
+        return None if row is None else str(row[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A write transaction (BEGIN IMMEDIATE): committed when the block ends, rolled back if it
+        raises."""
+        with self.db.writing() as conn:
+            tx = Tx(conn)
+            yield tx
+            tx.flush()
+
+    def reading(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection in a read transaction (one snapshot for everything read through it)."""
+        return self.db.reading()
+
+    def _select_in(self, sql: str, keys: Sequence[Any], *params: Any) -> Iterator[tuple[Any, ...]]:
+        """Rows of `sql`, whose `{}` is an IN list, for keys any in number (asked 500 at a time).
+
+        Lookups run once per line of a job: one statement per 500 keys keeps the per-call cost of the
+        driver below SQLite's own part of the work.
+        """
+        with self.db.reading() as c:
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                yield from c.execute(sql.format(", ".join("?" * len(chunk))), (*params, *chunk))
