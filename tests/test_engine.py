@@ -22,7 +22,7 @@ from openai.types.chat import ChatCompletion
 from typer.testing import CliRunner
 
 import runner
-from runner.app.export import SCHEMA, export_jsonl, export_parquet, lazy_run
+from runner.app.export import export_jsonl, export_parquet, lazy_run, schema
 from runner.app.report import REPORT_NEEDS, per_model, run_frame, summarize, top_errors
 from runner.app.run import RunResult, run_job
 from runner.cli.main import app
@@ -93,7 +93,7 @@ async def test_run_settles_every_request_and_matches_the_simulator(
     path = tmp_path / "out.parquet"
     assert export_parquet(ledger, result.run_id, path) == 30
     df = pl.read_parquet(path)
-    assert dict(df.schema) == SCHEMA
+    assert dict(df.schema) == schema()
     assert df["price_usd"].sum() == from_nanos(sim.books.charged_nanos)
     assert df["metadata"].map_elements(
         lambda m: json.loads(m)["i"], return_dtype=pl.Int64

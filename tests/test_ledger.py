@@ -363,12 +363,12 @@ def test_the_sql_run_at_run_time_names_only_what_the_sqlmodel_tables_declare(tmp
     declared = {name: {c.name for c in table.columns} for name, table in SQLModel.metadata.tables.items()}
     assert set(views.RUN_COLUMNS.split(", ")) <= declared["runs"]
     assert set(base.BUDGET_COLUMNS.split(", ")) <= declared["budgets"]
-    assert set(export.COLUMNS) <= declared["requests"]
+    assert set(export.ledger_columns()) <= declared["requests"]
     assert set(views.RequestRow._fields) <= declared["requests"]
     Ledger(url(tmp_path))
     db = sqlite3.connect(tmp_path / "l.db")
     statements = [tx.RESERVE, tx.MOVE, tx.HOLD, base.IDS_IN_STATE]
     statements.append(f"SELECT {views.RUN_COLUMNS} FROM runs")
-    statements.append(f"SELECT {', '.join(export.COLUMNS)} FROM requests")
+    statements.append(f"SELECT {', '.join(export.ledger_columns())} FROM requests")
     for sql in statements:
         db.execute(f"EXPLAIN {sql}", [None] * sql.count("?"))  # fails on a column the table lacks

@@ -18,12 +18,13 @@ from typer.testing import CliRunner
 from runner.app.run import run_job
 from runner.cli.main import app
 from runner.core import catalog, schema
-from runner.core.config import RunConfig
+from runner.core.config import ProviderSettings, RunConfig
 from runner.core.errors import ConfigError
 from runner.ledger import Ledger
 from runner.providers.base import table_quote
 from runner.providers.openai import OpenAIProvider
-from runner.providers.registry import Connection, ProviderSettings, load_prices, price_table
+from runner.providers.prices import load_prices, price_table
+from runner.providers.registry import Connection
 
 Serve = Callable[[web.Application], Awaitable[str]]
 

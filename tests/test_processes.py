@@ -22,7 +22,7 @@ import httpx
 import polars as pl
 import pytest
 
-from runner.app.export import SCHEMA
+from runner.app.export import schema
 from runner.core.money import to_nanos
 from runner.ledger import Ledger
 
@@ -301,7 +301,7 @@ def test_ctrl_c_drains_in_flight_requests_and_the_run_resumes(
 
     # the interrupted run still wrote its Parquet: every line, the unsent ones marked, money exact
     df = pl.read_parquet(job.with_suffix(".parquet"))
-    assert df.schema == pl.Schema(SCHEMA)
+    assert df.schema == pl.Schema(schema())
     assert df.height == 64 and df["line"].to_list() == list(range(1, 65))
     assert (df["status"] == "ok").sum() == states["ok"]
     unsent = df.filter(pl.col("status") == "skipped")

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import runner
-from runner.app.export import SCHEMA
+from runner.app.export import schema
 from runner.cli import html_report
 from runner.cli.main import app
 from runner.ledger import RunView
@@ -88,8 +88,8 @@ def test_html_report_is_self_contained_with_tables_and_three_charts(tmp_path: Pa
 
 
 def frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
-    base = dict.fromkeys(SCHEMA)
-    return pl.DataFrame([{**base, **r} for r in rows], schema=SCHEMA, orient="row")
+    base = dict.fromkeys(schema())
+    return pl.DataFrame([{**base, **r} for r in rows], schema=schema(), orient="row")
 
 
 def test_provider_and_job_text_is_escaped() -> None:

@@ -11,32 +11,43 @@ import polars as pl
 from polars.io.plugins import register_io_source
 
 from runner.core import codec
+from runner.core.result import exported_fields
 from runner.ledger import Ledger
 
 MONEY = pl.Decimal(18, 9)
 TS = pl.Datetime("us", "UTC")
-SCHEMA: dict[str, Any] = {
+POLARS = {int: pl.Int64, float: pl.Float64, str: pl.String}
+
+
+def schema() -> dict[str, Any]:
+    """The Parquet's columns and types (ARCHITECTURE §5), the result's fields among them."""
+    return {**_HEAD, **_result(), **_TAIL}
+
+
+def ledger_columns() -> dict[str, Any]:
+    """What frames() reads from the ledger, in this order (the response JSON is not part of the table)."""
+    return {**_READ_HEAD, **_result(), **_READ_TAIL}
+
+
+def _result() -> dict[str, Any]:
+    """A request's result fields (runner.core.result): in the ledger and the Parquet under one name."""
+    return {f.name: POLARS[f.kind] for f in exported_fields()}
+
+
+_HEAD: dict[str, Any] = {
     "run_id": pl.String,
     "custom_id": pl.String,
     "line": pl.Int64,
     "model": pl.String,
     "status": pl.String,
-    "content": pl.String,
-    "reasoning_content": pl.String,
-    "tool_calls": pl.String,
-    "finish_reason": pl.String,
-    "prompt_tokens": pl.Int64,
-    "completion_tokens": pl.Int64,
-    "reasoning_tokens": pl.Int64,
-    "cached_tokens": pl.Int64,
+}
+_TAIL: dict[str, Any] = {
     "total_tokens": pl.Int64,
     "quote_usd": MONEY,
     "quote_kind": pl.String,  # exact (a dry run) | upper_bound (a price table's bound)
     "price_usd": MONEY,
     "cached": pl.Boolean,  # answered from the ledger (an earlier run's answer, or an identical line's): $0
     "attempts": pl.Int64,
-    "latency_s": pl.Float64,
-    "first_token_s": pl.Float64,
     "started_at": TS,
     "finished_at": TS,
     "error_type": pl.String,
@@ -47,28 +58,19 @@ SCHEMA: dict[str, Any] = {
 }
 STATUS = {"ok": "ok", "failed": "failed", "possibly_billed": "possibly_billed"}
 NOT_SENT = "not sent: the run stopped before this request (run the job again to resume)"
-# what frames() reads from the ledger, in this order (the response JSON is not part of the table)
-COLUMNS: dict[str, Any] = {
+_READ_HEAD: dict[str, Any] = {
     "run_id": pl.String,
     "custom_id": pl.String,
     "line": pl.Int64,
     "model": pl.String,
     "state": pl.String,
-    "content": pl.String,
-    "reasoning_content": pl.String,
-    "tool_calls": pl.String,
-    "finish_reason": pl.String,
-    "prompt_tokens": pl.Int64,
-    "completion_tokens": pl.Int64,
-    "reasoning_tokens": pl.Int64,
-    "cached_tokens": pl.Int64,
+}
+_READ_TAIL: dict[str, Any] = {
     "quote_nanos": pl.Int64,
     "quote_exact": pl.Int64,  # SQLite keeps a boolean as 0 or 1
     "price_nanos": pl.Int64,
     "cached_from": pl.Int64,
     "attempts": pl.Int64,
-    "latency_s": pl.Float64,
-    "first_token_s": pl.Float64,
     "started_at": pl.String,
     "finished_at": pl.String,
     "error_type": pl.String,
@@ -91,7 +93,7 @@ def _utc(column: str) -> pl.Expr:
     return pl.col(column).str.to_datetime(STORED_TIME, time_unit="us", time_zone="UTC")
 
 
-def _table(raw: pl.DataFrame, provider: str) -> pl.DataFrame:
+def _table(raw: pl.DataFrame, provider: str, columns: dict[str, Any]) -> pl.DataFrame:
     """Ledger columns → the §5 Parquet schema."""
     sent = pl.col("state").is_in(list(STATUS))
     return (
@@ -113,8 +115,8 @@ def _table(raw: pl.DataFrame, provider: str) -> pl.DataFrame:
             provider=pl.lit(provider, dtype=pl.String),
         )
         .rename({"sha256": "request_sha256", "metadata_json": "metadata"})
-        .select(list(SCHEMA))
-        .cast(pl.Schema(SCHEMA))
+        .select(list(columns))
+        .cast(pl.Schema(columns))
     )
 
 
@@ -122,16 +124,17 @@ def frames(ledger: Ledger, run_id: str, batch: int = BATCH) -> Iterator[pl.DataF
     """The run's rows in the §5 schema, a batch at a time, in line order."""
     run = ledger.run(run_id)
     provider = str(run.provider).split(":", 1)[0]
-    for rows in ledger.iter_request_tuples(run.id, list(COLUMNS), batch):
-        yield _table(_columns(rows), provider)
+    read, columns = ledger_columns(), schema()
+    for rows in ledger.iter_request_tuples(run.id, list(read), batch):
+        yield _table(_columns(rows, read), provider, columns)
 
 
-def _columns(rows: list[tuple[Any, ...]]) -> pl.DataFrame:
-    """Ledger tuples → a frame of COLUMNS, built column by column (a third of the time polars takes to
-    read the same tuples as rows)."""
+def _columns(rows: list[tuple[Any, ...]], read: dict[str, Any]) -> pl.DataFrame:
+    """Ledger tuples → a frame of the `read` columns, built column by column (a third of the time
+    polars takes to read the same tuples as rows)."""
     if not rows:
-        return pl.DataFrame(schema=COLUMNS)
-    columns = zip(COLUMNS.items(), zip(*rows, strict=True), strict=True)
+        return pl.DataFrame(schema=read)
+    columns = zip(read.items(), zip(*rows, strict=True), strict=True)
     return pl.DataFrame([pl.Series(name, values, dtype=kind) for (name, kind), values in columns])
 
 
@@ -152,7 +155,7 @@ def lazy_run(ledger: Ledger, run_id: str) -> pl.LazyFrame:
             if left == 0:
                 return
 
-    return register_io_source(batches, schema=SCHEMA, explain_name="runner ledger")
+    return register_io_source(batches, schema=schema(), explain_name="runner ledger")
 
 
 def export_parquet(ledger: Ledger, run_id: str, path: Path) -> int:

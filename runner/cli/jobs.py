@@ -47,7 +47,8 @@ from runner.core.errors import ConfigError, printable
 from runner.core.jobs import iter_requests, validate_job
 from runner.core.money import format_usd, to_nanos
 from runner.ledger import Ledger
-from runner.providers.registry import connect, price_table, provider_of_scope
+from runner.providers.prices import price_table
+from runner.providers.registry import connect, provider_of_scope
 
 
 @app.command()

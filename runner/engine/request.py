@@ -9,7 +9,6 @@ from typing import Any
 
 import anyio
 
-from runner.core import codec
 from runner.core.errors import (
     OutcomeUnknown,
     ProviderError,
@@ -21,6 +20,7 @@ from runner.core.errors import (
 from runner.core.events import Notice, RequestFinished, Retrying
 from runner.core.models import ChatRequest, Outcome
 from runner.core.money import format_usd, to_nanos
+from runner.core.result import result_values
 from runner.engine.state import EngineState
 from runner.ledger import (
     CLIENT_REQUEST_ID,
@@ -182,21 +182,10 @@ class Requests(EngineState):
         """Post the settlement: the charge, with the response, in one transaction."""
         self.limit.on_success()
         hold = Hold(quote, self.plan.budget_id, self.plan.run_id)  # what `_request` reserved
-        message = outcome.message
         price = None if outcome.price is None else to_nanos(outcome.price)
         fields: dict[str, Any] = {
             "attempts": attempts,
-            "prompt_tokens": outcome.usage.prompt_tokens,
-            "completion_tokens": outcome.usage.completion_tokens,
-            "reasoning_tokens": outcome.usage.reasoning_tokens,
-            "cached_tokens": outcome.usage.cached_tokens,
-            "content": message.get("content"),
-            "reasoning_content": message.get("reasoning_content") or message.get("reasoning"),
-            "tool_calls": codec.dumps_text(message["tool_calls"]) if message.get("tool_calls") else None,
-            "finish_reason": outcome.finish_reason,
-            "response_json": codec.dumps_text(outcome.completion),
-            "latency_s": outcome.latency_s,
-            "first_token_s": outcome.first_token_s,
+            **result_values(outcome),
             "error_type": None if price is not None else "price_unknown",
             "error_message": None if price is not None else "no price reported; charged the quote",
         }

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from runner.core.models import Quote
+from runner.core.result import copied_names
 from runner.ledger.base import (
     LedgerBase,
     stored_quote,
@@ -40,11 +41,8 @@ class AnswerOps(LedgerBase):
         """Give the run's copies their answers: a copy of an earlier run's answer at once, a copy of
         an identical line once that line is answered (ok or failed). Copies cost nothing; returns
         how many were filled."""
-        fields = (
-            "prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, content,"
-            " reasoning_content, tool_calls, finish_reason, response_json, error_type, error_message"
-        )
-        copied = ", ".join(f"{f} = src.{f}" for f in fields.split(", "))
+        # the answer's result fields (runner.core.result), and its error where it failed
+        copied = ", ".join(f"{f} = src.{f}" for f in [*copied_names(), "error_type", "error_message"])
         with self.transaction() as tx:
             # an identical line of the same run: the first of them that is not a copy is the source
             tx.conn.execute(

@@ -8,10 +8,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runner.core import codec, schema
 from runner.core.errors import (
+    ConfigError,
     OutcomeUnknown,
     ProviderError,
     RequestFatalError,
@@ -20,6 +24,9 @@ from runner.core.errors import (
 )
 from runner.core.models import JSON, ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
+
+if TYPE_CHECKING:
+    from runner.simulator import Books
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 RUN_FATAL_STATUS = frozenset({401, 402})
@@ -300,3 +307,28 @@ def usage_price(usage: Usage, info: Any) -> Any:
     if info is None or not info.priced:
         return None
     return usage.prompt_tokens * info.input_price + usage.completion_tokens * info.output_price
+
+
+@dataclass
+class Connection:
+    provider: Provider
+    scope: str  # what quotes are cached under
+    books: Books | None = None  # the in-process simulator's books
+
+
+def http_url(url: str) -> str:
+    """A base URL that can be called: http(s), with a host."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        msg = f"the base URL must look like https://host[:port][/path] (got '{url}')"
+        raise ConfigError(msg)
+    return url
+
+
+@asynccontextmanager
+async def opened(provider: Provider, scope: str, books: Books | None = None) -> AsyncIterator[Connection]:
+    """A connection over `provider`, whose connections are closed after."""
+    try:
+        yield Connection(provider, scope, books)
+    finally:
+        await provider.aclose()

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from runner.core import catalog
 from runner.core.catalog import ModelInfo
-from runner.core.config import Timeouts
+from runner.core.config import ProviderSettings, Timeouts
+from runner.core.errors import ConfigError
 from runner.core.models import ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
 from runner.providers.base import (
+    Connection,
     HttpProvider,
+    http_url,
+    opened,
     outcome_from,
     table_quote,
     usage_price,
     with_usage_option,
 )
+from runner.providers.prices import price_table
 
 CHAT_PATH = "chat/completions"  # relative to the base URL, which ends in /v1
 
@@ -63,3 +71,21 @@ class OpenAIProvider(HttpProvider):
     async def models(self) -> list[str]:
         _, payload = await self._send_json("GET", "models", billable=False)
         return sorted(str(m["id"]) for m in payload.get("data", []) if isinstance(m, dict))
+
+
+@asynccontextmanager
+async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
+    base = settings.base_url or os.environ.get("OPENAI_BASE_URL")
+    if not base:
+        msg = "set OPENAI_BASE_URL or --base-url for the openai provider"
+        raise ConfigError(msg)
+    base = http_url(base)
+    provider = OpenAIProvider(
+        base_url=base,
+        api_key=settings.api_key or os.environ.get("OPENAI_API_KEY") or "",
+        prices=price_table(settings),
+        max_connections=settings.max_connections,
+        timeouts=settings.timeouts,
+    )
+    async with opened(provider, f"openai:{base}") as conn:
+        yield conn

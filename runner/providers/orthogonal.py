@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from runner.core import catalog
-from runner.core.config import Timeouts
-from runner.core.errors import OutcomeUnknown, ProviderError, RequestFatalError
+from runner.core.config import ProviderSettings, Timeouts
+from runner.core.errors import ConfigError, OutcomeUnknown, ProviderError, RequestFatalError
 from runner.core.models import JSON, ChatRequest, Outcome, Quote
 from runner.core.money import parse_usd
 from runner.providers import http
 from runner.providers.base import (
+    Connection,
     HttpProvider,
     classify,
     error_message,
+    http_url,
+    opened,
     outcome_from,
     table_quote,
     with_usage_option,
@@ -148,3 +154,21 @@ class OrthogonalProvider(HttpProvider):
 def parse_error(payload: JSON) -> ProviderError:
     message, code = error_message(payload)
     return classify(None, message or "request failed", code=code)
+
+
+@asynccontextmanager
+async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
+    key = settings.api_key or os.environ.get("ORTHOGONAL_API_KEY")
+    if not key:
+        msg = "set ORTHOGONAL_API_KEY (or use --provider simulator to try runner offline)"
+        raise ConfigError(msg)
+    base = http_url(settings.base_url or os.environ.get("ORTHOGONAL_BASE_URL") or DEFAULT_BASE_URL)
+    provider = OrthogonalProvider(
+        api_key=key,
+        base_url=base,
+        api=settings.api or DEFAULT_API,
+        max_connections=settings.max_connections,
+        timeouts=settings.timeouts,
+    )
+    async with opened(provider, f"orthogonal:{base}:{settings.api or DEFAULT_API}") as conn:
+        yield conn
