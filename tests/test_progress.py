@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from runner.cli import console as cli
+from runner.cli import progress as progress_line
 from runner.core.events import Funds, Phase, Quoted, RequestFinished
 from runner.core.money import to_nanos
 
 
 def test_status_shows_counts_rate_money_and_the_budget() -> None:
-    progress = cli.Progress("quoting", 10)
+    progress = progress_line.Progress("quoting", 10)
     assert progress.bar is None  # pytest's stderr is not a terminal
     for i in range(10):
         progress(Quoted(f"q{i}", cached=False, known=True))
@@ -40,8 +41,8 @@ def test_plain_lines_every_few_seconds_with_an_eta(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clock = [100.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
-    progress = cli.Progress("running", 100)
+    monkeypatch.setattr(progress_line.time, "monotonic", lambda: clock[0])
+    progress = progress_line.Progress("running", 100)
     progress(RequestFinished("a", "ok", 0))
     assert capsys.readouterr().err == ""  # not yet: one line every LINE_EVERY_S
     clock[0] += progress.LINE_EVERY_S
@@ -59,9 +60,9 @@ def test_plain_lines_every_few_seconds_with_an_eta(
 
 def test_the_bar_is_updated_ten_times_a_second_not_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(cli, "err", cli.Console(file=io.StringIO(), force_terminal=True))
-    progress = cli.Progress("running", 1000)
+    monkeypatch.setattr(progress_line.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress_line, "err", cli.Console(file=io.StringIO(), force_terminal=True))
+    progress = progress_line.Progress("running", 1000)
     assert progress.bar is not None
     shown: list[int] = []
     monkeypatch.setattr(progress.bar, "update", lambda _task, completed, info: shown.append(completed))
@@ -77,7 +78,7 @@ def test_at_80_columns_the_progress_line_keeps_done_total_failed_spent_and_eta()
     from rich.console import Console  # noqa: PLC0415
 
     terminal = Console(width=80, force_terminal=True, file=io.StringIO(), record=True)
-    progress = cli.Progress("running", 20_000, console=terminal)
+    progress = progress_line.Progress("running", 20_000, console=terminal)
     assert progress.bar is not None
     progress(Funds(0, to_nanos(Decimal(3)), 0, to_nanos(Decimal(40)), stalled=2))
     for i in range(1_000):

@@ -490,7 +490,7 @@ async def test_dry_runs_share_the_runs_limits_where_the_provider_counts_them(sim
     for provider in (orth, oai):
         started = time.monotonic()
         estimate = await quote_requests(
-            requests, provider=provider, scope=provider.name, ledger=Ledger(), limits=Limits(8, rpm=600)
+            requests, Connection(provider, provider.name), Ledger(), limits=Limits(8, rpm=600)
         )
         timings[provider.name] = time.monotonic() - started
         assert estimate.unquoted_count == 0
@@ -525,7 +525,7 @@ async def test_identical_bodies_are_dry_run_once(sim: SimulatorThread) -> None:
 
     requests = [chat(BODY, f"same{i}") for i in range(12)] + [chat({**BODY, "max_tokens": 7}, "other")]
     orth, oai = providers(sim)
-    estimate = await quote_requests(requests, provider=orth, scope="s", ledger=Ledger())
+    estimate = await quote_requests(requests, Connection(orth, "s"), Ledger())
     await orth.aclose()
     await oai.aclose()
     assert estimate.quote_calls == 2 and sim.books.stats()["counters"]["run.dry_run"] == 2

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from runner.app.quote import QUOTE_MAX_AGE, Estimate, Reuse, quote_requests
+from runner.app.quote import QUOTE_MAX_AGE, Estimate, Quoting, Reuse, quote_requests
 from runner.core.catalog import ModelInfo
 from runner.core.config import RunConfig
 from runner.core.errors import (
@@ -380,16 +380,13 @@ async def _quote(
             digest=digest,
             max_line=checked.max_line,
         ),
-        provider=conn.provider,
-        scope=conn.scope,
-        ledger=ledger,
+        conn,
+        ledger,
+        limits=limits,
+        # a run that exists holds the quotes its rows were made with; its kept quotes are only shown
+        quoting=Quoting(config.cache, QUOTE_MAX_AGE if preparing else None, config.policy),
         on_event=on_event,
         on_chunk=add_rows if preparing else None,
-        limits=limits,
-        cache=config.cache,
-        policy=config.policy,
-        # a run that exists holds the quotes its rows were made with; its kept quotes are only shown
-        quote_max_age=QUOTE_MAX_AGE if preparing else None,
     )
     if digest is not None and digest.hexdigest() != summary.digest:
         msg = f"{job} changed while the run was being prepared (nothing was sent); run the command again"

@@ -18,7 +18,7 @@ from runner.core.events import Listener, Quoted, Retrying, ignore
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import from_nanos
 from runner.ledger import Ledger, SeenKeys
-from runner.providers.base import Provider
+from runner.providers.base import Connection, Provider
 from runner.providers.limits import Limits
 from runner.providers.retry import first_wait, retrying
 
@@ -179,48 +179,93 @@ class _Chunk:
     left: int = 0
 
 
+@dataclass(frozen=True)
+class Quoting:
+    """How a job is quoted: `cache` (see `Answers`; off: every line is quoted as written), how old a
+    kept dry-run quote may be (None: any age), and the dry runs' retries."""
+
+    cache: str = "off"
+    quote_max_age: timedelta | None = QUOTE_MAX_AGE
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
 async def quote_requests(
     requests: Iterable[ChatRequest],
-    *,
-    provider: Provider,
-    scope: str,
+    conn: Connection,
     ledger: Ledger,
-    concurrency: int = 32,
-    limits: Limits | None = None,
-    policy: RetryPolicy | None = None,
+    *,
+    limits: Limits | int = 32,
+    quoting: Quoting | None = None,
     on_event: Listener = ignore,
     on_chunk: OnChunk | None = None,
-    cache: str = "off",
-    quote_max_age: timedelta | None = QUOTE_MAX_AGE,
 ) -> Estimate:
-    """Quote every request (kept quotes younger than `quote_max_age` reused, identical bodies asked
-    once), store new quotes, and total them per model. With `cache` (see `Answers`), a request
-    answered in an earlier run needs no dry run, and it and any line identical to an earlier one are
-    counted apart.
+    """Quote every request (kept quotes younger than `quoting.quote_max_age` reused, identical bodies
+    asked once) at the concurrency and pace of `limits`, store new quotes, and total them per model.
+    With a cache mode, a request answered in an earlier run needs no dry run, and it and any line
+    identical to an earlier one are counted apart.
 
     The dry runs are a pipeline: chunks are read ahead and their dry runs started while earlier
     chunks finish, so the network is kept busy at the concurrency; `on_chunk` still gets each chunk
     of requests with their quotes in file order, once they are known.
     """
-    if concurrency < 1:
-        msg = f"--concurrency must be 1 or more (got {concurrency})"
-        raise ConfigError(msg)
+    quoting = quoting or Quoting()
+    if isinstance(limits, int):
+        if limits < 1:
+            msg = f"--concurrency must be 1 or more (got {limits})"
+            raise ConfigError(msg)
+        limits = Limits(limits)
     estimate = Estimate()
-    answers = Answers(ledger, scope, cache) if cache != "off" else None
-    limits = limits or Limits(concurrency)
-    asker = _Asker(provider, limits, policy or RetryPolicy(), on_event, estimate)
+    reader = _Reader(conn, ledger, quoting)
+    asker = _Asker(conn.provider, limits, quoting.policy, on_event, estimate)
     ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency
-    # the ledger keeps the provider's dry runs; quotes from a price table are made again each time
-    # (cheaply): kept, they would outlive an edit of the price file
-    kept = ledger if provider.dry_runs else None
-    since = None if quote_max_age is None else datetime.now(UTC) - quote_max_age
 
-    async def read(part: list[ChatRequest]) -> tuple[_Chunk, dict[str, ChatRequest]]:
+    async def start_all(send: MemoryObjectSendStream[_Chunk]) -> None:
+        try:
+            async with send:
+                for part in _chunks(requests, BATCH):
+                    chunk, missing = await reader.read(part)
+                    asker.add(chunk, missing)
+                    await send.send(chunk)  # waits while `ahead` chunks are under way
+        finally:
+            asker.close()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            send, receive = anyio.create_memory_object_stream[_Chunk](ahead)
+            tg.start_soon(start_all, send)
+            for _ in range(limits.window.maximum):
+                tg.start_soon(asker.work)
+            async with receive:
+                async for chunk in receive:
+                    await _finish(chunk, reader.kept, estimate, on_event, on_chunk)
+    except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
+        first = group.exceptions[0]
+        msg = f"the provider refused the dry runs, nothing was sent: {first}"
+        raise RunFatalError(msg, status=getattr(first, "status", None)) from None
+    finally:
+        reader.close()
+    return estimate
+
+
+class _Reader:
+    """A chunk's quote keys, what the cache answers of it, and its kept quotes: what is left to ask."""
+
+    def __init__(self, conn: Connection, ledger: Ledger, quoting: Quoting) -> None:
+        self.scope = conn.scope
+        self.answers = Answers(ledger, conn.scope, quoting.cache) if quoting.cache != "off" else None
+        # the ledger keeps the provider's dry runs; quotes from a price table are made again each
+        # time (cheaply): kept, they would outlive an edit of the price file
+        self.kept = ledger if conn.provider.dry_runs else None
+        age = quoting.quote_max_age
+        self.since = None if age is None else datetime.now(UTC) - age
+
+    async def read(self, part: list[ChatRequest]) -> tuple[_Chunk, dict[str, ChatRequest]]:
         """A chunk, and the requests of it that need a dry run (by quote key)."""
-        keys = [cache_key(scope, r) for r in part]
+        keys = [cache_key(self.scope, r) for r in part]
         reuse: list[Reuse | None] = [None] * len(part)
-        if answers is not None:
-            reuse = await anyio.to_thread.run_sync(answers.decide, part)
+        if self.answers is not None:
+            reuse = await anyio.to_thread.run_sync(self.answers.decide, part)
+        kept, since = self.kept, self.since
         cached = (
             {}
             if kept is None
@@ -238,33 +283,9 @@ async def quote_requests(
             chunk.done.set()
         return chunk, missing
 
-    async def start_all(send: MemoryObjectSendStream[_Chunk]) -> None:
-        try:
-            async with send:
-                for part in _chunks(requests, BATCH):
-                    chunk, missing = await read(part)
-                    asker.add(chunk, missing)
-                    await send.send(chunk)  # waits while `ahead` chunks are under way
-        finally:
-            asker.close()
-
-    try:
-        async with anyio.create_task_group() as tg:
-            send, receive = anyio.create_memory_object_stream[_Chunk](ahead)
-            tg.start_soon(start_all, send)
-            for _ in range(limits.window.maximum):
-                tg.start_soon(asker.work)
-            async with receive:
-                async for chunk in receive:
-                    await _finish(chunk, kept, estimate, on_event, on_chunk)
-    except* RunFatalError as group:  # a 401 or 402 fails every dry run alike: say it once
-        first = group.exceptions[0]
-        msg = f"the provider refused the dry runs, nothing was sent: {first}"
-        raise RunFatalError(msg, status=getattr(first, "status", None)) from None
-    finally:
-        if answers is not None:
-            answers.close()
-    return estimate
+    def close(self) -> None:
+        if self.answers is not None:
+            self.answers.close()
 
 
 class _Asker:

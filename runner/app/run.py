@@ -80,13 +80,21 @@ async def run_job(
             counts = [0, 0, 0] if engine is None else engine.counts
             last = await anyio.to_thread.run_sync(ledger.leave_run, run_id, owner, counts)
     assert engine is not None
+    return await _ended(conn, ledger, plan, engine, estimate, last=last)
+
+
+async def _ended(
+    conn: Connection, ledger: Ledger, plan: Plan, engine: Engine, estimate: Estimate, *, last: bool
+) -> RunResult:
+    """How this worker's part of the run ended; the run's last worker finishes the run."""
+    run_id, job = plan.run_id, engine.config.job
     with anyio.CancelScope(shield=True):  # lines identical to one answered now
         await anyio.to_thread.run_sync(ledger.fill_copies, run_id)
     info = await anyio.to_thread.run_sync(ledger.run, run_id)
     left = info.states.get("pending", 0)
     state, reason = (engine.state, engine.reason) if engine.stopping.is_set() else ("done", None)
+    states, spent = info.states, info.spent_nanos
     if not last:  # the others go on with the run, and the last of them finishes it
-        states, spent = info.states, info.spent_nanos
         return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, last=False)
     lines_missing = bool(left) and not engine.stopping.is_set()
     if lines_missing:  # every line was read, and some rows were not sent
@@ -100,7 +108,6 @@ async def run_job(
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)
     if engine.ledger_gone:
         raise await _ledger_saved(ledger, run_id, engine.ledger_gone)
-    states, spent = info.states, info.spent_nanos
     return RunResult(run_id, plan.resumed, state, reason, states, spent, estimate, not lines_missing)
 
 

@@ -17,7 +17,7 @@ import anyio
 import polars as pl
 
 from runner.app.preflight import budget_for
-from runner.app.quote import Reuse, quote_requests
+from runner.app.quote import Quoting, Reuse, quote_requests
 from runner.app.report import run_frame
 from runner.app.run import RunResult, run_job
 from runner.app.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score, load_spec
@@ -112,16 +112,11 @@ async def plan_sweep(
             if any(g.judge for g in spec.graders):
                 judged.append(request)
 
+    quoting = Quoting(cache=cache)
     await quote_requests(
-        iter_requests(expansion.job),
-        provider=conn.provider,
-        scope=conn.scope,
-        ledger=ledger,
-        concurrency=concurrency,
-        on_event=on_event,
+        iter_requests(expansion.job), conn, ledger, limits=concurrency, quoting=quoting, on_event=on_event,
         on_chunk=collect,
-        cache=cache,
-    )
+    )  # fmt: skip
     if judged:
         await _quote_judges(plan, judged, folder, conn, ledger, concurrency)
     return plan
@@ -151,14 +146,7 @@ async def _quote_judges(
             plan.cells[where["cell"]].judge_nanos += quote.nanos or 0
             plan.judge_by_row[where["row"]] = plan.judge_by_row.get(where["row"], 0) + (quote.nanos or 0)
 
-    await quote_requests(
-        iter_requests(path),
-        provider=conn.provider,
-        scope=conn.scope,
-        ledger=ledger,
-        concurrency=concurrency,
-        on_chunk=collect,
-    )
+    await quote_requests(iter_requests(path), conn, ledger, limits=concurrency, on_chunk=collect)
 
 
 def _stand_in(request: ChatRequest) -> str:

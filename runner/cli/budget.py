@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from runner.cli.app import app
-from runner.cli.console import budget_json, budget_table, friendly, out, print_json, usd
+from runner.cli.console import budget_table, friendly, out
+from runner.cli.documents import budget_json, print_json, usd
 from runner.cli.options import DbOpt, JsonOpt
 from runner.core.config import usd_arg
 from runner.core.errors import ConfigError

@@ -8,10 +8,7 @@ import gc
 import json
 import os
 import sys
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -19,13 +16,10 @@ import anyio
 import polars as pl
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
 from rich.table import Table
 from rich.text import Text
 
 from runner.app.quote import Estimate
-from runner.app.reconcile import BudgetReconciliation, Reconciliation
 from runner.app.report import COLUMNS as REPORT_COLUMNS
 from runner.app.report import REPORT_NEEDS, cells, run_frame, summarize
 from runner.core import catalog
@@ -39,10 +33,9 @@ from runner.core.errors import (
     Unpriced,
     printable,
 )
-from runner.core.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.core.jobs import JobSummary
-from runner.core.money import format_usd, from_nanos
-from runner.ledger import BudgetView, Ledger, RunView, WorkerView
+from runner.core.money import format_usd
+from runner.ledger import BudgetView, Ledger, RunView
 
 ERRORS_SHOWN = 20
 EXIT_INVALID = 1
@@ -206,118 +199,6 @@ def estimate_table(estimate: Estimate, remaining: int | None) -> Table:
     return table
 
 
-class Progress:
-    """Rich progress on a terminal; a plain line every few seconds otherwise (logs, CI, pipes)."""
-
-    LINE_EVERY_S = 5.0
-    BAR_EVERY_S = 0.1
-
-    NARROW = 110  # below this many columns the line keeps the essentials: done/total, failed, $, ETA
-    RATE_WINDOW_S = 60.0  # rate and ETA over the last minute, not the whole run's average
-
-    def __init__(self, label: str, total: int, console: Console | None = None) -> None:
-        self.console = console or err
-        self.bar: RichProgress | None = None
-        self.narrow = self.console.width < self.NARROW
-        self.samples: deque[tuple[float, int]] = deque()
-        if self.console.is_terminal:
-            self.bar = RichProgress(
-                TextColumn("{task.description}"),
-                BarColumn(bar_width=10 if self.narrow else 30),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                console=self.console,
-                transient=True,
-            )
-            self.task = self.bar.add_task(label, total=total, info="")
-        self.funds: Funds | None = None
-        self._begin(label, total)
-
-    def _begin(self, label: str, total: int) -> None:
-        self.label, self.total = label, total
-        self.done = self.failed = self.spent = 0
-        self.started = time.monotonic()
-        self.samples.clear()
-        self.samples.append((self.started, 0))
-        self.last_line = self.started
-        if self.bar:
-            self.bar.reset(self.task, total=total, description=label, info="")
-
-    def __enter__(self) -> Progress:
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, Notice):
-            self.console.print(event.message, markup=False, highlight=False)
-            return
-        if isinstance(event, Phase):
-            self._begin(event.name, event.total)
-        elif isinstance(event, Funds):
-            self.funds = event
-        elif isinstance(event, Quoted):
-            self.done += 1
-        elif isinstance(event, RequestFinished):
-            self.done += 1
-            self.failed += event.state != "ok"
-            self.spent += event.price_nanos
-        else:
-            return
-        self._show()
-
-    def _sample(self, now: float) -> None:
-        self.samples.append((now, self.done))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW_S:
-            self.samples.popleft()  # one sample older than the window stays: the window's start
-
-    def rate(self, now: float) -> float:
-        """Requests a second over the last RATE_WINDOW_S (the run's average until then)."""
-        then, done_then = self.samples[0] if self.samples else (self.started, 0)
-        return (self.done - done_then) / max(1e-6, now - then)
-
-    def status(self, now: float) -> str:
-        elapsed = max(1e-6, now - self.started)
-        rate = self.rate(now)
-        parts = [f"{self.failed} failed"]
-        stalled = self.funds.stalled if self.funds is not None else 0
-        if stalled:
-            parts.append(f"{stalled} stalled")
-        if self.label == "running":
-            parts.append(f"{format_usd(self.spent)} spent")
-        if self.narrow:
-            return " · ".join(parts)
-        parts.insert(1, f"{rate:,.0f}/s")
-        if self.label == "running":
-            per_minute = self.spent * 60_000 // max(1, round(elapsed * 1000))  # integer nano-USD
-            parts.append(f"{format_usd(per_minute)}/min")
-            if self.funds is not None:
-                parts.append(f"{format_usd(self.funds.reserved_nanos)} reserved")
-                parts.append(f"{format_usd(self.funds.remaining_nanos)} left in the budget")
-        return " · ".join(parts)
-
-    def _show(self) -> None:
-        now = time.monotonic()
-        if now - self.samples[-1][0] >= 1.0:
-            self._sample(now)
-        if self.bar:
-            # the bar is drawn ten times a second: updating it per request would cost more than the request
-            if now - self.last_line >= self.BAR_EVERY_S or self.done >= self.total:
-                self.last_line = now
-                self.bar.update(self.task, completed=self.done, info=self.status(now))
-        elif now - self.last_line >= self.LINE_EVERY_S:
-            self.last_line = now
-            status = self.status(now)
-            rate, left = self.rate(now), self.total - self.done
-            eta = f" · ETA {left / rate:,.0f} s" if rate and left > 0 else ""
-            self.console.print(f"{self.label}: {self.done}/{self.total} · {status}{eta}", highlight=False)
-
-
 def note_unknown_context(summary: JobSummary, models: dict[str, catalog.ModelInfo]) -> None:
     for model in sorted(summary.per_model):
         info = models.get(model)
@@ -434,189 +315,6 @@ def runs_table(runs: list[RunView]) -> Table:
             format_usd(r.spent_nanos, places=6),
         )
     return table
-
-
-# ---- --json: documents for scripts, money as decimal strings ----------------------------------
-
-
-def usd(nanos: int) -> str:
-    return f"{from_nanos(nanos):f}"
-
-
-def print_json(data: Any) -> None:
-    out.print(json.dumps(data, indent=2, default=str), markup=False, highlight=False, soft_wrap=True)
-
-
-def budget_json(view: BudgetView) -> dict[str, Any]:
-    return {
-        "name": view.name,
-        "limit_usd": usd(view.limit_nanos),
-        "spent_usd": usd(view.spent_nanos),
-        "reserved_usd": usd(view.reserved_nanos),
-        "possibly_billed_usd": usd(view.possibly_billed_nanos),
-        "remaining_usd": usd(view.remaining_nanos),
-    }
-
-
-def run_json(run: RunView) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "job": run.job_path,
-        "provider": run.provider,
-        "state": run.state,
-        "reason": run.reason,
-        "total": run.total,
-        "states": dict(sorted(run.states.items())),
-        "spent_usd": usd(run.spent_nanos),
-        "created_at": run.created_at.isoformat() if run.created_at else None,
-        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-    }
-
-
-def worker_json(worker: WorkerView) -> dict[str, Any]:
-    return {
-        "id": worker.id,
-        "host": worker.host,
-        "pid": worker.pid,
-        "state": worker.state,
-        "sent": worker.sent,
-        "ok": worker.ok,
-        "failed": worker.failed,
-        "per_minute": round(worker.per_minute, 1),
-        "slots": worker.slots,
-        "started_at": worker.started_at.isoformat() if worker.started_at else None,
-        "seen_at": worker.seen_at.isoformat() if worker.seen_at else None,
-    }
-
-
-def workers_table(crew: list[WorkerView]) -> Table:
-    """The workers of a run: where, what they sent, how fast, and their share of the concurrency."""
-    rows = [
-        [
-            w.host,
-            str(w.pid),
-            w.state,
-            f"{w.sent:,}",
-            f"{w.ok:,}",
-            f"{w.failed:,}",
-            f"{w.per_minute:,.1f}",
-            str(w.slots) if w.state == "running" else "",
-            w.seen_at.strftime("%H:%M:%S") if w.seen_at else "",
-        ]
-        for w in crew
-    ]
-    columns = ["host", "pid", "state", "sent", "ok", "failed", "per min", "slots", "last seen (UTC)"]
-    return text_table("workers", columns, rows)
-
-
-def estimate_json(estimate: Estimate, remaining: int | None) -> dict[str, Any]:
-    return {
-        "total_usd": usd(estimate.total_nanos),
-        "exact": estimate.exact,
-        "unquoted": estimate.unquoted_count,
-        "quote_calls": estimate.quote_calls,
-        "from_cache": estimate.reused,
-        "saved_usd": usd(estimate.saved_nanos),
-        "per_model": {
-            model: {
-                "requests": q.requests,
-                "quoted_usd": usd(q.nanos),
-                "exact": q.exact,
-                "unquoted": q.unknown,
-            }
-            for model, q in sorted(estimate.per_model.items())
-        },
-        "unquoted_examples": [{"custom_id": c, "reason": r} for c, r in estimate.unquoted[:ERRORS_SHOWN]],
-        "budget_remaining_usd": None if remaining is None else usd(remaining),
-    }
-
-
-def report_json(ledger: Ledger, run: RunView) -> dict[str, Any]:
-    frame = run_frame(ledger, run.id, REPORT_NEEDS)
-    models, errors = summarize(frame.lazy()) if not frame.is_empty() else (frame, frame)
-
-    def plain(row: dict[str, Any]) -> dict[str, Any]:
-        return {k: (f"{v:f}" if isinstance(v, Decimal) else v) for k, v in row.items()}
-
-    reused, saved = ledger.reused(run.id)
-    return {
-        "run": run_json(run),
-        "models": [plain(row) for row in models.iter_rows(named=True)],
-        "errors": [plain(row) for row in errors.iter_rows(named=True)],
-        "from_cache": reused,
-        "saved_usd": usd(saved),
-    }
-
-
-def reconciliation_json(r: Reconciliation) -> dict[str, Any]:
-    diff = r.difference_nanos
-    return {
-        "run_id": r.run_id,
-        "budget": r.budget,
-        "method": r.method,
-        "matched": r.matched,
-        "charged": r.charged,
-        "not_charged": r.not_charged,
-        "mismatched": [
-            {"custom_id": c, "ledger_usd": usd(a), "provider_usd": usd(b)} for c, a, b in r.mismatched
-        ],
-        "ledger_usd": usd(r.ledger_nanos),
-        "provider_usd": None if r.provider_nanos is None else usd(r.provider_nanos),
-        "difference_usd": None if diff is None else usd(diff),
-        "difference_nanos": diff,
-        "agrees": r.ok if diff is not None else None,
-        "note": r.note,
-    }
-
-
-def print_reconciliation(r: Reconciliation) -> None:
-    how = {"transactions": "per request, from its charges", "balance": "by the balance's movement"}
-    out.print(
-        f"run {r.run_id} (budget '{printable(r.budget)}'), {how.get(r.method, r.method)}", highlight=False
-    )
-    if r.method == "transactions":
-        out.print(
-            f"  {r.matched:,} request(s) agree; possibly billed resolved: {r.charged:,} charged, "
-            f"{r.not_charged:,} not charged (pending again: the next resume sends them)",
-            highlight=False,
-        )
-    for custom_id, ledger_nanos, provider_nanos in r.mismatched[:ERRORS_SHOWN]:
-        out.print(
-            f"  differs: {printable(custom_id)}: ledger {format_usd(ledger_nanos, places=9)}, "
-            f"provider {format_usd(provider_nanos, places=9)}",
-            markup=False,
-            highlight=False,
-        )
-    out.print(f"  ledger spent:   {format_usd(r.ledger_nanos, places=9)}", highlight=False)
-    if r.provider_nanos is not None:
-        diff = r.difference_nanos
-        out.print(f"  provider books: {format_usd(r.provider_nanos, places=9)}", highlight=False)
-        out.print(f"  difference:     {diff:+,} nano-USD", highlight=False)
-    if r.note:
-        out.print(f"  {r.note}", highlight=False)
-
-
-def budget_reconciliation_json(b: BudgetReconciliation) -> dict[str, Any]:
-    diff = b.difference_nanos
-    return {
-        "budget": b.budget.name,
-        "runs": [reconciliation_json(r) for r in b.runs],
-        "ledger_usd": usd(b.budget.spent_nanos),
-        "provider_usd": None if b.provider_nanos is None else usd(b.provider_nanos),
-        "difference_usd": None if diff is None else usd(diff),
-        "difference_nanos": diff,
-        "agrees": b.ok if diff is not None else None,
-    }
-
-
-def print_budget_reconciliation(b: BudgetReconciliation) -> None:
-    out.print(f"budget '{printable(b.budget.name)}', {len(b.runs)} run(s)", highlight=False)
-    out.print(f"  ledger spent:   {format_usd(b.budget.spent_nanos, places=9)}", highlight=False)
-    if b.provider_nanos is None:
-        out.print("  provider books: not known for every run (see above)", highlight=False)
-        return
-    out.print(f"  provider books: {format_usd(b.provider_nanos, places=9)}", highlight=False)
-    out.print(f"  difference:     {b.difference_nanos:+,} nano-USD", highlight=False)
 
 
 def text_table(title: str, columns: list[str], rows: list[list[str]]) -> Table:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from runner.app.export import export_parquet
-from runner.app.quote import Estimate, fits, quote_requests
+from runner.app.quote import Estimate, Quoting, fits, quote_requests
 from runner.app.run import RunResult, run_job
 from runner.app.sweep import load_spec
 from runner.app.sweep_run import SweepResult, cell_report, check_budget, plan_sweep, rows_that_fit, run_sweep
@@ -25,22 +25,21 @@ from runner.cli.console import (
     EXIT_OVER_BUDGET,
     EXIT_REQUESTS_FAILED,
     EXIT_RUN_STOPPED,
-    Progress,
     err,
-    estimate_json,
     estimate_table,
     friendly,
     note_unknown_context,
     out,
     print_catalog,
-    print_json,
     print_report,
     print_summary,
     run_async,
     summary_json,
     text_table,
 )
+from runner.cli.documents import estimate_json, print_json
 from runner.cli.options import DbOpt, Flags, JsonOpt, config_options
+from runner.cli.progress import Progress
 from runner.core import catalog
 from runner.core.config import ESTIMATE, RESUME, RUN, SWEEP, VALIDATE, ProviderSettings, RunConfig
 from runner.core.errors import ConfigError, printable
@@ -124,12 +123,11 @@ def estimate(
             with Progress("quoting", summary.requests) as progress:
                 return await quote_requests(
                     iter_requests(job, models, max_line=config.max_line_bytes),
-                    provider=conn.provider,
-                    scope=conn.scope,
-                    ledger=ledger,
-                    concurrency=config.concurrency,
+                    conn,
+                    ledger,
+                    limits=config.concurrency,
+                    quoting=Quoting(config.cache, policy=config.policy),
                     on_event=progress,
-                    cache=config.cache,
                 )
 
     result = run_async(work)
@@ -273,14 +271,7 @@ def sweep(
     if not estimate_only:
         check_writable(path)
     ledger = Ledger(db)
-    if config.budget is not None:
-        remaining: int | None = ledger.budget(config.budget).remaining_nanos
-    elif config.max_usd is not None:
-        remaining = to_nanos(config.max_usd)
-    elif estimate_only:
-        remaining = None
-    else:
-        raise ConfigError("give a budget: --budget NAME (see `runner budget create`) or --max-usd USD")
+    remaining = _money_for(ledger, config, estimate_only)
 
     async def work() -> SweepResult | None:
         async with connect(config.provider) as conn:
@@ -312,6 +303,18 @@ def sweep(
     result = run_async(work)
     if result is not None:
         _sweep_outputs(result, spec_path.stem, path, html, as_json)
+
+
+def _money_for(ledger: Ledger, config: RunConfig, estimate_only: bool) -> int | None:
+    """What a sweep may spend (nano-USD): its budget's remaining money, or its --max-usd; None for
+    an estimate with neither."""
+    if config.budget is not None:
+        return ledger.budget(config.budget).remaining_nanos
+    if config.max_usd is not None:
+        return to_nanos(config.max_usd)
+    if estimate_only:
+        return None
+    raise ConfigError("give a budget: --budget NAME (see `runner budget create`) or --max-usd USD")
 
 
 def _sweep_outputs(result: SweepResult, title: str, path: Path, html: Path | None, as_json: bool) -> None:

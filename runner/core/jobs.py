@@ -114,28 +114,11 @@ def parse_line(
 
     obj = codec.quick_loads(raw)  # most lines: the rest of this block is for those it leaves
     if obj is codec.UNREAD:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return issue("", f"not valid UTF-8 (byte {exc.start} of the line)")
-        if line == 1 and text.startswith("\ufeff"):
-            text = text[1:]
-        text = text.strip()
-        if not text:
+        obj = _slow_read(raw, first=line == 1)
+        if obj is None:
             return None
-        try:
-            obj = codec.loads_exact(text)
-        except json.JSONDecodeError as exc:
-            return issue("", f"not valid JSON: {exc.msg} at column {exc.colno}")
-        except RecursionError:
-            return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
-        try:  # what orjson refused and the standard library read may hold a lone surrogate
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
-            return issue("", f"a lone surrogate ({bad}) is not text: not valid Unicode")
-        except RecursionError:
-            return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
+        if isinstance(obj, _Unreadable):
+            return issue("", obj.reason)
     if not isinstance(obj, dict):
         return issue("", f"a line must be a JSON object, not {type(obj).__name__}")
     # a line with no more than MAX_DEPTH opening brackets cannot nest deeper (most lines: no walk)
@@ -162,6 +145,38 @@ def parse_line(
         metadata=metadata or {},
         sha256=body_sha256(body) if hashed else "",
     )
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    reason: str
+
+
+def _slow_read(raw: bytes, *, first: bool) -> Any:
+    """A line the fast reader left: its JSON, None for a blank line, or why it cannot be read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _Unreadable(f"not valid UTF-8 (byte {exc.start} of the line)")
+    if first and text.startswith("\ufeff"):
+        text = text[1:]
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        obj = codec.loads_exact(text)
+    except json.JSONDecodeError as exc:
+        return _Unreadable(f"not valid JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return _Unreadable(f"JSON nested more than {MAX_DEPTH} levels deep")
+    try:  # what orjson refused and the standard library read may hold a lone surrogate
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        return _Unreadable(f"a lone surrogate ({bad}) is not text: not valid Unicode")
+    except RecursionError:
+        return _Unreadable(f"JSON nested more than {MAX_DEPTH} levels deep")
+    return obj
 
 
 def read_job(

@@ -153,24 +153,36 @@ async def _reset_mid_body(request: web.Request, payload: bytes) -> web.StreamRes
     return response
 
 
+def _invalid(problems: list[tuple[str, str]], *, run_api: bool) -> web.Response:
+    """A body the contract refuses: 400, as the Run API or an OpenAI-compatible server says it."""
+    message = "; ".join(f"{f}: {m}" for f, m in problems[:5])
+    if not run_api:
+        return _openai_error(400, message, "invalid_request_error")
+    error = {"type": "invalid_request_error", "message": message}
+    reply = {"success": False, "error": "upstream error", "code": "UPSTREAM_ERROR", "data": {"error": error}}
+    return _json(reply, 400)
+
+
+async def _answer_delay(books: Books, *, streamed: bool) -> float:
+    """A call's latency, waited (half of it before a streamed reply's first byte); the latency."""
+    delay = books.delay()
+    if delay:
+        books.in_flight += 1  # calls being answered at once: what a client's concurrency cap allows
+        books.peak_in_flight = max(books.peak_in_flight, books.in_flight)
+        try:
+            await asyncio.sleep(delay / 2 if streamed else delay)
+        finally:
+            books.in_flight -= 1
+    return delay
+
+
 async def _serve_chat(
     request: web.Request, body: dict[str, Any], *, run_api: bool, dry_run: bool
 ) -> web.StreamResponse:
     books = request.app[BOOKS]
     problems = schema.check_body(body)
     if problems:
-        message = "; ".join(f"{f}: {m}" for f, m in problems[:5])
-        if run_api:
-            return _json(
-                {
-                    "success": False,
-                    "error": "upstream error",
-                    "code": "UPSTREAM_ERROR",
-                    "data": {"error": {"type": "invalid_request_error", "message": message}},
-                },
-                400,
-            )
-        return _openai_error(400, message, "invalid_request_error")
+        return _invalid(problems, run_api=run_api)
     body_text = json.dumps(body, sort_keys=True)
     body_sha = hashlib.sha256(body_text.encode()).hexdigest()
     fault = books.pick_fault(body_text, dry_run=dry_run)
@@ -191,14 +203,7 @@ async def _serve_chat(
     else:
         fake = generate(body, catalog.get(body["model"]))
         price = books.charge_for(body["model"], fake.prompt_tokens, fake.completion_tokens)
-    delay = books.delay()
-    if delay:
-        books.in_flight += 1  # calls being answered at once: what a client's concurrency cap allows
-        books.peak_in_flight = max(books.peak_in_flight, books.in_flight)
-        try:
-            await asyncio.sleep(delay / 2 if body.get("stream") else delay)
-        finally:
-            books.in_flight -= 1
+    delay = await _answer_delay(books, streamed=bool(body.get("stream")))
     if replay is None:
         request_id = books.charge(
             price,
