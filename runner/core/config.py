@@ -306,7 +306,13 @@ class RunConfig:
         "--output", "-o", help="Parquet path.", commands=_RUNNERS, cli_type=Path | None, default=None
     )
     policy: RetryPolicy = field(default_factory=RetryPolicy)
-    grace_s: float = 30.0  # after a first Ctrl-C, in-flight requests get this long to finish
+    grace_s: float = flag(
+        "--grace",
+        help="After a first Ctrl-C, seconds the requests in flight get to finish (then aborted).",
+        commands=_RUNNERS,
+        cli_type=float,
+        default=30.0,
+    )
     handle_signals: bool = False  # Ctrl-C and SIGTERM drain the run (the CLI's runs)
 
     def __post_init__(self) -> None:
@@ -326,8 +332,8 @@ class RunConfig:
         if self.max_line_bytes < 1:
             msg = f"--max-line-bytes must be 1 or more (got {self.max_line_bytes})"
             raise ConfigError(msg)
-        if self.grace_s < 0:
-            msg = f"the grace period cannot be negative (got {self.grace_s:g} s)"
+        if not self.grace_s >= 0:  # NaN is not >= 0 either
+            msg = f"--grace cannot be negative (got {self.grace_s:g} s)"
             raise ConfigError(msg)
         if self.provider.max_connections != self.concurrency:  # no request waits for a connection
             object.__setattr__(self, "provider", replace(self.provider, max_connections=self.concurrency))
