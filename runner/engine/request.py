@@ -37,13 +37,6 @@ class _TakenOver(Exception):
     """A request between attempts was taken over (its worker was taken for gone)."""
 
 
-def _record(
-    db: Db, row_id: int, number: int, outcome: str, exc: ProviderError | None, latency: float | None
-) -> None:
-    error = str(exc)[:500] if exc else None
-    db.attempt(row_id, number, outcome, exc.status if exc else 200, error, latency)
-
-
 class Requests(EngineState):
     async def _request(
         self, request: ChatRequest, row_id: int, quote: int, done_attempts: int
@@ -169,7 +162,9 @@ class Requests(EngineState):
                 self.limit.on_rate_limited(started)
             latency = time.monotonic() - started
             error = exc
-            await self.writer.submit(lambda db: _record(db, row_id, number, "retry", error, latency))
+            await self.writer.submit(
+                lambda db: self.ledger.record_attempt(db, row_id, number, "retry", error, latency)
+            )
             raise
         finally:
             self._sent_at.pop(row_id, None)
@@ -202,7 +197,7 @@ class Requests(EngineState):
                 )
 
         def apply(db: Db) -> None:
-            _record(db, row_id, attempts, "ok", None, outcome.latency_s)
+            self.ledger.record_attempt(db, row_id, attempts, "ok", None, outcome.latency_s)
             charged = price if price is not None else quote
             self.ledger.settle(db, Settlement(row_id, charged, fields, hold))
 
@@ -233,7 +228,7 @@ class Requests(EngineState):
 
         def apply(db: Db) -> None:
             if exc is not None:
-                _record(db, row_id, attempts, outcome, exc, None)
+                self.ledger.record_attempt(db, row_id, attempts, outcome, exc, None)
             if state == "possibly_billed":
                 self.ledger.mark_possibly_billed(db, row_id, fields)
             else:

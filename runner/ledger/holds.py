@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.core.errors import ProviderError
 from runner.ledger.base import (
     IDS_IN_STATE,
     LedgerBase,
@@ -121,3 +122,16 @@ class HoldOps(LedgerBase):
         are possibly billed)."""
         row = tx.conn.execute("SELECT state, worker_id FROM requests WHERE id = ?", (request_id,)).fetchone()
         return row is not None and row[0] == state and row[1] == worker
+
+    @staticmethod
+    def record_attempt(
+        tx: Tx,
+        request_id: int,
+        number: int,
+        outcome: str,
+        error: ProviderError | None,
+        latency_s: float | None,
+    ) -> None:
+        """An attempt of a request, with how it ended (ok, retry, fatal, unknown) and its error."""
+        text = str(error)[:500] if error else None
+        tx.attempt(request_id, number, outcome, error.status if error else 200, text, latency_s)
