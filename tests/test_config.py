@@ -58,3 +58,18 @@ def test_resume_keeps_the_runs_job_and_provider_and_applies_the_flags() -> None:
     assert (resumed.job, resumed.run_id, resumed.concurrency) == (Path("j.jsonl"), "abc", 7)
     assert resumed.provider.timeouts.read_s == 5.0 and resumed.provider.max_connections == 7
     assert resumed.deadline is not None
+
+
+@pytest.mark.parametrize("provider", ["openai", "orthogonal"])
+def test_credentials_in_a_base_url_are_refused_without_showing_them(
+    provider: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORTHOGONAL_API_KEY", "k")
+    job = tmp_path / "j.jsonl"
+    job.write_text('{"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}]}\n')
+    url = "http://user:s3cr@t-pass@127.0.0.1:9/v1"
+    done = cli.invoke(app, ["run", str(job), "--provider", provider, "--base-url", url, "--max-usd", "1"])
+    assert done.exit_code == 2, done.output
+    assert "carries credentials (http://****@127.0.0.1:9/v1)" in done.output
+    assert "s3cr" not in done.output and "t-pass" not in done.output and "user:" not in done.output
+    assert "Traceback" not in done.output

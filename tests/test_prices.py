@@ -55,10 +55,15 @@ def test_a_price_file_prices_a_model_outside_the_catalog(tmp_path: Path) -> None
         ("[models.m]\ninput = 1\noutput = 2\ncontext_window = 1.5\n", "context_window: must be a whole"),
         ('[models."a\\u001b[31m"]\ninput = 1\noutput = true\n', "a\\x1b[31m: output"),
         ("[models.m\n", "cannot read the price file"),
+        ("[models.m]\ninput = 1e300\noutput = 2\n", "m: input: 1e+300 USD per 1M tokens is out of range"),
+        ("[models.m]\ninput = 1\noutput = 1e-30\n", "m: output: 1e-30 USD per 1M tokens is out of range"),
+        ("[models.m]\ninput = inf\noutput = 2\n", "m: input: inf is not an amount"),
+        ("[models.m]\ninput = nan\noutput = 2\n", "m: input: nan is not an amount"),
+        ('{"models": {"m": {"input": "1e999999999", "output": 1}}}', "m: input: 1e999999999 USD per 1M"),
     ],
 )
 def test_a_wrong_price_file_is_named_with_the_model_and_key(tmp_path: Path, text: str, message: str) -> None:
-    prices = tmp_path / "prices.toml"
+    prices = tmp_path / ("prices.json" if text.startswith("{") else "prices.toml")
     prices.write_text(text)
     with pytest.raises(ConfigError) as caught:
         load_prices(prices)
@@ -161,6 +166,21 @@ async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_lim
     view = ledger.budget_by_id(ledger.run(result.run_id).budget_id)
     assert result.states["ok"] == 5  # $0.10 each: the sixth reservation no longer fits
     assert view.spent_nanos == 5 * 100_001_000 and view.remaining_nanos == 0 and view.overspent_nanos > 0
+
+
+def test_a_huge_price_is_refused_before_any_quote_not_a_traceback(
+    write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."openai/gpt-oss-120b"]\ninput = 1e300\noutput = 1\n')
+    job = write_job([{"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}]}])
+    for command in (["estimate", str(job)], ["run", str(job), "--max-usd", "1"]):
+        endpoint = ["--provider", "openai", "--base-url", "http://127.0.0.1:9/v1"]
+        args = [*command, *endpoint, "--price-file", str(prices)]
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 2, done.output
+        assert "input: 1e+300 USD per 1M tokens is out of range" in done.output
+        assert "Traceback" not in done.output and "InvalidOperation" not in done.output
 
 
 def test_an_edited_price_file_prices_the_next_estimate_and_run(tmp_path: Path) -> None:

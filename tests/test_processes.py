@@ -658,6 +658,7 @@ def test_a_ledger_deleted_or_replaced_during_a_run_stops_it_and_nothing_is_paid_
     run_id = output.split(f"was {change} during run ")[1].split(":")[0]
     saved = db if change == "deleted" else Path(f"{db}.saved-{run_id}")
     assert f"saved to {saved}" in output
+    assert "to resume to resume" not in " ".join(output.split())  # said once
     assert sim.charges() < 600
     quiet(sim)
     proc = start_runner(sim, job, saved, "--budget", "night", "--concurrency", "16")  # as it says

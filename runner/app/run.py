@@ -186,7 +186,7 @@ async def _ledger_saved(ledger: Ledger, run_id: str, gone: str) -> LedgerUnavail
     )
     msg = (
         f"the ledger file {path} was {gone} during run {run_id}: nothing more was sent after that; "
-        f"what the run recorded was saved to {where}; {resume} to resume"
+        f"what the run recorded was saved to {where}; {resume}"
     )
     return LedgerUnavailable(msg, path=path, reason=gone)
 

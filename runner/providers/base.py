@@ -21,6 +21,7 @@ from runner.core.errors import (
     RequestFatalError,
     RetryableError,
     RunFatalError,
+    printable,
 )
 from runner.core.models import JSON, ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
@@ -317,10 +318,19 @@ class Connection:
 
 
 def http_url(url: str) -> str:
-    """A base URL that can be called: http(s), with a host."""
+    """A base URL that can be called: http(s), with a host, and no credentials in it (a key goes in
+    its environment variable, where it is sent as a header and never shown)."""
     scheme, _, rest = url.partition("://")
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        shown = f"{scheme}://****@{rest[authority.rindex('@') + 1 :]}"  # the credentials never shown
+        msg = (
+            f"the base URL carries credentials ({printable(shown)}): give the key in OPENAI_API_KEY "
+            "or ORTHOGONAL_API_KEY instead, and the URL without them"
+        )
+        raise ConfigError(msg)
     if scheme.lower() not in ("http", "https") or not rest.strip("/"):
-        msg = f"the base URL must look like https://host[:port][/path] (got '{url}')"
+        msg = f"the base URL must look like https://host[:port][/path] (got '{printable(url)}')"
         raise ConfigError(msg)
     return url
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 
 from runner.core import catalog
@@ -12,6 +13,10 @@ from runner.core.config import ProviderSettings
 from runner.core.errors import ConfigError, printable
 from runner.core.money import parse_usd
 
+# a price per 1M tokens outside these is a mistake, not a model: above it a job's money overflows what
+# the ledger keeps exactly; below it (and above 0) a request's cost is less than a nano-dollar
+MAX_PER_MILLION = Decimal(100_000)
+MIN_PER_MILLION = Decimal("0.000001")
 PRICE_KEYS = frozenset({"input", "output", "context_window", "per_message_tokens", "per_request_tokens"})
 
 
@@ -51,6 +56,12 @@ def _price_entry(path: Path, model: str, entry: object) -> catalog.PriceEntry:
         except ValueError:
             msg = f"{where}: {key}: {printable(str(value))} is not an amount in USD per 1M tokens"
             raise ConfigError(msg) from None
+        if usd > MAX_PER_MILLION or 0 < usd < MIN_PER_MILLION:
+            msg = (
+                f"{where}: {key}: {printable(str(value))} USD per 1M tokens is out of range (give 0, or "
+                f"from {MIN_PER_MILLION} to {MAX_PER_MILLION:,}): a price that size is a typo"
+            )
+            raise ConfigError(msg)
         prices.append(usd / catalog.PER_MILLION)
     counts: dict[str, int | None] = {}
     for key in ("context_window", "per_message_tokens", "per_request_tokens"):
