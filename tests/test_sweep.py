@@ -235,3 +235,44 @@ def test_cache_refresh_buys_the_unchanged_cells_again(sim: SimulatorThread, tmp_
     again = sweep(sim, spec, tmp_path, "--max-usd", "1", "--cache", "refresh")
     assert again.exit_code == 0, again.output
     assert calls(sim) == 3 + 6  # the first model's answers bought again, with the new model's
+
+
+@pytest.mark.parametrize(
+    ("csv_text", "expected"),
+    [
+        ("id,topic\na,cats\nb\n", "rows.csv:3: 1 fields where the header has 2"),
+        ("id,topic\na,cats,extra\n", "rows.csv:2: 3 fields where the header has 2"),
+        ('id,topic\na,"cats\n', "rows.csv:2: not valid CSV: unexpected end of data"),
+        ("id,topic\na,ca\x00ts\n", "rows.csv:2: a NUL byte in a field"),
+    ],
+)
+def test_a_ragged_or_damaged_csv_row_is_named_and_nothing_is_sent(
+    sim: SimulatorThread, tmp_path: Path, csv_text: str, expected: str
+) -> None:
+    (tmp_path / "rows.csv").write_text(csv_text)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'dataset = "rows.csv"\n{PROMPT}[matrix]\nmodel = {MODELS}\n')
+    result = sweep(sim, spec, tmp_path, "--max-usd", "1")
+    assert result.exit_code == 1, result.output
+    assert expected in result.output
+    assert "None" not in result.output and "Traceback" not in result.output
+    assert calls(sim) == 0 and dry_runs(sim) == 0
+
+
+def test_a_dataset_or_job_that_is_a_pipe_is_refused_at_once(sim: SimulatorThread, tmp_path: Path) -> None:
+    import os  # noqa: PLC0415
+
+    os.mkfifo(tmp_path / "rows.jsonl")  # nobody writes it: reading it would block forever
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'dataset = "rows.jsonl"\n{PROMPT}[matrix]\nmodel = {MODELS}\n')
+    result = sweep(sim, spec, tmp_path, "--max-usd", "1")
+    assert result.exit_code == 1, result.output
+    assert "the dataset file is a pipe: give a regular file" in result.output
+    job = tmp_path / "job.jsonl"
+    os.mkfifo(job)
+    for command in (["validate", str(job)], ["run", str(job), "--provider", "simulator", "--max-usd", "1"]):
+        done = cli.invoke(app, command, env=ENV)
+        assert done.exit_code == 1, done.output
+        assert "the job file is a pipe: give a regular file" in done.output
+    assert Ledger().runs() == []  # nothing prepared, nothing left behind
+    assert calls(sim) == 0 and dry_runs(sim) == 0

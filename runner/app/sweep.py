@@ -24,6 +24,7 @@ import jsonschema
 
 from runner.core import catalog, codec, schema
 from runner.core.errors import SpecError, printable
+from runner.core.jobs import not_regular
 
 SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders"})
 PROMPT_KEYS = frozenset({"system", "user", "messages"})
@@ -269,9 +270,12 @@ def read_dataset(spec: Spec) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _rows(spec: Spec) -> Iterator[tuple[int, Any]]:
     try:
+        refused = not_regular(spec.dataset, "dataset")
+        if refused:
+            raise SpecError(f"{spec.path}: dataset: {spec.dataset}: {refused}")
         with spec.dataset.open(encoding="utf-8", newline="") as handle:
             if spec.dataset.suffix.lower() == ".csv":
-                yield from enumerate(csv.DictReader(handle), start=2)  # line 1: the header
+                yield from _csv_rows(spec.dataset, handle)
                 return
             for number, line in enumerate(handle, start=1):
                 if line.strip():
@@ -283,6 +287,29 @@ def _rows(spec: Spec) -> Iterator[tuple[int, Any]]:
         raise SpecError(f"{spec.path}: dataset: cannot read {spec.dataset}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{spec.path}: dataset: {spec.dataset} is not UTF-8 text") from None
+
+
+def _csv_rows(path: Path, handle: Any) -> Iterator[tuple[int, dict[str, str]]]:
+    """A CSV's rows as {header: field}, each row exactly as wide as the header: a missing or extra
+    field, an unterminated quote or a NUL byte is an error naming the row's line (never a None sent
+    as text)."""
+    reader = csv.reader(handle, strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        for fields in reader:
+            line = reader.line_num
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                msg = f"{path}:{line}: {len(fields)} fields where the header has {len(header)}"
+                raise SpecError(msg)
+            if any("\x00" in field for field in fields):
+                raise SpecError(f"{path}:{line}: a NUL byte in a field")
+            yield line, dict(zip(header, fields, strict=True))
+    except csv.Error as exc:
+        raise SpecError(f"{path}:{reader.line_num}: not valid CSV: {exc}") from None
 
 
 def render(template: str, variables: dict[str, Any], where: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -196,9 +197,13 @@ def read_job(
     file = str(path)
     known = models if models is not None else catalog.MODELS
     try:
-        handle = Path(path).open("rb")  # noqa: SIM115 - closed below; a generator holds it open
+        not_a_file = not_regular(path, "job")
+        handle = None if not_a_file else Path(path).open("rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         yield [Issue(file, 0, "", f"cannot read the job file: {exc.strerror}")]
+        return
+    if handle is None:
+        yield [Issue(file, 0, "", str(not_a_file))]
         return
     with handle:
         count = 0
@@ -307,6 +312,17 @@ class JobSummary:
             issue_count=int(data["issue_count"]),
             digest=str(data["digest"]),
         )
+
+
+def not_regular(path: str | Path, what: str) -> str | None:
+    """Why `path` cannot be read as a `what` file, when it is not a regular one: a pipe nobody writes
+    (or a device) would block forever, and runner reads a job more than once (to validate, then to
+    send); None for a regular file. An OSError (a missing file) is left to the caller's open."""
+    mode = Path(path).stat().st_mode
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+    return f"the {what} file is {kind}: give a regular file (runner reads it more than once)"
 
 
 def validate_job(
