@@ -286,17 +286,26 @@ def test_hostile_lines_are_line_errors_never_tracebacks(write_job: Callable[...,
 
 
 def test_a_file_without_line_ends_is_not_read_into_memory(tmp_path: Path) -> None:
-    """/dev/zero has no line end: the first 16 MiB are found too long for a line, and nothing more is
-    read (the process stays small and ends)."""
-    command = [sys.executable, "-m", "runner", "validate", "/dev/zero"]
+    """A 64 MiB file with no line end (sparse: zeros): the first 16 MiB are found too long for a line,
+    and nothing more is read (the process stays small and ends). A device such as /dev/zero is not
+    read at all."""
+    endless = tmp_path / "zeros.jsonl"
+    with endless.open("wb") as handle:
+        handle.truncate(64 * 1024 * 1024)
+    command = [sys.executable, "-m", "runner", "validate", str(endless)]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert done.returncode == 1, done.stderr
-    assert "/dev/zero:1: longer than 16,777,216 bytes (--max-line-bytes)" in done.stderr
+    assert f"{endless}:1: longer than 16,777,216 bytes (--max-line-bytes)" in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 30
     assert usage.ru_maxrss < 400 * 1024  # KiB: the interpreter and its libraries, one bounded line
+    device = subprocess.run(
+        [*command[:-1], "/dev/zero"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert device.returncode == 1
+    assert "/dev/zero: the job file is not a regular file: give a regular file" in device.stderr
 
 
 def test_max_line_bytes_can_be_raised_or_lowered(write_job: Callable[..., Path]) -> None:

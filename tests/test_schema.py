@@ -49,6 +49,14 @@ CASES: dict[str, tuple[list[Any], list[tuple[Any, str]]]] = {
             ({"type": "xml"}, "not one of"),
             ({"type": "json_schema"}, "json_schema"),
             ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema"),
+            (
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "banana"}}},
+                "not a valid JSON Schema at type: 'banana' is not valid",
+            ),
+            (
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"required": "a"}}},
+                "not a valid JSON Schema at required",
+            ),
         ],
     ),
     "seed": ([0, 42, -1], [(1.5, "not an integer"), ("42", "not an integer")]),

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from typing import Any
 
 from runner.core import catalog, codec
 from runner.core.catalog import ModelInfo
+from runner.core.errors import printable
 
 Problem = tuple[str, str]
 Extra = Callable[[Any, dict[str, Any], "Context"], Iterator[Problem]]
@@ -180,6 +182,24 @@ def _check_response_format(value: Any, body: dict[str, Any], ctx: Context) -> It
             yield "response_format.json_schema.name", "a json_schema needs a string 'name'"
         elif not isinstance(spec.get("schema"), dict):
             yield "response_format.json_schema.schema", "a json_schema needs a 'schema' object"
+        elif problem := _schema_problem(codec.dumps_text(spec["schema"])):
+            yield "response_format.json_schema.schema", problem
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_problem(text: str) -> str | None:
+    """Why a JSON Schema is not one (jsonschema's own check, for the draft it names); None when it
+    is. Keyed by the schema's text: a job's lines share a few schemas."""
+    import jsonschema  # noqa: PLC0415 - loaded only for a job that asks for a schema
+
+    schema = json.loads(text)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        reason = printable(exc.message if len(exc.message) <= 120 else exc.message[:117] + "...")
+        return f"not a valid JSON Schema{f' at {where}' if where else ''}: {reason}"
+    return None
 
 
 def _check_stop(value: Any, body: dict[str, Any], ctx: Context) -> Iterator[Problem]:
