@@ -276,3 +276,35 @@ def test_a_dataset_or_job_that_is_a_pipe_is_refused_at_once(sim: SimulatorThread
         assert "the job file is a pipe: give a regular file" in done.output
     assert Ledger().runs() == []  # nothing prepared, nothing left behind
     assert calls(sim) == 0 and dry_runs(sim) == 0
+
+
+def test_a_huge_expansion_is_refused_with_its_product_before_anything_grows(tmp_path: Path) -> None:
+    """`repeats = 1000000000` once grew to 16 GB; under a 1 GiB address-space limit it is refused at once
+    with the product named, exit 1, no MemoryError."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    spec = write_spec(tmp_path, f"{PROMPT}[matrix]\nmodel = {MODELS}\nrepeats = 1000000000\n")
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30)); "
+    code = limit + "from runner.cli.main import main; main()"
+    args = ["sweep", str(spec), "--provider", "simulator", "--max-usd", "1"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "2 cells × 1,000,000,000 repeats = 2,000,000,000 requests a dataset row" in done.stderr
+    assert "MemoryError" not in done.stderr and "Traceback" not in done.stderr
+    # within the matrix's bound, the rows make it too big: counted before the job is written
+    spec = write_spec(tmp_path, f"{PROMPT}[matrix]\nmodel = {MODELS}\nrepeats = 2000000\n", rows=2)
+    done = subprocess.run(
+        [sys.executable, "-c", code, "sweep", str(spec), "--provider", "simulator", "--estimate"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "2 rows × 2 cells × 2,000,000 repeats = 8,000,000 requests, above the 5,000,000" in done.stderr
+    assert not list(tmp_path.glob("results/*.jsonl"))  # no job was written

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import re
 import tomllib
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from runner.core import catalog, codec, schema
 from runner.core.errors import SpecError, printable
 from runner.core.jobs import not_regular
 
+MAX_SWEEP_REQUESTS = 5_000_000  # rows x cells x repeats: a job larger than this is a mistake in the spec
 SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders"})
 PROMPT_KEYS = frozenset({"system", "user", "messages"})
 BUDGET_KEYS = frozenset({"per_cell_usd"})
@@ -189,6 +191,10 @@ def _matrix(path: Path, matrix: Any) -> tuple[dict[str, list[Any]], int]:
     for model in values["model"]:
         if not isinstance(model, str) or model not in catalog.MODELS:
             raise _fail(path, "matrix.model", f"'{printable(str(model))}' is not a model of the catalog")
+    cells = math.prod(len(v) for v in values.values())
+    if cells * repeats > MAX_SWEEP_REQUESTS:  # counted, not built: nothing grows before this check
+        msg = f"{cells:,} cells × {repeats:,} repeats = {cells * repeats:,} requests a dataset row"
+        raise _fail(path, "matrix", f"{msg}, above the {MAX_SWEEP_REQUESTS:,} a sweep may expand to")
     return values, repeats
 
 
@@ -339,6 +345,7 @@ def expand(spec: Spec, folder: Path, keep_rows: set[str] | None = None) -> Expan
     """Write the job (one line per row × cell × repeat, rows outermost) into `folder`, named by the
     spec and a digest of its content: the same spec and data give the same file (and resume its run);
     a changed one is a new job whose unchanged requests the cache answers."""
+    _check_size(spec, keep_rows)
     cells = spec.cells()
     for grader in spec.graders:  # a judge's rubric must fill from every row (the answer aside)
         if grader.judge:
@@ -365,6 +372,19 @@ def expand(spec: Spec, folder: Path, keep_rows: set[str] | None = None) -> Expan
     job = folder / f"{spec.path.stem}-{digest.hexdigest()[:12]}.jsonl"
     partial.replace(job)  # the same content under the same name: its run resumes
     return Expansion(job, cells, rows, count)
+
+
+def _check_size(spec: Spec, keep_rows: set[str] | None) -> None:
+    """rows × cells × repeats, counted (one streamed pass over the dataset) before the job is built."""
+    rows = sum(1 for row_id, _ in read_dataset(spec) if keep_rows is None or row_id in keep_rows)
+    cells = math.prod(len(v) for v in spec.matrix.values())
+    total = rows * cells * spec.repeats
+    if total > MAX_SWEEP_REQUESTS:
+        msg = (
+            f"{rows:,} rows × {cells:,} cells × {spec.repeats:,} repeats = {total:,} requests, above the "
+            f"{MAX_SWEEP_REQUESTS:,} a sweep may expand to: use fewer rows, cells or repeats"
+        )
+        raise SpecError(f"{spec.path}: {msg}")
 
 
 def _lines(
