@@ -308,3 +308,18 @@ def test_a_huge_expansion_is_refused_with_its_product_before_anything_grows(tmp_
     assert done.returncode == 1, done.stderr
     assert "2 rows × 2 cells × 2,000,000 repeats = 8,000,000 requests, above the 5,000,000" in done.stderr
     assert not list(tmp_path.glob("results/*.jsonl"))  # no job was written
+
+
+def test_a_regex_that_backtracks_without_end_fails_its_grade_in_bounded_time() -> None:
+    import time  # noqa: PLC0415
+
+    from runner.app.sweep import REGEX_TIMEOUT_S, Grader  # noqa: PLC0415
+
+    grader = Grader("r", "regex", {"pattern": r"(a|aa)+$"})  # alternatives that overlap: exponential
+    started = time.monotonic()
+    score, failed = grader.grade("a" * 60 + "b", {})  # almost matches: `re` would run for ages
+    assert time.monotonic() - started < REGEX_TIMEOUT_S + 5
+    assert score is None and failed is not None and "took over 1 s" in failed
+    assert grader.grade("aaaa", {}) == (1.0, None)
+    assert grader.grade("aaab", {}) == (0.0, None)
+    assert grader.grade("bbbb", {}) == (0.0, None)

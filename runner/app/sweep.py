@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import regex
 
 from runner.core import catalog, codec, schema
 from runner.core.errors import SpecError, printable
 from runner.core.jobs import not_regular
 
+# a regex grader gets this long per answer (the regex module's timeout): a pattern that backtracks
+# catastrophically fails that answer's grade instead of hanging the sweep, and `runner report`
+REGEX_TIMEOUT_S = 1.0
 MAX_SWEEP_REQUESTS = 5_000_000  # rows x cells x repeats: a job larger than this is a mistake in the spec
 SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders"})
 PROMPT_KEYS = frozenset({"system", "user", "messages"})
@@ -57,6 +61,19 @@ class Grader:
 
     def score(self, content: str | None, row: dict[str, Any]) -> float | None:
         """1.0 / 0.0 for the rule graders (None when there is no answer); judges score elsewhere."""
+        return self.grade(content, row)[0]
+
+    def grade(self, content: str | None, row: dict[str, Any]) -> tuple[float | None, str | None]:
+        """The score, and why there is none when grading failed (a regex that ran out of time)."""
+        if self.kind == "regex" and content is not None:
+            try:
+                hit = regex.search(self.options["pattern"], content.strip(), timeout=REGEX_TIMEOUT_S)
+            except TimeoutError:
+                return None, f"the pattern took over {REGEX_TIMEOUT_S:g} s on this answer: not graded"
+            return float(hit is not None), None
+        return self._rule_score(content, row), None
+
+    def _rule_score(self, content: str | None, row: dict[str, Any]) -> float | None:
         if content is None or self.judge:
             return None
         text, opts = content.strip(), self.options
@@ -68,8 +85,6 @@ class Grader:
                 text, wanted = text.casefold(), wanted.casefold()
             hit = text == wanted.strip() if self.kind == "exact" else wanted in text
             return float(hit)
-        if self.kind == "regex":
-            return float(re.search(opts["pattern"], text) is not None)
         try:
             value = json.loads(text)
         except ValueError:
@@ -234,8 +249,8 @@ def _graders(path: Path, items: Any) -> list[Grader]:
 def _check_grader(path: Path, where: str, kind: str, options: dict[str, Any]) -> None:
     if kind == "regex":
         try:
-            re.compile(str(options.get("pattern", "")))
-        except re.error as exc:
+            regex.compile(str(options.get("pattern", "")))
+        except regex.error as exc:
             raise _fail(path, f"{where}.pattern", f"does not compile: {exc}") from None
         if "pattern" not in options:
             raise _fail(path, f"{where}.pattern", "required")

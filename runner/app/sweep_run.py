@@ -276,7 +276,10 @@ def sweep_frame(
                 extra[f"{grader.name}_price_usd"] = price
             else:
                 ok = row["status"] == "ok"
-                extra[f"score_{grader.name}"] = grader.score(row["content"], where["vars"]) if ok else None
+                score, failed = grader.grade(row["content"], where["vars"]) if ok else (None, None)
+                extra[f"score_{grader.name}"] = score
+                if grader.kind == "regex":
+                    extra[f"{grader.name}_error"] = failed
         rows.append(extra)
     return pl.concat([answers, pl.DataFrame(rows, infer_schema_length=None)], how="horizontal")
 
