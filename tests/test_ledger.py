@@ -306,11 +306,19 @@ def test_a_budget_cannot_go_below_spent_and_reserved(tmp_path: Path) -> None:
     [
         ("sqlite:///ledger.db", "ledger.db"),  # relative to the working folder
         ("sqlite:////var/lib/runner/ledger.db", "/var/lib/runner/ledger.db"),
-        ("sqlite:////tmp/l.db?mode=rw", "/tmp/l.db"),
     ],
 )
 def test_a_sqlite_url_names_its_file(given: str, path: str) -> None:
     assert sqlite_path(given) == path
+
+
+@pytest.mark.parametrize("options", ["mode=ro", "mode=rw", "cache=shared"])
+def test_sqlite_options_in_a_ledger_url_are_refused_not_ignored(tmp_path: Path, options: str) -> None:
+    given = f"sqlite:///{tmp_path / 'l.db'}?{options}"
+    result = cli.invoke(app, ["runs", "--db", given])
+    assert result.exit_code == 2, result.output
+    assert f"gives SQLite options ('?{options}')" in result.output
+    assert not (tmp_path / "l.db").exists()  # mode=ro once wrote the file
 
 
 @pytest.mark.parametrize(

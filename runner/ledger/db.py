@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from runner.core.errors import ConfigError, LedgerUnavailable
+from runner.core.errors import ConfigError, LedgerUnavailable, printable
 from runner.ledger.migrate import migration_engine
 
 BUSY_TIMEOUT_MS = 30_000
@@ -36,10 +36,16 @@ PRAGMAS = (
 
 
 def sqlite_path(url: str) -> str:
-    """The file a `sqlite:///PATH` URL names (`sqlite:////abs/path` for an absolute one); options
-    after a `?` are not used (the ledger sets its own)."""
+    """The file a `sqlite:///PATH` URL names (`sqlite:////abs/path` for an absolute one). The ledger
+    sets its own connection options: a URL that gives some (`?mode=ro`) is refused, not ignored."""
     prefix = "sqlite:///"
-    path = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
+    path, _, options = url[len(prefix) :].partition("?") if url.startswith(prefix) else ("", "", "")
+    if options:
+        msg = (
+            f"the ledger URL gives SQLite options ('?{printable(options)}'), which runner does not take: "
+            "it sets its own; give sqlite:///PATH alone"
+        )
+        raise ConfigError(msg)
     if not path or path == ":memory:":
         scheme = url.split(":", 1)[0] if ":" in url else url  # never the rest: it may hold a password
         msg = (
