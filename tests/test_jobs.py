@@ -81,6 +81,17 @@ def test_a_long_integer_in_a_line_keeps_every_digit(write_job: Callable[..., Pat
     assert plain.sha256 != request.sha256
 
 
+TWICE_TOP = (
+    b'{"model": "openai/gpt-oss-120b", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}], '
+    b'"max_tokens": 20}\n'
+)
+TWICE_INNER = (
+    b'{"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "role": "system", "content": "hi"}]}\n'
+)
+TWICE_SPACED = (
+    b'{"model" : "openai/gpt-oss-120b", "messages" : [{"role" : "user", "content" : "hi"}], '
+    b'"model" : "openai/gpt-oss-120b"}\n'
+)
 BAD_LINES: list[tuple[str, list[Any], str, str]] = [
     ("invalid json", [b'{"model": \n'], ":1: ", "not valid JSON"),
     ("not an object", [b"[1, 2]\n"], ":1: ", "must be a JSON object, not list"),
@@ -141,7 +152,17 @@ BAD_LINES: list[tuple[str, list[Any], str, str]] = [
         ":1: temperature: ",
         "5.2 is above the maximum 4.0",
     ),
+    ("a key given twice", [TWICE_TOP], ":1: max_tokens: ", "given twice in the line"),
+    ("a key given twice in a message", [TWICE_INNER], ":1: role: ", "given twice in the line"),
+    ("a key given twice, spaced from its colon", [TWICE_SPACED], ":1: model: ", "given twice in the line"),
 ]
+
+
+def test_keys_written_inside_strings_are_not_taken_for_duplicates(write_job: Callable[..., Path]) -> None:
+    content = 'say {"max_tokens": 10, "max_tokens": 20} and \\u0022 "model" : x'
+    path = write_job([{**GOOD_BODY, "messages": [{"role": "user", "content": content}]}])
+    result = cli.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(("name", "lines", "where", "fragment"), BAD_LINES, ids=[c[0] for c in BAD_LINES])

@@ -22,7 +22,7 @@ import polars as pl
 
 from runner.core import catalog, codec, schema
 from runner.core.catalog import ModelInfo
-from runner.core.errors import Issue, JobError
+from runner.core.errors import Issue, JobError, printable
 from runner.core.models import ChatRequest
 
 CHAT_PATH = "/v1/chat/completions"
@@ -60,6 +60,33 @@ def _unwrap(obj: dict[str, Any]) -> tuple[Any, Any, Any, list[tuple[str, str]]]:
         return obj.get("body"), obj.get("custom_id"), obj.get("metadata"), problems
     body = {k: v for k, v in obj.items() if k not in ("custom_id", "metadata")}
     return body, obj.get("custom_id"), obj.get("metadata"), problems
+
+
+def _key_written_twice(raw: bytes, obj: dict[str, Any]) -> str | None:
+    """A key an object of the line gives twice (a JSON parser keeps the last value silently); None
+    when none does. Each key is written as a string and a colon, so a line holding no more `":` than
+    its objects written back by the codec (each key one, a quote inside a string escaped as there)
+    gives no key twice, unless it spaces a key from its colon or escapes a quote otherwise: only
+    those lines are read again, keeping every pair."""
+    unusual = any(mark in raw for mark in _UNUSUAL_KEYS)
+    if not unusual and raw.count(b'":') <= codec.dumps(obj).count(b'":'):
+        return None
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        if not found and len(set(keys)) < len(keys):
+            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except ValueError:  # a line only the slow reader takes (a byte order mark): left as it is read
+        return None
+    return found[0] if found else None
+
+
+_UNUSUAL_KEYS = (b'" :', b'"\t:', b'"\r:', b'"\n:', b"\\u0022")
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -125,6 +152,9 @@ def parse_line(
     # a line with no more than MAX_DEPTH opening brackets cannot nest deeper (most lines: no walk)
     if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and _deeper_than(obj, MAX_DEPTH):
         return issue("", f"JSON nested more than {MAX_DEPTH} levels deep")
+    twice = _key_written_twice(raw, obj)
+    if twice is not None:
+        return issue(printable(twice), "given twice in the line: which value was meant is not known")
     body, custom_id, metadata, shape_problems = _unwrap(obj)
     problems = list(shape_problems)
     if not isinstance(body, dict):
