@@ -948,3 +948,17 @@ async def test_a_request_far_slower_than_the_rest_is_reported_as_stalled(
         await provider.aclose()
     assert max(seen) == 1  # the one stalled call, while it hung
     assert seen[-1] == 0 or result.states.get("possibly_billed") == 1
+
+
+async def test_a_run_whose_ledger_is_found_damaged_at_its_end_stops_with_the_reason(
+    sim: SimulatorThread, write_job: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The integrity check itself is tested on a file with pages overwritten (test_ledger.py); here,
+    that a run ends on what it finds: stopped, with the damage and the remedy, never "done"."""
+    ledger = Ledger()
+    monkeypatch.setattr(Ledger, "damage", lambda self: "*** in database main *** Page 7: never used")
+    result = await run(sim, write_job(job_lines(3)), ledger)
+    assert result.state == "stopped"
+    assert result.reason is not None and "is damaged (*** in database main *** Page 7" in result.reason
+    assert "restore it from a backup" in result.reason
+    assert ledger.run(result.run_id).state == "stopped"

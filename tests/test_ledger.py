@@ -348,15 +348,28 @@ def test_commands_on_a_migrated_ledger_do_not_load_sqlalchemy(tmp_path: Path) ->
 
 
 def test_a_ledger_that_cannot_be_opened_is_named_with_the_reason(tmp_path: Path) -> None:
+    """A URL naming no folder is a usage error (exit 2); a file that is no ledger, or one whose pages
+    are overwritten, is a damaged ledger: exit 4, the file named, what to do said, the file kept."""
     (tmp_path / "notes.txt").write_text("not a ledger\n" * 100)
-    for path, reason in [
-        (tmp_path / "no" / "such" / "l.db", "unable to open"),
-        (tmp_path / "notes.txt", "file is not a database"),
-    ]:
-        result = cli.invoke(app, ["budget", "list", "--db", f"sqlite:///{path}"])
-        assert result.exit_code == 2, result.output
-        assert f"the ledger {path} cannot be opened ({reason}" in result.output
-        assert "Traceback" not in result.output
+    missing = tmp_path / "no" / "such" / "l.db"
+    result = cli.invoke(app, ["budget", "list", "--db", f"sqlite:///{missing}"])
+    assert result.exit_code == 2, result.output
+    assert f"the ledger {missing} cannot be opened (unable to open" in result.output
+    damaged = tmp_path / "damaged.db"
+    Ledger(f"sqlite:///{damaged}").create_budget("b", 5)
+    with damaged.open("r+b") as handle:  # the header and first pages overwritten
+        handle.write(b"\x5a" * 4096)
+    job = tmp_path / "job.jsonl"
+    job.write_text('{"model": "openai/gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}]}\n')
+    run = ["run", str(job), "--provider", "simulator", "--max-usd", "1"]
+    for path in (tmp_path / "notes.txt", damaged):
+        for words in (["budget", "list"], ["runs"], run):
+            result = cli.invoke(app, [*words, "--db", f"sqlite:///{path}"])
+            assert result.exit_code == 4, (words, result.output)
+            assert f"the ledger {path} cannot be used (file is not a database)" in result.output
+            assert "the file is damaged (it is left as it is): restore it from a backup" in result.output
+            assert "Traceback" not in result.output
+    assert (tmp_path / "notes.txt").read_text() == "not a ledger\n" * 100
 
 
 def test_the_sql_run_at_run_time_names_only_what_the_sqlmodel_tables_declare(tmp_path: Path) -> None:
@@ -380,3 +393,31 @@ def test_the_sql_run_at_run_time_names_only_what_the_sqlmodel_tables_declare(tmp
     statements.append(f"SELECT {', '.join(export.ledger_columns())} FROM requests")
     for sql in statements:
         db.execute(f"EXPLAIN {sql}", [None] * sql.count("?"))  # fails on a column the table lacks
+
+
+def test_a_backup_is_a_whole_ledger_and_a_check_finds_pages_overwritten(tmp_path: Path) -> None:
+    source = tmp_path / "l.db"
+    ledger = Ledger(f"sqlite:///{source}")
+    ledger.create_budget("team", 5_000)
+    with ledger.transaction() as tx:  # enough rows for the table to span many pages
+        tx.conn.executemany(
+            "INSERT INTO quotes (key, amount_nanos, exact, source, reason, at) VALUES (?, 1, 1, 's', '', ?)",
+            [(f"k{i:06d}" * 8, tx.now) for i in range(5_000)],
+        )
+    copy = tmp_path / "backup.db"
+    done = cli.invoke(app, ["ledger", "backup", str(copy), "--db", f"sqlite:///{source}"])
+    assert done.exit_code == 0, done.output
+    assert Ledger(f"sqlite:///{copy}").budget("team").limit_nanos == 5_000
+    again = cli.invoke(app, ["ledger", "backup", str(copy), "--db", f"sqlite:///{source}"])
+    assert again.exit_code == 2 and "exists" in again.output  # a backup is never overwritten
+    assert cli.invoke(app, ["ledger", "check", "--db", f"sqlite:///{source}"]).exit_code == 0
+    ledger.close()
+    size = source.stat().st_size
+    with source.open("r+b") as handle:  # pages in the middle of the file, past the schema
+        handle.seek(size // 2)
+        handle.write(b"\x00\xff" * 8192)
+    found = Ledger(f"sqlite:///{source}").damage()
+    assert found is not None
+    checked = cli.invoke(app, ["ledger", "check", "--db", f"sqlite:///{source}"])
+    assert checked.exit_code == 4, checked.output
+    assert "is damaged" in checked.output and "restore it from a backup" in checked.output

@@ -103,6 +103,15 @@ async def _ended(
             f"{left} request(s) of the run have no line in {job} any more; restore those lines, "
             "or start a fresh run with --new"
         )
+    damage = await anyio.to_thread.run_sync(ledger.damage)  # SQLite's quick check of the file
+    if damage is not None:
+        state, reason = (
+            "stopped",
+            (
+                f"the ledger {ledger.db.path} is damaged ({damage}): copy what can be read elsewhere and "
+                "restore it from a backup (`runner ledger backup` makes one) before going on"
+            ),
+        )
     with anyio.CancelScope(shield=True):
         await note_balance(conn, ledger, run_id, "after")
         await anyio.to_thread.run_sync(ledger.finish_run, run_id, state, reason)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner.cli import budget, jobs, runs  # noqa: F401 - each registers its commands on the app
+from runner.cli import budget, jobs, runs, upkeep  # noqa: F401 - each registers its commands
 from runner.cli.app import app
 from runner.cli.console import tune_collector
 

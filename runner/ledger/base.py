@@ -26,7 +26,7 @@ from runner.core.errors import (
 )
 from runner.core.models import Quote
 from runner.core.money import from_nanos
-from runner.ledger.db import Connection, Database, open_database, utcnow
+from runner.ledger.db import Connection, Database, open_database, unavailable, utcnow
 from runner.ledger.migrate import head_revision, upgrade
 from runner.ledger.tx import Tx
 
@@ -90,10 +90,22 @@ class LedgerBase:
         self.db = open_database(self.url)
         try:
             self.migrate()
-        except (sqlite3.Error, LedgerUnavailable) as exc:  # a missing folder, a file not a ledger
+        except (sqlite3.Error, LedgerUnavailable) as exc:
             reason = exc.reason if isinstance(exc, LedgerUnavailable) else str(exc)
+            # a SQLite file damaged, read-only or full: what to do (exit 4); a URL that names no
+            # folder, or a PostgreSQL server that cannot be reached: check the URL (exit 2)
+            if self.db.dialect == "sqlite" and "unable to open" not in reason:
+                raise exc if isinstance(exc, LedgerUnavailable) else unavailable(self.db.path, exc) from None
             msg = f"the ledger {self.db.path} cannot be opened ({reason}); check --db or RUNNER_DB"
             raise ConfigError(msg) from None
+
+    def backup(self, target: str) -> None:
+        """A consistent copy of the ledger (SQLite; a PostgreSQL ledger uses pg_dump)."""
+        self.db.backup(target)
+
+    def damage(self) -> str | None:
+        """What an integrity check finds wrong with the ledger's file; None when nothing is."""
+        return self.db.damage()
 
     def close(self) -> None:
         self.db.close()

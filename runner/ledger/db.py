@@ -88,6 +88,8 @@ class Database(Protocol):
 
     def gone(self) -> str | None: ...
     def save_copy(self, fallback: str) -> str: ...
+    def backup(self, target: str) -> None: ...
+    def damage(self) -> str | None: ...
     def migration_engine(self) -> Any: ...
     def reading(self) -> AbstractContextManager[Connection]: ...
     def writing(self) -> AbstractContextManager[Connection]: ...
@@ -156,6 +158,27 @@ class SqliteDatabase:
         Path(staging).replace(where)
         self._identity = None
         return where
+
+    def backup(self, target: str) -> None:
+        """A consistent copy of the ledger at `target` (SQLite's online backup: other processes may
+        write meanwhile), written beside it first and moved into place once whole."""
+        staging = f"{target}.part"
+        with self._connection() as source:
+            copy = sqlite3.connect(staging)
+            try:
+                source.backup(copy)
+            finally:
+                copy.close()
+        Path(staging).replace(target)
+
+    def damage(self) -> str | None:
+        """What SQLite's quick integrity check finds wrong with the file; None when nothing is."""
+        try:
+            with self.reading() as conn:
+                found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
+        except LedgerUnavailable as exc:
+            return exc.reason
+        return None if found == ["ok"] else "; ".join(found)
 
     def migration_engine(self) -> Any:
         """SQLAlchemy's engine on this file, for alembic."""

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.adapt import Loader
 from psycopg.conninfo import conninfo_to_dict
 
-from runner.core.errors import LedgerUnavailable
+from runner.core.errors import ConfigError, LedgerUnavailable
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -111,6 +111,13 @@ class PgDatabase:
 
     def gone(self) -> str | None:
         return None  # a server's database does not vanish from under an open connection unseen
+
+    def backup(self, target: str) -> None:
+        msg = f"a PostgreSQL ledger ({self.path}) is backed up with PostgreSQL's own tools (pg_dump)"
+        raise ConfigError(msg)
+
+    def damage(self) -> str | None:
+        return None  # the server checks its own pages (data checksums); nothing for a client to scan
 
     def save_copy(self, fallback: str) -> str:  # pragma: no cover - only for a SQLite file gone
         raise LedgerUnavailable(f"the ledger {self.path} cannot be copied", path=self.path, reason="")
