@@ -962,3 +962,52 @@ async def test_a_run_whose_ledger_is_found_damaged_at_its_end_stops_with_the_rea
     assert result.reason is not None and "is damaged (*** in database main *** Page 7" in result.reason
     assert "restore it from a backup" in result.reason
     assert ledger.run(result.run_id).state == "stopped"
+
+
+async def test_answers_paid_for_survive_a_ledger_that_fills_up_and_reach_the_parquet(
+    sim: SimulatorThread, write_job: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once 8 calls are charged the ledger's file may not grow (SQLite's max_page_count: a real
+    "database or disk is full" from the driver). The run stops (stopped: exit 4); the answers
+    charged meanwhile are kept, in memory, then in a recovery file beside the ledger; once there is
+    room, running the job again writes them first: every line ok with its answer, each charged once.
+    The calls in flight when the ledger filled finish (their answers kept), never cancelled."""
+    from runner.ledger.db import SqliteDatabase  # noqa: PLC0415 - the file's own limits, for the test
+
+    full = [True]
+
+    @contextlib.contextmanager
+    def writing(self: SqliteDatabase) -> Any:
+        with self._connection() as conn:
+            limited = full[0] and len(sim.books.transactions) >= 8
+            (pages,) = conn.execute("PRAGMA page_count").fetchone()
+            conn.execute(f"PRAGMA max_page_count = {pages if limited else 1 << 30}")
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+
+    monkeypatch.setattr(SqliteDatabase, "writing", writing)
+    sim.books.configure({"latency": "0.05-0.15"})
+    lines = job_lines(40, max_tokens=400)  # long answers: settlements need new pages
+    job = write_job(lines)
+    ledger = Ledger()
+    stopped = await run(sim, job, ledger, concurrency=8)
+    assert stopped.state == "stopped"
+    assert stopped.reason is not None and "cannot be used (database or disk is full)" in stopped.reason
+    folder = anyio.Path(tmp_path)
+    kept_files = [path async for path in folder.glob("runner-unsaved-answers-*.jsonl")]
+    assert len(kept_files) == 1  # beside the ledger
+    assert (await kept_files[0].read_text()).count("\n") >= 1
+    charged_first = len(sim.books.transactions)
+    full[0] = False  # room again
+    result = await run(sim, job, ledger, concurrency=8)
+    assert result.state == "done" and result.states == {"ok": 40}
+    assert not [path async for path in folder.glob("runner-unsaved-answers-*.jsonl")]
+    out = tmp_path / "out.parquet"
+    export_parquet(ledger, result.run_id, out)
+    frame = pl.read_parquet(out)
+    assert frame["status"].to_list() == ["ok"] * 40
+    assert frame["content"].null_count() == 0
+    assert (frame["error_type"].is_null()).all()
+    assert len(sim.books.transactions) == 40 >= charged_first  # each line charged once
+    assert ledger.run(result.run_id).spent_nanos == sim.books.charged_nanos

@@ -187,6 +187,10 @@ async def prepare(
     quotes' estimate."""
     existing, run_id, budget_id = await _find_or_make(config, checked.job_key, conn, ledger, owner, on_event)
     joined = await anyio.to_thread.run_sync(ledger.join_run, run_id, owner, limits.window.maximum)
+    if existing and joined.alone:  # answers paid for that an earlier worker could not write: first
+        kept = await anyio.to_thread.run_sync(ledger.apply_kept_answers, run_id)
+        if kept:
+            on_event(Notice(f"{kept} answer(s) kept while the ledger could not be written are written now"))
     if joined.taken_over:
         on_event(
             Notice(

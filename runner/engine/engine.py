@@ -15,16 +15,14 @@ from pathlib import Path
 import anyio
 
 from runner.core.config import RunConfig
-from runner.core.events import Listener
+from runner.core.errors import LedgerUnavailable
+from runner.core.events import Listener, Notice
 from runner.engine.claims import Claims, _Pending
 from runner.engine.membership import Membership
 from runner.engine.plan import Plan
 from runner.engine.request import Requests
 from runner.engine.stopping import Stopping
-from runner.ledger import (
-    Ledger,
-    Writer,
-)
+from runner.ledger import KeptAnswer, Ledger, Writer
 from runner.providers.limits import Limits
 from runner.providers.registry import Connection
 
@@ -66,25 +64,58 @@ class Engine(Requests, Claims, Membership, Stopping):
         self._sent_at: dict[int, float] = {}  # requests in flight: when their attempt went out
         self._latencies: deque[float] = deque(maxlen=512)  # recent calls' times, for "stalled"
         self.ledger_gone: str | None = None  # the ledger's file was deleted or replaced under the run
+        self.unsaved: list[KeptAnswer] = []  # answers paid for whose settlement could not commit
 
     async def run(self, job: Path) -> None:
-        """Launch every pending request; the writer outlives the work so that an abort can be recorded."""
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self.writer.run)
+        """Launch every pending request; the writer outlives the work so that an abort can be
+        recorded, and answers whose settlement failed are kept whatever ended the work."""
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self.writer.run)
+                try:
+                    await self._run_tasks(job)
+                finally:
+                    self.writer.close()
+        finally:
+            if self.unsaved:
+                with anyio.CancelScope(shield=True):
+                    await self._keep_unsaved()
+
+    async def _run_tasks(self, job: Path) -> None:
+        async with anyio.create_task_group() as aux:  # funds reports, signal watcher, grace timer
+            aux.start_soon(self._report_funds)
+            if self.config.deadline is not None:
+                aux.start_soon(self._stop_at_deadline, self.config.deadline)
+            if self.config.handle_signals:
+                aux.start_soon(self._watch_signals, aux)
             try:
-                async with anyio.create_task_group() as aux:  # funds reports, signal watcher, grace timer
-                    aux.start_soon(self._report_funds)
-                    if self.config.deadline is not None:
-                        aux.start_soon(self._stop_at_deadline, self.config.deadline)
-                    if self.config.handle_signals:
-                        aux.start_soon(self._watch_signals, aux)
-                    try:
-                        with self._work:
-                            await self._launch_all(job)
-                    finally:
-                        aux.cancel_scope.cancel()
+                with self._work:
+                    await self._launch_all(job)
             finally:
-                self.writer.close()
+                aux.cancel_scope.cancel()
+
+    async def _keep_unsaved(self) -> None:
+        """Answers paid for whose settlement failed: written now if the ledger takes them again, else
+        kept in the run's recovery file, which the next worker of the run applies first."""
+        answers, self.unsaved = self.unsaved, []
+        try:
+            await anyio.to_thread.run_sync(self.ledger.settle_kept, answers)
+            return
+        except LedgerUnavailable:
+            pass
+        try:
+            path = await anyio.to_thread.run_sync(self.ledger.keep_answers, self.plan.run_id, answers)
+        except OSError as exc:
+            self.unsaved = answers
+            msg = f"{len(answers)} answer(s) paid for could not be kept either ({exc.strerror})"
+            self.on_event(Notice(f"{msg}: they are charged; `runner reconcile` finds their charges"))
+            return
+        self.on_event(
+            Notice(
+                f"{len(answers)} answer(s) paid for could not be written to the ledger: kept in {path}; "
+                "running the job again writes them before anything else"
+            )
+        )
 
     async def _launch_all(self, job: Path) -> None:
         """Workers take the pending lines in file order; the next chunk is read while they run.
@@ -116,7 +147,11 @@ class Engine(Requests, Claims, Membership, Stopping):
                     self.limit.release()
                     return
                 request, row = item
-                posted = await self._request(request, row.id, row.quote_nanos, row.attempts)
+                try:
+                    posted = await self._request(request, row.id, row.quote_nanos, row.attempts)
+                except LedgerUnavailable as exc:  # the others' calls in flight finish all the same
+                    self.ledger_failed(exc)
+                    return
                 if settling is not None:
                     await settling
                 settling = posted

@@ -8,6 +8,7 @@ import time
 
 import anyio
 
+from runner.core.errors import LedgerUnavailable
 from runner.core.events import Funds, Notice
 from runner.engine.state import EngineState
 from runner.ledger import (
@@ -70,10 +71,13 @@ class Membership(EngineState):
             view = await anyio.to_thread.run_sync(self.ledger.budget_by_id, self.plan.budget_id)
             funds = (view.spent_nanos, view.reserved_nanos, view.possibly_billed_nanos, view.remaining_nanos)
             self.on_event(Funds(*funds, stalled=self._stalled()))
-            await self._beat()
-            if time.monotonic() - last_look >= TAKE_OVER_EVERY_S:
-                last_look = time.monotonic()
-                await self._take_over()
+            try:
+                await self._beat()
+                if time.monotonic() - last_look >= TAKE_OVER_EVERY_S:
+                    last_look = time.monotonic()
+                    await self._take_over()
+            except LedgerUnavailable as exc:  # what is in flight finishes; its answers are kept
+                self.ledger_failed(exc)
             await anyio.sleep(FUNDS_EVERY_S)
 
     def _stalled(self) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from runner.core.errors import (
+    LedgerUnavailable,
     OutcomeUnknown,
     ProviderError,
     RequestFatalError,
@@ -26,6 +27,7 @@ from runner.ledger import (
     CLIENT_REQUEST_ID,
     IDEMPOTENCY_KEY,
     Hold,
+    KeptAnswer,
     Settlement,
     client_request_id,
 )
@@ -196,19 +198,32 @@ class Requests(EngineState):
                     )
                 )
 
+        charged = price if price is not None else quote
+        kept = KeptAnswer(Settlement(row_id, charged, fields, hold), attempts, outcome.latency_s)
+
         def apply(db: Db) -> None:
             self.ledger.record_attempt(db, row_id, attempts, "ok", None, outcome.latency_s)
-            charged = price if price is not None else quote
-            self.ledger.settle(db, Settlement(row_id, charged, fields, hold))
+            self.ledger.settle(db, kept.settlement)
+
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def committed(future: asyncio.Future[None]) -> None:
-            if not future.cancelled() and future.exception() is None:
+            error = None if future.cancelled() else future.exception()
+            if future.cancelled():
+                settled.cancel()
+            elif error is None:
                 self.counts[1] += 1
                 self.on_event(RequestFinished(request.custom_id, "ok", price or 0))
+                settled.set_result(None)
+            elif isinstance(error, LedgerUnavailable):  # paid for: the answer is never dropped
+                self.unsaved.append(kept)
+                self.ledger_failed(error)
+                settled.set_result(None)
+            else:
+                settled.set_exception(error)
 
-        posted = self.writer.post(apply)
-        posted.add_done_callback(committed)
-        return posted
+        self.writer.post(apply).add_done_callback(committed)
+        return settled
 
     async def _finish(
         self,

@@ -7,9 +7,10 @@ from collections import deque
 import anyio
 
 from runner.core.config import RunConfig
+from runner.core.errors import LedgerUnavailable
 from runner.core.events import Listener, Notice
 from runner.engine.plan import Plan
-from runner.ledger import Ledger, Writer
+from runner.ledger import KeptAnswer, Ledger, Writer
 from runner.providers.base import Provider
 from runner.providers.limits import AdaptiveLimit, Limits
 
@@ -36,9 +37,15 @@ class EngineState:
     _sent_at: dict[int, float]  # requests in flight: when their attempt went out
     _latencies: deque[float]  # recent calls' times, for "stalled"
     ledger_gone: str | None  # the ledger's file was deleted or replaced under the run
+    unsaved: list[KeptAnswer]  # answers paid for whose settlement could not be committed
 
     def stop(self, state: str, reason: str) -> None:
         if not self.stopping.is_set():
             self.state, self.reason = state, reason
             self.on_event(Notice(reason))
             self.stopping.set()
+
+    def ledger_failed(self, error: LedgerUnavailable) -> None:
+        """A write the ledger refused (a full disk, a file made read-only): nothing more is launched,
+        and what is in flight finishes (its answers are kept: engine.Engine._keep_unsaved)."""
+        self.stop("stopped", f"{error}; nothing more was sent, and what was in flight finished")

@@ -2,6 +2,7 @@
 only this package's names below, never its modules (tests/test_layout.py checks it)."""
 
 from runner.ledger.base import OWNER_STALE_S, metadata_text, owner_alive
+from runner.ledger.kept import KeptAnswer
 from runner.ledger.seen import SeenKeys
 from runner.ledger.store import Ledger
 from runner.ledger.tx import CLIENT_REQUEST_ID, IDEMPOTENCY_KEY, Hold, Tx, client_request_id
@@ -16,6 +17,7 @@ __all__ = [
     "WORKER_STALE_S",
     "BudgetView",
     "Hold",
+    "KeptAnswer",
     "Ledger",
     "RequestRow",
     "RunView",
