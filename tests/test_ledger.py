@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from runner.core.errors import BudgetLimitTooLow, ConfigError
 from runner.ledger import Ledger, Settlement
 from runner.ledger.db import PRAGMAS, sqlite_path
 from runner.ledger.migrate import head_revision, migration_engine, migrations_dir
+from tests.conftest import GOOD_BODY
 
 cli = CliRunner()
 
@@ -421,3 +422,72 @@ def test_a_backup_is_a_whole_ledger_and_a_check_finds_pages_overwritten(tmp_path
     checked = cli.invoke(app, ["ledger", "check", "--db", f"sqlite:///{source}"])
     assert checked.exit_code == 4, checked.output
     assert "is damaged" in checked.output and "restore it from a backup" in checked.output
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[tuple[Path, Callable[[], Path]]]:
+    """A folder, and what gives a read-only view of it: where the tests run as root (root writes
+    whatever a file's mode says) a bind mount of it remounted read-only (which files still open for
+    writing elsewhere do not prevent); the folder itself, its and its files' modes taken away,
+    otherwise."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    folder, view = tmp_path / "rw", tmp_path / "ro"
+    folder.mkdir()
+    view.mkdir()
+    root = os.geteuid() == 0
+    mounted = False
+
+    def seal() -> Path:
+        nonlocal mounted
+        if not root:
+            for path in folder.iterdir():
+                path.chmod(0o444)
+            folder.chmod(0o555)
+            return folder
+        bound = subprocess.run(["mount", "--bind", str(folder), str(view)], check=False)
+        if bound.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail("CI must run the read-only ledger test: a bind mount failed")
+            pytest.skip("needs to bind-mount a folder (root without the mount capability)")
+        mounted = True
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        return view
+
+    yield folder, seal
+    if mounted:
+        subprocess.run(["umount", "--lazy", str(view)], check=False)  # the ledger may hold it open
+    if not root:
+        folder.chmod(0o755)
+
+
+def test_a_read_only_ledger_can_be_read_and_a_run_on_it_says_what_to_do(
+    read_only_folder: tuple[Path, Callable[[], Path]], tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    folder, seal = read_only_folder
+    db = f"sqlite:///{folder / 'l.db'}"
+    job = write_job([{"custom_id": f"c{i}", **GOOD_BODY} for i in range(3)])
+    done = cli.invoke(app, ["run", str(job), "--provider", "simulator", "--max-usd", "1", "--db", db,
+                            "-o", str(tmp_path / "first.parquet")])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    run_id = Ledger(db).runs()[0].id
+    sealed = seal()
+    db = f"sqlite:///{sealed / 'l.db'}"
+    for words in (
+        ["runs"],
+        ["status", run_id],
+        ["report", run_id],
+        ["export", run_id, "-o", str(tmp_path / "again.parquet")],
+        ["budget", "list"],
+        ["ledger", "check"],
+    ):
+        result = cli.invoke(app, [*words, "--db", db])
+        assert result.exit_code == 0, (words, result.output)
+    assert (tmp_path / "again.parquet").stat().st_size > 0
+    refused = cli.invoke(
+        app, ["run", str(job), "--provider", "simulator", "--max-usd", "1", "--new", "--db", db]
+    )
+    assert refused.exit_code == 4, refused.output
+    assert f"the ledger {sealed / 'l.db'} cannot be used" in refused.output
+    assert "Traceback" not in refused.output

@@ -44,7 +44,7 @@ def budget_create(
 @friendly
 def budget_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List the budgets."""
-    views = Ledger(db).budgets()
+    views = Ledger.for_reading(db).budgets()
     if as_json:
         print_json([budget_json(v) for v in views])
         return
@@ -55,7 +55,7 @@ def budget_list(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 @friendly
 def budget_show(name: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """Limit, spent, reserved, possibly billed and remaining money of one budget."""
-    view = Ledger(db).budget(name)
+    view = Ledger.for_reading(db).budget(name)
     if as_json:
         print_json(budget_json(view))
         return
@@ -89,7 +89,7 @@ def budget_raise(
 def budget_history(name: str, db: DbOpt = None, limit: int = 50, as_json: JsonOpt = False) -> None:
     """A budget's ledger entries, newest first."""
     if as_json:
-        entries = Ledger(db).history(name, limit)
+        entries = Ledger.for_reading(db).history(name, limit)
         keys = ("kind", "run_id", "request_id")
         print_json(
             [
@@ -101,7 +101,7 @@ def budget_history(name: str, db: DbOpt = None, limit: int = 50, as_json: JsonOp
     table = Table(title=f"history of {name}", title_justify="left")
     for column in ("when (UTC)", "entry", "amount", "run", "request"):
         table.add_column(column, no_wrap=True)
-    for e in Ledger(db).history(name, limit):
+    for e in Ledger.for_reading(db).history(name, limit):
         table.add_row(
             e["at"].strftime("%Y-%m-%d %H:%M:%S"),
             e["kind"],

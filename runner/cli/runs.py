@@ -155,7 +155,7 @@ def balance(db: DbOpt = None, as_json: JsonOpt = False, *, flags: Flags) -> None
 @friendly
 def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """List runs: job, state, done/failed/total, spent."""
-    found = Ledger(db).runs()
+    found = Ledger.for_reading(db).runs()
     if as_json:
         print_json([run_json(r) for r in found])
         return
@@ -166,7 +166,7 @@ def runs(db: DbOpt = None, as_json: JsonOpt = False) -> None:
 @friendly
 def status(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     """One run: its state, request counts and money, and the workers that sent it."""
-    ledger = Ledger(db)
+    ledger = Ledger.for_reading(db)
     r = ledger.run(run_id)
     crew = ledger.workers(r.id)
     if as_json:
@@ -190,7 +190,7 @@ def export_cmd(
     db: DbOpt = None,
 ) -> None:
     """Write a run's results to Parquet, or to the OpenAI Batch output JSONL shape."""
-    ledger = Ledger(db)
+    ledger = Ledger.for_reading(db)
     run_info = ledger.run(run_id)
     if fmt not in ("parquet", "jsonl"):
         msg = f"--format: '{fmt}' is not parquet or jsonl"
@@ -212,7 +212,7 @@ def report(
 ) -> None:
     """Per model: requests, tokens, quoted and charged USD, drift, latency, cost per 1k output; for a
     sweep's run, the per-cell comparison too."""
-    ledger = Ledger(db)
+    ledger = Ledger.for_reading(db)
     run = ledger.run(run_id)
     swept = sweep_of_run(ledger, run.id)
     cells = cell_report(swept[1], swept[0]) if swept else None

@@ -28,7 +28,7 @@ def backup(
     if path.exists():
         msg = f"{path} exists: give a new file for the backup"
         raise ConfigError(msg)
-    ledger = Ledger(db)
+    ledger = Ledger.for_reading(db)
     ledger.backup(str(path))
     out.print(f"the ledger {ledger.db.path} was copied to {path}", highlight=False)
 
@@ -37,7 +37,7 @@ def backup(
 @friendly
 def check(db: DbOpt = None) -> None:
     """SQLite's quick integrity check of the ledger's file; exit 4 when it finds damage."""
-    ledger = Ledger(db)
+    ledger = Ledger.for_reading(db)
     problem = ledger.damage()
     if problem is not None:
         out.print(

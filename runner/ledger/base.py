@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import platformdirs
 
@@ -26,7 +26,7 @@ from runner.core.errors import (
 )
 from runner.core.models import Quote
 from runner.core.money import from_nanos
-from runner.ledger.db import Connection, Database, open_database, unavailable, utcnow
+from runner.ledger.db import Connection, Database, open_database, sqlite_path, unavailable, utcnow
 from runner.ledger.migrate import head_revision, upgrade
 from runner.ledger.tx import Tx
 
@@ -85,17 +85,22 @@ def _close_all(fds: list[int]) -> None:
 class LedgerBase:
     db: Database
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(self, url: str | None = None, *, read_only: bool = False) -> None:
         self.url = url or default_url()
-        self.db = open_database(self.url)
+        self.db = open_database(self.url, read_only=read_only)
         try:
-            self.migrate()
+            if read_only:
+                self._check_revision()
+            else:
+                self.migrate()
         except (sqlite3.Error, LedgerUnavailable) as exc:
             reason = exc.reason if isinstance(exc, LedgerUnavailable) else str(exc)
             # a SQLite file damaged, read-only or full: what to do (exit 4); a URL that names no
             # folder, or a PostgreSQL server that cannot be reached: check the URL (exit 2)
             if self.db.dialect == "sqlite" and "unable to open" not in reason:
                 raise exc if isinstance(exc, LedgerUnavailable) else unavailable(self.db.path, exc) from None
+            if self.db.dialect == "sqlite" and Path(self.db.path).is_file():  # there, but not writable
+                raise _not_writable(self.db.path, reason) from None
             msg = f"the ledger {self.db.path} cannot be opened ({reason}); check --db or RUNNER_DB"
             raise ConfigError(msg) from None
 
@@ -109,6 +114,30 @@ class LedgerBase:
 
     def close(self) -> None:
         self.db.close()
+
+    @classmethod
+    def for_reading(cls, url: str | None = None) -> Self:
+        """The ledger for a command that only reads it: opened as usual, or, when its file cannot be
+        written (a read-only mount, another user's file), opened to be read only."""
+        try:
+            return cls(url)
+        except (LedgerUnavailable, ConfigError) as exc:
+            path = sqlite_path(url or default_url()) if (url or default_url()).startswith("sqlite") else ""
+            if not path or not Path(path).is_file():
+                raise
+            try:
+                return cls(url, read_only=True)
+            except (LedgerUnavailable, ConfigError, sqlite3.Error):
+                raise exc from None
+
+    def _check_revision(self) -> None:
+        """A ledger opened to be read must be at the newest migration: it cannot be migrated."""
+        if self.revision() != head_revision():
+            msg = (
+                f"the ledger {self.db.path} can only be read here, and it was made by another version of "
+                "runner: open it once where it can be written (it migrates itself), then read it here"
+            )
+            raise LedgerUnavailable(msg, path=self.db.path, reason="read-only, not migrated")
 
     def migrate(self) -> None:
         """Bring the database to the newest migration (runner.ledger.migrate)."""
@@ -149,3 +178,12 @@ class LedgerBase:
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start : start + 500])
                 yield from c.execute(sql.format(", ".join("?" * len(chunk))), (*params, *chunk))
+
+
+def _not_writable(path: str, reason: str) -> LedgerUnavailable:
+    msg = (
+        f"the ledger {path} cannot be used ({reason}: it cannot be written here); fix the permissions of "
+        "the file and its folder, or the mount, then run the same command again; `runner runs`, `status`, "
+        "`report` and `export` can read it as it is"
+    )
+    return LedgerUnavailable(msg, path=path, reason=reason)

@@ -96,14 +96,15 @@ class Database(Protocol):
     def close(self) -> None: ...
 
 
-def open_database(url: str) -> Database:
+def open_database(url: str, *, read_only: bool = False) -> Database:
     """The ledger's connections for a URL: a SQLite file, or a PostgreSQL database (psycopg, loaded
-    only for one)."""
+    only for one). `read_only`: a SQLite file opened only to be read (one on a read-only mount, or
+    that this user may not write)."""
     if url.startswith(("postgresql://", "postgres://")):
         from runner.ledger.pg import PgDatabase  # noqa: PLC0415 - SQLite users do not load psycopg
 
         return PgDatabase(url)
-    return SqliteDatabase(sqlite_path(url))
+    return SqliteDatabase(sqlite_path(url), read_only=read_only)
 
 
 # what the driver raises for a mistake in runner's own SQL or data, not for the file: a defect to see
@@ -123,8 +124,9 @@ class SqliteDatabase:
     clock_sql = "SELECT (julianday('now') - 2440587.5) * 86400.0"
     skip_locked = ""  # SQLite's writer holds the whole database: no row is ever locked by another
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only
         self._idle: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._identity: tuple[int, int] | None = None  # (device, inode) of the file first opened
@@ -185,12 +187,15 @@ class SqliteDatabase:
         return migration_engine(f"sqlite:///{self.path}", PRAGMAS)
 
     def _open(self) -> sqlite3.Connection:
-        # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours
-        conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        for pragma in PRAGMAS:
-            conn.execute(pragma)
+        if self.read_only:
+            conn = _open_read_only(self.path)
+        else:
+            # isolation_level=None: the driver issues no BEGIN of its own; the transactions are ours
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+            )
+            for pragma in PRAGMAS:
+                conn.execute(pragma)
         if self._identity is None:
             found = Path(self.path).stat()
             self._identity = (found.st_dev, found.st_ino)
@@ -243,6 +248,31 @@ class SqliteDatabase:
             idle = self._idle[:]
             self._idle.clear()
         _close_all(idle)
+
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    """A connection that only reads the file: SQLite's read-only mode, and where the folder cannot
+    take the WAL's shared-memory file either (a read-only mount), the file taken as immutable."""
+    uri = Path(path).resolve().as_uri()
+    last: sqlite3.Error | None = None
+    for options in ("mode=ro", "mode=ro&immutable=1"):
+        conn = sqlite3.connect(
+            f"{uri}?{options}",
+            uri=True,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            last = exc
+            continue
+        conn.execute(PRAGMAS[0])  # the busy timeout: a writer elsewhere may hold the file a moment
+        return conn
+    assert last is not None
+    raise last
 
 
 def unavailable(path: str, exc: sqlite3.Error) -> LedgerUnavailable:
