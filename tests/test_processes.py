@@ -706,3 +706,27 @@ def test_a_pre_flight_killed_half_way_does_not_ask_its_dry_runs_again(
     assert asked_in_all - asked_before <= 4000 - asked_before + 1200  # at most what was in flight again
     assert asked_in_all < 4000 + 1200
     assert_books_match(ledger, sim, job_lines, "night")
+
+
+def test_pages_of_the_ledger_and_its_wal_overwritten_during_a_run_are_noticed(
+    tmp_path: Path, sim_process: Callable[[str], SimProcess]
+) -> None:
+    """Garbage written over the middle of the ledger's file and of its WAL while a run sends: the run
+    never ends "done" (it ran on: it said so); it stops with exit 4 naming the damage and the remedy."""
+    sim = sim_process("0.05-0.1")
+    _, job, db, ledger = night_job(tmp_path, "w", 400)
+    ledger.close()
+    proc = start_runner(sim, job, db, "--budget", "night", "--concurrency", "16")
+    assert wait_for(lambda: sim.charges() >= 150, proc)
+    # every page of the file but the first (the schema), and the second half of the WAL: the tables
+    # no write touches again (the migrations', the quotes') stay garbage whatever is checkpointed
+    for path, start in ((Path(db), 4096), (Path(f"{db}-wal"), Path(f"{db}-wal").stat().st_size // 2)):
+        size = path.stat().st_size
+        with path.open("r+b") as handle:
+            handle.seek(start)
+            handle.write(b"\x07" * (size - start))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 4, output
+    assert ": done" not in output
+    assert "damaged" in output or "malformed" in output, output
+    assert "Traceback" not in output
