@@ -68,7 +68,7 @@ def _key_written_twice(raw: bytes, obj: dict[str, Any]) -> str | None:
     its objects written back by the codec (each key one, a quote inside a string escaped as there)
     gives no key twice, unless it spaces a key from its colon or escapes a quote otherwise: only
     those lines are read again, keeping every pair."""
-    unusual = any(mark in raw for mark in _UNUSUAL_KEYS)
+    unusual = b'" :' in raw or b'"\t:' in raw or b'"\r:' in raw or b'"\n:' in raw or b"\\u0022" in raw
     if not unusual and raw.count(b'":') <= codec.dumps(obj).count(b'":'):
         return None
     found: list[str] = []
@@ -84,9 +84,6 @@ def _key_written_twice(raw: bytes, obj: dict[str, Any]) -> str | None:
     except ValueError:  # a line only the slow reader takes (a byte order mark): left as it is read
         return None
     return found[0] if found else None
-
-
-_UNUSUAL_KEYS = (b'" :', b'"\t:', b'"\r:', b'"\n:', b"\\u0022")
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
