@@ -17,7 +17,7 @@ import anyio
 
 from runner.app.quote import QUOTE_MAX_AGE, Estimate, Quoting, Reuse, quote_requests
 from runner.core.catalog import ModelInfo
-from runner.core.config import RunConfig
+from runner.core.config import MAX_LINE_BYTES, RunConfig
 from runner.core.errors import (
     BudgetExceeded,
     BudgetLimitTooLow,
@@ -29,7 +29,7 @@ from runner.core.errors import (
     Unpriced,
 )
 from runner.core.events import Listener, Notice, Phase
-from runner.core.jobs import MAX_LINE_BYTES, JobSummary, file_digest, iter_requests
+from runner.core.jobs import JobSummary, file_digest, iter_requests
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import format_usd, from_nanos, to_nanos
 from runner.engine.plan import Plan, changed

@@ -11,7 +11,6 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -25,7 +24,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document (mo
 DbOpt = Annotated[
     str | None, typer.Option("--db", help="Ledger location (sqlite:///PATH); default RUNNER_DB.")
 ]
-OutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Parquet path.")]
 
 
 def config_options(command: str) -> Callable[[F], F]:

@@ -22,6 +22,7 @@ import polars as pl
 
 from runner.core import catalog, codec, schema
 from runner.core.catalog import ModelInfo
+from runner.core.config import MAX_LINE_BYTES
 from runner.core.errors import Issue, JobError, printable
 from runner.core.models import ChatRequest
 
@@ -29,7 +30,6 @@ CHAT_PATH = "/v1/chat/completions"
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body", "metadata"})
 ENVELOPE_KEYS = frozenset({"api", "path", "body", "custom_id", "metadata"})
 ISSUES_KEPT = 1000  # a summary keeps this many issues; the count covers them all
-MAX_LINE_BYTES = 16 * 1024 * 1024  # a longer line is not read (--max-line-bytes raises it)
 MAX_DEPTH = 64  # JSON nested deeper than this is refused (a chat request needs a handful of levels)
 
 LineResult = ChatRequest | list[Issue]

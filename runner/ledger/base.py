@@ -119,11 +119,11 @@ class LedgerBase:
     def for_reading(cls, url: str | None = None) -> Self:
         """The ledger for a command that only reads it: opened as usual, or, when its file cannot be
         written (a read-only mount, another user's file), opened to be read only."""
+        url = url or default_url()
         try:
             return cls(url)
         except (LedgerUnavailable, ConfigError) as exc:
-            path = sqlite_path(url or default_url()) if (url or default_url()).startswith("sqlite") else ""
-            if not path or not Path(path).is_file():
+            if not url.startswith("sqlite") or not Path(sqlite_path(url)).is_file():
                 raise
             try:
                 return cls(url, read_only=True)

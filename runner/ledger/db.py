@@ -149,12 +149,7 @@ class SqliteDatabase:
         file there was deleted, else to `fallback`; the connections are closed (the next ones open
         the file at the path). Returns where the copy is."""
         staging = f"{fallback}.part"
-        with self._connection() as source:
-            target = sqlite3.connect(staging)
-            try:
-                source.backup(target)
-            finally:
-                target.close()
+        self._snapshot(staging)
         self.close()  # the last connection of the deleted file ends its WAL files at the path
         where = self.path if not Path(self.path).exists() else fallback
         Path(staging).replace(where)
@@ -165,13 +160,17 @@ class SqliteDatabase:
         """A consistent copy of the ledger at `target` (SQLite's online backup: other processes may
         write meanwhile), written beside it first and moved into place once whole."""
         staging = f"{target}.part"
+        self._snapshot(staging)
+        Path(staging).replace(target)
+
+    def _snapshot(self, path: str) -> None:
+        """A consistent copy of what a connection sees, written to `path` (SQLite's backup API)."""
         with self._connection() as source:
-            copy = sqlite3.connect(staging)
+            copy = sqlite3.connect(path)
             try:
                 source.backup(copy)
             finally:
                 copy.close()
-        Path(staging).replace(target)
 
     def damage(self) -> str | None:
         """What SQLite's quick integrity check finds wrong with the file; None when nothing is."""
