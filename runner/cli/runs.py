@@ -257,8 +257,12 @@ def simulator(
     pricing: Annotated[str, typer.Option(help="tokens | flat ($0.01 a call).")] = "tokens",
     fault_rate: Annotated[float, typer.Option(help="Share of calls that fail (0..1).")] = 0.0,
     api_key: Annotated[str | None, typer.Option(help="Accept only this key (default: any).")] = None,
+    batch_duration: Annotated[
+        float, typer.Option("--batch-duration", help="Seconds a batch takes once in progress.")
+    ] = 3.0,
 ) -> None:
-    """Serve the simulated Run API and OpenAI-compatible API (fake answers, real protocol)."""
+    """Serve the simulated Run API and OpenAI-compatible API, its Batch API included (fake answers,
+    real protocol)."""
     from runner.simulator import Books, parse_latency, serve  # noqa: PLC0415 - only this command serves
 
     books = Books(
@@ -267,6 +271,7 @@ def simulator(
         dry_run_latency=parse_latency(dry_run_latency),
         fault_rate=fault_rate,
         api_key=api_key,
+        batch_duration=batch_duration,
     )
     books.configure({"balance": balance})
 

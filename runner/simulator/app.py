@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from runner.core import catalog, schema
+from runner.simulator import batches
 from runner.simulator.books import Books
 from runner.simulator.fakes import Fake, generate, prompt_tokens
 
@@ -38,10 +39,7 @@ def _openai_error(status: int, message: str, kind: str, code: str | None = None)
 
 
 def _authorized(books: Books, request: web.Request) -> bool:
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer ") or not header[7:].strip():
-        return False
-    return books.api_key is None or header[7:] == books.api_key
+    return books.authorized(request.headers.get("Authorization", ""))
 
 
 def _completion(body: dict[str, Any], fake: Fake, request_id: str) -> dict[str, Any]:
@@ -343,6 +341,7 @@ def make_app(books: Books) -> web.Application:
     app.router.add_get("/v1/credits/transactions", transactions)
     app.router.add_post("/v1/chat/completions", openai_chat)
     app.router.add_get("/v1/models", openai_models)
+    batches.add_routes(app, books)
     app.router.add_post("/_sim/config", control_config)
     app.router.add_get("/_sim/stats", control_stats)
     return app

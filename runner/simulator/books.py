@@ -62,6 +62,19 @@ class Books:
     in_flight: int = 0  # calls (not dry runs) being answered now, and the most at once
     peak_in_flight: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(0))
+    # the Batch API (runner.simulator.batches): seconds a batch takes once in progress; the fraction
+    # of its lines after which the next batch created expires (None: it completes); the share of
+    # lines answered with an error; the most lines a batch may have
+    batch_duration: float = 3.0
+    batch_expire_fraction: float | None = None
+    batch_line_error_rate: float = 0.0
+    batch_max_requests: int = 50_000
+
+    def authorized(self, header: str) -> bool:
+        """Whether an Authorization header carries a key this simulator takes."""
+        if not header.startswith("Bearer ") or not header[7:].strip():
+            return False
+        return self.api_key is None or header[7:] == self.api_key
 
     def prices(self, model: ModelInfo | None) -> tuple[Decimal, Decimal]:
         if model is None or model.input_price is None or model.output_price is None:
@@ -89,6 +102,8 @@ class Books:
         body_sha: str,
         client_request_id: str | None = None,
         idempotency_key: str | None = None,
+        custom_id: str | None = None,
+        batch_id: str | None = None,
     ) -> str | None:
         """Debit the balance; None when it cannot cover the amount (→ 402)."""
         nanos = to_nanos(amount)
@@ -106,6 +121,8 @@ class Books:
                 "body_sha256": body_sha,
                 "clientRequestId": client_request_id,
                 "idempotencyKey": idempotency_key,
+                "customId": custom_id,
+                "batchId": batch_id,
                 "at": time.time(),
             }
         )
@@ -157,6 +174,14 @@ class Books:
             self.idempotent = bool(settings["idempotent"])
         if "lists_transactions" in settings:
             self.lists_transactions = bool(settings["lists_transactions"])
+        for knob in ("batch_duration", "batch_line_error_rate"):
+            if knob in settings:
+                setattr(self, knob, float(settings[knob]))
+        if "batch_expire_fraction" in settings:
+            value = settings["batch_expire_fraction"]
+            self.batch_expire_fraction = None if value is None else float(value)
+        if "batch_max_requests" in settings:
+            self.batch_max_requests = int(settings["batch_max_requests"])
         for item in settings.get("script", []):
             self.script.append(ScriptedFault(**item))
 
@@ -168,4 +193,5 @@ class Books:
             "charged_nanos": self.charged_nanos,
             "transactions": len(self.transactions),
             "peak_in_flight": self.peak_in_flight,
+            "batches_created": self.counters["batches_created"],
         }
