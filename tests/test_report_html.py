@@ -175,4 +175,4 @@ def test_chromium_renders_the_page_without_any_request_of_its_own(tmp_path: Path
 
 
 def view(run_id: str, job_path: str, state: str) -> RunView:
-    return RunView(run_id, job_path, 1, "sim", state, None, 0, None, None, None, None, {}, 0)
+    return RunView(run_id, job_path, 1, "sim", state, None, 0, None, None, None, None, None, {}, 0)

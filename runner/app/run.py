@@ -10,17 +10,20 @@ from typing import Any
 
 import anyio
 
+from runner.app.modes import choose_mode, quoting, recorded_mode
 from runner.app.preflight import Checked, prepare, recover
 from runner.app.quote import Estimate
 from runner.app.reconcile import charges_by_attempt, provider_books, reconcile_with_charges
 from runner.core.catalog import ModelInfo
 from runner.core.config import RunConfig
-from runner.core.errors import LedgerUnavailable, RunnerError
-from runner.core.events import Listener, Phase, ignore
+from runner.core.errors import LedgerUnavailable, RunBusy, RunnerError
+from runner.core.events import Listener, Notice, Phase, ignore
 from runner.core.jobs import JobSummary, validate_job
 from runner.core.money import to_nanos
+from runner.engine.batches import BatchRun
 from runner.engine.engine import Engine
 from runner.engine.plan import Plan
+from runner.engine.state import EngineState
 from runner.ledger import Ledger, worker_name
 from runner.providers.limits import Limits
 from runner.providers.registry import Connection
@@ -58,33 +61,62 @@ async def run_job(
     job_key = str(await anyio.Path(job).resolve())
     checked = Checked(summary, models, config.max_line_bytes, job_key)
     limits = Limits.of(config)  # the dry runs' and the calls'
-    plan, estimate = await prepare(config, checked, owner, conn, ledger, on_event, limits)
+    recorded = await anyio.to_thread.run_sync(recorded_mode, ledger, config, job_key, conn.scope)
+    mode, why = choose_mode(config, conn, summary, recorded)
+    if why:
+        on_event(Notice(why))
+    plan, estimate = await prepare(config, checked, owner, quoting(conn, mode), ledger, on_event, limits)
     run_id = plan.run_id
-    engine: Engine | None = None
+    ender: EngineState | None = None
     last = False
     try:
-        engine = await _start(conn, ledger, plan, config, on_event, limits)
-        try:
-            await engine.run(job)
-        except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
-            # the requests it cut off are unknown outcomes; marked now if the ledger can be written,
-            # else by the next run
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await recover(ledger, run_id, retry_possibly_billed=False, worker=owner)
-            raise _sole_runner_error(group) or group from None
-        if engine.aborted:
-            with anyio.CancelScope(shield=True):
-                await recover(ledger, run_id, retry_possibly_billed=False, worker=owner)
+        ender = await _phases(conn, ledger, plan, config, on_event, limits, mode)
     finally:  # its claims go back to the pool; the run's last worker finishes the run
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-            counts = [0, 0, 0] if engine is None else engine.counts
+            counts = [0, 0, 0] if ender is None else ender.counts
             last = await anyio.to_thread.run_sync(ledger.leave_run, run_id, owner, counts)
-    assert engine is not None
-    return await _ended(conn, ledger, plan, engine, estimate, last=last)
+    assert ender is not None
+    return await _ended(conn, ledger, plan, ender, estimate, last=last)
+
+
+async def _phases(
+    conn: Connection,
+    ledger: Ledger,
+    plan: Plan,
+    config: RunConfig,
+    on_event: Listener,
+    limits: Limits,
+    mode: str,
+) -> EngineState:
+    """The run phase: its batches (batch mode, or a run with batches open), then what is left as
+    calls; what ran last, to say how the run ended."""
+    run_id, job = plan.run_id, config.job
+    await anyio.to_thread.run_sync(ledger.set_run_mode, run_id, mode)
+    parts = await anyio.to_thread.run_sync(lambda: ledger.parts(run_id, open_only=True))
+    if mode == "batch" or parts:
+        if not plan.alone:
+            msg = f"run {run_id} is sent in batches by another worker: one worker collects a run's batches"
+            raise RunBusy(msg, owner="another worker")
+        batches = BatchRun(conn, ledger, plan, config, on_event)
+        if not await batches.run(job, to_sync=mode == "sync") or batches.stopping.is_set():
+            return batches
+    engine = await _start(conn, ledger, plan, config, on_event, limits)
+    try:
+        await engine.run(job)
+    except BaseExceptionGroup as group:  # the task groups wrap what a worker or the reader raised
+        # the requests it cut off are unknown outcomes; marked now if the ledger can be written,
+        # else by the next run
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await recover(ledger, run_id, retry_possibly_billed=False, worker=plan.owner)
+        raise _sole_runner_error(group) or group from None
+    if engine.aborted:
+        with anyio.CancelScope(shield=True):
+            await recover(ledger, run_id, retry_possibly_billed=False, worker=plan.owner)
+    return engine
 
 
 async def _ended(
-    conn: Connection, ledger: Ledger, plan: Plan, engine: Engine, estimate: Estimate, *, last: bool
+    conn: Connection, ledger: Ledger, plan: Plan, engine: EngineState, estimate: Estimate, *, last: bool
 ) -> RunResult:
     """How this worker's part of the run ended; the run's last worker finishes the run."""
     run_id, job = plan.run_id, engine.config.job

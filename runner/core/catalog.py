@@ -5,7 +5,7 @@ Prices are USD per token, kept exact; a price nobody published is None ("unknown
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 PER_MILLION = Decimal(1_000_000)
@@ -26,10 +26,31 @@ class ModelInfo:
     output_price: Decimal | None
     per_message_tokens: int = PER_MESSAGE_TOKENS
     per_request_tokens: int = PER_REQUEST_TOKENS
+    # the provider's Batch API prices, USD per token (None: it sells this model in batches at no price
+    # runner knows)
+    batch_input_price: Decimal | None = None
+    batch_output_price: Decimal | None = None
 
     @property
     def priced(self) -> bool:
         return self.input_price is not None and self.output_price is not None
+
+    def at_batch_prices(self) -> ModelInfo | None:
+        """This model as its Batch API sells it (quotes and prices computed as for a call), or None
+        when no batch price is known."""
+        if self.batch_input_price is None or self.batch_output_price is None:
+            return None
+        return replace(self, input_price=self.batch_input_price, output_price=self.batch_output_price)
+
+    def with_batch_discount(self, fraction_paid: Decimal) -> ModelInfo:
+        """This model with batch prices of `fraction_paid` × its synchronous ones."""
+        if self.input_price is None or self.output_price is None:
+            return self
+        return replace(
+            self,
+            batch_input_price=self.input_price * fraction_paid,
+            batch_output_price=self.output_price * fraction_paid,
+        )
 
     @property
     def reasons(self) -> bool:
@@ -81,6 +102,8 @@ class PriceEntry:
     context_window: int | None = None
     per_message_tokens: int | None = None
     per_request_tokens: int | None = None
+    batch_input_price: Decimal | None = None
+    batch_output_price: Decimal | None = None
 
 
 def with_prices(base: dict[str, ModelInfo], entries: dict[str, PriceEntry]) -> dict[str, ModelInfo]:
@@ -98,6 +121,8 @@ def with_prices(base: dict[str, ModelInfo], entries: dict[str, PriceEntry]) -> d
             output_price=entry.output_price,
             per_message_tokens=_first(entry.per_message_tokens, PER_MESSAGE_TOKENS),
             per_request_tokens=_first(entry.per_request_tokens, PER_REQUEST_TOKENS),
+            batch_input_price=entry.batch_input_price,
+            batch_output_price=entry.batch_output_price,
         )
     return merged
 

@@ -21,6 +21,7 @@ from runner.core.errors import ConfigError
 from runner.core.money import parse_usd
 
 CACHE_MODES = ("reuse", "refresh", "off")
+MODES = ("sync", "batch", "auto")  # how a run buys its answers: calls, a provider's Batch API, or chosen
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a job line longer than this is an error, not a memory spike
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # between two reads of a reply: a reasoning call can think quietly for minutes
@@ -305,6 +306,26 @@ class RunConfig:
     output: Path | None = flag(
         "--output", "-o", help="Parquet path.", commands=_RUNNERS, cli_type=Path | None, default=None
     )
+    mode: str | None = flag(  # None: a run that exists keeps its own, a new one is sync
+        "--mode",
+        help="sync: calls; batch: the provider's Batch API at its batch prices; auto: batch when the "
+        "deadline allows (default: the run's own mode, else sync).",
+        commands=_RUNNERS,
+        cli_type=str | None,
+        default=None,
+    )
+    batch_size: int = flag(
+        "--batch-size",
+        help="Lines per provider batch at most (50,000, the Batch API's limit, by default).",
+        commands=_RUNNERS,
+        cli_type=int,
+        default=50_000,
+    )
+    # batch mode: the seconds a call is taken to last when the ledger has none of this provider's to
+    # go by (whether what is left still finishes by --deadline as calls), and between two looks at a
+    # batch (the least, and the most as the wait grows)
+    sync_latency_s: float | None = None
+    batch_poll_s: tuple[float, float] = (1.0, 60.0)
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     grace_s: float = flag(
         "--grace",
@@ -328,6 +349,14 @@ class RunConfig:
                 raise ConfigError(msg)
         if self.max_usd_per_hour is not None and not self.max_usd_per_hour > 0:
             msg = f"--max-usd-per-hour must be above 0 (got {self.max_usd_per_hour})"
+            raise ConfigError(msg)
+        if self.mode is not None and self.mode not in MODES:
+            msg = f"--mode must be one of {', '.join(MODES)} (got '{self.mode}')"
+            raise ConfigError(msg)
+        if not 1 <= self.batch_size <= 50_000:
+            msg = (
+                f"--batch-size must be from 1 to 50,000 lines, the Batch API's limit (got {self.batch_size})"
+            )
             raise ConfigError(msg)
         if self.max_line_bytes < 1:
             msg = f"--max-line-bytes must be 1 or more (got {self.max_line_bytes})"

@@ -52,7 +52,19 @@ class Funds:
     stalled: int = 0  # requests in flight far longer than the run's median call
 
 
-Event = Quoted | RequestFinished | Retrying | Notice | Phase | Funds
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """A run's provider batches, after a look at them: those still open, their lines the provider
+    counts completed and failed, the seconds to the next look, the deadline (a time.time())."""
+
+    open: int
+    completed: int
+    failed: int
+    next_look_s: float
+    deadline: float | None = None
+
+
+Event = Quoted | RequestFinished | Retrying | Notice | Phase | Funds | BatchStatus
 Listener = Callable[[Event], None]
 
 

@@ -97,6 +97,8 @@ class Outcome:
     latency_s: float
     first_token_s: float | None = None
     request_id: str | None = None
+    mode: str = "sync"  # how it was bought: sync (a call) | batch (a line of a provider's batch)
+    sync_price: Decimal | None = None  # what the same usage costs as a call (a batch line's saving)
 
     @property
     def message(self) -> JSON:

@@ -13,6 +13,7 @@ from typing import Any
 
 from runner.core import codec
 from runner.core.models import JSON, Outcome
+from runner.core.money import to_nanos
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class ResultField:
     fill: Callable[[Outcome, JSON], Any]  # (the answer, its message) → the value
     copied: bool = True  # a copy of this answer (the cache) takes it; timings are the call's own
     exported: bool = True  # a column of the Parquet (the whole response stays in the ledger)
+
+
+def _sync_price(outcome: Outcome) -> int | None:
+    price = outcome.sync_price if outcome.sync_price is not None else outcome.price
+    return None if price is None else to_nanos(price)
 
 
 def _tool_calls(message: JSON) -> str | None:
@@ -40,6 +46,9 @@ RESULT_FIELDS: tuple[ResultField, ...] = (
     ResultField("response_json", str, lambda o, _: codec.dumps_text(o.completion), exported=False),
     ResultField("latency_s", float, lambda o, _: o.latency_s, copied=False),
     ResultField("first_token_s", float, lambda o, _: o.first_token_s, copied=False),
+    ResultField("mode", str, lambda o, _: o.mode, copied=False),  # a copy was not bought at all
+    # what the answer would have cost as a call: a batch line's saving is this less its price
+    ResultField("sync_price_nanos", int, lambda o, _: _sync_price(o), copied=False, exported=False),
 )
 
 

@@ -6,7 +6,7 @@ from runner.ledger.kept import KeptAnswer
 from runner.ledger.seen import SeenKeys
 from runner.ledger.store import Ledger
 from runner.ledger.tx import CLIENT_REQUEST_ID, IDEMPOTENCY_KEY, Hold, Tx, client_request_id
-from runner.ledger.views import BudgetView, RequestRow, RunView, Settlement
+from runner.ledger.views import BudgetView, PartView, RequestRow, RunView, Settlement
 from runner.ledger.workers import WORKER_STALE_S, WorkerView, worker_name
 from runner.ledger.writer import Writer
 
@@ -19,6 +19,7 @@ __all__ = [
     "Hold",
     "KeptAnswer",
     "Ledger",
+    "PartView",
     "RequestRow",
     "RunView",
     "SeenKeys",

@@ -12,6 +12,7 @@ protocol (runner.ledger.db); SQLAlchemy and alembic are loaded only to migrate.
 from __future__ import annotations
 
 from runner.ledger.answers import AnswerOps
+from runner.ledger.batches import BatchOps
 from runner.ledger.books import BookOps
 from runner.ledger.budgets import BudgetOps
 from runner.ledger.kept import KeptOps
@@ -19,11 +20,11 @@ from runner.ledger.runs import RunOps
 from runner.ledger.workers import WorkerOps
 
 
-class Ledger(BudgetOps, AnswerOps, RunOps, WorkerOps, BookOps, KeptOps):
+class Ledger(BudgetOps, AnswerOps, RunOps, WorkerOps, BookOps, KeptOps, BatchOps):
     """Budgets (budgets.py), money held and settled (holds.py), answers and quotes kept
     (answers.py), runs and requests (runs.py), workers (workers.py), the provider's books
-    (books.py), answers kept through a ledger that could not be written (kept.py); opened and
-    migrated in base.py."""
+    (books.py), answers kept through a ledger that could not be written (kept.py), provider
+    batches (batches.py); opened and migrated in base.py."""
 
 
 __all__ = ["Ledger"]

@@ -50,6 +50,7 @@ class Run(SQLModel, table=True):
     next_chunk: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, default=0, server_default="0")
     )
+    mode: str | None = None  # sync | batch: how the run buys its answers (None: sync, before batches)
 
 
 class Request(SQLModel, table=True):
@@ -99,6 +100,34 @@ class Request(SQLModel, table=True):
     error_message: str | None = None
     metadata_json: str | None = Field(default=None, sa_column=Column(Text))
     worker_id: str | None = None  # the worker that claimed it, until it is finished or taken over
+    batch_part: int | None = Field(default=None, index=True)  # the batch part it is in (state `batched`)
+    mode: str | None = None  # how its answer was bought: sync | batch
+    sync_price_nanos: int | None = nanos(None, nullable=True)  # its answer's price as a call
+
+
+class BatchPart(SQLModel, table=True):
+    """Lines of a run sent as one provider batch: recorded before and after each step (held,
+    uploaded, submitted, settled), so that a process killed at any moment never makes a second batch
+    of the same lines (the batch's metadata names the run and part; a resume looks for it)."""
+
+    __tablename__ = "batch_parts"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(foreign_key="runs.id", index=True)
+    number: int  # 1, 2, ... within the run
+    state: str = "held"  # held | uploaded | submitted | settled
+    lines: int = 0
+    bytes: int = nanos()
+    digest: str  # sha256 of the input file
+    file_id: str | None = None
+    batch_id: str | None = None
+    status: str | None = None  # the provider's word: validating | in_progress | completed | expired ...
+    completed: int = 0  # the provider's counts
+    failed: int = 0
+    cancel: bool = False  # to be cancelled (the deadline, or the run switched to sync)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
 
 
 class Attempt(SQLModel, table=True):

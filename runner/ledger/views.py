@@ -44,12 +44,37 @@ class RunView:
     finished_at: datetime | None
     owner: str | None
     seen_at: datetime | None
+    mode: str | None
     states: dict[str, int]
     spent_nanos: int
 
 
 # the runs table's columns a RunView holds (the rest it counts from the requests)
 RUN_COLUMNS = ", ".join(f.name for f in fields(RunView) if f.name not in ("states", "spent_nanos"))
+
+
+@dataclass(frozen=True, slots=True)
+class PartView:
+    """A batch part of a run, as the ledger records it."""
+
+    id: int
+    run_id: str
+    number: int
+    state: str
+    lines: int
+    bytes: int
+    digest: str
+    file_id: str | None
+    batch_id: str | None
+    status: str | None
+    completed: int
+    failed: int
+    cancel: bool
+    created_at: datetime | None
+    updated_at: datetime | None
+
+
+PART_COLUMNS = ", ".join(f.name for f in fields(PartView))
 
 
 class RequestRow(NamedTuple):

@@ -27,6 +27,7 @@ from runner.core.models import JSON, ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
 
 if TYPE_CHECKING:
+    from runner.providers.batch import BatchClient
     from runner.simulator import Books
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
@@ -315,6 +316,7 @@ class Connection:
     provider: Provider
     scope: str  # what quotes are cached under
     books: Books | None = None  # the in-process simulator's books
+    batches: BatchClient | None = None  # the provider's Batch API, where it has one
 
 
 def http_url(url: str) -> str:
@@ -336,9 +338,11 @@ def http_url(url: str) -> str:
 
 
 @asynccontextmanager
-async def opened(provider: Provider, scope: str, books: Books | None = None) -> AsyncIterator[Connection]:
+async def opened(
+    provider: Provider, scope: str, books: Books | None = None, batches: BatchClient | None = None
+) -> AsyncIterator[Connection]:
     """A connection over `provider`, whose connections are closed after."""
     try:
-        yield Connection(provider, scope, books)
+        yield Connection(provider, scope, books, batches)
     finally:
         await provider.aclose()

@@ -198,19 +198,29 @@ class Endpoint:
         return self._session
 
     async def call(
-        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        form: aiohttp.FormData | None = None,
     ) -> Reply:
-        """Send a request (a JSON body when given) and read the whole reply."""
-        async with self.stream(method, path, body, headers) as reply:
+        """Send a request (a JSON body, or a multipart `form`, when given) and read the whole reply."""
+        async with self.stream(method, path, body, headers, form) as reply:
             return await reply.read()
 
     @asynccontextmanager
     async def stream(
-        self, method: str, path: str, body: Any = None, extra: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        extra: dict[str, str] | None = None,
+        form: aiohttp.FormData | None = None,
     ) -> AsyncIterator[StreamReply]:
         """The reply with its body still to read; the connection goes back to the pool after.
         `extra`: headers of this request alone (its client request id, its idempotency key)."""
-        data = None if body is None else codec.dumps(body)
+        data: Any = form if body is None else codec.dumps(body)
         headers = None if body is None else {"Content-Type": "application/json"}
         if extra:
             headers = {**(headers or {}), **extra}

@@ -10,7 +10,7 @@ from typing import Any
 
 from runner.core import catalog
 from runner.core.catalog import ModelInfo
-from runner.core.config import ProviderSettings, Timeouts
+from runner.core.config import ProviderSettings, RetryPolicy, Timeouts
 from runner.core.errors import ConfigError
 from runner.core.models import ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
@@ -24,6 +24,7 @@ from runner.providers.base import (
     usage_price,
     with_usage_option,
 )
+from runner.providers.batch import BatchClient
 from runner.providers.prices import price_table
 
 CHAT_PATH = "chat/completions"  # relative to the base URL, which ends in /v1
@@ -48,6 +49,7 @@ class OpenAIProvider(HttpProvider):
         )
         super().__init__(endpoint, secret)
         self.prices = prices if prices is not None else catalog.MODELS
+        self.batches = BatchClient(endpoint, secret, self.prices, RetryPolicy())
 
     async def quote(self, request: ChatRequest) -> Quote:
         return table_quote(request.body, self.prices.get(request.model))
@@ -87,5 +89,5 @@ async def connect(settings: ProviderSettings) -> AsyncIterator[Connection]:
         max_connections=settings.max_connections,
         timeouts=settings.timeouts,
     )
-    async with opened(provider, f"openai:{base}") as conn:
+    async with opened(provider, f"openai:{base}", batches=provider.batches) as conn:
         yield conn

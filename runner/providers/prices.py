@@ -17,13 +17,25 @@ from runner.core.money import parse_usd
 # the ledger keeps exactly; below it (and above 0) a request's cost is less than a nano-dollar
 MAX_PER_MILLION = Decimal(100_000)
 MIN_PER_MILLION = Decimal("0.000001")
-PRICE_KEYS = frozenset({"input", "output", "context_window", "per_message_tokens", "per_request_tokens"})
+PRICE_KEYS = frozenset(
+    {
+        "input",
+        "output",
+        "context_window",
+        "per_message_tokens",
+        "per_request_tokens",
+        "batch_input",
+        "batch_output",
+        "batch_discount",
+    }
+)
 
 
 def load_prices(path: Path) -> dict[str, catalog.PriceEntry]:
     """A user price file (TOML or JSON): `{model: {input, output}}` in USD per 1M tokens, optionally
-    under a `models` table, each with an optional `context_window` and template allowances
-    (`per_message_tokens`, `per_request_tokens`)."""
+    under a `models` table, each with an optional `context_window`, template allowances
+    (`per_message_tokens`, `per_request_tokens`) and Batch API prices (`batch_input` and
+    `batch_output` per 1M tokens, or `batch_discount`: the share taken off, 0.5 for half price)."""
     try:
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
@@ -46,23 +58,8 @@ def _price_entry(path: Path, model: str, entry: object) -> catalog.PriceEntry:
     if unknown:
         msg = f"{where}: unknown key '{printable(unknown[0])}' (known: {', '.join(sorted(PRICE_KEYS))})"
         raise ConfigError(msg)
-    prices = []
-    for key in ("input", "output"):
-        value = entry[key]
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            usd = parse_usd(repr(value) if isinstance(value, float) else str(value))
-        except ValueError:
-            msg = f"{where}: {key}: {printable(str(value))} is not an amount in USD per 1M tokens"
-            raise ConfigError(msg) from None
-        if usd > MAX_PER_MILLION or 0 < usd < MIN_PER_MILLION:
-            msg = (
-                f"{where}: {key}: {printable(str(value))} USD per 1M tokens is out of range (give 0, or "
-                f"from {MIN_PER_MILLION} to {MAX_PER_MILLION:,}): a price that size is a typo"
-            )
-            raise ConfigError(msg)
-        prices.append(usd / catalog.PER_MILLION)
+    prices = [_per_token(where, key, entry[key]) for key in ("input", "output")]
+    batch = _batch_prices(where, entry, prices[0], prices[1])
     counts: dict[str, int | None] = {}
     for key in ("context_window", "per_message_tokens", "per_request_tokens"):
         value = entry.get(key)
@@ -70,7 +67,55 @@ def _price_entry(path: Path, model: str, entry: object) -> catalog.PriceEntry:
             msg = f"{where}: {key}: must be a whole number of tokens"
             raise ConfigError(msg)
         counts[key] = value
-    return catalog.PriceEntry(prices[0], prices[1], **counts)
+    return catalog.PriceEntry(
+        prices[0], prices[1], **counts, batch_input_price=batch[0], batch_output_price=batch[1]
+    )
+
+
+def _usd(where: str, key: str, value: object) -> Decimal:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return parse_usd(repr(value) if isinstance(value, float) else str(value))
+    except ValueError:
+        msg = f"{where}: {key}: {printable(str(value))} is not an amount in USD per 1M tokens"
+        raise ConfigError(msg) from None
+
+
+def _per_token(where: str, key: str, value: object) -> Decimal:
+    """A price per 1M tokens from the file, checked, as USD per token."""
+    usd = _usd(where, key, value)
+    if usd > MAX_PER_MILLION or 0 < usd < MIN_PER_MILLION:
+        msg = (
+            f"{where}: {key}: {printable(str(value))} USD per 1M tokens is out of range (give 0, or "
+            f"from {MIN_PER_MILLION} to {MAX_PER_MILLION:,}): a price that size is a typo"
+        )
+        raise ConfigError(msg)
+    return usd / catalog.PER_MILLION
+
+
+def _batch_prices(
+    where: str, entry: dict[str, object], input_price: Decimal, output_price: Decimal
+) -> tuple[Decimal | None, Decimal | None]:
+    """The model's Batch API prices per token: given, or its synchronous ones less a discount."""
+    given = [key for key in ("batch_input", "batch_output") if key in entry]
+    if "batch_discount" in entry:
+        if given:
+            msg = f"{where}: give batch_input and batch_output, or batch_discount, not both"
+            raise ConfigError(msg)
+        off = _usd(where, "batch_discount", entry["batch_discount"])
+        if not 0 <= off < 1:
+            msg = f"{where}: batch_discount: the share taken off, from 0 to below 1 (0.5 for half price)"
+            raise ConfigError(msg)
+        return input_price * (1 - off), output_price * (1 - off)
+    if not given:
+        return None, None
+    if len(given) == 1:
+        msg = f"{where}: give both batch_input and batch_output"
+        raise ConfigError(msg)
+    return _per_token(where, "batch_input", entry["batch_input"]), _per_token(
+        where, "batch_output", entry["batch_output"]
+    )
 
 
 def price_table(settings: ProviderSettings) -> dict[str, ModelInfo]:
