@@ -245,6 +245,18 @@ def print_report(
             markup=False,
             highlight=False,
         )
+    modes = ledger.by_mode(run_id)
+    if any(mode == "batch" for mode, *_ in modes):
+        for mode, answers, charged, as_calls in modes:
+            note = (
+                f", {format_usd(as_calls - charged, places=6)} saved against call prices"
+                if mode == "batch"
+                else ""
+            )
+            console.print(
+                f"{mode}: {answers:,} answer(s), {format_usd(charged, places=6)}{note}",
+                highlight=False,
+            )
     reused, saved = ledger.reused(run_id)
     if reused:
         console.print(

@@ -4,6 +4,7 @@ workers' tables."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +18,7 @@ from runner.core.errors import (
     printable,
 )
 from runner.core.money import format_usd, from_nanos
-from runner.ledger import BudgetView, Ledger, RunView, WorkerView
+from runner.ledger import BudgetView, Ledger, PartView, RunView, WorkerView
 
 
 def usd(nanos: int) -> str:
@@ -52,6 +53,62 @@ def run_json(run: RunView) -> dict[str, Any]:
         "created_at": run.created_at.isoformat() if run.created_at else None,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
     }
+
+
+def mode_json(ledger: Ledger, run_id: str) -> list[dict[str, Any]]:
+    """The run's answers by how they were bought, with what batches saved against call prices."""
+    return [
+        {
+            "mode": mode,
+            "answers": answers,
+            "charged_usd": usd(charged),
+            "as_calls_usd": usd(as_calls),
+            "saved_usd": usd(as_calls - charged),
+        }
+        for mode, answers, charged, as_calls in ledger.by_mode(run_id)
+    ]
+
+
+def batches_json(parts: list[PartView]) -> list[dict[str, Any]]:
+    return [
+        {
+            "part": p.number,
+            "batch_id": p.batch_id,
+            "state": p.state,
+            "status": p.status,
+            "lines": p.lines,
+            "completed": p.completed,
+            "failed": p.failed,
+            "created_at": p.created_at.isoformat() if p.created_at else None,
+        }
+        for p in parts
+    ]
+
+
+def batches_table(parts: list[PartView]) -> Table:
+    """A run's provider batches: id, status, the provider's counts, age."""
+    now = datetime.now(UTC)
+    rows = [
+        [
+            str(p.number),
+            p.batch_id or "(not made yet)",
+            p.status or p.state,
+            f"{p.lines:,}",
+            f"{p.completed:,}",
+            f"{p.failed:,}",
+            _age((now - p.created_at).total_seconds()) if p.created_at else "",
+        ]
+        for p in parts
+    ]
+    return text_table("batches", ["part", "batch", "status", "lines", "completed", "failed", "age"], rows)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def worker_json(worker: WorkerView) -> dict[str, Any]:
@@ -126,6 +183,7 @@ def report_json(ledger: Ledger, run: RunView) -> dict[str, Any]:
         "errors": [plain(row) for row in errors.iter_rows(named=True)],
         "from_cache": reused,
         "saved_usd": usd(saved),
+        "modes": mode_json(ledger, run.id),
     }
 
 

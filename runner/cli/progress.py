@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.progress import Progress as RichProgress
 
 from runner.cli.console import err
-from runner.core.events import Event, Funds, Notice, Phase, Quoted, RequestFinished
+from runner.core.events import BatchStatus, Event, Funds, Notice, Phase, Quoted, RequestFinished
 from runner.core.money import format_usd
 
 
@@ -40,6 +40,7 @@ class Progress:
             )
             self.task = self.bar.add_task(label, total=total, info="")
         self.funds: Funds | None = None
+        self.batches: BatchStatus | None = None  # a batch run's last look at its batches
         self._begin(label, total)
 
     def _begin(self, label: str, total: int) -> None:
@@ -69,6 +70,8 @@ class Progress:
             self._begin(event.name, event.total)
         elif isinstance(event, Funds):
             self.funds = event
+        elif isinstance(event, BatchStatus):
+            self.batches = event
         elif isinstance(event, Quoted):
             self.done += 1
         elif isinstance(event, RequestFinished):
@@ -98,6 +101,8 @@ class Progress:
             parts.append(f"{stalled} stalled")
         if self.label == "running":
             parts.append(f"{format_usd(self.spent)} spent")
+        if self.batches is not None and self.batches.open:
+            parts.append(self._batches(self.batches))
         if self.narrow:
             return " · ".join(parts)
         parts.insert(1, f"{rate:,.0f}/s")
@@ -108,6 +113,15 @@ class Progress:
                 parts.append(f"{format_usd(self.funds.reserved_nanos)} reserved")
                 parts.append(f"{format_usd(self.funds.remaining_nanos)} left in the budget")
         return " · ".join(parts)
+
+    @staticmethod
+    def _batches(b: BatchStatus) -> str:
+        """The batches still open at the provider, their counts, the next look, the deadline."""
+        text = f"{b.open} batch(es) open: {b.completed:,} done, {b.failed:,} failed"
+        text += f" · next look {b.next_look_s:.0f} s"
+        if b.deadline is not None:
+            text += f" · deadline {time.strftime('%H:%M', time.localtime(b.deadline))}"
+        return text
 
     def _show(self) -> None:
         now = time.monotonic()

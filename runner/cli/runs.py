@@ -29,6 +29,8 @@ from runner.cli.console import (
     text_table,
 )
 from runner.cli.documents import (
+    batches_json,
+    batches_table,
     budget_json,
     budget_reconciliation_json,
     print_budget_reconciliation,
@@ -169,8 +171,9 @@ def status(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     ledger = Ledger.for_reading(db)
     r = ledger.run(run_id)
     crew = ledger.workers(r.id)
+    parts = ledger.parts(r.id)
     if as_json:
-        print_json({**run_json(r), "workers": [worker_json(w) for w in crew]})
+        print_json({**run_json(r), "workers": [worker_json(w) for w in crew], "batches": batches_json(parts)})
         return
     out.print(f"run {r.id} · {r.job_path} · {r.provider}", highlight=False)
     out.print(f"state: {r.state}" + (f" ({r.reason})" if r.reason else ""), highlight=False)
@@ -179,6 +182,8 @@ def status(run_id: str, db: DbOpt = None, as_json: JsonOpt = False) -> None:
     out.print(f"spent: {format_usd(r.spent_nanos, places=9)}", highlight=False)
     if crew:
         out.print(workers_table(crew))
+    if parts:
+        out.print(batches_table(parts))
 
 
 @app.command("export")

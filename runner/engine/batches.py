@@ -21,7 +21,7 @@ import anyio
 
 from runner.core.config import RunConfig
 from runner.core.errors import OutcomeUnknown, ProviderError, RetryableError, printable
-from runner.core.events import BatchStatus, Listener, Notice
+from runner.core.events import BatchStatus, Listener, Notice, RequestFinished
 from runner.core.jobs import JobChunks
 from runner.core.models import ChatRequest
 from runner.core.money import format_usd, to_nanos
@@ -354,6 +354,7 @@ class BatchRun(EngineState):
                 )
                 attempts.append((tried + 1, latency))
                 self.counts[1] += 1
+                self.on_event(RequestFinished(custom_id, "ok", charged))
                 continue
             kind, message = line_error(line)
             if kind in EXPIRED:
@@ -366,6 +367,7 @@ class BatchRun(EngineState):
                 }
                 releases.append((row_id, "failed", fields))
                 self.counts[2] += 1
+                self.on_event(RequestFinished(custom_id, "failed", 0))
         if settlements:
             await anyio.to_thread.run_sync(self.ledger.settle_lines, settlements, attempts)
         if releases:

@@ -174,3 +174,13 @@ class BatchOps(HoldOps, LedgerBase):
                 tx.update_request(
                     row_id, {"quote_nanos": quote}, " AND state = 'pending' AND run_id = ?", run_id
                 )
+
+    def by_mode(self, run_id: str) -> list[tuple[str, int, int, int]]:
+        """The run's answers bought, by mode: (sync | batch, answers, charged, what they cost as calls)."""
+        sql = (
+            "SELECT mode, count(*), coalesce(sum(price_nanos), 0),"
+            " coalesce(sum(coalesce(sync_price_nanos, price_nanos)), 0) FROM requests"
+            " WHERE run_id = ? AND state = 'ok' AND mode IS NOT NULL GROUP BY mode ORDER BY mode"
+        )
+        with self.db.reading() as c:
+            return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in c.execute(sql, (run_id,))]
