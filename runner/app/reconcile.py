@@ -16,7 +16,8 @@ from typing import Any
 import anyio
 
 from runner.core.money import parse_usd, to_nanos
-from runner.ledger import BudgetView, Ledger
+from runner.ledger import BudgetView, Ledger, batch_charge_key
+from runner.providers.batch import BatchClient, answered
 
 
 @dataclass
@@ -66,10 +67,14 @@ class BudgetReconciliation:
 
 
 def charges_by_attempt(transactions: list[dict[str, Any]]) -> dict[str, int]:
-    """{client request id: nano-USD charged} from the provider's transaction list."""
+    """{client request id: nano-USD charged} from the provider's transaction list (a batch line's
+    charge under its batch id and custom_id)."""
     found: dict[str, int] = defaultdict(int)
     for t in transactions:
         cid = t.get("clientRequestId")
+        batch, custom_id = t.get("batchId"), t.get("customId")
+        if isinstance(batch, str) and batch and isinstance(custom_id, str):  # a line of a batch
+            cid = batch_charge_key(batch, custom_id)
         if isinstance(cid, str) and cid:
             found[cid] += to_nanos(parse_usd(str(t.get("amount", "0"))))
     return found
@@ -84,10 +89,8 @@ def reconcile_with_charges(ledger: Ledger, run_id: str, charges: dict[str, int])
     result.matched, result.charged, result.not_charged = check.matched, check.charged, check.not_charged
     result.mismatched = check.mismatched
     result.ledger_nanos = check.spent_nanos
-    result.provider_nanos = sum(
-        charges.get(cid, 0)
-        for cid in ledger.attempt_ids(run.id)  # every attempt of the run, whatever its row
-    )
+    keys = [*ledger.attempt_ids(run.id), *ledger.batch_keys(run.id)]  # every attempt and batch line
+    result.provider_nanos = sum(charges.get(key, 0) for key in keys)
     return result
 
 
@@ -123,3 +126,39 @@ async def reconcile_run(ledger: Ledger, run_id: str, provider: Any) -> Reconcili
         return await anyio.to_thread.run_sync(reconcile_by_balance, ledger, run_id)
     charges = charges_by_attempt(books)
     return await anyio.to_thread.run_sync(reconcile_with_charges, ledger, run_id, charges)
+
+
+async def reconcile_batches(ledger: Ledger, run_id: str, client: BatchClient) -> Reconciliation:
+    """A run's batch lines against the provider's output files: each answered line's price (its usage
+    at batch prices) against what the ledger charged it; a line the ledger did not settle, or
+    settled differently, is a mismatch. The run's calls, if any, have no books to compare here."""
+    run = await anyio.to_thread.run_sync(ledger.run, run_id)
+    budget = await anyio.to_thread.run_sync(ledger.budget_by_id, run.budget_id)
+    result = Reconciliation(run.id, budget.name, "batch output")
+    provider = ledger_side = 0
+    for part in await anyio.to_thread.run_sync(ledger.parts, run.id):
+        if part.batch_id is None:
+            continue
+        state = await client.retrieve(part.batch_id)
+        charged = await anyio.to_thread.run_sync(ledger.part_prices, part.id)
+        ledger_side += sum(charged.values())
+        if state.output_file_id is None:
+            continue
+        async for line in client.lines(state.output_file_id):
+            if not answered(line):
+                continue
+            custom_id = str(line.get("custom_id"))
+            body = line["response"].get("body") or {}
+            price = client.outcome(str(body.get("model")), line["response"], 0.0).price
+            expected = 0 if price is None else to_nanos(price)
+            provider += expected
+            known = charged.get(custom_id)
+            if known == expected:
+                result.matched += 1
+            else:
+                result.mismatched.append((custom_id, known or 0, expected))
+    result.ledger_nanos, result.provider_nanos = ledger_side, provider
+    sync = run.spent_nanos - ledger_side
+    if sync:
+        result.note = f"the run's calls ({sync / 1e9:.6f} USD) are not in a batch's output: not compared"
+    return result

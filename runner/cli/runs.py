@@ -13,7 +13,7 @@ import anyio
 import typer
 
 from runner.app.export import export_jsonl, export_parquet
-from runner.app.reconcile import BudgetReconciliation, Reconciliation, reconcile_run
+from runner.app.reconcile import BudgetReconciliation, Reconciliation, reconcile_batches, reconcile_run
 from runner.app.report import REPORT_NEEDS, run_frame
 from runner.app.sweep_run import cell_report, sweep_of_run
 from runner.cli import html_report, sweep_view
@@ -102,6 +102,15 @@ def _reconcile_one(ledger: Ledger, info: RunView, given: ProviderSettings, *, al
     """One run against the books of the provider endpoint it ran on. A run on a provider that keeps
     no books runner can read is an error when asked for alone, and a run with no figure in a budget's."""
     name, base_url, sim_pricing = provider_of_scope(info.provider)
+    if name == "openai" and ledger.parts(info.id):  # a batch run: the provider's output files
+        settings = replace(given, name=name, base_url=base_url, max_connections=8)
+
+        async def output() -> Reconciliation:
+            async with connect(settings) as conn:
+                assert conn.batches is not None
+                return await reconcile_batches(ledger, info.id, conn.batches)
+
+        return run_async(output)
     if name != "orthogonal":
         msg = (
             f"run {info.id} ran on {name}, which keeps no books runner can read (a charge list or a "

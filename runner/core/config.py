@@ -162,8 +162,8 @@ class ProviderSettings:
     )
     price_file: Path | None = flag(
         "--price-file",
-        help="TOML/JSON prices per 1M tokens (openai).",
-        commands=(RUN, RESUME, ESTIMATE),
+        help="TOML/JSON prices per 1M tokens (openai), batch prices too.",
+        commands=(RUN, RESUME, ESTIMATE, RECONCILE),
         cli_type=Path | None,
         default=None,
     )

@@ -2,6 +2,7 @@
 only this package's names below, never its modules (tests/test_layout.py checks it)."""
 
 from runner.ledger.base import OWNER_STALE_S, metadata_text, owner_alive
+from runner.ledger.books import batch_charge_key
 from runner.ledger.kept import KeptAnswer
 from runner.ledger.seen import SeenKeys
 from runner.ledger.store import Ledger
@@ -27,6 +28,7 @@ __all__ = [
     "Tx",
     "WorkerView",
     "Writer",
+    "batch_charge_key",
     "client_request_id",
     "metadata_text",
     "owner_alive",

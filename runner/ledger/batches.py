@@ -184,3 +184,9 @@ class BatchOps(HoldOps, LedgerBase):
         )
         with self.db.reading() as c:
             return [(str(r[0]), int(r[1]), int(r[2]), int(r[3])) for r in c.execute(sql, (run_id,))]
+
+    def part_prices(self, part_id: int) -> dict[str, int]:
+        """What the ledger charged each answered line of a part, by custom_id."""
+        sql = "SELECT custom_id, price_nanos FROM requests WHERE batch_part = ? AND state = 'ok'"
+        with self.db.reading() as c:
+            return {str(r[0]): int(r[1] or 0) for r in c.execute(sql, (part_id,))}

@@ -10,8 +10,24 @@ from runner.ledger.base import LedgerBase
 from runner.ledger.tx import Hold, Tx
 from runner.ledger.views import ChargeCheck
 
+# a line of a provider batch is charged under its batch's id and its custom_id
+BATCH_KEYS = (
+    "SELECT r.id, p.batch_id || '/' || r.custom_id FROM requests r JOIN batch_parts p ON p.id = r.batch_part"
+    " WHERE r.run_id = ? AND p.batch_id IS NOT NULL"
+)
+
+
+def batch_charge_key(batch_id: str, custom_id: str) -> str:
+    """How a batch line's charge is keyed (as `BATCH_KEYS` reads it from the ledger)."""
+    return f"{batch_id}/{custom_id}"
+
 
 class BookOps(LedgerBase):
+    def batch_keys(self, run_id: str) -> list[str]:
+        """The charge keys of the run's lines sent in provider batches."""
+        with self.db.reading() as c:
+            return [str(row[1]) for row in c.execute(BATCH_KEYS, (run_id,))]
+
     def check_charges(self, run_id: str, budget_id: int, charges: dict[str, int]) -> ChargeCheck:
         """Each request of the run against what its attempts were charged (`charges`: by client
         request id); a possibly billed one is resolved: charged, it failed at the provider's price;
@@ -32,6 +48,8 @@ class BookOps(LedgerBase):
                 (run_id,),
             ):
                 charged_to[request_id] += charges.get(cid, 0)
+            for request_id, key in tx.conn.execute(BATCH_KEYS, (run_id,)):  # lines of provider batches
+                charged_to[request_id] += charges.get(key, 0)
             for row_id, custom_id, state, held, earlier, price in rows:
                 provider = charged_to[row_id]
                 pending = earlier + (held if state == "possibly_billed" else 0)
