@@ -19,7 +19,7 @@ from runner.core.config import ProviderSettings
 from runner.core.models import ChatRequest, Outcome, Quote, Usage
 from runner.ledger import Ledger
 from runner.providers import registry
-from runner.providers.base import Connection, opened
+from runner.providers.connection import Connection, opened
 
 MODEL = "openai/gpt-oss-120b"
 

@@ -10,8 +10,8 @@ from runner.core.config import RunConfig
 from runner.core.errors import ConfigError, printable
 from runner.core.jobs import JobSummary
 from runner.ledger import Ledger
-from runner.providers.base import Connection
 from runner.providers.batch import COMPLETION_WINDOW_S, BatchQuoted
+from runner.providers.connection import Connection
 
 
 def recorded_mode(ledger: Ledger, config: RunConfig, job_key: str, scope: str) -> str | None:

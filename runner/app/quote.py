@@ -18,7 +18,8 @@ from runner.core.events import Listener, Quoted, Retrying, ignore
 from runner.core.models import ChatRequest, Quote
 from runner.core.money import from_nanos
 from runner.ledger import Ledger, SeenKeys
-from runner.providers.base import Connection, Provider
+from runner.providers.base import Provider
+from runner.providers.connection import Connection
 from runner.providers.limits import Limits
 from runner.providers.retry import first_wait, retrying
 

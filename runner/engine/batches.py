@@ -29,8 +29,8 @@ from runner.core.result import result_values
 from runner.engine.plan import Plan, changed
 from runner.engine.state import EngineState
 from runner.ledger import Hold, Ledger, PartView, Settlement
-from runner.providers.base import Connection
 from runner.providers.batch import MAX_BYTES, BatchClient, BatchState, answered, batch_line, line_error
+from runner.providers.connection import Connection
 
 DEFAULT_SYNC_LATENCY_S = 30.0  # a call's time when the ledger has none of this provider's to go by
 SWITCH_MARGIN = 1.5  # what is left must finish as calls with this much time to spare

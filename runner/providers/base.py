@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from runner.core import codec, schema
 from runner.core.errors import (
@@ -25,10 +22,6 @@ from runner.core.errors import (
 )
 from runner.core.models import JSON, ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
-
-if TYPE_CHECKING:
-    from runner.providers.batch import BatchClient
-    from runner.simulator import Books
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 RUN_FATAL_STATUS = frozenset({401, 402})
@@ -311,14 +304,6 @@ def usage_price(usage: Usage, info: Any) -> Any:
     return usage.prompt_tokens * info.input_price + usage.completion_tokens * info.output_price
 
 
-@dataclass
-class Connection:
-    provider: Provider
-    scope: str  # what quotes are cached under
-    books: Books | None = None  # the in-process simulator's books
-    batches: BatchClient | None = None  # the provider's Batch API, where it has one
-
-
 def http_url(url: str) -> str:
     """A base URL that can be called: http(s), with a host, and no credentials in it (a key goes in
     its environment variable, where it is sent as a header and never shown)."""
@@ -335,14 +320,3 @@ def http_url(url: str) -> str:
         msg = f"the base URL must look like https://host[:port][/path] (got '{printable(url)}')"
         raise ConfigError(msg)
     return url
-
-
-@asynccontextmanager
-async def opened(
-    provider: Provider, scope: str, books: Books | None = None, batches: BatchClient | None = None
-) -> AsyncIterator[Connection]:
-    """A connection over `provider`, whose connections are closed after."""
-    try:
-        yield Connection(provider, scope, books, batches)
-    finally:
-        await provider.aclose()

@@ -15,16 +15,15 @@ from runner.core.errors import ConfigError
 from runner.core.models import ChatRequest, Outcome, Quote, Usage
 from runner.providers import http
 from runner.providers.base import (
-    Connection,
     HttpProvider,
     http_url,
-    opened,
     outcome_from,
     table_quote,
     usage_price,
     with_usage_option,
 )
 from runner.providers.batch import BatchClient
+from runner.providers.connection import Connection, opened
 from runner.providers.prices import price_table
 
 CHAT_PATH = "chat/completions"  # relative to the base URL, which ends in /v1

@@ -15,16 +15,15 @@ from runner.core.models import JSON, ChatRequest, Outcome, Quote
 from runner.core.money import parse_usd
 from runner.providers import http
 from runner.providers.base import (
-    Connection,
     HttpProvider,
     classify,
     error_message,
     http_url,
-    opened,
     outcome_from,
     table_quote,
     with_usage_option,
 )
+from runner.providers.connection import Connection, opened
 
 DEFAULT_BASE_URL = "https://api.orth.sh"
 DEFAULT_API = "baseten"

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from runner.core.config import ProviderSettings
 from runner.core.errors import ConfigError
 from runner.providers import openai, orthogonal, simulated
-from runner.providers.base import Connection
+from runner.providers.connection import Connection
 
 # --provider NAME → how to open it: a new provider is a module of its own and one line here
 PROVIDERS: dict[str, Callable[[ProviderSettings], AbstractAsyncContextManager[Connection]]] = {

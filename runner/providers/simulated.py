@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from runner.core import catalog
 from runner.core.config import ProviderSettings, RetryPolicy
 from runner.providers import http
-from runner.providers.base import Connection, opened
 from runner.providers.batch import BatchClient
+from runner.providers.connection import Connection, opened
 from runner.providers.orthogonal import DEFAULT_API, OrthogonalProvider
 
 KEY = "simulator-key"
