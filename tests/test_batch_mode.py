@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import anyio
 import polars as pl
 import pytest
 from rich.console import Console
@@ -140,11 +141,11 @@ async def test_3000_lines_in_three_batches_at_half_price(
 
 @pytest.mark.anyio
 async def test_an_expiring_batch_settles_what_completed_and_sends_the_rest_again(
-    sim: SimulatorThread, write_job: Any, prices: Path, tmp_path: Path
+    sim: SimulatorThread, write_job: Any, prices: Path, ledger_url: str
 ) -> None:
     sim.books.configure({"batch_duration": 0.3, "batch_expire_fraction": 0.5})
     job = write_job(lines(40))
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger(ledger_url)
     result = await batch_run(sim, job, ledger, prices)
     assert result.state == "done" and result.states == {"ok": 40}
     parts = ledger.parts(result.run_id)
@@ -174,11 +175,11 @@ async def test_line_errors_fail_their_lines_with_the_error_and_charge_nothing(
 
 @pytest.mark.anyio
 async def test_a_batch_too_slow_for_the_deadline_switches_to_calls_in_time(
-    sim: SimulatorThread, write_job: Any, prices: Path, tmp_path: Path
+    sim: SimulatorThread, write_job: Any, prices: Path, ledger_url: str
 ) -> None:
     sim.books.configure({"batch_duration": 8})
     job = write_job(lines(40))
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = Ledger(ledger_url)
     deadline = time.time() + 8
     notes: list[str] = []
     # calls taken to last 0.5 s, 10 at a time: 2 s for the 40 lines, switched with 1.5 x that to spare
@@ -312,3 +313,28 @@ def test_the_offline_demo_runs_in_batch_mode(write_job: Any, tmp_path: Path) -> 
     run_id = frame["run_id"][0]
     status = cli.invoke(app, ["status", run_id])
     assert status.exit_code == 0 and status.output.count("completed") >= 3
+
+
+@pytest.mark.anyio
+async def test_a_batch_the_key_cannot_see_stops_the_run_and_the_right_key_collects_it(
+    sim: SimulatorThread, write_job: Any, prices: Path, tmp_path: Path
+) -> None:
+    """A resume with another account's key is told so (the batch stays held), not polled forever."""
+    sim.books.configure({"batch_duration": 1.0})
+    job = write_job(lines(10))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+    async def change_key() -> None:
+        while not sim.books.counters["batches_created"]:  # noqa: ASYNC110 - counted in its thread
+            await anyio.sleep(0.01)
+        sim.books.api_key = "another-account"
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(change_key)
+        stopped = await batch_run(sim, job, ledger, prices)
+    assert stopped.state == "stopped" and "cannot be looked at" in (stopped.reason or "")
+    assert stopped.states == {"batched": 10}
+    sim.books.api_key = None
+    done = await batch_run(sim, job, ledger, prices)
+    assert done.run_id == stopped.run_id and done.states == {"ok": 10}
+    assert sim.books.stats()["batches_created"] == 1 and len(charged_once(sim)) == 10

@@ -201,3 +201,34 @@ def test_an_edited_price_file_prices_the_next_estimate_and_run(tmp_path: Path) -
     assert totals[1] == 10 * totals[0] > 0
     with Ledger().reading() as c:
         assert c.execute("SELECT count(*) FROM quotes").fetchone()[0] == 0
+
+
+def test_batch_prices_are_given_or_a_discount_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(
+        "[m1]\ninput = 1.0\noutput = 3.0\nbatch_discount = 0.5\n"
+        "[m2]\ninput = 1.0\noutput = 3.0\nbatch_input = 0.4\nbatch_output = 1.2\n"
+        "[m3]\ninput = 1.0\noutput = 3.0\n"
+    )
+    table = catalog.with_prices({}, load_prices(path))
+    per_token = Decimal(1) / catalog.PER_MILLION
+    one = table["m1"].at_batch_prices()
+    assert one is not None and (one.input_price, one.output_price) == (
+        Decimal("0.5") * per_token,
+        Decimal("1.5") * per_token,
+    )
+    two = table["m2"].at_batch_prices()
+    assert two is not None and (two.input_price, two.output_price) == (
+        Decimal("0.4") * per_token,
+        Decimal("1.2") * per_token,
+    )
+    assert table["m3"].at_batch_prices() is None  # no batch price: a batch run refuses the model
+    for bad, message in [
+        ("batch_discount = 1.5", "from 0 to below 1"),
+        ("batch_input = 0.4", "give both batch_input and batch_output"),
+        ("batch_discount = 0.5\nbatch_input = 0.4\nbatch_output = 1", "not both"),
+        ("batch_input = 'cheap'\nbatch_output = 1", "batch_input: cheap is not an amount"),
+    ]:
+        path.write_text(f"[m]\ninput = 1.0\noutput = 3.0\n{bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_prices(path)

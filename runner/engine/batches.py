@@ -271,10 +271,17 @@ class BatchRun(EngineState):
                 continue
             try:
                 state = await self.client.retrieve(part.batch_id)
-            except ProviderError as exc:
+            except RetryableError as exc:
                 self.on_event(Notice(f"batch {part.number}: could not be looked at ({exc}); trying again"))
                 still += 1
                 continue
+            except ProviderError as exc:  # not found, or refused: looking again will not help
+                self.stop(
+                    "stopped",
+                    f"batch {part.number} ({part.batch_id}) cannot be looked at: {exc}. Its lines stay "
+                    "held; was it made with another API key or endpoint? Resume the run with that one",
+                )
+                return still + 1
             if (state.status, state.completed, state.failed) != (part.status, part.completed, part.failed):
                 self.poll_s = self.config.batch_poll_s[0]  # it moves: look again soon
                 await self._update(part, status=state.status, completed=state.completed, failed=state.failed)
