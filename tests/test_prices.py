@@ -162,7 +162,7 @@ async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_lim
         await provider.aclose()
     assert result.state == "stopped"
     assert result.reason is not None and "charged above their quotes" in result.reason
-    assert any("above its quote" in n for n in notices)
+    assert any("above its hold" in n for n in notices)
     view = ledger.budget_by_id(ledger.run(result.run_id).budget_id)
     assert result.states["ok"] == 5  # $0.10 each: the sixth reservation no longer fits
     assert view.spent_nanos == 5 * 100_001_000 and view.remaining_nanos == 0 and view.overspent_nanos > 0

@@ -348,7 +348,7 @@ class BatchRun(EngineState):
                 outcome = self.client.outcome(model, line["response"], latency)
                 price = None if outcome.price is None else to_nanos(outcome.price)
                 if price is not None and price > hold:
-                    self._over_quote(custom_id, price, hold)
+                    self.charged_above(custom_id, price, hold, "the batch prices")
                 fields = {
                     "attempts": tried + 1,
                     **result_values(outcome),
@@ -379,16 +379,6 @@ class BatchRun(EngineState):
             await anyio.to_thread.run_sync(self.ledger.settle_lines, settlements, attempts)
         if releases:
             await anyio.to_thread.run_sync(self.ledger.release_lines, releases)
-
-    def _over_quote(self, custom_id: str, price: int, hold: int) -> None:
-        self.over_quote += 1
-        if self.over_quote == 1:
-            self.on_event(
-                Notice(
-                    f"{printable(custom_id)} was charged {format_usd(price)}, above its hold of "
-                    f"{format_usd(hold)}: the excess counts against the budget; check the batch prices"
-                )
-            )
 
     # ---- the deadline --------------------------------------------------------------------------
 

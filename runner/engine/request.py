@@ -16,11 +16,10 @@ from runner.core.errors import (
     RequestFatalError,
     RetryableError,
     RunFatalError,
-    printable,
 )
-from runner.core.events import Notice, RequestFinished, Retrying
+from runner.core.events import RequestFinished, Retrying
 from runner.core.models import ChatRequest, Outcome
-from runner.core.money import format_usd, to_nanos
+from runner.core.money import to_nanos
 from runner.core.result import result_values
 from runner.engine.state import EngineState
 from runner.ledger import (
@@ -188,15 +187,7 @@ class Requests(EngineState):
         }
 
         if price is not None and price > quote:
-            self.over_quote += 1
-            if self.over_quote == 1:
-                self.on_event(
-                    Notice(
-                        f"{printable(request.custom_id)} was charged {format_usd(price)}, above its quote of "
-                        f"{format_usd(quote)}: the excess counts against the budget; check the "
-                        "price file's prices and allowances"
-                    )
-                )
+            self.charged_above(request.custom_id, price, quote, "the price file's prices and allowances")
 
         charged = price if price is not None else quote
         kept = KeptAnswer(Settlement(row_id, charged, fields, hold), attempts, outcome.latency_s)

@@ -7,8 +7,9 @@ from collections import deque
 import anyio
 
 from runner.core.config import RunConfig
-from runner.core.errors import LedgerUnavailable
+from runner.core.errors import LedgerUnavailable, printable
 from runner.core.events import Listener, Notice
+from runner.core.money import format_usd
 from runner.engine.plan import Plan
 from runner.ledger import KeptAnswer, Ledger, Writer
 from runner.providers.base import Provider
@@ -44,6 +45,17 @@ class EngineState:
             self.state, self.reason = state, reason
             self.on_event(Notice(reason))
             self.stopping.set()
+
+    def charged_above(self, custom_id: str, price: int, hold: int, check: str) -> None:
+        """A charge above what its request held: counted, and said once (`check`: what to look at)."""
+        self.over_quote += 1
+        if self.over_quote == 1:
+            self.on_event(
+                Notice(
+                    f"{printable(custom_id)} was charged {format_usd(price)}, above its hold of "
+                    f"{format_usd(hold)}: the excess counts against the budget; check {check}"
+                )
+            )
 
     def ledger_failed(self, error: LedgerUnavailable) -> None:
         """A write the ledger refused (a full disk, a file made read-only): nothing more is launched,

@@ -293,7 +293,8 @@ async def create_batch(request: web.Request) -> web.StreamResponse:
     return web.json_response(batch.shape())
 
 
-async def get_batch(request: web.Request) -> web.StreamResponse:
+def _named_batch(request: web.Request) -> tuple[Books, BatchDesk, SimBatch] | web.Response:
+    """The batch the path names, moved along by the clock; or the error reply."""
     books, desk = _parts(request)
     if not books.authorized(request.headers.get("Authorization", "")):
         return _error(401, "invalid API key", "invalid_api_key")
@@ -301,18 +302,19 @@ async def get_batch(request: web.Request) -> web.StreamResponse:
     if batch is None:
         return _error(404, f"No batch found with id '{request.match_info['batch_id']}'.")
     desk.advance(books, batch, time.time())
-    return web.json_response(batch.shape())
+    return books, desk, batch
+
+
+async def get_batch(request: web.Request) -> web.StreamResponse:
+    found = _named_batch(request)
+    return found if isinstance(found, web.Response) else web.json_response(found[2].shape())
 
 
 async def cancel_batch(request: web.Request) -> web.StreamResponse:
-    books, desk = _parts(request)
-    if not books.authorized(request.headers.get("Authorization", "")):
-        return _error(401, "invalid API key", "invalid_api_key")
-    batch = desk.batches.get(request.match_info["batch_id"])
-    if batch is None:
-        return _error(404, f"No batch found with id '{request.match_info['batch_id']}'.")
-    now = time.time()
-    desk.advance(books, batch, now)
+    found = _named_batch(request)
+    if isinstance(found, web.Response):
+        return found
+    batch, now = found[2], time.time()
     if batch.status not in TERMINAL and batch.cancel_at is None:
         batch.cancel_at = now
         batch.status = "cancelling"
