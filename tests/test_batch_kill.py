@@ -7,8 +7,10 @@ in another."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -118,3 +120,30 @@ def test_a_batch_run_killed_at_any_step_resumes_without_a_second_batch_or_charge
     assert stats["charged_nanos"] == run.spent_nanos == ledger.budget_by_id(run.budget_id).spent_nanos
     if moment == "after_create":
         assert "was made before the process stopped" in done.stderr + done.stdout
+
+
+def test_ctrl_c_leaves_the_batches_running_and_the_same_command_collects_them(
+    tmp_path: Path, sim_process: Any, write_job: Any
+) -> None:
+    sim: SimProcess = sim_process("0")
+    sim.http.post("/_sim/config", json={"batch_duration": 3})
+    job = write_job(lines(40))
+    prices = tmp_path / "prices.toml"
+    prices.write_text(f'["{MODEL}"]\ninput = 0.10\noutput = 0.50\nbatch_discount = 0.5\n')
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+    command = [sys.executable, "-m", "runner", *_args(sim, job, prices)]
+    proc = subprocess.Popen(
+        command, env=_env(db), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 30
+    while sim.stats()["batches_created"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 4, output
+    assert "keep running at the provider" in output and "--run" in output
+    assert sim.charges() == 0  # nothing delivered yet, nothing cancelled: the batches run on
+    done = subprocess.run(command, env=_env(db), capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sim.stats()["batches_created"] == 2 and sim.charges() == 40
+    assert Ledger(db).runs()[0].states == {"ok": 40}

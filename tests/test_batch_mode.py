@@ -4,6 +4,7 @@ the simulator's books and the Parquet."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from decimal import Decimal
@@ -338,3 +339,11 @@ async def test_a_batch_the_key_cannot_see_stops_the_run_and_the_right_key_collec
     done = await batch_run(sim, job, ledger, prices)
     assert done.run_id == stopped.run_id and done.states == {"ok": 10}
     assert sim.books.stats()["batches_created"] == 1 and len(charged_once(sim)) == 10
+
+
+def test_estimate_in_batch_mode_quotes_at_batch_prices(write_job: Any) -> None:
+    job = write_job(lines(12))
+    shown = cli.invoke(app, ["estimate", str(job), "--provider", "simulator", "--mode", "batch", "--json"])
+    assert shown.exit_code == 0, shown.output
+    total = sum(to_nanos(_batch_quote(line), round_up=True) for line in lines(12))
+    assert Decimal(json.loads(shown.stdout)["total_usd"]) == Decimal(total) / 10**9

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from runner.app.export import export_parquet
+from runner.app.modes import choose_mode, quoting
 from runner.app.quote import Estimate, Quoting, fits, quote_requests
 from runner.app.run import RunResult, run_job
 from runner.app.sweep import load_spec
@@ -120,10 +121,13 @@ def estimate(
 
     async def work() -> Estimate:
         async with connect(config.provider) as conn:
+            mode, why = choose_mode(config, conn, summary, None)  # --mode batch: at batch prices
+            if why:
+                err.print(why, markup=False, highlight=False)
             with Progress("quoting", summary.requests) as progress:
                 return await quote_requests(
                     iter_requests(job, models, max_line=config.max_line_bytes),
-                    conn,
+                    quoting(conn, mode),
                     ledger,
                     limits=config.concurrency,
                     quoting=Quoting(config.cache, policy=config.policy),

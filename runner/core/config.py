@@ -310,7 +310,7 @@ class RunConfig:
         "--mode",
         help="sync: calls; batch: the provider's Batch API at its batch prices; auto: batch when the "
         "deadline allows (default: the run's own mode, else sync).",
-        commands=_RUNNERS,
+        commands=(*_RUNNERS, ESTIMATE),
         cli_type=str | None,
         default=None,
     )
