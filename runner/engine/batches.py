@@ -21,7 +21,7 @@ import anyio
 
 from runner.core.config import RunConfig
 from runner.core.errors import OutcomeUnknown, ProviderError, RetryableError, printable
-from runner.core.events import BatchStatus, Listener, Notice, RequestFinished
+from runner.core.events import BatchStatus, Listener, Notice, Phase, RequestFinished
 from runner.core.jobs import JobChunks
 from runner.core.models import ChatRequest
 from runner.core.money import format_usd, to_nanos
@@ -73,6 +73,8 @@ class BatchRun(EngineState):
     async def run(self, job: Path, *, to_sync: bool = False) -> bool:
         """Send and collect the run's batches until every line is settled; True when the rest is to
         be sent as calls (the deadline, or `to_sync`: the run switches now)."""
+        left = await anyio.to_thread.run_sync(self.ledger.unfinished_lines, self.plan.run_id)
+        self.on_event(Phase("running", left))
         async with anyio.create_task_group() as tasks:
             if self.config.handle_signals:
                 tasks.start_soon(self._watch_signals)
