@@ -143,9 +143,7 @@ def main() -> None:
     finally:
         sim.kill()
         sim.wait()
-    print(
-        f"{args.lines:,} lines in batches of {args.batch_size:,}, each taking {args.duration:g} s"
-    )
+    print(f"{args.lines:,} lines in batches of {args.batch_size:,}, each taking {args.duration:g} s")
     print(f"bare Batch API loop: {loop_s:.1f} s")
     print(
         f"runner run --mode batch (whole command): {runner_s:.1f} s = {runner_s / loop_s:.2f} x the loop; "

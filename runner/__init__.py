@@ -20,7 +20,7 @@ _EXPORTS = {
     "RunOptions": "runner.engine.engine",
     "RunResult": "runner.app.run",
     "Usage": "runner.core.models",
-    "cell_report": "runner.app.sweep_run",
+    "cell_report": "runner.app.compare",
     "connect": "runner.providers.registry",
     "export_jsonl": "runner.app.export",
     "export_parquet": "runner.app.export",

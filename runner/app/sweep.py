@@ -9,6 +9,7 @@ repeat above the first is marked as a sample (`metadata.sample`) so that the cac
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -24,6 +25,7 @@ from typing import Any
 import jsonschema
 import regex
 
+from runner.app.stats import REDUCERS
 from runner.core import catalog, codec, schema
 from runner.core.errors import SpecError, printable
 from runner.core.jobs import not_regular
@@ -32,7 +34,7 @@ from runner.core.jobs import not_regular
 # catastrophically fails that answer's grade instead of hanging the sweep, and `runner report`
 REGEX_TIMEOUT_S = 1.0
 MAX_SWEEP_REQUESTS = 5_000_000  # rows x cells x repeats: a job larger than this is a mistake in the spec
-SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders"})
+SPEC_KEYS = frozenset({"dataset", "id", "prompt", "matrix", "budget", "graders", "baseline"})
 PROMPT_KEYS = frozenset({"system", "user", "messages"})
 BUDGET_KEYS = frozenset({"per_cell_usd"})
 GRADER_KINDS = ("exact", "contains", "regex", "json_valid", "json_schema", "judge")
@@ -44,6 +46,7 @@ GRADER_KEYS = {
     "json_schema": {"schema"},
     "judge": {"model", "rubric", "max_tokens"},
 }
+REDUCE_KEYS = {"reduce", "k"}  # any grader: how a row's repeats become one score (runner.app.stats)
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 SCORE = re.compile(r"(?<![\d.])(0(?:\.\d+)?|1(?:\.0+)?)(?![\d.])")  # a score in [0, 1] in a judge's text
 ANSWER = "answer"  # the placeholder a judge's rubric reads the graded answer from
@@ -58,6 +61,20 @@ class Grader:
     @property
     def judge(self) -> bool:
         return self.kind == "judge"
+
+    @property
+    def reducer(self) -> str:
+        return str(self.options.get("reduce", "mean"))
+
+    @property
+    def k(self) -> int:
+        return int(self.options.get("k", 1))
+
+    @property
+    def passes(self) -> bool:
+        """Whether its scores are pass/fail (a rule grader's), so that a row reduced by majority,
+        max, at_least_k or a single sample passes or fails."""
+        return not self.judge
 
     def score(self, content: str | None, row: dict[str, Any]) -> float | None:
         """1.0 / 0.0 for the rule graders (None when there is no answer); judges score elsewhere."""
@@ -104,6 +121,7 @@ class Spec:
     repeats: int
     per_cell_usd: Decimal | None
     graders: list[Grader]
+    baseline: str | None = None  # the cell every other is compared with (else pairs differing in one field)
 
     @property
     def params(self) -> list[str]:
@@ -151,11 +169,21 @@ def load_spec(path: Path) -> Spec:
         raise _fail(path, "budget", "must be a table")
     _unknown(path, "budget.", budget, BUDGET_KEYS)
     per_cell = _usd(path, "budget.per_cell_usd", budget["per_cell_usd"]) if "per_cell_usd" in budget else None
-    graders = _graders(path, raw.get("graders", []))
+    graders = _graders(path, raw.get("graders", []), repeats)
     id_field = raw.get("id", "id")
     if not isinstance(id_field, str):
         raise _fail(path, "id", "must be the name of the dataset's id field")
-    return Spec(path, dataset, id_field, messages, matrix, repeats, per_cell, graders)
+    spec = Spec(path, dataset, id_field, messages, matrix, repeats, per_cell, graders)
+    baseline = raw.get("baseline")
+    if baseline is not None:
+        names = [cell_key(c) for c in spec.cells()]
+        if baseline not in names:
+            shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+            raise _fail(
+                path, "baseline", f"'{printable(str(baseline))}' is not a cell of the matrix ({shown})"
+            )
+        spec = dataclasses.replace(spec, baseline=baseline)
+    return spec
 
 
 def _unknown(path: Path, prefix: str, table: dict[str, Any], known: frozenset[str] | set[str]) -> None:
@@ -223,7 +251,7 @@ def _usd(path: Path, key: str, value: Any) -> Decimal:
     return amount
 
 
-def _graders(path: Path, items: Any) -> list[Grader]:
+def _graders(path: Path, items: Any, repeats: int) -> list[Grader]:
     if not isinstance(items, list):
         raise _fail(path, "graders", "a list of [[graders]] tables")
     graders: list[Grader] = []
@@ -235,7 +263,8 @@ def _graders(path: Path, items: Any) -> list[Grader]:
                 path, f"{where}.kind", f"'{printable(str(kind))}' is not one of {', '.join(GRADER_KINDS)}"
             )
         options = {k: v for k, v in item.items() if k not in ("kind", "name")}
-        _unknown(path, f"{where}.", options, GRADER_KEYS[kind])
+        _unknown(path, f"{where}.", options, GRADER_KEYS[kind] | REDUCE_KEYS)
+        _check_reducer(path, where, options, repeats)
         name = item.get("name", kind)
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name):
             raise _fail(path, f"{where}.name", "letters, digits and _ only (it names a column)")
@@ -244,6 +273,16 @@ def _graders(path: Path, items: Any) -> list[Grader]:
         _check_grader(path, where, kind, options)
         graders.append(Grader(name, kind, options))
     return graders
+
+
+def _check_reducer(path: Path, where: str, options: dict[str, Any], repeats: int) -> None:
+    reducer, k = options.get("reduce", "mean"), options.get("k", 1)
+    if reducer not in REDUCERS:
+        raise _fail(
+            path, f"{where}.reduce", f"'{printable(str(reducer))}' is not one of {', '.join(REDUCERS)}"
+        )
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= repeats:
+        raise _fail(path, f"{where}.k", f"a whole number from 1 to the matrix's repeats ({repeats})")
 
 
 def _check_grader(path: Path, where: str, kind: str, options: dict[str, Any]) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -295,83 +294,9 @@ def _judgements(judged: pl.DataFrame | None) -> dict[tuple[str, str], tuple[floa
     return found
 
 
-def cell_report(frame: pl.DataFrame, spec: Spec) -> pl.DataFrame:
-    """Per cell: n, ok, each grader's mean score with a 95 % interval, cost (the judges' apart), cost
-    per correct answer (the first grader's), tokens, latency p50/p95, and whether it is on the
-    cost–quality Pareto front."""
-    if frame.is_empty():
-        return frame
-    aggs: list[pl.Expr] = [
-        pl.len().alias("n"),
-        (pl.col("status") == "ok").sum().alias("ok"),
-        pl.col("answer_usd").sum().alias("cost_usd"),  # what the cell's answers cost, bought now or before
-        pl.col("price_usd").sum().alias("spent_usd"),  # what this run paid for them
-        (pl.col("prompt_tokens").sum() + pl.col("completion_tokens").sum()).alias("tokens"),
-        pl.col("latency_s").quantile(0.5).alias("p50_s"),
-        pl.col("latency_s").quantile(0.95).alias("p95_s"),
-    ]
-    for g in spec.graders:
-        col = f"score_{g.name}"
-        aggs += [
-            pl.col(col).mean().alias(f"mean_{g.name}"),
-            pl.col(col).count().alias(f"n_{g.name}"),
-            pl.col(col).std().alias(f"sd_{g.name}"),
-            pl.col(col).sum().alias(f"sum_{g.name}"),
-        ]
-        if g.judge:
-            aggs.append(pl.col(f"{g.name}_price_usd").sum().alias(f"{g.name}_cost_usd"))
-    cells = frame.group_by("cell", maintain_order=True).agg(*aggs)
-    for g in spec.graders:
-        low, high = zip(
-            *(
-                _interval(m, n, sd, binary=not g.judge)
-                for m, n, sd in cells.select(f"mean_{g.name}", f"n_{g.name}", f"sd_{g.name}").iter_rows()
-            ),
-            strict=True,
-        )
-        cells = cells.with_columns(pl.Series(f"low_{g.name}", low), pl.Series(f"high_{g.name}", high))
-    first = spec.graders[0].name if spec.graders else None
-    if first is not None:
-        cells = cells.with_columns(
-            pl.when(pl.col(f"sum_{first}") > 0)
-            .then(pl.col("cost_usd").cast(pl.Float64) / pl.col(f"sum_{first}"))
-            .otherwise(None)
-            .alias("cost_per_correct_usd")
-        )
-    return cells.with_columns(pl.Series("pareto", _pareto(cells, first)))
-
-
-def _interval(
-    mean: float | None, n: int, sd: float | None, *, binary: bool
-) -> tuple[float | None, float | None]:
-    """95 %: Wilson's for a pass/fail score, the normal one for a judge's."""
-    if mean is None or not n:
-        return None, None
-    z = 1.96
-    if binary:
-        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
-        half = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return max(0.0, centre - half), min(1.0, centre + half)
-    half = z * (sd or 0.0) / math.sqrt(n)
-    return max(0.0, mean - half), min(1.0, mean + half)
-
-
-def _pareto(cells: pl.DataFrame, grader: str | None) -> list[bool]:
-    """A cell is on the front when no other is at most as dear and at least as good, and better in one."""
-    points = [
-        (float(c or 0), (s if s is not None else -1.0))
-        for c, s in cells.select("cost_usd", f"mean_{grader}" if grader else pl.lit(0.0)).iter_rows()
-    ]
-    return [
-        not any(c2 <= c and s2 >= s and (c2 < c or s2 > s) for j, (c2, s2) in enumerate(points) if j != i)
-        for i, (c, s) in enumerate(points)
-    ]
-
-
 __all__ = [
     "SweepPlan",
     "SweepResult",
-    "cell_report",
     "check_budget",
     "plan_sweep",
     "rows_that_fit",

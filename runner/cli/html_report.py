@@ -13,6 +13,7 @@ from typing import Any
 
 import polars as pl
 
+from runner.app.compare import Comparison
 from runner.app.report import COLUMNS, cells, per_model, top_errors
 from runner.core.money import format_usd
 from runner.ledger import RunView
@@ -222,12 +223,20 @@ def _when(value: Any) -> str:
 
 
 def render_sweep(
-    title: str, cells_frame: pl.DataFrame, columns: list[str], rows: list[list[str]], grader: str
+    title: str,
+    cells_frame: pl.DataFrame,
+    columns: list[str],
+    rows: list[list[str]],
+    grader: str,
+    comparisons: list[Comparison] | None = None,
 ) -> str:
-    """A sweep's page: the cells' cost against their mean score (the Pareto front in red), and the
-    per-cell table (`columns` and `rows` as the terminal shows them)."""
+    """A sweep's page: the cells' cost against their mean score (the Pareto front in red), the
+    per-cell table (`columns` and `rows` as the terminal shows them), and the paired comparisons with
+    a forest plot of their differences."""
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in row) + "</tr>" for row in rows)
+    compared = comparisons or []
+    pairs = "".join(f"<li>{escape(c.sentence())}</li>" for c in compared)
     return "".join(
         [
             "<!doctype html><html lang=en><head><meta charset=utf-8>",
@@ -236,9 +245,48 @@ def render_sweep(
             f"<h2>cost against score ({escape(grader)})</h2>",
             _scatter(cells_frame, grader),
             "<h2>cells</h2>",
-            f"<div class=scroll><table><tr>{head}</tr>{body}</table></div></body></html>",
+            f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>",
+            "<h2>paired comparisons (a - b, points, 95% CI; p adjusted by Holm)</h2>" if compared else "",
+            _forest(compared) if compared else "",
+            f"<ul>{pairs}</ul>" if compared else "",
+            "</body></html>",
         ]
     )
+
+
+def _forest(comparisons: list[Comparison]) -> str:
+    """Each pair's paired difference with its interval on one axis through 0 (red: Holm p < 0.05)."""
+    shown = [c for c in comparisons if c.difference is not None and c.low is not None and c.high is not None]
+    if not shown:
+        return "<p class=meta>No pair of cells shares rows to compare.</p>"
+    reach = max(max(abs(c.low or 0), abs(c.high or 0)) for c in shown) or 0.01
+    label_w, row_h = 330, 24
+    span = WIDTH - label_w - 30
+    zero = label_w + span / 2
+    height = len(shown) * row_h + 40
+
+    def x(value: float) -> float:
+        return zero + value / reach * span / 2
+
+    body = [
+        f'<line x1="{zero:.1f}" y1="6" x2="{zero:.1f}" y2="{height - 24}" stroke="#999" '
+        'stroke-dasharray="3 3"/>',
+        f'<text x="{label_w}" y="{height - 8}">{-reach * 100:+.1f}</text>',
+        f'<text x="{zero:.1f}" y="{height - 8}" text-anchor="middle">0</text>',
+        f'<text x="{WIDTH - 30}" y="{height - 8}" text-anchor="end">{reach * 100:+.1f} points</text>',
+    ]
+    for i, c in enumerate(shown):
+        y = 16 + i * row_h
+        colour = "#c0392b" if c.p_holm is not None and c.p_holm < 0.05 else "#4c72b0"
+        label = f"{c.a} − {c.b} ({c.grader})"
+        body.append(
+            f'<text x="{label_w - 8}" y="{y + 4}" text-anchor="end">{escape(label[:60])}</text>'
+            f'<line x1="{x(c.low or 0):.1f}" y1="{y}" x2="{x(c.high or 0):.1f}" y2="{y}" stroke="{colour}" '
+            'stroke-width="2"/>'
+            f'<circle cx="{x(c.difference or 0):.1f}" cy="{y}" r="4" fill="{colour}">'
+            f"<title>{escape(c.sentence())}</title></circle>"
+        )
+    return _svg(height, "".join(body), "paired differences between cells")
 
 
 def _scatter(cells_frame: pl.DataFrame, grader: str) -> str:

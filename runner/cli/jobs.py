@@ -12,12 +12,13 @@ from typing import Annotated
 
 import typer
 
+from runner.app.compare import Comparison, cell_report, compare
 from runner.app.export import export_parquet
 from runner.app.modes import choose_mode, quoting
 from runner.app.quote import Estimate, Quoting, fits, quote_requests
 from runner.app.run import RunResult, run_job
 from runner.app.sweep import load_spec
-from runner.app.sweep_run import SweepResult, cell_report, check_budget, plan_sweep, rows_that_fit, run_sweep
+from runner.app.sweep_run import SweepResult, check_budget, plan_sweep, rows_that_fit, run_sweep
 from runner.cli import html_report, sweep_view
 from runner.cli.app import app, check_writable, export_to
 from runner.cli.console import (
@@ -309,6 +310,18 @@ def sweep(
         _sweep_outputs(result, spec_path.stem, path, html, as_json)
 
 
+def print_comparisons(compared: list[Comparison]) -> None:
+    """The paired comparisons: a table, then each as a sentence."""
+    if not compared:
+        return
+    rows = sweep_view.comparison_rows(compared)
+    out.print(
+        text_table("paired comparisons (rows both cells answered)", sweep_view.COMPARISON_COLUMNS, rows)
+    )
+    for c in compared:
+        out.print(f"  {printable(c.sentence())}", markup=False, highlight=False)
+
+
 def _money_for(ledger: Ledger, config: RunConfig, estimate_only: bool) -> int | None:
     """What a sweep may spend (nano-USD): its budget's remaining money, or its --max-usd; None for
     an estimate with neither."""
@@ -326,15 +339,19 @@ def _sweep_outputs(result: SweepResult, title: str, path: Path, html: Path | Non
     spec = result.plan.spec
     result.frame.write_parquet(path)
     cells = cell_report(result.frame, spec)
+    compared = compare(result.frame, spec, cells)
     columns, rows = sweep_view.report_columns(spec), sweep_view.report_rows(cells, spec)
     if html is not None:
         first = spec.graders[0].name if spec.graders else ""
-        html.write_text(html_report.render_sweep(title, cells, columns, rows, first), encoding="utf-8")
+        page = html_report.render_sweep(title, cells, columns, rows, first, compared)
+        html.write_text(page, encoding="utf-8")
     job = result.plan.expansion.job
     if as_json:
-        print_json({"parquet": str(path), "job": str(job), "cells": sweep_view.report_json(cells)})
+        document = {"parquet": str(path), "job": str(job), "cells": sweep_view.report_json(cells)}
+        print_json({**document, "comparisons": sweep_view.comparisons_json(compared)})
     else:
         out.print(text_table(f"sweep {title}: cells (front: on the cost-score Pareto front)", columns, rows))
+        print_comparisons(compared)
         judged = format_usd(result.judge.spent_nanos if result.judge else 0, places=6)
         spent = format_usd(result.run.spent_nanos, places=6)
         out.print(

@@ -12,10 +12,11 @@ from typing import Annotated
 import anyio
 import typer
 
+from runner.app.compare import cell_report, compare
 from runner.app.export import export_jsonl, export_parquet
 from runner.app.reconcile import BudgetReconciliation, Reconciliation, reconcile_batches, reconcile_run
 from runner.app.report import REPORT_NEEDS, run_frame
-from runner.app.sweep_run import cell_report, sweep_of_run
+from runner.app.sweep_run import sweep_of_run
 from runner.cli import html_report, sweep_view
 from runner.cli.app import app, check_writable, export_to
 from runner.cli.console import (
@@ -43,6 +44,7 @@ from runner.cli.documents import (
     worker_json,
     workers_table,
 )
+from runner.cli.jobs import print_comparisons
 from runner.cli.options import DbOpt, Flags, JsonOpt, config_options
 from runner.core.config import BALANCE, RECONCILE, ProviderSettings
 from runner.core.errors import ConfigError, RunBusy
@@ -230,16 +232,19 @@ def report(
     run = ledger.run(run_id)
     swept = sweep_of_run(ledger, run.id)
     cells = cell_report(swept[1], swept[0]) if swept else None
+    compared = compare(swept[1], swept[0], cells) if swept else []
     if as_json:
         document = report_json(ledger, run)
         if cells is not None:
             document["cells"] = sweep_view.report_json(cells)
+            document["comparisons"] = sweep_view.comparisons_json(compared)
         print_json(document)
     else:
         print_report(ledger, run.id)
         if swept and cells is not None:
             columns, rows = sweep_view.report_columns(swept[0]), sweep_view.report_rows(cells, swept[0])
             out.print(text_table(f"sweep {swept[0].path.stem}: cells", columns, rows))
+            print_comparisons(compared)
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +253,7 @@ def report(
                 spec = swept[0]
                 columns, rows = sweep_view.report_columns(spec), sweep_view.report_rows(cells, spec)
                 first = spec.graders[0].name if spec.graders else ""
-                page = html_report.render_sweep(spec.path.stem, cells, columns, rows, first)
+                page = html_report.render_sweep(spec.path.stem, cells, columns, rows, first, compared)
             html.write_text(page, encoding="utf-8")
         except OSError as exc:
             msg = f"{html}: cannot write the report: {exc.strerror}"

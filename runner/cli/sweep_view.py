@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 
+from runner.app.compare import Comparison
 from runner.app.sweep import Spec
 from runner.app.sweep_run import SweepPlan
 from runner.core.errors import printable
@@ -86,8 +87,9 @@ def report_rows(cells: pl.DataFrame, spec: Spec) -> list[list[str]]:
             row.append("–" if mean is None else f"{mean:.2f} [{low:.2f}, {high:.2f}]")
         row.append(_usd(r["cost_usd"]))
         row += [_usd(r[f"{g.name}_cost_usd"]) for g in spec.graders if g.judge]
-        per = r.get("cost_per_correct_usd")
-        row.append("–" if per is None else f"${per:.6f}")
+        per, low, high = (r.get(f"cost_per_correct{x}_usd") for x in ("", "_low", "_high"))
+        span = f" [{_dollars(low)}, {_dollars(high)}]" if per is not None else ""
+        row.append("–" if per is None else f"{_dollars(per)}{span}")
         row.append(f"{int(r['tokens'] or 0):,}")
         row += ["–" if r[k] is None else f"{r[k]:.3f}" for k in ("p50_s", "p95_s")]
         row.append("yes" if r["pareto"] else "")
@@ -104,3 +106,34 @@ def report_json(cells: pl.DataFrame) -> list[dict[str, Any]]:
 
 def _usd(value: Any) -> str:
     return format_usd(Decimal(0) if value is None else Decimal(value), places=6)
+
+
+def _dollars(value: float | None) -> str:
+    return "∞" if value is None else f"${value:.6f}"
+
+
+COMPARISON_COLUMNS = ["a", "b", "grader", "rows", "a - b (points, 95% CI)", "test", "p (Holm)", "verdict"]
+
+
+def comparison_rows(comparisons: list[Comparison]) -> list[list[str]]:
+    """One row per pair and grader: the paired difference in points with its interval, the test, the
+    Holm-adjusted p-value and the verdict."""
+    rows = []
+    for c in comparisons:
+        if c.difference is None or c.low is None or c.high is None:
+            shown, verdict = "–", "no shared rows" if not c.rows else "too few rows"
+        else:
+            shown = f"{c.difference * 100:+.1f} [{c.low * 100:+.1f}, {c.high * 100:+.1f}]"
+            significant = c.p_holm is not None and c.p_holm < 0.05
+            verdict = (
+                ("a better" if c.difference > 0 else "b better")
+                if significant
+                else "no detectable difference"
+            )
+        p = "–" if c.p_holm is None else f"{c.p_holm:.3g}"
+        rows.append([printable(c.a), printable(c.b), c.grader, f"{c.rows:,}", shown, c.test, p, verdict])
+    return rows
+
+
+def comparisons_json(comparisons: list[Comparison]) -> list[dict[str, Any]]:
+    return [c.as_json() for c in comparisons]

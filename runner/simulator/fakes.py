@@ -122,8 +122,15 @@ def _forced_tool(body: dict[str, Any]) -> dict[str, Any] | None:
     return dict(tools[0]["function"])
 
 
+def sampled(body: dict[str, Any]) -> bool:
+    """Whether a model would sample this body afresh each call: a temperature above 0 and no seed
+    (the simulator's answers then vary between calls; otherwise the body decides them)."""
+    temperature = body.get("temperature")
+    return isinstance(temperature, int | float) and temperature > 0 and body.get("seed") is None
+
+
 def generate(body: dict[str, Any], model: ModelInfo | None) -> Fake:
-    rng = random.Random(seed_of(body))
+    rng = random.Random() if sampled(body) else random.Random(seed_of(body))
     budget = schema.max_output_tokens(body)
     fake = Fake(content=None, reasoning=None, prompt_tokens=prompt_tokens(body))
     reasoning_tokens = 0
