@@ -269,8 +269,10 @@ def _forest(comparisons: list[Comparison]) -> str:
         return zero + value / reach * span / 2
 
     body = [
-        f'<line x1="{zero:.1f}" y1="6" x2="{zero:.1f}" y2="{height - 24}" stroke="#999" '
-        'stroke-dasharray="3 3"/>',
+        (
+            f'<line x1="{zero:.1f}" y1="6" x2="{zero:.1f}" y2="{height - 24}" stroke="#999" '
+            'stroke-dasharray="3 3"/>'
+        ),
         f'<text x="{label_w}" y="{height - 8}">{-reach * 100:+.1f}</text>',
         f'<text x="{zero:.1f}" y="{height - 8}" text-anchor="middle">0</text>',
         f'<text x="{WIDTH - 30}" y="{height - 8}" text-anchor="end">{reach * 100:+.1f} points</text>',
