@@ -27,7 +27,7 @@ import regex
 
 from runner.app.stats import REDUCERS
 from runner.core import catalog, codec, schema
-from runner.core.errors import SpecError, printable
+from runner.core.errors import ConfigError, SpecError, printable
 from runner.core.jobs import not_regular
 
 # a regex grader gets this long per answer (the regex module's timeout): a pattern that backtracks
@@ -175,15 +175,19 @@ def load_spec(path: Path) -> Spec:
         raise _fail(path, "id", "must be the name of the dataset's id field")
     spec = Spec(path, dataset, id_field, messages, matrix, repeats, per_cell, graders)
     baseline = raw.get("baseline")
-    if baseline is not None:
-        names = [cell_key(c) for c in spec.cells()]
-        if baseline not in names:
-            shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-            raise _fail(
-                path, "baseline", f"'{printable(str(baseline))}' is not a cell of the matrix ({shown})"
-            )
-        spec = dataclasses.replace(spec, baseline=baseline)
-    return spec
+    return spec if baseline is None else with_baseline(spec, baseline, "baseline")
+
+
+def with_baseline(spec: Spec, baseline: Any, where: str = "--baseline") -> Spec:
+    """The spec with the cell every other is compared with (a cell of its matrix, by name)."""
+    names = [cell_key(c) for c in spec.cells()]
+    if baseline not in names:
+        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+        msg = f"'{printable(str(baseline))}' is not a cell of the matrix ({shown})"
+        if where.startswith("--"):  # the command line's, not the spec's
+            raise ConfigError(f"{where}: {msg}")
+        raise _fail(spec.path, where, msg)
+    return dataclasses.replace(spec, baseline=str(baseline))
 
 
 def _unknown(path: Path, prefix: str, table: dict[str, Any], known: frozenset[str] | set[str]) -> None:

@@ -3,22 +3,25 @@ flags onto one RunConfig (runner.core.config) and hands it to the library."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from runner.app import stats
 from runner.app.compare import Comparison, cell_report, compare
 from runner.app.export import export_parquet
 from runner.app.modes import choose_mode, quoting
+from runner.app.planning import PowerPlan, earlier_spread, plan_power, rows_for
 from runner.app.quote import Estimate, Quoting, fits, quote_requests
 from runner.app.run import RunResult, run_job
-from runner.app.sweep import load_spec
-from runner.app.sweep_run import SweepResult, check_budget, plan_sweep, rows_that_fit, run_sweep
+from runner.app.sweep import Spec, load_spec, with_baseline
+from runner.app.sweep_run import SweepPlan, SweepResult, check_budget, plan_sweep, rows_that_fit, run_sweep
 from runner.cli import html_report, sweep_view
 from runner.cli.app import app, check_writable, export_to
 from runner.cli.console import (
@@ -263,6 +266,17 @@ def sweep(
         bool, typer.Option("--fit", help="Over budget: drop the same dataset rows from every cell.")
     ] = False,
     html: Annotated[Path | None, typer.Option("--html", help="Also write the comparison as HTML.")] = None,
+    plan_only: Annotated[
+        bool,
+        typer.Option("--plan", help="Print the rows and money each pair needs (with --detect), and stop."),
+    ] = False,
+    detect: Annotated[
+        float | None,
+        typer.Option("--detect", help="The difference in score to detect at 80 % power (0.05: 5 points)."),
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="Compare every cell with this one (a cell's name).")
+    ] = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
     *,
@@ -272,42 +286,122 @@ def sweep(
     it within the budget, grade the answers and compare the cells."""
     config = replace(RunConfig.from_flags(spec_path, **flags), handle_signals=True)
     spec = load_spec(spec_path)
+    if baseline is not None:
+        spec = with_baseline(spec, baseline)
+    if detect is not None and not 0 < detect < 1:
+        raise ConfigError(f"--detect must be a difference in score above 0 and below 1 (got {detect:g})")
+    if plan_only and detect is None:
+        raise ConfigError("--plan needs --detect: the difference in score to detect (0.05 for 5 points)")
+    estimate_only = estimate_only or plan_only
     path = config.output or Path("results") / f"{spec_path.stem}.parquet"
     if not estimate_only:
         check_writable(path)
     ledger = Ledger(db)
     remaining = _money_for(ledger, config, estimate_only)
 
-    async def work() -> SweepResult | None:
-        async with connect(config.provider) as conn:
-            with Progress("quoting", 0) as progress:
-                plan = await plan_sweep(
-                    spec, path.parent, conn, ledger, concurrency=config.concurrency, on_event=progress,
-                    cache=config.cache,
-                )  # fmt: skip
-            if fit and remaining is not None:
-                kept = rows_that_fit(plan, remaining)
-                if len(kept) < plan.rows_total:
-                    out.print(f"--fit: {len(kept)} of {plan.rows_total} dataset rows fit, in every cell")
-                    plan = await plan_sweep(
-                        spec, path.parent, conn, ledger, concurrency=config.concurrency, keep_rows=kept,
-                        cache=config.cache,
-                    )  # fmt: skip
-            if as_json and estimate_only:
-                print_json(sweep_view.matrix_json(plan, remaining))
-            elif not as_json:
-                rows = sweep_view.matrix_rows(plan, remaining)
-                out.print(text_table(f"sweep {spec_path.stem}: cost matrix", sweep_view.MATRIX_COLUMNS, rows))
-            if remaining is not None:
-                check_budget(plan, remaining)
-            if estimate_only:
-                return None
-            with Progress("running", plan.expansion.requests) as progress:
-                return await run_sweep(plan, conn, ledger, config, progress)
-
-    result = run_async(work)
+    ask = _SweepAsk(estimate_only, fit, plan_only, detect, as_json)
+    result = run_async(functools.partial(_sweep_work, spec, config, ledger, path, remaining, ask))
     if result is not None:
         _sweep_outputs(result, spec_path.stem, path, html, as_json)
+
+
+@dataclass(frozen=True)
+class _SweepAsk:
+    """What `runner sweep` was asked to do besides running."""
+
+    estimate_only: bool
+    fit: bool
+    plan_only: bool
+    detect: float | None
+    as_json: bool
+
+
+async def _sweep_work(
+    spec: Spec, config: RunConfig, ledger: Ledger, path: Path, remaining: int | None, ask: _SweepAsk
+) -> SweepResult | None:
+    """Price the sweep; size it (--detect, --fit); show the matrix; run it unless only asked for a plan."""
+    async with connect(config.provider) as conn:
+        with Progress("quoting", 0) as progress:
+            plan = await plan_sweep(
+                spec, path.parent, conn, ledger, concurrency=config.concurrency, on_event=progress,
+                cache=config.cache,
+            )  # fmt: skip
+
+        async def replan(rows: set[str]) -> SweepPlan:
+            return await plan_sweep(
+                spec, path.parent, conn, ledger, concurrency=config.concurrency, keep_rows=rows,
+                cache=config.cache,
+            )  # fmt: skip
+
+        if ask.detect is not None:
+            power = plan_power(plan, ask.detect, earlier_spread(ledger, spec), remaining)
+            if ask.plan_only:
+                print_json(power.as_json()) if ask.as_json else print_power(power)
+                return None
+            if ask.fit and power.rows < plan.rows_total:
+                out.print(f"--fit --detect: the first {power.rows} of {plan.rows_total} dataset rows")
+                plan = await replan(rows_for(plan, power))
+        if ask.fit and remaining is not None:
+            kept = rows_that_fit(plan, remaining)
+            if len(kept) < plan.rows_total:
+                out.print(f"--fit: {len(kept)} of {plan.rows_total} dataset rows fit, in every cell")
+                plan = await replan(kept)
+        _show_matrix(plan, remaining, spec.path.stem, as_json=ask.as_json, estimate_only=ask.estimate_only)
+        if ask.estimate_only:
+            return None
+        with Progress("running", plan.expansion.requests) as progress:
+            return await run_sweep(plan, conn, ledger, config, progress)
+
+
+def _show_matrix(
+    plan: SweepPlan, remaining: int | None, title: str, *, as_json: bool, estimate_only: bool
+) -> None:
+    """The cost matrix (a JSON document for --estimate --json), then the budget checks."""
+    if as_json and estimate_only:
+        print_json(sweep_view.matrix_json(plan, remaining))
+    elif not as_json:
+        rows = sweep_view.matrix_rows(plan, remaining)
+        out.print(text_table(f"sweep {title}: cost matrix", sweep_view.MATRIX_COLUMNS, rows))
+    if remaining is not None:
+        check_budget(plan, remaining)
+
+
+def print_power(power: PowerPlan) -> None:
+    """The rows and money each pair needs to detect the difference asked, and what a budget detects."""
+    rows = [
+        [
+            printable(p.a),
+            printable(p.b),
+            p.grader,
+            f"{p.sd:.3f} ({p.sd_from})",
+            f"{p.rows:,}",
+            format_usd(p.a_nanos, places=6),
+            format_usd(p.b_nanos, places=6),
+        ]
+        for p in power.pairs
+    ]
+    columns = ["a", "b", "grader", "sd of a - b", "rows needed", "cost in a", "cost in b"]
+    title = f"to detect {power.detect * 100:g} points at 80 % power (paired, two-sided, 5 %)"
+    out.print(text_table(title, columns, rows))
+    if any(p.sd_from == "default" for p in power.pairs):
+        out.print(
+            f"no earlier run of this spec gives a spread: sd {stats.DEFAULT_SD} taken (pass/fail pairs that "
+            "disagree half the time, a conservative figure); run a small sweep first for a closer plan",
+            highlight=False,
+        )
+    more = f" (the dataset has {power.dataset_rows:,})" if power.rows > power.dataset_rows else ""
+    out.print(
+        f"every cell at {power.rows:,} rows{more}: {format_usd(power.total_nanos, places=6)} in all, "
+        "judges included",
+        highlight=False,
+    )
+    if power.budget_rows is not None:
+        seen = "–" if power.detectable is None else f"{power.detectable * 100:.1f} points"
+        out.print(
+            f"the budget buys {power.budget_rows:,} rows of every cell: the smallest difference it "
+            f"detects is {seen}",
+            highlight=False,
+        )
 
 
 def print_comparisons(compared: list[Comparison]) -> None:

@@ -193,8 +193,12 @@ class SqliteDatabase:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
-            for pragma in PRAGMAS:
-                conn.execute(pragma)
+            try:
+                for pragma in PRAGMAS:
+                    conn.execute(pragma)
+            except sqlite3.Error:  # a damaged file shows as soon as a pragma reads it
+                conn.close()
+                raise
         if self._identity is None:
             found = Path(self.path).stat()
             self._identity = (found.st_dev, found.st_ino)
@@ -205,7 +209,12 @@ class SqliteDatabase:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         if conn is None:
-            conn = self._open()
+            try:
+                conn = self._open()
+            except sqlite3.DatabaseError as exc:  # a file damaged under a run: its reason, as any write's
+                if isinstance(exc, DEFECTS):
+                    raise
+                raise unavailable(self.path, exc) from None
         try:
             yield conn
         except BaseException as exc:
