@@ -29,12 +29,21 @@ def test_status_shows_counts_rate_money_and_the_budget() -> None:
     status = progress.status(progress.started + 2.0)
     assert status.split(" · ") == [
         "1 failed",
-        "2/s",
+        "2.0/s",
         "$1.5000 spent",
         "$45.0000/min",
         "$2.0000 reserved",
         "$7.0000 left in the budget",
     ]
+
+
+def test_a_slow_rate_shows_a_decimal_and_a_fast_one_none() -> None:
+    progress = progress_line.Progress("running", 100)
+    progress(RequestFinished("x", "ok", 0))
+    assert " · 0.4/s" in progress.status(progress.started + 2.5)  # 1 in 2.5 s: not "0/s"
+    for _ in range(99):
+        progress(RequestFinished("x", "ok", 0))
+    assert " · 40/s" in progress.status(progress.started + 2.5)
 
 
 def test_plain_lines_every_few_seconds_with_an_eta(

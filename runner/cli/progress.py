@@ -105,7 +105,7 @@ class Progress:
             parts.append(self._batches(self.batches))
         if self.narrow:
             return " · ".join(parts)
-        parts.insert(1, f"{rate:,.0f}/s")
+        parts.insert(1, f"{rate:.1f}/s" if rate < 10 else f"{rate:,.0f}/s")  # a slow server: 0.4/s, not 0/s
         if self.label == "running":
             per_minute = self.spent * 60_000 // max(1, round(elapsed * 1000))  # integer nano-USD
             parts.append(f"{format_usd(per_minute)}/min")
