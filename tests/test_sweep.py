@@ -124,6 +124,12 @@ def test_a_judge_is_quoted_held_and_reported_apart(sim: SimulatorThread, tmp_pat
     assert judges > 0
     spent = Ledger().budget("eval").spent_nanos
     assert (cells + judges) * 10**9 == spent == sim.books.charged_nanos  # to the nano-dollar
+    # the simulator's judge writes words, no score: each is a failed grade, said and counted
+    scored = frame.filter(pl.col("score_judge").is_not_null()).height
+    assert frame.filter(pl.col("judge_error").is_not_null()).height == 10 - scored
+    assert sum(c["judge_unscored"] for c in report["cells"]) == 10 - scored
+    shown = sweep(sim, spec, tmp_path, "--budget", "eval")
+    assert f"judge: {10 - scored} answer(s) got no score" in shown.output or scored == 10
 
 
 def test_a_third_model_sends_only_its_own_requests(sim: SimulatorThread, tmp_path: Path) -> None:

@@ -68,6 +68,10 @@ def cell_report(frame: pl.DataFrame, spec: Spec) -> pl.DataFrame:
     ]
     for g in spec.graders:
         aggs.append(pl.col(f"score_{g.name}").sum().alias(f"sum_{g.name}"))  # correct answers bought
+        if (
+            f"{g.name}_error" in frame.columns
+        ):  # answers the grader could not score (a judge's text without one)
+            aggs.append(pl.col(f"{g.name}_error").is_not_null().sum().alias(f"{g.name}_unscored"))
         if g.judge:
             aggs.append(pl.col(f"{g.name}_price_usd").sum().alias(f"{g.name}_cost_usd"))
     cells = frame.group_by("cell", maintain_order=True).agg(*aggs)

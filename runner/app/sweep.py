@@ -48,7 +48,6 @@ GRADER_KEYS = {
 }
 REDUCE_KEYS = {"reduce", "k"}  # any grader: how a row's repeats become one score (runner.app.stats)
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-SCORE = re.compile(r"(?<![\d.])(0(?:\.\d+)?|1(?:\.0+)?)(?![\d.])")  # a score in [0, 1] in a judge's text
 ANSWER = "answer"  # the placeholder a judge's rubric reads the graded answer from
 
 
@@ -483,9 +482,3 @@ def judge_line(grader: Grader, custom_id: str, answer: str, variables: dict[str,
         "messages": [{"role": "user", "content": prompt}],
         "metadata": {"judge": grader.name, "graded": custom_id},
     }
-
-
-def judge_score(text: str | None) -> float | None:
-    """The last number in [0, 1] the judge wrote; None when it wrote none."""
-    found = SCORE.findall(text or "")
-    return float(found[-1]) if found else None

@@ -19,7 +19,8 @@ from runner.app.preflight import budget_for
 from runner.app.quote import Quoting, Reuse, quote_requests
 from runner.app.report import run_frame
 from runner.app.run import RunResult, run_job
-from runner.app.sweep import Expansion, Spec, cell_key, expand, judge_line, judge_score, load_spec
+from runner.app.scores import NO_SCORE, judge_score
+from runner.app.sweep import Expansion, Spec, cell_key, expand, judge_line, load_spec
 from runner.core import codec
 from runner.core.config import RunConfig
 from runner.core.errors import BudgetExceeded
@@ -273,6 +274,8 @@ def sweep_frame(
                 extra[f"score_{grader.name}"] = score
                 extra[f"{grader.name}_explanation"] = text
                 extra[f"{grader.name}_price_usd"] = price
+                # a judge paid for whose text gives no score: a failed grade, said, never a silent null
+                extra[f"{grader.name}_error"] = NO_SCORE if text is not None and score is None else None
             else:
                 ok = row["status"] == "ok"
                 score, failed = grader.grade(row["content"], where["vars"]) if ok else (None, None)

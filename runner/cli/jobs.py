@@ -9,7 +9,7 @@ import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -404,6 +404,19 @@ def print_power(power: PowerPlan) -> None:
         )
 
 
+def print_unscored(cells: Any, spec: Spec) -> None:
+    """Graded answers a grader gave no score (a judge's text with none in it): counted, never silent."""
+    for g in spec.graders:
+        column = f"{g.name}_unscored"
+        count = int(cells[column].sum()) if column in cells.columns else 0
+        if count:
+            out.print(
+                f"{g.name}: {count} answer(s) got no score (failed grades; `{g.name}_error` and the text "
+                f"in `{g.name}_explanation` in the Parquet)",
+                highlight=False,
+            )
+
+
 def print_comparisons(compared: list[Comparison]) -> None:
     """The paired comparisons: a table, then each as a sentence."""
     if not compared:
@@ -445,6 +458,7 @@ def _sweep_outputs(result: SweepResult, title: str, path: Path, html: Path | Non
         print_json({**document, "comparisons": sweep_view.comparisons_json(compared)})
     else:
         out.print(text_table(f"sweep {title}: cells (front: on the cost-score Pareto front)", columns, rows))
+        print_unscored(cells, spec)
         print_comparisons(compared)
         judged = format_usd(result.judge.spent_nanos if result.judge else 0, places=6)
         spent = format_usd(result.run.spent_nanos, places=6)

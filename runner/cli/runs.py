@@ -44,7 +44,7 @@ from runner.cli.documents import (
     worker_json,
     workers_table,
 )
-from runner.cli.jobs import print_comparisons
+from runner.cli.jobs import print_comparisons, print_unscored
 from runner.cli.options import DbOpt, Flags, JsonOpt, config_options
 from runner.core.config import BALANCE, RECONCILE, ProviderSettings
 from runner.core.errors import ConfigError, RunBusy
@@ -244,6 +244,7 @@ def report(
         if swept and cells is not None:
             columns, rows = sweep_view.report_columns(swept[0]), sweep_view.report_rows(cells, swept[0])
             out.print(text_table(f"sweep {swept[0].path.stem}: cells", columns, rows))
+            print_unscored(cells, swept[0])
             print_comparisons(compared)
     if html is not None:
         try:
