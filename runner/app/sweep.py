@@ -27,6 +27,7 @@ import regex
 
 from runner.app.stats import REDUCERS
 from runner.core import catalog, codec, schema
+from runner.core.catalog import ModelInfo
 from runner.core.errors import ConfigError, SpecError, printable
 from runner.core.jobs import not_regular
 
@@ -44,7 +45,7 @@ GRADER_KEYS = {
     "regex": {"pattern"},
     "json_valid": set(),
     "json_schema": {"schema"},
-    "judge": {"model", "rubric", "max_tokens"},
+    "judge": {"model", "rubric", "max_tokens", "response_format"},
 }
 REDUCE_KEYS = {"reduce", "k"}  # any grader: how a row's repeats become one score (runner.app.stats)
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -121,6 +122,8 @@ class Spec:
     per_cell_usd: Decimal | None
     graders: list[Grader]
     baseline: str | None = None  # the cell every other is compared with (else pairs differing in one field)
+    # the models it may name: the catalog, and those a price file prices (what its job is validated with)
+    models: dict[str, ModelInfo] = field(default_factory=lambda: catalog.MODELS)
 
     @property
     def params(self) -> list[str]:
@@ -144,9 +147,10 @@ def _fail(spec: Path, key: str, message: str) -> SpecError:
     return SpecError(f"{spec}: {key}: {message}")
 
 
-def load_spec(path: Path) -> Spec:
-    """Read and check a spec: unknown keys, bad graders, an empty matrix and a judge model not in the
-    catalog are errors naming the file and the key."""
+def load_spec(path: Path, models: dict[str, ModelInfo] | None = catalog.MODELS) -> Spec:
+    """Read and check a spec: unknown keys, bad graders, an empty matrix and a model neither in
+    `models` (the catalog, with a price file's) are errors naming the file and the key. `models`
+    None: a spec read back for a report, whose models are not checked again."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -162,17 +166,18 @@ def load_spec(path: Path) -> Spec:
         raise _fail(path, "prompt", "a [prompt] table with `messages`, or `system` / `user`, is required")
     _unknown(path, "prompt.", prompt, PROMPT_KEYS)
     messages = _messages(path, prompt)
-    matrix, repeats = _matrix(path, raw.get("matrix"))
+    matrix, repeats = _matrix(path, raw.get("matrix"), models)
     budget = raw.get("budget", {})
     if not isinstance(budget, dict):
         raise _fail(path, "budget", "must be a table")
     _unknown(path, "budget.", budget, BUDGET_KEYS)
     per_cell = _usd(path, "budget.per_cell_usd", budget["per_cell_usd"]) if "per_cell_usd" in budget else None
-    graders = _graders(path, raw.get("graders", []), repeats)
+    graders = _graders(path, raw.get("graders", []), repeats, models)
     id_field = raw.get("id", "id")
     if not isinstance(id_field, str):
         raise _fail(path, "id", "must be the name of the dataset's id field")
-    spec = Spec(path, dataset, id_field, messages, matrix, repeats, per_cell, graders)
+    known = catalog.MODELS if models is None else models
+    spec = Spec(path, dataset, id_field, messages, matrix, repeats, per_cell, graders, models=known)
     baseline = raw.get("baseline")
     return spec if baseline is None else with_baseline(spec, baseline, "baseline")
 
@@ -218,7 +223,7 @@ def _messages(path: Path, prompt: dict[str, Any]) -> list[dict[str, str]]:
     return [*head, {"role": "user", "content": prompt["user"]}]
 
 
-def _matrix(path: Path, matrix: Any) -> tuple[dict[str, list[Any]], int]:
+def _matrix(path: Path, matrix: Any, models: dict[str, ModelInfo] | None) -> tuple[dict[str, list[Any]], int]:
     if not isinstance(matrix, dict) or not matrix.get("model"):
         raise _fail(path, "matrix.model", "the [matrix] needs at least one model")
     values: dict[str, list[Any]] = {}
@@ -235,8 +240,8 @@ def _matrix(path: Path, matrix: Any) -> tuple[dict[str, list[Any]], int]:
             raise _fail(path, f"matrix.{printable(key)}", "an empty list: the matrix would have no cells")
         values[key] = listed
     for model in values["model"]:
-        if not isinstance(model, str) or model not in catalog.MODELS:
-            raise _fail(path, "matrix.model", f"'{printable(str(model))}' is not a model of the catalog")
+        if not isinstance(model, str) or (models is not None and model not in models):
+            raise _fail(path, "matrix.model", _unknown_model(model))
     cells = math.prod(len(v) for v in values.values())
     if cells * repeats > MAX_SWEEP_REQUESTS:  # counted, not built: nothing grows before this check
         msg = f"{cells:,} cells × {repeats:,} repeats = {cells * repeats:,} requests a dataset row"
@@ -254,7 +259,11 @@ def _usd(path: Path, key: str, value: Any) -> Decimal:
     return amount
 
 
-def _graders(path: Path, items: Any, repeats: int) -> list[Grader]:
+def _unknown_model(model: Any) -> str:
+    return f"'{printable(str(model))}' is not a model of the catalog (nor of a price file: --price-file)"
+
+
+def _graders(path: Path, items: Any, repeats: int, models: dict[str, ModelInfo] | None) -> list[Grader]:
     if not isinstance(items, list):
         raise _fail(path, "graders", "a list of [[graders]] tables")
     graders: list[Grader] = []
@@ -273,7 +282,7 @@ def _graders(path: Path, items: Any, repeats: int) -> list[Grader]:
             raise _fail(path, f"{where}.name", "letters, digits and _ only (it names a column)")
         if any(g.name == name for g in graders):
             raise _fail(path, f"{where}.name", f"'{name}' names two graders")
-        _check_grader(path, where, kind, options)
+        _check_grader(path, where, kind, options, models)
         graders.append(Grader(name, kind, options))
     return graders
 
@@ -288,7 +297,9 @@ def _check_reducer(path: Path, where: str, options: dict[str, Any], repeats: int
         raise _fail(path, f"{where}.k", f"a whole number from 1 to the matrix's repeats ({repeats})")
 
 
-def _check_grader(path: Path, where: str, kind: str, options: dict[str, Any]) -> None:
+def _check_grader(
+    path: Path, where: str, kind: str, options: dict[str, Any], models: dict[str, ModelInfo] | None
+) -> None:
     if kind == "regex":
         try:
             regex.compile(str(options.get("pattern", "")))
@@ -305,12 +316,8 @@ def _check_grader(path: Path, where: str, kind: str, options: dict[str, Any]) ->
         except jsonschema.SchemaError as exc:
             raise _fail(path, f"{where}.schema", f"not a JSON schema: {exc.message}") from None
     if kind == "judge":
-        if options.get("model") not in catalog.MODELS:
-            raise _fail(
-                path,
-                f"{where}.model",
-                f"'{printable(str(options.get('model')))}' is not a model of the catalog",
-            )
+        if models is not None and options.get("model") not in models:
+            raise _fail(path, f"{where}.model", _unknown_model(options.get("model")))
         if not isinstance(options.get("rubric"), str) or "{" + ANSWER + "}" not in options["rubric"]:
             raise _fail(path, f"{where}.rubric", "a template that names {answer} is required")
 
@@ -481,4 +488,10 @@ def judge_line(grader: Grader, custom_id: str, answer: str, variables: dict[str,
         "max_tokens": int(grader.options.get("max_tokens", 256)),
         "messages": [{"role": "user", "content": prompt}],
         "metadata": {"judge": grader.name, "graded": custom_id},
+        # e.g. a JSON schema with a `score` from 0 to 1, which a server that constrains its output keeps to
+        **(
+            {"response_format": grader.options["response_format"]}
+            if "response_format" in grader.options
+            else {}
+        ),
     }

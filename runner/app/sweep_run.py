@@ -91,7 +91,7 @@ async def plan_sweep(
     holds cost nothing); the judges' calls are quoted on a stand-in answer of the graded request's
     longest reply."""
     expansion = await anyio.to_thread.run_sync(expand, spec, folder, keep_rows)
-    summary = await anyio.to_thread.run_sync(validate_job, expansion.job)
+    summary = await anyio.to_thread.run_sync(validate_job, expansion.job, spec.models)
     summary.raise_for_issues()
     on_event(Phase("quoting", expansion.requests))
     cells = {cell_key(c): CellQuote(cell_key(c), c) for c in expansion.cells}
@@ -114,7 +114,8 @@ async def plan_sweep(
 
     quoting = Quoting(cache=cache)
     await quote_requests(
-        iter_requests(expansion.job), conn, ledger, limits=concurrency, quoting=quoting, on_event=on_event,
+        iter_requests(expansion.job, spec.models), conn, ledger, limits=concurrency, quoting=quoting,
+        on_event=on_event,
         on_chunk=collect,
     )  # fmt: skip
     if judged:
@@ -146,7 +147,8 @@ async def _quote_judges(
             plan.cells[where["cell"]].judge_nanos += quote.nanos or 0
             plan.judge_by_row[where["row"]] = plan.judge_by_row.get(where["row"], 0) + (quote.nanos or 0)
 
-    await quote_requests(iter_requests(path), conn, ledger, limits=concurrency, on_chunk=collect)
+    requests = iter_requests(path, plan.spec.models)
+    await quote_requests(requests, conn, ledger, limits=concurrency, on_chunk=collect)
 
 
 def _stand_in(request: ChatRequest) -> str:
@@ -205,7 +207,7 @@ async def run_sweep(
     name = (await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)).name
     job = plan.expansion.job
     config = replace(config, job=job, budget=name, max_usd=None)
-    main = await run_job(config, conn=conn, ledger=ledger, on_event=on_event)
+    main = await run_job(config, conn=conn, ledger=ledger, on_event=on_event, models=plan.spec.models)
     judge: RunResult | None = None
     judges = [g for g in plan.spec.graders if g.judge]
     answers = await anyio.to_thread.run_sync(run_frame, ledger, main.run_id)
@@ -224,7 +226,9 @@ async def run_sweep(
         judges_config = replace(
             config, job=path, run_id=None, new=False, retry_failed=False, retry_possibly_billed=False
         )
-        judge = await run_job(judges_config, conn=conn, ledger=ledger, on_event=on_event)
+        judge = await run_job(
+            judges_config, conn=conn, ledger=ledger, on_event=on_event, models=plan.spec.models
+        )
     judged = await anyio.to_thread.run_sync(run_frame, ledger, judge.run_id) if judge else None
     bought = await anyio.to_thread.run_sync(ledger.source_prices, main.run_id)
     return SweepResult(plan, main, judge, sweep_frame(plan.spec, answers, judged, bought))
@@ -238,7 +242,7 @@ def sweep_of_run(ledger: Ledger, run_id: str) -> tuple[Spec, pl.DataFrame] | Non
     sweep = json.loads(text).get("sweep") if text else None
     if not isinstance(sweep, dict) or "spec" not in sweep:
         return None
-    spec = load_spec(Path(sweep["spec"]))
+    spec = load_spec(Path(sweep["spec"]), models=None)  # checked when it ran
     answers = run_frame(ledger, run_id)
     job = Path(ledger.run(run_id).job_path)
     judges = [r for r in ledger.runs() if Path(r.job_path).name.startswith(f"{job.stem}-judges-")]

@@ -66,7 +66,9 @@ def validate(
 ) -> None:
     """Check every line of the job files against the provider's contract; spends nothing."""
     config = RunConfig().with_flags(**flags)
-    summaries = [validate_job(path, None, config.max_line_bytes) for path in jobs]
+    # a price file names the models an OpenAI-compatible endpoint runs, as `run --price-file` takes them
+    models = price_table(replace(config.provider, name="openai")) if config.provider.price_file else None
+    summaries = [validate_job(path, models, config.max_line_bytes) for path in jobs]
     if as_json:
         out.print_json(data={"jobs": [summary_json(s) for s in summaries]})
     else:
@@ -285,7 +287,7 @@ def sweep(
     """Expand a sweep (dataset × prompt × models × parameters), price every cell from dry runs, run
     it within the budget, grade the answers and compare the cells."""
     config = replace(RunConfig.from_flags(spec_path, **flags), handle_signals=True)
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, price_table(config.provider))
     if baseline is not None:
         spec = with_baseline(spec, baseline)
     if detect is not None and not 0 < detect < 1:

@@ -163,7 +163,7 @@ class ProviderSettings:
     price_file: Path | None = flag(
         "--price-file",
         help="TOML/JSON prices per 1M tokens (openai), batch prices too.",
-        commands=(RUN, RESUME, ESTIMATE, RECONCILE),
+        commands=(RUN, RESUME, ESTIMATE, RECONCILE, SWEEP, VALIDATE),
         cli_type=Path | None,
         default=None,
     )
