@@ -67,7 +67,7 @@ def test_blank_database_goes_to_head_with_the_expected_columns(tmp_path: Path) -
     Ledger(url(tmp_path))
     db = sqlite3.connect(tmp_path / "l.db")
     version = db.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-    assert version == "0010"
+    assert version == "0011"
     indexes = {row[1] for row in db.execute("PRAGMA index_list(requests)")}
     assert {"ix_requests_run_state", "ix_requests_run_line", "ix_requests_answer_key"} <= indexes
     columns = {row[1] for row in db.execute("PRAGMA table_info(budgets)")}

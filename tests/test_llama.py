@@ -70,6 +70,16 @@ def llama() -> Iterator[str]:
             proc.wait()
 
 
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up.",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
+
+
 def mixed_job() -> list[dict[str, Any]]:
     """30 requests: plain, streamed with and without include_usage, stop, max_tokens 1-3, seed,
     json_object. Greedy sampling (temperature 0), so that the server gives the same answer twice."""
@@ -97,6 +107,8 @@ def mixed_job() -> list[dict[str, Any]]:
         elif kind == 5:
             body["response_format"] = {"type": "json_object"}
             body["messages"] = [{"role": "user", "content": f"Describe {topics[i % 6]} as JSON."}]
+        if i % 5 == 4:  # a function the model may call: the template writes the tools into the prompt
+            body["tools"] = [TOOL]
         if i % 7 == 0:
             body["messages"].insert(0, {"role": "system", "content": "You answer briefly."})
         job.append(body)
@@ -122,9 +134,14 @@ def test_a_mixed_job_matches_what_the_server_reports_and_stays_within_its_quotes
     frame = pl.read_parquet(out)
     assert frame.height == 30
     assert frame["status"].to_list() == ["ok"] * 30
-    assert frame["quote_kind"].unique().to_list() == ["upper_bound"]
+    assert frame["quote_kind"].unique().to_list() == ["tokenized"]  # the server counted each prompt
     over = frame.filter(pl.col("price_usd") > pl.col("quote_usd"))
     assert over.is_empty(), over.select("custom_id", "quote_usd", "price_usd")
+    # the quote's prompt is the server's own count: quote = prompt x $0.001 + max_tokens x $0.002
+    bounds = {line["custom_id"]: line["max_tokens"] for line in mixed_job()}
+    for row in frame.iter_rows(named=True):
+        prompt = (row["quote_usd"] - bounds[row["custom_id"]] * Decimal("0.002")) / Decimal("0.001")
+        assert prompt == row["prompt_tokens"], row["custom_id"]
 
     # the same requests asked of the server directly, not streamed: the same usage and finish
     by_id = {row["custom_id"]: row for row in frame.iter_rows(named=True)}
@@ -160,3 +177,95 @@ def test_a_budget_below_the_real_cost_is_never_exceeded(
     assert view.spent_nanos + view.reserved_nanos + view.possibly_billed_nanos <= view.limit_nanos
     assert view.spent_nanos == sum(int(p * 10**9) for p in ok["price_usd"])
     assert json.loads(json.dumps(frame["status"].unique().sort().to_list())) == ["ok", "skipped"]
+
+
+SYSTEM = "You are a helpful assistant. Answer in one short, plain sentence, with no list and no preamble."
+
+
+def _messages(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+
+
+def _answer_lengths(llama: str, prompts: list[str]) -> list[int]:
+    """How many tokens the server's greedy answer to each prompt takes, asked directly."""
+    with httpx.Client(base_url=llama, timeout=60) as client:
+        found = []
+        for prompt in prompts:
+            body = {
+                "model": MODEL,
+                "temperature": 0,
+                "max_tokens": 48,
+                "messages": _messages(prompt),
+            }
+            found.append(client.post("/chat/completions", json=body).json()["usage"]["completion_tokens"])
+    return found
+
+
+def test_quotes_fit_the_charge_when_max_tokens_fits_the_answers(
+    llama: str, tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    """max_tokens at twice each answer's length: the quote (the prompt counted by the server, the
+    answer at max_tokens) is within 1.6 x the charge on the median, and never below it."""
+    prompts = [
+        f"Name one thing about {w}."
+        for w in ("rain", "bread", "a clock", "the moon", "a cat", "tea", "snow", "a bus")
+    ]
+    lengths = _answer_lengths(llama, prompts)
+    lines = [
+        {"custom_id": f"f{i}", "model": MODEL, "temperature": 0, "max_tokens": max(1, 2 * n),
+         "messages": _messages(p)}
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]  # fmt: skip
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    out = tmp_path / "fit.parquet"
+    job = write_job(lines, "fit.jsonl")
+    args = ["run", str(job), "--provider", "openai", "--base-url", llama, "--price-file", str(prices)]
+    result = CliRunner().invoke(app, [*args, "--max-usd", "10", "--cache", "off", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(out)
+    ratios = sorted(float(q / p) for q, p in frame.select("quote_usd", "price_usd").iter_rows())
+    assert ratios[0] >= 1.0 and ratios[len(ratios) // 2] <= 1.6, ratios
+
+
+def test_a_sweep_on_the_local_model_with_a_judge_names_the_model_and_scores_every_row(
+    llama: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": f"r{i}", "topic": t}) + "\n" for i, t in enumerate(["rain", "tea", "snow"]))
+    )
+    schema = (
+        '{type = "json_schema", json_schema = {name = "grade", schema = {type = "object", '
+        'properties = {score = {type = "number", minimum = 0, maximum = 1}}, required = ["score"]}}}'
+    )
+    spec = tmp_path / "local.toml"
+    spec.write_text(
+        'dataset = "data.jsonl"\n[prompt]\nuser = "One sentence about {topic}."\n'
+        f'[matrix]\nmodel = ["{MODEL}"]\ntemperature = 0\nmax_tokens = [8, 16]\n'
+        f'[[graders]]\nkind = "judge"\nname = "judge"\nmodel = "{MODEL}"\nmax_tokens = 24\n'
+        'rubric = "Is this about {topic}? {answer} Give a score from 0 to 1."\n'
+        f"response_format = {schema}\n"
+    )
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    out = tmp_path / "out" / "local.parquet"
+    args = ["sweep", str(spec), "--provider", "openai", "--base-url", llama, "--price-file", str(prices)]
+    result = CliRunner().invoke(app, [*args, "--max-usd", "20", "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(out)
+    assert frame.height == 6 and frame["model"].unique().to_list() == [MODEL]
+    answered = frame.filter(pl.col("status") == "ok")
+    assert answered.height == 6 and answered["score_judge"].null_count() == 0, answered["judge_explanation"]
+
+
+def test_validate_takes_the_price_file_for_a_local_model(
+    tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    job = write_job(mixed_job(), "local.jsonl")
+    refused = CliRunner().invoke(app, ["validate", str(job)])
+    assert refused.exit_code == 1 and "SmolLM2" in refused.output
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    accepted = CliRunner().invoke(app, ["validate", str(job), "--price-file", str(prices)])
+    assert accepted.exit_code == 0, accepted.output

@@ -26,7 +26,7 @@ def test_a_blank_database_is_migrated_and_autogenerate_finds_no_difference(postg
     from sqlmodel import SQLModel  # noqa: PLC0415
 
     ledger = Ledger(postgres.new_database())
-    assert ledger.revision() == "0010"
+    assert ledger.revision() == "0011"
     engine = ledger.db.migration_engine()
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), SQLModel.metadata) == []

@@ -44,7 +44,7 @@ _HEAD: dict[str, Any] = {
 _TAIL: dict[str, Any] = {
     "total_tokens": pl.Int64,
     "quote_usd": MONEY,
-    "quote_kind": pl.String,  # exact (a dry run) | upper_bound (a price table's bound)
+    "quote_kind": pl.String,  # exact (a dry run) | upper_bound (a price table's) | tokenized (prompt counted)
     "price_usd": MONEY,
     "cached": pl.Boolean,  # answered from the ledger (an earlier run's answer, or an identical line's): $0
     "attempts": pl.Int64,
@@ -68,6 +68,7 @@ _READ_HEAD: dict[str, Any] = {
 _READ_TAIL: dict[str, Any] = {
     "quote_nanos": pl.Int64,
     "quote_exact": pl.Int64,  # SQLite keeps a boolean as 0 or 1
+    "quote_source": pl.String,
     "price_nanos": pl.Int64,
     "cached_from": pl.Int64,
     "attempts": pl.Int64,
@@ -105,6 +106,8 @@ def _table(raw: pl.DataFrame, provider: str, columns: dict[str, Any]) -> pl.Data
             .then(None)
             .when(pl.col("quote_exact") == 1)
             .then(pl.lit("exact"))
+            .when(pl.col("quote_source") == "tokenized")
+            .then(pl.lit("tokenized"))
             .otherwise(pl.lit("upper_bound")),
             price_usd=_usd("price_nanos"),
             cached=pl.col("cached_from").is_not_null(),

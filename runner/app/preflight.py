@@ -109,6 +109,7 @@ def _row(
         "state": ("copy" if reuse is not None else "pending") if known else "skipped",
         "quote_nanos": quote.nanos if quote is not None and known else None,
         "quote_exact": bool(quote.exact) if quote is not None and known else False,
+        "quote_source": quote.source if quote is not None and known else None,
         "reserved_nanos": 0,
         "attempts": 0,
         "error_type": None if known else "no_quote",

@@ -37,6 +37,7 @@ class ModelQuote:
     nanos: int = 0
     exact: bool = True
     unknown: int = 0
+    tokenized: int = 0  # requests whose prompt the server counted (the answer still bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,7 @@ class Estimate:
         assert quote.nanos is not None
         entry.nanos += quote.nanos
         entry.exact = entry.exact and quote.exact
+        entry.tokenized += quote.source == "tokenized"
 
 
 class Answers:

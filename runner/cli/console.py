@@ -179,6 +179,14 @@ def estimate_table(estimate: Estimate, remaining: int | None) -> Table:
         table.add_column(column, justify="left" if column in ("model", "kind") else "right", no_wrap=True)
     for model, q in sorted(estimate.per_model.items()):
         kind = "exact" if q.exact else "upper bound"
+        if q.tokenized:  # the prompt counted by the server's own tokenizer, the answer at its bound
+            kind += (
+                " (prompt counted by the server"
+                + ("" if q.tokenized == q.requests else f" for {q.tokenized}")
+                + ")"
+            )
+        elif not q.exact:
+            kind += " (prompt by its bytes)"
         quoted = format_usd(q.nanos, places=6)
         if q.unknown:  # an unknown price is never shown as $0: what is known, and how much is not
             kind = f"unknown for {q.unknown}" + ("" if q.unknown == q.requests else f", {kind} for the rest")

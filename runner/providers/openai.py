@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from runner.core import catalog
+from runner.core import catalog, schema
 from runner.core.catalog import ModelInfo
 from runner.core.config import ProviderSettings, RetryPolicy, Timeouts
 from runner.core.errors import ConfigError
 from runner.core.models import ChatRequest, Outcome, Quote, Usage
-from runner.providers import http
+from runner.providers import http, tokenize
 from runner.providers.base import (
     HttpProvider,
     http_url,
@@ -40,6 +40,7 @@ class OpenAIProvider(HttpProvider):
         prices: dict[str, ModelInfo] | None = None,
         max_connections: int = 256,
         timeouts: Timeouts = Timeouts(),
+        count_prompts: bool = True,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         secret = http.Secret(api_key)
@@ -48,10 +49,33 @@ class OpenAIProvider(HttpProvider):
         )
         super().__init__(endpoint, secret)
         self.prices = prices if prices is not None else catalog.MODELS
+        # the server's own count of a prompt, where it offers one (llama.cpp, vLLM, LiteLLM)
+        root = http.Endpoint(
+            tokenize.root_url(base_url),
+            headers=headers,
+            max_connections=max_connections,
+            timeouts=timeouts,
+            secret=secret,
+        )
+        self.counter: tokenize.PromptCounter | None = tokenize.PromptCounter(root) if count_prompts else None
         self.batches = BatchClient(endpoint, secret, self.prices, RetryPolicy())
 
     async def quote(self, request: ChatRequest) -> Quote:
-        return table_quote(request.body, self.prices.get(request.model))
+        """The price table's bound, its prompt counted by the server where it can count one
+        (`tokenized`: exact prompt tokens; the answer still bounded by max_tokens × choices)."""
+        info = self.prices.get(request.model)
+        if self.counter is None or info is None or info.input_price is None or info.output_price is None:
+            return table_quote(request.body, info)
+        prompt = await self.counter.count(request.body)
+        if prompt is None:
+            return table_quote(request.body, info)
+        amount = prompt * info.input_price + schema.output_token_bound(request.body, info) * info.output_price
+        return Quote(amount=amount, exact=False, source="tokenized")
+
+    async def aclose(self) -> None:
+        if self.counter is not None:
+            await self.counter.aclose()
+        await super().aclose()
 
     def price(self, model: str, usage: Usage) -> Any:
         return usage_price(usage, self.prices.get(model))
