@@ -3,18 +3,21 @@ prices, a quote no charge can exceed, and what happens when a price file is wron
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from runner.app.export import export_parquet
 from runner.app.run import run_job
 from runner.cli.main import app
 from runner.core import catalog, schema
@@ -161,7 +164,10 @@ async def test_charges_above_their_quotes_count_and_the_run_stops_before_the_lim
     finally:
         await provider.aclose()
     assert result.state == "stopped"
-    assert result.reason is not None and "charged above their quotes" in result.reason
+    assert (
+        result.reason is not None
+        and "5 request(s) of the run were charged above their holds" in result.reason
+    )
     assert any("above its hold" in n for n in notices)
     view = ledger.budget_by_id(ledger.run(result.run_id).budget_id)
     assert result.states["ok"] == 5  # $0.10 each: the sixth reservation no longer fits
@@ -232,3 +238,55 @@ def test_batch_prices_are_given_or_a_discount_and_checked(tmp_path: Path) -> Non
         path.write_text(f"[m]\ninput = 1.0\noutput = 3.0\n{bad}\n")
         with pytest.raises(ConfigError, match=message):
             load_prices(path)
+
+
+async def test_a_server_past_max_tokens_overruns_by_the_requests_in_flight_at_most_and_is_counted_exactly(
+    serve_app: Serve, write_job: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A server that reports 10 x max_tokens (a mock proxy does): each charge above its hold counts
+    against the budget before the next reservation, so the overrun is bounded by the requests in
+    flight, and the reason counts the over-charged requests as the Parquet has them."""
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        await asyncio.sleep(0.02)
+        usage = {"prompt_tokens": 10, "completion_tokens": 10 * body["max_tokens"], "total_tokens": 0}
+        message = {"role": "assistant", "content": "ok"}
+        choice = {"index": 0, "message": message, "finish_reason": "length"}
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [choice],
+                "usage": usage,
+            }
+        )
+
+    server = web.Application()
+    server.router.add_post("/v1/chat/completions", completions)
+    per_token = Decimal("0.000001")
+    prices = {"m": catalog.ModelInfo("m", 1000, False, False, per_token, per_token)}
+    provider = OpenAIProvider(base_url=await serve_app(server) + "/v1", prices=prices)
+    line = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}
+    job = write_job([{**line, "custom_id": f"r{i}"} for i in range(200)])
+    ledger = Ledger()
+    concurrency = 8
+    try:
+        result = await run_job(
+            RunConfig(job=job, max_usd=Decimal("0.01"), concurrency=concurrency, partial=True, cache="off"),
+            conn=Connection(provider, "openai:test"),
+            ledger=ledger,
+            models=prices,
+        )
+    finally:
+        await provider.aclose()
+    out = tmp_path / "over.parquet"
+    export_parquet(ledger, result.run_id, out)
+    frame = pl.read_parquet(out)
+    over = frame.filter(pl.col("price_usd") > pl.col("quote_usd")).height
+    assert result.state == "stopped" and over > 0
+    assert f"({over} request(s) of the run were charged above their holds" in (result.reason or "")
+    view = ledger.budget_by_id(ledger.run(result.run_id).budget_id)
+    excess = 10 * 100 * int(per_token * 10**9)  # the most one request is charged beyond its hold
+    assert view.spent_nanos - view.limit_nanos <= concurrency * excess

@@ -135,6 +135,14 @@ async def _ended(
             f"{left} request(s) of the run have no line in {job} any more; restore those lines, "
             "or start a fresh run with --new"
         )
+    over = await anyio.to_thread.run_sync(ledger.over_hold, run_id)
+    if over and reason is not None and reason.startswith("budget reached"):  # counted now, all settled
+        reason += (
+            f" ({over} request(s) of the run were charged above their holds: the server reported more "
+            "tokens than they allowed, or the price file's prices or allowances are too low; the excess "
+            "counted against the budget before the next reservation, so only requests already in flight "
+            "could add to it)"
+        )
     damage = await anyio.to_thread.run_sync(ledger.damage)  # SQLite's quick check of the file
     if damage is not None:
         state, reason = (

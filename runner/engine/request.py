@@ -61,12 +61,9 @@ class Requests(EngineState):
             if granted is None:
                 return None
             if not granted:
+                # the requests charged above their holds are counted when the run ends (app.run._ended):
+                # those still in flight may add to them
                 reason = "budget reached: the next reservation did not fit"
-                if self.over_quote:
-                    reason += (
-                        f" ({self.over_quote} request(s) were charged above their quotes: the price "
-                        "file's prices or template allowances are too low)"
-                    )
                 self.stop("stopped", reason)
                 return None
             self.counts[0] += 1

@@ -128,6 +128,12 @@ class RunOps(LedgerBase):
         )
         return {row[1]: RequestRow(*row) for row in self._select_in(sql, custom_ids, run_id)}
 
+    def over_hold(self, run_id: str) -> int:
+        """The run's requests charged above what they held (their quote)."""
+        sql = "SELECT count(*) FROM requests WHERE run_id = ? AND state = 'ok' AND price_nanos > quote_nanos"
+        with self.db.reading() as c:
+            return int(c.execute(sql, (run_id,)).fetchone()[0])
+
     def pending_quote_nanos(self, run_id: str) -> int:
         query = "SELECT coalesce(sum(quote_nanos), 0) FROM requests WHERE run_id = ? AND state = 'pending'"
         with self.db.reading() as c:
