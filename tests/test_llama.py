@@ -269,3 +269,47 @@ def test_validate_takes_the_price_file_for_a_local_model(
     prices.write_text(PRICES)
     accepted = CliRunner().invoke(app, ["validate", str(job), "--price-file", str(prices)])
     assert accepted.exit_code == 0, accepted.output
+
+
+def test_after_one_run_the_next_job_of_its_shape_is_expected_within_a_quarter(
+    llama: str, tmp_path: Path, write_job: Callable[..., Path]
+) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text(PRICES)
+    things = [
+        "rain",
+        "bread",
+        "a clock",
+        "the moon",
+        "a cat",
+        "tea",
+        "snow",
+        "a bus",
+        "a tree",
+        "salt",
+        "a bell",
+        "ink",
+    ]
+
+    def job(name: str, words: list[str]) -> Path:
+        lines = [
+            {"custom_id": f"{name}{i}", "model": MODEL, "temperature": 0, "max_tokens": 40,
+             "messages": _messages(f"What is {w} for?")}
+            for i, w in enumerate(words)
+        ]  # fmt: skip
+        return write_job(lines, f"{name}.jsonl")
+
+    base = ["--provider", "openai", "--base-url", llama, "--price-file", str(prices)]
+    first, second = job("x", things[:6]), job("y", things[6:])
+    ran = CliRunner().invoke(
+        app, ["run", str(first), *base, "--max-usd", "10", "-o", str(tmp_path / "x.parquet")]
+    )
+    assert ran.exit_code == 0, ran.output
+    shown = CliRunner().invoke(app, ["estimate", str(second), *base, "--json"])
+    assert shown.exit_code == 0, shown.output
+    expected = Decimal(json.loads(shown.stdout)["expected_usd"])
+    out = tmp_path / "y.parquet"
+    ran = CliRunner().invoke(app, ["run", str(second), *base, "--max-usd", "10", "-o", str(out)])
+    assert ran.exit_code == 0, ran.output
+    cost = Decimal(pl.read_parquet(out)["price_usd"].sum())
+    assert abs(expected - cost) <= cost / 4, (expected, cost)

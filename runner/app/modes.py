@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from runner.core.catalog import ModelInfo
 from runner.core.config import RunConfig
 from runner.core.errors import ConfigError, printable
 from runner.core.jobs import JobSummary
@@ -64,3 +65,11 @@ def quoting(conn: Connection, mode: str) -> Connection:
     if mode != "batch" or conn.batches is None:
         return conn
     return dataclasses.replace(conn, provider=BatchQuoted(conn.provider, conn.batches))
+
+
+def quoted_prices(conn: Connection, table: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
+    """The prices the connection's quotes are made at: the batch prices for a batch run's."""
+    if not isinstance(conn.provider, BatchQuoted):
+        return table
+    found = {slug: info.at_batch_prices() for slug, info in table.items()}
+    return {slug: info for slug, info in found.items() if info is not None}

@@ -15,7 +15,10 @@ from typing import Any
 
 import anyio
 
+from runner.app.expect import Expectation
+from runner.app.modes import quoted_prices
 from runner.app.quote import QUOTE_MAX_AGE, Estimate, Quoting, Reuse, quote_requests
+from runner.core import catalog, schema
 from runner.core.catalog import ModelInfo
 from runner.core.config import MAX_LINE_BYTES, RunConfig
 from runner.core.errors import (
@@ -93,11 +96,16 @@ def _check_unique(job: Path, run_id: str, requests: list[ChatRequest]) -> None:
 
 
 def _row(
-    run_id: str, request: ChatRequest, quote: Quote | None, reuse: Reuse | None = None
+    run_id: str,
+    request: ChatRequest,
+    quote: Quote | None,
+    reuse: Reuse | None = None,
+    info: ModelInfo | None = None,
 ) -> dict[str, Any]:
     """A request's row; a request with no known price is skipped (it cannot be reserved); one
     answered from the ledger is a copy (of `reuse.source`, or of the identical line before it)."""
     known = quote is not None and quote.nanos is not None
+    output_bound = schema.output_token_bound(request.body, info) if info is not None else None
     return {
         "run_id": run_id,
         "custom_id": request.custom_id,
@@ -110,6 +118,7 @@ def _row(
         "quote_nanos": quote.nanos if quote is not None and known else None,
         "quote_exact": bool(quote.exact) if quote is not None and known else False,
         "quote_source": quote.source if quote is not None and known else None,
+        "output_bound": output_bound,
         "reserved_nanos": 0,
         "attempts": 0,
         "error_type": None if known else "no_quote",
@@ -207,21 +216,20 @@ async def prepare(
                 on_event(Notice(f"{what} run {existing} of {config.job} (--new starts a fresh run)"))
             preparing = run_id if not existing else None
             estimate = await _quote(config, conn, ledger, preparing, checked, on_event, limits)
-            if existing:
-                if joined.alone and (config.retry_possibly_billed or config.retry_failed):
-                    await recover(
-                        ledger, existing, config.retry_possibly_billed, retry_failed=config.retry_failed
-                    )
-                needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
-            else:
-                needed = estimate.total_nanos
+            if existing and joined.alone and (config.retry_possibly_billed or config.retry_failed):
+                await recover(
+                    ledger, existing, config.retry_possibly_billed, retry_failed=config.retry_failed
+                )
+            needed = await _needed(ledger, existing, estimate, config.admit)
             view = await anyio.to_thread.run_sync(ledger.budget_by_id, budget_id)
         if claim.lost:
             raise claim.busy()
         if not existing and estimate.unquoted_count and not config.partial:
             raise _unpriced(estimate, checked.summary.requests)
         if not config.partial:
-            await _check_fits(ledger, needed, view)
+            await _check_fits(
+                ledger, needed, view, "expected cost" if config.admit == "expected" else "quoted total"
+            )
     except BaseException as exc:
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await anyio.to_thread.run_sync(ledger.leave_run, run_id, owner, (0, 0, 0))
@@ -235,7 +243,18 @@ async def prepare(
     return plan, estimate
 
 
-async def _check_fits(ledger: Ledger, needed: int, view: BudgetView) -> None:
+async def _needed(ledger: Ledger, existing: str | None, estimate: Estimate, admit: str) -> int:
+    """What must fit the budget to start: the quoted total (`--admit bound`), or the expected cost;
+    for a run that exists, what its pending requests hold (or are expected to cost)."""
+    if not existing:
+        return estimate.expected_nanos if admit == "expected" else estimate.total_nanos
+    needed = await anyio.to_thread.run_sync(ledger.pending_quote_nanos, existing)
+    if admit == "expected" and estimate.total_nanos:  # the pending part of the expected cost
+        needed = needed * estimate.expected_nanos // estimate.total_nanos
+    return needed
+
+
+async def _check_fits(ledger: Ledger, needed: int, view: BudgetView, what: str = "quoted total") -> None:
     """BudgetExceeded, saying what to do, when `needed` does not fit the budget's remaining money."""
     fit, shortfall = fits_nanos(needed, view.remaining_nanos)
     if fit:
@@ -247,7 +266,7 @@ async def _check_fits(ledger: Ledger, needed: int, view: BudgetView) -> None:
         else f"raise it (`runner budget raise {view.name} --by {shortfall}`)"
     )
     msg = (
-        f"the quoted total {format_usd(needed)} does not fit budget '{view.name}' "
+        f"the {what} {format_usd(needed)} does not fit budget '{view.name}' "
         f"({format_usd(view.remaining_nanos)} remaining): short by {format_usd(shortfall)}; "
         f"{more}, or run what fits with --partial"
     )
@@ -367,11 +386,17 @@ async def _quote(
     async def add_rows(chunk: list[ChatRequest], quotes: list[Quote], reuse: list[Reuse | None]) -> None:
         nonlocal total
         assert preparing is not None
-        rows = [_row(preparing, r, q, u) for r, q, u in zip(chunk, quotes, reuse, strict=True)]
+        rows = [
+            _row(preparing, r, q, u, table.get(r.model)) for r, q, u in zip(chunk, quotes, reuse, strict=True)
+        ]
         await anyio.to_thread.run_sync(ledger.add_requests, rows)
         total += len(chunk)
 
     summary = checked.summary
+    table = checked.models if checked.models is not None else catalog.MODELS
+    expect = await anyio.to_thread.run_sync(
+        Expectation.load, ledger, conn.scope, quoted_prices(conn, table), list(summary.per_model)
+    )
     on_event(Phase("quoting", summary.requests))
     # Rows are made only from the file as it was validated: this read's digest is compared with
     # validation's before anything is sent (when validation took none, each line is checked again);
@@ -389,7 +414,7 @@ async def _quote(
         ledger,
         limits=limits,
         # a run that exists holds the quotes its rows were made with; its kept quotes are only shown
-        quoting=Quoting(config.cache, QUOTE_MAX_AGE if preparing else None, config.policy),
+        quoting=Quoting(config.cache, QUOTE_MAX_AGE if preparing else None, config.policy, expect),
         on_event=on_event,
         on_chunk=add_rows if preparing else None,
     )

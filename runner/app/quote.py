@@ -12,6 +12,7 @@ from itertools import islice
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from runner.app.expect import Expectation
 from runner.core.config import CACHE_MODES, RetryPolicy
 from runner.core.errors import ConfigError, ProviderError, RetryableError, RunFatalError
 from runner.core.events import Listener, Quoted, Retrying, ignore
@@ -38,6 +39,7 @@ class ModelQuote:
     exact: bool = True
     unknown: int = 0
     tokenized: int = 0  # requests whose prompt the server counted (the answer still bounded)
+    expected_nanos: int = 0  # what they are expected to cost (runner.app.expect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class Estimate:
     quote_calls: int = 0
     reused: int = 0  # requests answered from the ledger (an earlier run, or an identical line)
     saved_nanos: int = 0  # what they cost (or were quoted) when first asked
+    expect: Expectation | None = None  # how the expected cost is worked out (None: not asked for)
 
     @property
     def total_nanos(self) -> int:
@@ -70,6 +73,10 @@ class Estimate:
     @property
     def exact(self) -> bool:
         return all(m.exact for m in self.per_model.values())
+
+    @property
+    def expected_nanos(self) -> int:
+        return sum(m.expected_nanos for m in self.per_model.values())
 
     def add(self, request: ChatRequest, quote: Quote, reuse: Reuse | None = None) -> None:
         if reuse is not None:
@@ -88,6 +95,7 @@ class Estimate:
         entry.nanos += quote.nanos
         entry.exact = entry.exact and quote.exact
         entry.tokenized += quote.source == "tokenized"
+        entry.expected_nanos += quote.nanos if self.expect is None else self.expect.expected(request, quote)
 
 
 class Answers:
@@ -190,6 +198,7 @@ class Quoting:
     cache: str = "off"
     quote_max_age: timedelta | None = QUOTE_MAX_AGE
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    expect: Expectation | None = None  # the expected cost beside the bound
 
 
 async def quote_requests(
@@ -217,7 +226,7 @@ async def quote_requests(
             msg = f"--concurrency must be 1 or more (got {limits})"
             raise ConfigError(msg)
         limits = Limits(limits)
-    estimate = Estimate()
+    estimate = Estimate(expect=quoting.expect)
     reader = _Reader(conn, ledger, quoting)
     asker = _Asker(conn.provider, limits, quoting.policy, on_event, estimate)
     ahead = max(2, -(-2 * limits.window.maximum // BATCH))  # chunks under way: twice the concurrency

@@ -175,7 +175,7 @@ def budget_table(views: list[BudgetView], title: str) -> Table:
 
 def estimate_table(estimate: Estimate, remaining: int | None) -> Table:
     table = Table(title="quote", title_justify="left")
-    for column in ("model", "requests", "quoted", "kind"):
+    for column in ("model", "requests", "quoted", "expected", "kind"):
         table.add_column(column, justify="left" if column in ("model", "kind") else "right", no_wrap=True)
     for model, q in sorted(estimate.per_model.items()):
         kind = "exact" if q.exact else "upper bound"
@@ -191,19 +191,27 @@ def estimate_table(estimate: Estimate, remaining: int | None) -> Table:
         if q.unknown:  # an unknown price is never shown as $0: what is known, and how much is not
             kind = f"unknown for {q.unknown}" + ("" if q.unknown == q.requests else f", {kind} for the rest")
             quoted = "unknown" if q.unknown == q.requests else f"{quoted} + unknown"
-        table.add_row(printable(model), f"{q.requests:,}", quoted, kind)
+        expected = format_usd(q.expected_nanos, places=6) if q.unknown < q.requests else "unknown"
+        table.add_row(printable(model), f"{q.requests:,}", quoted, expected, kind)
     total = format_usd(estimate.total_nanos, places=6)
     table.add_row(
         "[b]total[/b]",
         "",
         f"[b]{total + ' + unknown' if estimate.unquoted_count else total}[/b]",
+        f"[b]{format_usd(estimate.expected_nanos, places=6)}[/b]",
         "exact" if estimate.exact else "upper bound",
     )
     if estimate.reused:  # answered from the ledger: not sent, not held
         saved = format_usd(estimate.saved_nanos, places=6)
-        table.add_row("from the cache", f"{estimate.reused:,}", f"{saved} saved", "not sent")
+        table.add_row("from the cache", f"{estimate.reused:,}", f"{saved} saved", "", "not sent")
     if remaining is not None:
-        table.add_row("budget remaining", "", format_usd(remaining, places=6), "")
+        table.add_row("budget remaining", "", format_usd(remaining, places=6), "", "")
+    guessed = estimate.expect.guessed(estimate.per_model) if estimate.expect is not None else []
+    if guessed:  # said, not hidden: no answer of these models in the ledger yet
+        shown = ", ".join(printable(m) for m in guessed[:3]) + (" ..." if len(guessed) > 3 else "")
+        table.caption = (
+            f"expected: answers at half their bound for {shown} (no earlier answer in this ledger)"
+        )
     return table
 
 

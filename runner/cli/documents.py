@@ -150,6 +150,8 @@ def workers_table(crew: list[WorkerView]) -> Table:
 def estimate_json(estimate: Estimate, remaining: int | None) -> dict[str, Any]:
     return {
         "total_usd": usd(estimate.total_nanos),
+        "expected_usd": usd(estimate.expected_nanos),
+        "expected_default": estimate.expect.guessed(estimate.per_model) if estimate.expect else [],
         "exact": estimate.exact,
         "unquoted": estimate.unquoted_count,
         "quote_calls": estimate.quote_calls,
@@ -159,6 +161,8 @@ def estimate_json(estimate: Estimate, remaining: int | None) -> dict[str, Any]:
             model: {
                 "requests": q.requests,
                 "quoted_usd": usd(q.nanos),
+                "expected_usd": usd(q.expected_nanos),
+                "tokenized": q.tokenized,
                 "exact": q.exact,
                 "unquoted": q.unknown,
             }

@@ -15,8 +15,9 @@ import typer
 
 from runner.app import stats
 from runner.app.compare import Comparison, cell_report, compare
+from runner.app.expect import Expectation
 from runner.app.export import export_parquet
-from runner.app.modes import choose_mode, quoting
+from runner.app.modes import choose_mode, quoted_prices, quoting
 from runner.app.planning import PowerPlan, earlier_spread, plan_power, rows_for
 from runner.app.quote import Estimate, Quoting, fits, quote_requests
 from runner.app.run import RunResult, run_job
@@ -130,13 +131,17 @@ def estimate(
             mode, why = choose_mode(config, conn, summary, None)  # --mode batch: at batch prices
             if why:
                 err.print(why, markup=False, highlight=False)
+            quoted = quoting(conn, mode)
+            expect = Expectation.load(
+                ledger, conn.scope, quoted_prices(quoted, models), list(summary.per_model)
+            )
             with Progress("quoting", summary.requests) as progress:
                 return await quote_requests(
                     iter_requests(job, models, max_line=config.max_line_bytes),
-                    quoting(conn, mode),
+                    quoted,
                     ledger,
                     limits=config.concurrency,
-                    quoting=Quoting(config.cache, policy=config.policy),
+                    quoting=Quoting(config.cache, policy=config.policy, expect=expect),
                     on_event=progress,
                 )
 

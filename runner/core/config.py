@@ -306,6 +306,15 @@ class RunConfig:
     output: Path | None = flag(
         "--output", "-o", help="Parquet path.", commands=_RUNNERS, cli_type=Path | None, default=None
     )
+    admit: str = flag(
+        "--admit",
+        help="bound: start when every request's bound fits the budget; expected: when the expected cost "
+        "fits (each request still held at its bound, so the run stops cleanly, resumable, if the money "
+        "runs out).",
+        commands=_RUNNERS,
+        cli_type=str,
+        default="bound",
+    )
     mode: str | None = flag(  # None: a run that exists keeps its own, a new one is sync
         "--mode",
         help="sync: calls; batch: the provider's Batch API at its batch prices; auto: batch when the "
@@ -349,6 +358,9 @@ class RunConfig:
                 raise ConfigError(msg)
         if self.max_usd_per_hour is not None and not self.max_usd_per_hour > 0:
             msg = f"--max-usd-per-hour must be above 0 (got {self.max_usd_per_hour})"
+            raise ConfigError(msg)
+        if self.admit not in ("bound", "expected"):
+            msg = f"--admit must be bound or expected (got '{self.admit}')"
             raise ConfigError(msg)
         if self.mode is not None and self.mode not in MODES:
             msg = f"--mode must be one of {', '.join(MODES)} (got '{self.mode}')"

@@ -92,3 +92,15 @@ class AnswerOps(LedgerBase):
                 " at = excluded.at",
                 [(r["key"], r["amount_nanos"], r["exact"], r["source"], r["reason"], tx.now) for r in rows],
             )
+
+    def completion_shares(self, scope: str) -> dict[str, float]:
+        """Per model, the mean share of its answers' bound (completion tokens ÷ the most they could
+        have been) in this ledger's answers bought on this provider endpoint."""
+        sql = (
+            "SELECT r.model, avg(CAST(r.completion_tokens AS REAL) / r.output_bound) FROM requests r"
+            " JOIN runs ON runs.id = r.run_id WHERE runs.provider = ? AND r.state = 'ok'"
+            " AND r.output_bound > 0 AND r.completion_tokens IS NOT NULL AND r.cached_from IS NULL"
+            " GROUP BY r.model"
+        )
+        with self.db.reading() as c:
+            return {str(m): min(1.0, float(v)) for m, v in c.execute(sql, (scope,)) if v is not None}

@@ -77,6 +77,7 @@ class Request(SQLModel, table=True):
     quote_nanos: int | None = nanos(None, nullable=True)
     quote_exact: bool = False
     quote_source: str | None = None  # dry_run | price_table | tokenized (the prompt counted by the server)
+    output_bound: int | None = None  # the most tokens the answer may have (max_tokens x choices)
     reserved_nanos: int = nanos()  # the current attempt's hold (a possibly billed one's, once marked)
     # earlier attempts' holds kept as possibly billed when the request was sent again
     possibly_billed_nanos: int = Field(
