@@ -60,6 +60,8 @@ def test_the_readme_example_estimates_runs_and_writes_40_graded_rows(
     assert all(c["requests"] == 10 and c["fits"] for c in matrix["cells"])
     assert calls(sim) == 0  # priced from dry runs, nothing sent
     quoted = Decimal(matrix["quoted_usd"])
+    assert 0 < Decimal(matrix["expected_usd"]) <= quoted  # the expected cost beside the bound
+    assert all(Decimal(c["expected_usd"]) <= Decimal(c["quoted_usd"]) for c in matrix["cells"])
 
     done = sweep(sim, EXAMPLE, tmp_path, "--max-usd", "0.10", "--html", str(tmp_path / "r.html"))
     assert done.exit_code == 0, done.output

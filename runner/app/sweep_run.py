@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import polars as pl
 
+from runner.app.expect import Expectation
 from runner.app.preflight import budget_for
 from runner.app.quote import Quoting, Reuse, quote_requests
 from runner.app.report import run_frame
@@ -43,6 +44,7 @@ class CellQuote:
     cached: int = 0
     unknown: int = 0  # requests no price could be quoted for (never shown as $0)
     judge_nanos: int = 0
+    expected_nanos: int = 0  # what its requests are expected to cost (runner.app.expect)
 
 
 @dataclass
@@ -58,6 +60,10 @@ class SweepPlan:
     @property
     def nanos(self) -> int:
         return sum(c.nanos for c in self.cells.values())
+
+    @property
+    def expected_nanos(self) -> int:
+        return sum(c.expected_nanos for c in self.cells.values())
 
     @property
     def judge_nanos(self) -> int:
@@ -97,6 +103,8 @@ async def plan_sweep(
     cells = {cell_key(c): CellQuote(cell_key(c), c) for c in expansion.cells}
     plan = SweepPlan(spec, expansion, cells, len(expansion.rows))
     judged: list[ChatRequest] = []
+    models = list(spec.matrix["model"])
+    expect = await anyio.to_thread.run_sync(Expectation.load, ledger, conn.scope, spec.models, models)
 
     async def collect(requests: list[ChatRequest], quotes: list[Quote], reuse: list[Reuse | None]) -> None:
         for request, quote, used in zip(requests, quotes, reuse, strict=True):
@@ -104,6 +112,8 @@ async def plan_sweep(
             cell = cells[where["cell"]]
             cell.requests += 1
             nanos = 0 if used is not None else (quote.nanos or 0)
+            if nanos:
+                cell.expected_nanos += expect.expected(request, quote)
             cell.cached += used is not None
             cell.unknown += used is None and quote.nanos is None
             cell.nanos += nanos

@@ -20,7 +20,7 @@ def _money(nanos: int) -> str:
     return format_usd(nanos, places=6)
 
 
-MATRIX_COLUMNS = ["cell", "requests", "cached", "quoted", "judges", "per-cell budget"]
+MATRIX_COLUMNS = ["cell", "requests", "cached", "quoted", "expected", "judges", "per-cell budget"]
 
 
 def matrix_rows(plan: SweepPlan, remaining_nanos: int | None) -> list[list[str]]:
@@ -31,10 +31,13 @@ def matrix_rows(plan: SweepPlan, remaining_nanos: int | None) -> list[list[str]]
         verdict = "–" if limit is None else ("fits" if cell.nanos <= to_nanos(limit) else "over")
         counts = [f"{cell.requests:,}", f"{cell.cached:,}"]
         quoted = _money(cell.nanos) + (f" + unknown for {cell.unknown}" if cell.unknown else "")
-        rows.append([printable(cell.key), *counts, quoted, _money(cell.judge_nanos), verdict])
-    rows.append(["total", "", "", _money(plan.nanos), _money(plan.judge_nanos), ""])
+        expected = _money(cell.expected_nanos)
+        rows.append([printable(cell.key), *counts, quoted, expected, _money(cell.judge_nanos), verdict])
+    rows.append(
+        ["total", "", "", _money(plan.nanos), _money(plan.expected_nanos), _money(plan.judge_nanos), ""]
+    )
     if remaining_nanos is not None:
-        rows.append(["budget remaining", "", "", _money(remaining_nanos), "", ""])
+        rows.append(["budget remaining", "", "", _money(remaining_nanos), "", "", ""])
     return rows
 
 
@@ -51,6 +54,7 @@ def matrix_json(plan: SweepPlan, remaining_nanos: int | None) -> dict[str, Any]:
                 "requests": c.requests,
                 "cached": c.cached,
                 "quoted_usd": f"{from_nanos(c.nanos):f}",
+                "expected_usd": f"{from_nanos(c.expected_nanos):f}",
                 "unquoted": c.unknown,
                 "judges_usd": f"{from_nanos(c.judge_nanos):f}",
                 "fits": None if limit is None else c.nanos <= to_nanos(limit),
@@ -58,6 +62,7 @@ def matrix_json(plan: SweepPlan, remaining_nanos: int | None) -> dict[str, Any]:
             for c in plan.cells.values()
         ],
         "quoted_usd": f"{from_nanos(plan.nanos):f}",
+        "expected_usd": f"{from_nanos(plan.expected_nanos):f}",
         "judges_usd": f"{from_nanos(plan.judge_nanos):f}",
         "budget_remaining_usd": None if remaining_nanos is None else f"{from_nanos(remaining_nanos):f}",
     }
