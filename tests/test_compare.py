@@ -254,3 +254,14 @@ def test_a_spec_baseline_compares_every_cell_with_it(tmp_path: Path) -> None:
     assert len(comparisons) == 3 * 2 and all(c["b"] == base for c in comparisons)
     bad = _sweep(tmp_path, "--estimate", "--baseline", "model=nope")
     assert bad.exit_code == 2 and "--baseline: 'model=nope' is not a cell of the matrix" in bad.output
+
+
+def test_fit_with_detect_runs_just_the_rows_needed(tmp_path: Path) -> None:
+    _spec(tmp_path, rows=40)
+    needed = stats.rows_needed(0.3, stats.DEFAULT_SD)
+    assert needed < 40
+    done = _sweep(tmp_path, "--max-usd", "1", "--fit", "--detect", "0.3")
+    assert done.exit_code == 0, done.output
+    assert f"--fit --detect: the first {needed} of 40 dataset rows" in done.output
+    frame = pl.read_parquet(tmp_path / "out" / "sweep.parquet")
+    assert frame["row_id"].n_unique() == needed and frame.height == needed * 4 * 3
