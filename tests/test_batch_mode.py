@@ -314,6 +314,10 @@ def test_the_offline_demo_runs_in_batch_mode(write_job: Any, tmp_path: Path) -> 
     run_id = frame["run_id"][0]
     status = cli.invoke(app, ["status", run_id])
     assert status.exit_code == 0 and status.output.count("completed") >= 3
+    page = tmp_path / "report.html"
+    shown = cli.invoke(app, ["report", run_id, "--html", str(page)])
+    assert shown.exit_code == 0, shown.output
+    assert "batch: 25 answers" in page.read_text() and "saved against call prices" in page.read_text()
 
 
 @pytest.mark.anyio

@@ -35,8 +35,9 @@ svg text { font: 11px system-ui, sans-serif; fill: #3b4252; }
 """
 
 
-def render(run: RunView, df: pl.DataFrame) -> str:
-    """The page for one run: `run` as Ledger.run gives it, `df` as report.run_frame gives it."""
+def render(run: RunView, df: pl.DataFrame, modes: list[tuple[str, int, int, int]] | None = None) -> str:
+    """The page for one run: `run` as Ledger.run gives it, `df` as report.run_frame gives it, `modes`
+    as Ledger.by_mode gives them (a batch run's answers by how they were bought)."""
     models = per_model(df)
     errors = top_errors(df, limit=10)
     states = run.states
@@ -48,6 +49,11 @@ def render(run: RunView, df: pl.DataFrame) -> str:
         ("not sent", f"{sum(v for k, v in states.items() if k in ('pending', 'skipped')):,}"),
         ("charged", format_usd(run.spent_nanos, places=6)),
     ]
+    if any(mode == "batch" for mode, *_ in modes or []):  # how the answers were bought, and the saving
+        for mode, answers, charged, as_calls in modes or []:
+            cards.append((f"{mode}: {answers:,} answers", format_usd(charged, places=6)))
+            if mode == "batch":
+                cards.append(("saved against call prices", format_usd(as_calls - charged, places=6)))
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
         f"<title>runner report {escape(run.id)}</title><style>{STYLE}</style></head><body>",

@@ -249,7 +249,7 @@ def report(
     if html is not None:
         try:
             html.parent.mkdir(parents=True, exist_ok=True)
-            page = html_report.render(run, run_frame(ledger, run.id, REPORT_NEEDS))
+            page = html_report.render(run, run_frame(ledger, run.id, REPORT_NEEDS), ledger.by_mode(run.id))
             if swept and cells is not None:  # a sweep's run: the cells' comparison
                 spec = swept[0]
                 columns, rows = sweep_view.report_columns(spec), sweep_view.report_rows(cells, spec)
