@@ -157,6 +157,10 @@ class Comparison:
         points, low, high = self.difference * 100, self.low * 100, self.high * 100
         ratio = _ratio(self.cost_ratio, True)
         significant = self.p_holm is not None and self.p_holm < 1 - stats.CONFIDENCE
+        if self.low == self.high == self.difference == 0:  # every shared row scored alike
+            return (
+                f"{self.a} vs {self.b}: the same score on each of the {self.rows} rows ({self.grader}){ratio}"
+            )
         if not significant:
             half = (high - low) / 2
             return (
