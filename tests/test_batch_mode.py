@@ -350,4 +350,7 @@ def test_estimate_in_batch_mode_quotes_at_batch_prices(write_job: Any) -> None:
     shown = cli.invoke(app, ["estimate", str(job), "--provider", "simulator", "--mode", "batch", "--json"])
     assert shown.exit_code == 0, shown.output
     total = sum(to_nanos(_batch_quote(line), round_up=True) for line in lines(12))
-    assert Decimal(json.loads(shown.stdout)["total_usd"]) == Decimal(total) / 10**9
+    document = json.loads(shown.stdout)
+    assert Decimal(document["total_usd"]) == Decimal(total) / 10**9
+    # the expected cost splits the batch quote at the batch prices: below the bound
+    assert 0 < Decimal(document["expected_usd"]) < Decimal(document["total_usd"])

@@ -69,7 +69,8 @@ def quoting(conn: Connection, mode: str) -> Connection:
 
 def quoted_prices(conn: Connection, table: dict[str, ModelInfo]) -> dict[str, ModelInfo]:
     """The prices the connection's quotes are made at: the batch prices for a batch run's."""
-    if not isinstance(conn.provider, BatchQuoted):
+    if not isinstance(conn.provider, BatchQuoted) or conn.batches is None:
         return table
-    found = {slug: info.at_batch_prices() for slug, info in table.items()}
+    client = conn.batches  # its batch prices (the simulator's, or the price file's)
+    found = {slug: client.batch_info(slug) for slug in {*table, *client.prices}}
     return {slug: info for slug, info in found.items() if info is not None}

@@ -16,6 +16,7 @@ import anyio
 import polars as pl
 
 from runner.app.expect import Expectation
+from runner.app.modes import quoted_prices
 from runner.app.preflight import budget_for
 from runner.app.quote import Quoting, Reuse, quote_requests
 from runner.app.report import run_frame
@@ -104,7 +105,8 @@ async def plan_sweep(
     plan = SweepPlan(spec, expansion, cells, len(expansion.rows))
     judged: list[ChatRequest] = []
     models = list(spec.matrix["model"])
-    expect = await anyio.to_thread.run_sync(Expectation.load, ledger, conn.scope, spec.models, models)
+    prices = quoted_prices(conn, spec.models)  # a batch sweep's quotes are at batch prices
+    expect = await anyio.to_thread.run_sync(Expectation.load, ledger, conn.scope, prices, models)
 
     async def collect(requests: list[ChatRequest], quotes: list[Quote], reuse: list[Reuse | None]) -> None:
         for request, quote, used in zip(requests, quotes, reuse, strict=True):

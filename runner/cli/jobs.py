@@ -328,15 +328,16 @@ async def _sweep_work(
 ) -> SweepResult | None:
     """Price the sweep; size it (--detect, --fit); show the matrix; run it unless only asked for a plan."""
     async with connect(config.provider) as conn:
+        priced = quoting(conn, "batch") if config.mode == "batch" else conn  # the batch prices it will pay
         with Progress("quoting", 0) as progress:
             plan = await plan_sweep(
-                spec, path.parent, conn, ledger, concurrency=config.concurrency, on_event=progress,
+                spec, path.parent, priced, ledger, concurrency=config.concurrency, on_event=progress,
                 cache=config.cache,
             )  # fmt: skip
 
         async def replan(rows: set[str]) -> SweepPlan:
             return await plan_sweep(
-                spec, path.parent, conn, ledger, concurrency=config.concurrency, keep_rows=rows,
+                spec, path.parent, priced, ledger, concurrency=config.concurrency, keep_rows=rows,
                 cache=config.cache,
             )  # fmt: skip
 
