@@ -216,7 +216,7 @@ def test_a_sweep_with_repeats_compares_its_cells_paired_as_scipy_does(tmp_path: 
     # the terminal says it in words, the HTML draws it
     shown = _sweep(tmp_path, "--max-usd", "1", "--html", str(tmp_path / "s.html"))
     assert shown.exit_code == 0, shown.output
-    assert "paired comparisons" in shown.output
+    assert "paired comparisons" in shown.output and "a/b $ per correct" in shown.output
     assert "no detectable difference" in shown.output or "beats" in shown.output
     page = (tmp_path / "s.html").read_text()
     assert "paired differences between cells" in page and page.count("<circle") >= 8

@@ -117,7 +117,17 @@ def _dollars(value: float | None) -> str:
     return "∞" if value is None else f"${value:.6f}"
 
 
-COMPARISON_COLUMNS = ["a", "b", "grader", "rows", "a - b (points, 95% CI)", "test", "p (Holm)", "verdict"]
+COMPARISON_COLUMNS = [
+    "a",
+    "b",
+    "grader",
+    "rows",
+    "a - b (points, 95% CI)",
+    "test",
+    "p (Holm)",
+    "verdict",
+    "a/b $ per correct",
+]
 
 
 def comparison_rows(comparisons: list[Comparison]) -> list[list[str]]:
@@ -136,7 +146,10 @@ def comparison_rows(comparisons: list[Comparison]) -> list[list[str]]:
                 else "no detectable difference"
             )
         p = "–" if c.p_holm is None else f"{c.p_holm:.3g}"
-        rows.append([printable(c.a), printable(c.b), c.grader, f"{c.rows:,}", shown, c.test, p, verdict])
+        ratio = "–" if c.cost_ratio is None else f"{c.cost_ratio:.2f} ×"
+        rows.append(
+            [printable(c.a), printable(c.b), c.grader, f"{c.rows:,}", shown, c.test, p, verdict, ratio]
+        )
     return rows
 
 
