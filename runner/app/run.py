@@ -98,7 +98,11 @@ async def _phases(
             msg = f"run {run_id} is sent in batches by another worker: one worker collects a run's batches"
             raise RunBusy(msg, owner="another worker")
         batches = BatchRun(conn, ledger, plan, config, on_event)
-        if not await batches.run(job, to_sync=mode == "sync") or batches.stopping.is_set():
+        try:
+            switched = await batches.run(job, to_sync=mode == "sync")
+        except BaseExceptionGroup as group:  # its task group wraps what the batches' loop raised
+            raise _sole_runner_error(group) or group from None
+        if not switched or batches.stopping.is_set():
             return batches
     engine = await _start(conn, ledger, plan, config, on_event, limits)
     try:

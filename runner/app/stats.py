@@ -101,19 +101,20 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     if n < 2:
         d = diffs[0] if diffs else 0.0
         return Paired(n, d, d, d, "none", None, 0.0)
-    mean = sum(diffs) / n
+    interval = mean_interval(diffs)
+    assert interval is not None
+    mean, low, high = interval.mean, interval.low, interval.high
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
     if binary(a) and binary(b):
         wins = sum(1 for x, y in zip(a, b, strict=True) if x > y)
         losses = sum(1 for x, y in zip(a, b, strict=True) if x < y)
         p = 1.0 if wins + losses == 0 else float(stats.binomtest(wins, wins + losses, 0.5).pvalue)
-        return Paired(n, mean, mean - half, mean + half, "mcnemar_exact", p, sd)
+        return Paired(n, mean, low, high, "mcnemar_exact", p, sd)
     if sd == 0:
         p = 1.0 if mean == 0 else 0.0
     else:
         p = float(2 * stats.t.sf(abs(mean / (sd / math.sqrt(n))), n - 1))
-    return Paired(n, mean, mean - half, mean + half, "paired_t", p, sd)
+    return Paired(n, mean, low, high, "paired_t", p, sd)
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:

@@ -27,6 +27,7 @@ from runner.core.models import ChatRequest
 from runner.core.money import format_usd, to_nanos
 from runner.core.result import result_values
 from runner.engine.plan import Plan, changed
+from runner.engine.requote import call_quotes
 from runner.engine.state import EngineState
 from runner.ledger import Hold, Ledger, PartView, Settlement
 from runner.providers.batch import MAX_BYTES, BatchClient, BatchState, answered, batch_line, line_error
@@ -67,6 +68,7 @@ class BatchRun(EngineState):
         self.over_quote = 0
         self.poll_s = config.batch_poll_s[0]
         self._beat_at = 0.0
+        self._latency: float | None = None  # a call's time, looked up once (runner.ledger recent_latency)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -101,7 +103,7 @@ class BatchRun(EngineState):
                 pending_left = False
                 if self.stopping.is_set():
                     break
-            open_parts = await self._look(parts)
+            open_parts = await self._look()
             if not open_parts and not pending_left:
                 if await anyio.to_thread.run_sync(self.ledger.pending_rows, self.plan.run_id):
                     pending_left = True  # lines of an expired or cancelled batch, to send again
@@ -261,7 +263,7 @@ class BatchRun(EngineState):
 
     # ---- collecting ----------------------------------------------------------------------------
 
-    async def _look(self, parts: list[PartView]) -> int:
+    async def _look(self) -> int:
         """Look at each submitted batch; settle those that ended. The number still open."""
         still = 0
         counts = [0, 0, 0]
@@ -288,7 +290,15 @@ class BatchRun(EngineState):
                 self.poll_s = self.config.batch_poll_s[0]  # it moves: look again soon
                 await self._update(part, status=state.status, completed=state.completed, failed=state.failed)
             if state.ended:
-                await self._settle(part, state)
+                try:
+                    await self._settle(part, state)
+                except (
+                    ProviderError
+                ) as exc:  # its files could not be read: settled lines stay, the rest next look
+                    self.on_event(
+                        Notice(f"batch {part.number}: its output could not be read ({exc}); trying again")
+                    )
+                    still += 1
             else:
                 still += 1
                 counts[0] += 1
@@ -392,10 +402,10 @@ class BatchRun(EngineState):
         left = await anyio.to_thread.run_sync(self.ledger.unfinished_lines, self.plan.run_id)
         if not left:
             return False
-        latency = self.config.sync_latency_s
+        latency = self.config.sync_latency_s or self._latency
         if latency is None:  # the ledger's recent calls on this provider, else a call of half a minute
             seen = await anyio.to_thread.run_sync(self.ledger.recent_latency, self.scope)
-            latency = seen if seen is not None else DEFAULT_SYNC_LATENCY_S
+            latency = self._latency = seen if seen is not None else DEFAULT_SYNC_LATENCY_S
         waves = math.ceil(left / self.config.concurrency)
         seconds = waves * latency
         if self.config.rpm:
@@ -405,7 +415,13 @@ class BatchRun(EngineState):
     async def _switch(self, job: Path, parts: list[PartView]) -> bool:
         """Cancel the open batches and send what they do not deliver as calls, once the budget is
         seen to hold the difference between batch and call prices; True when it does."""
-        quotes = await self._sync_quotes(job)
+        try:
+            quotes = await call_quotes(self.provider, self.ledger, self.plan.run_id, job, self.config)
+        except ProviderError as exc:  # a dry run refused: nothing is cancelled, the batches run on
+            self.stop(
+                "stopped", f"the deadline needs the rest sent as calls, which could not be quoted: {exc}"
+            )
+            return False
         extra = sum(quotes.values()) - await anyio.to_thread.run_sync(
             self.ledger.held_unfinished, self.plan.run_id
         )
@@ -451,37 +467,11 @@ class BatchRun(EngineState):
                 except ProviderError as exc:  # ended meanwhile, most likely: collected below
                     self.on_event(Notice(f"batch {part.number}: cancel refused ({exc})"))
         self.poll_s = self.config.batch_poll_s[0]
-        while await self._look([]):
+        while await self._look():
             with anyio.move_on_after(self.poll_s):
                 await self.stopping.wait()
             if self.stopping.is_set():
                 return
-
-    async def _sync_quotes(self, job: Path) -> dict[str, int]:
-        """Quotes as calls of the run's lines not yet settled, by custom_id (concurrently, where a
-        quote is a dry run)."""
-        quotes: dict[str, int] = {}
-        lines = JobChunks(job, CHUNK, self.config.max_line_bytes)
-        wanted = self.ledger.unfinished_ids
-        limiter = anyio.CapacityLimiter(self.config.concurrency)
-
-        async def ask(request: ChatRequest) -> None:
-            async with limiter:
-                quote = await self.provider.quote(request)
-            quotes[request.custom_id] = quote.nanos if quote.nanos is not None else 0
-
-        try:
-            index = 0
-            while (chunk := await anyio.to_thread.run_sync(lines.take, index)) is not None:
-                index += 1
-                keep = await anyio.to_thread.run_sync(wanted, self.plan.run_id, [r.custom_id for r in chunk])
-                async with anyio.create_task_group() as tasks:
-                    for request in chunk:
-                        if request.custom_id in keep:
-                            tasks.start_soon(ask, request)
-        finally:
-            lines.close()
-        return quotes
 
 
 __all__ = ["BatchRun"]

@@ -95,12 +95,13 @@ class AnswerOps(LedgerBase):
 
     def completion_shares(self, scope: str) -> dict[str, float]:
         """Per model, the mean share of its answers' bound (completion tokens ÷ the most they could
-        have been) in this ledger's answers bought on this provider endpoint."""
+        have been) in the answers bought in this provider endpoint's 20 newest runs (a read bounded
+        whatever the ledger holds: every run and estimate makes it)."""
         sql = (
-            "SELECT r.model, avg(CAST(r.completion_tokens AS REAL) / r.output_bound) FROM requests r"
-            " JOIN runs ON runs.id = r.run_id WHERE runs.provider = ? AND r.state = 'ok'"
-            " AND r.output_bound > 0 AND r.completion_tokens IS NOT NULL AND r.cached_from IS NULL"
-            " GROUP BY r.model"
+            "SELECT model, avg(CAST(completion_tokens AS REAL) / output_bound) FROM requests"
+            " WHERE run_id IN (SELECT id FROM runs WHERE provider = ? ORDER BY created_at DESC LIMIT 20)"
+            " AND state = 'ok' AND output_bound > 0 AND completion_tokens IS NOT NULL"
+            " AND cached_from IS NULL GROUP BY model"
         )
         with self.db.reading() as c:
             return {str(m): min(1.0, float(v)) for m, v in c.execute(sql, (scope,)) if v is not None}

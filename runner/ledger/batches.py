@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from runner.ledger.base import LedgerBase
 from runner.ledger.db import parse_time
 from runner.ledger.holds import HoldOps
 from runner.ledger.tx import Hold
@@ -26,7 +25,7 @@ def _part(row: Sequence[Any]) -> PartView:
     return PartView(**values)
 
 
-class BatchOps(HoldOps, LedgerBase):
+class BatchOps(HoldOps):
     def set_run_mode(self, run_id: str, mode: str) -> None:
         with self.transaction() as tx:
             tx.conn.execute("UPDATE runs SET mode = ? WHERE id = ?", (mode, run_id))
@@ -125,11 +124,12 @@ class BatchOps(HoldOps, LedgerBase):
         return {str(r[0]) for r in self._select_in(sql, custom_ids, run_id)}
 
     def recent_latency(self, scope: str, last: int = 200) -> float | None:
-        """The median time of the last calls (not batch lines) answered on this provider, if any."""
+        """The median time of the last calls (not batch lines) answered on this provider, if any (in
+        its five newest runs: a bounded read, whatever the ledger holds)."""
         sql = (
-            "SELECT r.latency_s FROM requests r JOIN runs ON runs.id = r.run_id WHERE runs.provider = ?"
-            " AND r.state = 'ok' AND r.latency_s IS NOT NULL AND coalesce(r.mode, 'sync') = 'sync'"
-            " ORDER BY r.finished_at DESC LIMIT ?"
+            "SELECT latency_s FROM requests WHERE run_id IN (SELECT id FROM runs WHERE provider = ?"
+            " ORDER BY created_at DESC LIMIT 5) AND state = 'ok' AND latency_s IS NOT NULL"
+            " AND coalesce(mode, 'sync') = 'sync' ORDER BY finished_at DESC LIMIT ?"
         )
         with self.db.reading() as c:
             times = sorted(float(r[0]) for r in c.execute(sql, (scope, last)))
@@ -161,10 +161,8 @@ class BatchOps(HoldOps, LedgerBase):
                 if state == "failed":
                     number = int(fields.get("attempts") or 1)
                     tx.attempt(row_id, number, "fatal", None, fields.get("error_message"), None)
-                extra = {"batch_part": None} if state == "pending" else {}
+                extra = {"batch_part": None, "finished_at": None} if state == "pending" else {}
                 self.release(tx, row_id, state=state, fields={**fields, **extra})
-                if state == "pending":
-                    tx.update_request(row_id, {"finished_at": None})
 
     def requote(self, run_id: str, quotes: Sequence[tuple[int, int]]) -> None:
         """Pending requests' quotes made again (at synchronous prices, for a run that switches from

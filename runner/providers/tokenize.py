@@ -55,6 +55,8 @@ class PromptCounter:
 
     async def probe(self, model: str) -> str | None:
         """Which way this server counts a prompt (asked once, whatever the answer)."""
+        if self._probed:  # every quote after the first: no lock taken
+            return self.kind
         async with self._lock:
             if not self._probed:
                 self._probed = True
