@@ -354,3 +354,30 @@ def test_estimate_in_batch_mode_quotes_at_batch_prices(write_job: Any) -> None:
     assert Decimal(document["total_usd"]) == Decimal(total) / 10**9
     # the expected cost splits the batch quote at the batch prices: below the bound
     assert 0 < Decimal(document["expected_usd"]) < Decimal(document["total_usd"])
+
+
+@pytest.mark.anyio
+async def test_an_output_file_that_cannot_be_read_is_read_at_the_next_look(
+    sim: SimulatorThread, write_job: Any, prices: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.core.errors import RetryableError  # noqa: PLC0415
+    from runner.providers.batch import BatchClient  # noqa: PLC0415
+
+    sim.books.configure({"batch_duration": 0.1})
+    reads = []
+    read = BatchClient.lines
+
+    async def flaky(self: BatchClient, file_id: str) -> Any:
+        reads.append(file_id)
+        if len(reads) == 1:
+            raise RetryableError("connection reset while reading the output (simulated)")
+        async for line in read(self, file_id):
+            yield line
+
+    monkeypatch.setattr(BatchClient, "lines", flaky)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    notes: list[str] = []
+    result = await batch_run(sim, write_job(lines(10)), ledger, prices, notes)
+    assert result.state == "done" and result.states == {"ok": 10}
+    assert any("its output could not be read" in n for n in notes) and len(reads) == 2
+    assert len(charged_once(sim)) == 10 and sim.books.charged_nanos == result.spent_nanos
